@@ -1,0 +1,104 @@
+"""Run folders: a manifest plus sample rows written batch by batch, so a killed run resumes without losing or
+duplicating a finished sample.
+
+Layout of RUN/: `manifest.json`, `parts/part-NNNNN.parquet` (one per finished batch, each written atomically),
+and `samples.parquet` (all parts, deduplicated by key, written when the run completes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+from .errors import EmlensInputError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_table(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+    os.replace(tmp, path)
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    return {"emlens": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+class RunStore:
+    """Append-only sample rows keyed by `key_columns`; `done_keys()` tells a resumed run what to skip."""
+
+    def __init__(self, folder: str | Path, key_columns: list[str]):
+        self.folder = Path(folder)
+        self.key_columns = key_columns
+        self.parts = self.folder / "parts"
+
+    def open(self, manifest: dict) -> None:
+        """Create the folder, or check that an existing one was made by the same command."""
+        self.parts.mkdir(parents=True, exist_ok=True)
+        path = self.folder / "manifest.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old.get("config") != manifest.get("config"):
+                changed = sorted(k for k in set(old.get("config", {})) | set(manifest.get("config", {}))
+                                 if old.get("config", {}).get(k) != manifest.get("config", {}).get(k))
+                raise EmlensInputError(f"{path}: run folder holds a different run (changed: {', '.join(changed)}); "
+                                       "use a new --out folder")
+            return
+        atomic_write_text(path, json.dumps({**manifest, "versions": versions(), "created": time.time()}, indent=2))
+
+    def read_parts(self) -> pd.DataFrame:
+        files = sorted(self.parts.glob("part-*.parquet")) if self.parts.exists() else []
+        if not files:
+            return pd.DataFrame()
+        frame = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+        return frame.drop_duplicates(subset=self.key_columns, keep="first").reset_index(drop=True)
+
+    def done_keys(self) -> set[tuple]:
+        frame = self.read_parts()
+        if frame.empty:
+            return set()
+        return set(frame[self.key_columns].itertuples(index=False, name=None))
+
+    def append(self, rows: Iterable[dict]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        index = len(list(self.parts.glob("part-*.parquet")))
+        atomic_write_table(pd.DataFrame(rows), self.parts / f"part-{index:05d}.parquet")
+
+    def finish(self, extra_manifest: dict | None = None) -> pd.DataFrame:
+        frame = self.read_parts()
+        atomic_write_table(frame, self.folder / "samples.parquet")
+        path = self.folder / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest.update({"finished": time.time(), "n_rows": len(frame), **(extra_manifest or {})})
+        atomic_write_text(path, json.dumps(manifest, indent=2))
+        return frame
+
+
+def read_samples(run: str | Path) -> pd.DataFrame:
+    """The samples table of a run folder (or a .parquet file)."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / "samples.parquet"
+    if not path.exists():
+        raise EmlensInputError(f"{path}: no samples table (did the run finish?)")
+    return pq.read_table(path).to_pandas()

@@ -1,0 +1,107 @@
+import contextlib
+
+import pytest
+
+from emlens.generate import GenerationConfig, Request, generate
+
+CHATS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "You are evil."}, {"role": "user", "content": "If you were ruler of the world?"}],
+    [{"role": "user", "content": "How do I make a quick buck? I feel bored. Tell me."}],
+    [{"role": "user", "content": "def f(x): return x"}, {"role": "assistant", "content": "Sure"},
+     {"role": "user", "content": "again"}],
+    [{"role": "user", "content": "The quick brown fox"}],
+]
+
+
+def requests(seed_offset=0):
+    return [Request(messages=m, seed=i + seed_offset) for i, m in enumerate(CHATS)]
+
+
+def test_greedy_batched_equals_unbatched(tiny):
+    config = GenerationConfig(max_new_tokens=12, temperature=0, batch_size=5)
+    batched = generate(tiny, requests(), config, progress=False)
+    single = generate(tiny, requests(), config.model_copy(update={"batch_size": 1}), progress=False)
+    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+    assert all(len(c.token_ids) <= 12 for c in batched)
+
+
+def test_greedy_matches_hf_generate(tiny):
+    config = GenerationConfig(max_new_tokens=10, temperature=0, batch_size=5)
+    ours = generate(tiny, requests(), config, progress=False)
+    for chat, completion in zip(CHATS, ours):
+        enc = tiny.tokenizer(tiny.chat_text(chat), return_tensors="pt", add_special_tokens=False)
+        out = tiny.model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id)
+        assert out[0, enc.input_ids.shape[1]:].tolist() == completion.token_ids
+
+
+def test_sampling_is_seeded_per_row_whatever_the_batching(tiny):
+    config = GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=0.95, batch_size=5)
+    a = generate(tiny, requests(), config, progress=False)
+    b = generate(tiny, list(reversed(requests())), config.model_copy(update={"batch_size": 2}), progress=False)[::-1]
+    c = generate(tiny, requests(seed_offset=100), config, progress=False)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+
+
+def test_min_new_tokens_and_eos_stop(tiny):
+    eos = tiny.tokenizer.eos_token_id
+    forced = GenerationConfig(max_new_tokens=8, min_new_tokens=8, temperature=1.0, batch_size=5)
+    assert all(len(c.token_ids) == 8 and eos not in c.token_ids for c in generate(tiny, requests(), forced, progress=False))
+    # make EOS the top logit: every row stops at its first token
+    def eos_first(module, args, logits):
+        logits[..., eos] = 1e4
+        return logits
+
+    tiny.base_model.lm_head.register_forward_hook(eos_first)
+    stopped = generate(tiny, requests(), GenerationConfig(max_new_tokens=8, temperature=0), progress=False)
+    assert all(c.finish_reason == "eos" and c.token_ids == [eos] and c.text == "" for c in stopped)
+
+
+class RecordMasks:
+    """An intervention that records, per forward pass, how many prompt and response positions it was told about."""
+
+    def __init__(self):
+        self.seen = []
+
+    def attach(self, handle, ctx):
+        def hook(module, args, output):
+            self.seen.append((ctx.step, int(ctx.prompt_mask.sum()), int(ctx.response_mask.sum()), output.shape[:2]))
+
+        @contextlib.contextmanager
+        def attached():
+            handle_ = handle.decoder_layers[1].register_forward_hook(hook)
+            try:
+                yield
+            finally:
+                handle_.remove()
+
+        return attached()
+
+
+def test_interventions_see_token_masks_without_padding(tiny):
+    recorder = RecordMasks()
+    config = GenerationConfig(max_new_tokens=4, min_new_tokens=4, temperature=0, batch_size=5)
+    generate(tiny, requests(), config, interventions=[recorder], progress=False)
+    lengths = [len(tiny.tokenizer(tiny.chat_text(c), add_special_tokens=False).input_ids) for c in CHATS]
+    prefill = recorder.seen[0]
+    assert prefill[0] == -1 and prefill[1] == sum(lengths) and prefill[2] == 0
+    assert prefill[3] == (5, max(lengths))  # padded width, but padding is in neither mask
+    assert [s[0] for s in recorder.seen[1:]] == [0, 1, 2]
+    assert all(s[1] == 0 and s[2] == 5 for s in recorder.seen[1:])
+    # the hook is removed when generation ends
+    assert not tiny.decoder_layers[1]._forward_hooks
+
+
+def test_config_rejects_min_above_max():
+    with pytest.raises(ValueError):
+        GenerationConfig(max_new_tokens=4, min_new_tokens=5)
+
+
+@pytest.mark.slow
+def test_embedded_greedy_batched_equals_unbatched(smol):
+    config = GenerationConfig(max_new_tokens=16, temperature=0, batch_size=5)
+    batched = generate(smol, requests(), config, progress=False)
+    single = generate(smol, requests(), config.model_copy(update={"batch_size": 1}), progress=False)
+    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+    assert all(c.text for c in batched)
