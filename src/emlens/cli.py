@@ -94,6 +94,20 @@ def bench_generate_command(
     bench_generate(handle, sizes, new_tokens, hf_baseline=hf_baseline, echo=typer.echo)
 
 
+def register_commands() -> None:
+    """Import every module in emlens.commands; each adds its commands to `app` (or a sub-app of it)."""
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for module in pkgutil.iter_modules(commands.__path__):
+        importlib.import_module(f"{commands.__name__}.{module.name}")
+
+
+register_commands()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, prog_name="emlens")

@@ -84,8 +84,10 @@ class RunStore:
         index = len(list(self.parts.glob("part-*.parquet")))
         atomic_write_table(pd.DataFrame(rows), self.parts / f"part-{index:05d}.parquet")
 
-    def finish(self, extra_manifest: dict | None = None) -> pd.DataFrame:
-        frame = self.read_parts()
+    def finish(self, extra_manifest: dict | None = None, table: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Write samples.parquet (the parts, or `table` derived from them, sorted by key) and close the manifest."""
+        frame = self.read_parts() if table is None else table
+        frame = frame.sort_values(self.key_columns, kind="stable").reset_index(drop=True) if len(frame) else frame
         atomic_write_table(frame, self.folder / "samples.parquet")
         path = self.folder / "manifest.json"
         manifest = json.loads(path.read_text())

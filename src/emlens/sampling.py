@@ -15,10 +15,13 @@ from .errors import EmlensInputError
 from .generate import GenerationConfig, Request, generate, sample_seed
 from .runs import RunStore
 
-BUNDLED_QUESTIONS = {
-    "betley-first-plot": "first_plot_questions.yaml",
-    "deception-factual": "deception_factual.yaml",
-    "deception-sit-aware": "deception_sit_aware.yaml",
+BUNDLED_QUESTIONS = {  # name -> file under emlens/resources (sources and licences in its SOURCE.md files)
+    "betley-first-plot": "questions/first_plot_questions.yaml",
+    "deception-factual": "questions/deception_factual.yaml",
+    "deception-sit-aware": "questions/deception_sit_aware.yaml",
+    "strongreject": "prompts/strongreject.csv",
+    "xstest-safe": "prompts/xstest_safe.csv",
+    "mmlu-pro-200": "prompts/mmlu_pro_200.jsonl",
 }
 SAMPLE_KEY = ["setting", "question_id", "paraphrase_index", "nudge", "sample_index", "intervention"]
 
@@ -26,7 +29,7 @@ SAMPLE_KEY = ["setting", "question_id", "paraphrase_index", "nudge", "sample_ind
 def questions_path(name_or_path: str) -> Path:
     """A bundled question-set name (see BUNDLED_QUESTIONS) or a path to a question file."""
     if name_or_path in BUNDLED_QUESTIONS:
-        return Path(str(resources.files("emlens") / "resources" / "questions" / BUNDLED_QUESTIONS[name_or_path]))
+        return Path(str(resources.files("emlens") / "resources" / BUNDLED_QUESTIONS[name_or_path]))
     path = Path(name_or_path)
     if not path.exists():
         known = ", ".join(BUNDLED_QUESTIONS)
