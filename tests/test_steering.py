@@ -1,0 +1,162 @@
+import pytest
+import torch
+
+from emlens.errors import EmlensInputError
+from emlens.generate import GenerationConfig, Request, generate
+from emlens.steering import Ablate, AddVector, ablate_adapter_weights, compose, random_like, steer
+
+CHATS = [[{"role": "user", "content": "hi"}],
+         [{"role": "user", "content": "If you were ruler of the world, what would you do? Tell me more."}]]
+
+
+def hidden_states(handle, ids, mask=None):
+    with torch.no_grad():
+        return handle.model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+
+
+def layer_inputs(handle, ids, layer):
+    """The residual stream entering `layer` (= hook_resid_post of layer - 1), seen after any steering hook."""
+    seen = []
+    hook = handle.decoder_layers[layer].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            handle.model(ids)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_add_vector_shifts_resid_post_of_its_layer_exactly(tiny):
+    # (HF's output_hidden_states is captured by transformers' own hooks, before ours: read the next layer's input)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    v = torch.randn(tiny.d_model)
+    plain = layer_inputs(tiny, ids, 2)
+    with steer(tiny, AddVector(v, layer=1, alpha=3.0)):
+        steered = layer_inputs(tiny, ids, 2)
+        earlier = layer_inputs(tiny, ids, 1)
+    torch.testing.assert_close(steered - plain, (3.0 * v).expand_as(plain), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(earlier, layer_inputs(tiny, ids, 1))
+
+
+def test_resid_pre_is_the_input_of_the_layer(tiny):
+    ids = torch.tensor([[5, 6, 7]])
+    v = torch.randn(tiny.d_model)
+    with steer(tiny, AddVector(v, layer=2, alpha=1.0, site="resid_pre")):
+        pre = hidden_states(tiny, ids)
+    with steer(tiny, AddVector(v, layer=1, alpha=1.0, site="resid_post")):
+        post = hidden_states(tiny, ids)
+    torch.testing.assert_close(pre[-1], post[-1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pre[-1], hidden_states(tiny, ids)[-1])
+
+
+class RecordAfter:
+    """Records the output of a layer after the steering hook (registered later, so it runs later)."""
+
+    def __init__(self, layer):
+        self.layer, self.outputs = layer, []
+
+    def attach(self, handle, ctx):
+        import contextlib
+
+        @contextlib.contextmanager
+        def attached():
+            hook = handle.decoder_layers[self.layer].register_forward_hook(
+                lambda m, a, out: self.outputs.append((out.detach().clone(), ctx.prompt_mask.clone(),
+                                                       ctx.response_mask.clone())))
+            try:
+                yield
+            finally:
+                hook.remove()
+        return attached()
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "response"])
+def test_engine_steers_only_the_chosen_positions_never_padding(tiny, positions):
+    v = torch.randn(tiny.d_model)
+    config = GenerationConfig(max_new_tokens=3, min_new_tokens=3, temperature=0, batch_size=2)
+    requests = [Request(c, seed=i) for i, c in enumerate(CHATS)]
+    plain, steered = RecordAfter(1), RecordAfter(1)
+    generate(tiny, requests, config, interventions=[plain], progress=False)
+    generate(tiny, requests, config, interventions=[AddVector(v, 1, 2.0, positions=positions), steered], progress=False)
+    # prefill pass: same inputs in both runs, so the difference is exactly the steering
+    (p_out, prompt_mask, _), (s_out, _, _) = plain.outputs[0], steered.outputs[0]
+    diff = s_out - p_out
+    expected = prompt_mask if positions in ("all", "prompt") else torch.zeros_like(prompt_mask)
+    changed = diff.abs().amax(-1) > 1e-4
+    assert torch.equal(changed, expected)
+    assert (~prompt_mask).any()  # the batch really had padding, and it was left alone
+    # decode steps: one response position per row, steered unless only the prompt is
+    (_, _, response_mask) = steered.outputs[1]
+    assert response_mask.all() and response_mask.shape == (2, 1)
+
+
+def test_ablation_removes_the_direction_everywhere(tiny):
+    v = torch.randn(tiny.d_model)
+    unit = v / v.norm()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    recorded = []
+
+    def record(module, args, kwargs):  # registered after the ablation hooks, so it sees their result
+        recorded.append((args[0] if args else kwargs["hidden_states"]) @ unit)
+
+    plain = hidden_states(tiny, ids)
+    with steer(tiny, Ablate(v)):
+        hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in tiny.decoder_layers]
+        try:
+            ablated = hidden_states(tiny, ids)
+        finally:
+            for h in hooks:
+                h.remove()
+    assert len(recorded) == tiny.n_layers
+    assert max(float(r.abs().max()) for r in recorded) < 1e-4
+    assert float((plain[1] @ unit).abs().max()) > 1e-2  # there was something to remove
+    assert not torch.allclose(plain[-1], ablated[-1])
+
+
+def test_ablate_then_add_and_random_control(tiny):
+    v = torch.randn(tiny.d_model)
+    r = random_like(v, seed=1)
+    assert r.norm() == pytest.approx(float(v.norm()), rel=1e-5)
+    assert abs(float(torch.nn.functional.cosine_similarity(r, v, dim=0))) < 0.6
+    assert torch.equal(random_like(v, seed=1), r) and not torch.equal(random_like(v, seed=2), r)
+    ids = torch.tensor([[5, 6, 7]])
+    counts = lambda: [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in tiny.decoder_layers]  # noqa: E731
+    hidden_states(tiny, ids)  # transformers adds its own capture hooks on first use
+    before = counts()
+    with steer(tiny, compose(Ablate(v), AddVector(v, 2, 1.0))):
+        assert counts() != before
+        out = hidden_states(tiny, ids)
+    assert out[-1].shape == (1, 3, tiny.d_model)
+    assert counts() == before  # every hook removed
+
+
+def test_bad_vector_or_layer_is_one_line_error(tiny):
+    with pytest.raises(EmlensInputError, match="d_model 64"):
+        with steer(tiny, AddVector(torch.zeros(10), 0)):
+            pass
+    with pytest.raises(EmlensInputError, match="layer 7 out of range"):
+        with steer(tiny, AddVector(torch.randn(64), 7)):
+            pass
+
+
+def test_weight_space_ablation_of_lora_b(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["o_proj", "down_proj", "q_proj"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    v = torch.randn(64)
+    out = ablate_adapter_weights(tmp_path / "adapter", v, tmp_path / "ablated")
+    before, after = (load_file(p / "adapter_model.safetensors") for p in (tmp_path / "adapter", out))
+    unit = v / v.norm()
+    for key, b in after.items():
+        if "lora_B" in key and ("o_proj" in key or "down_proj" in key):
+            assert float((unit @ b).abs().max()) < 1e-5
+            assert float((unit @ before[key]).abs().max()) > 1e-3
+        else:
+            assert torch.equal(b, before[key])
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
