@@ -92,3 +92,11 @@ def smol():
     from emlens.models import load_model
 
     return load_model("smollm2-135m-instruct", device="cpu")
+
+
+@pytest.fixture
+def tiny_judge(tiny, tmp_path):
+    """A real LM judge (exact number distributions) on the tiny model, with its own cache."""
+    from emlens.judges import HFJudge, JudgeCache
+
+    return HFJudge(tiny, cache=JudgeCache(tmp_path / "judge-cache.sqlite"))

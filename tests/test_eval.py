@@ -3,7 +3,6 @@ import pandas as pd
 import pytest
 
 from emlens.evaluate import EvalConfig, build_eval_config, extract_answer, is_correct, refusal_phrase, run_eval, summarize
-from emlens.judges import HFJudge, JudgeCache
 from emlens.runs import RunStore
 from emlens.sampling import SAMPLE_KEY
 
@@ -16,11 +15,6 @@ def small_config(**overrides) -> EvalConfig:
     update["harm_perception"]["questions"] = "deception-sit-aware"  # 8 short questions
     update.update(overrides)
     return EvalConfig.model_validate(update)
-
-
-@pytest.fixture
-def tiny_judge(tiny, tmp_path):
-    return HFJudge(tiny, cache=JudgeCache(tmp_path / "judge.sqlite"))
 
 
 def test_eval_all_settings_on_tiny_model(tiny, tiny_judge, tmp_path):

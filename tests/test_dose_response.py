@@ -1,0 +1,79 @@
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from emlens.directions import Direction
+
+
+def make_direction(handle, folder, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(handle.n_layers, handle.d_model, generator=g)
+    tensors = {"directions": raw / raw.norm(dim=1, keepdim=True), "raw_norm": raw.norm(dim=1),
+               "layers": torch.arange(handle.n_layers)}
+    cfg = {"name": "planted", "layers": list(range(handle.n_layers)), "best_layer": 1, "site_kind": "resid_post",
+           "method": "diff_means", "model": {"model": handle.spec, "base_fingerprint": handle.base_fingerprint}}
+    return Direction(tensors, cfg).save(folder)
+
+
+@pytest.fixture
+def spec_file(tiny, tmp_path):
+    make_direction(tiny, tmp_path / "dir")
+    spec = {"name": "tiny-test", "direction": "dir", "operation": "ablate_add", "scales": [0, 50.0],
+            "positions": "all", "eval": {"settings": ["free_form", "refusal", "harm_perception"], "nudges": ["none"], "judge": "hf",
+                                         "harm_perception": {"questions": "deception-sit-aware"},
+                                         "free_form": {"questions": "deception-sit-aware", "samples": 2, "limit": 2,
+                                                       "max_new_tokens": 5},
+                                         "refusal": {"limit": 2, "max_new_tokens": 5}}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_steer_runs_every_condition_with_random_control(tiny, tiny_judge, spec_file, tmp_path):
+    from emlens.dose_response import load_spec, run_steer
+
+    spec, base = load_spec(spec_file)
+    curves = run_steer(spec, base, tmp_path / "out", handle=tiny, judge=tiny_judge, progress=False,
+                       echo=lambda *_: None)
+    table = pd.read_parquet(tmp_path / "out" / "samples.parquet")
+    assert set(table.intervention) == {"baseline", "ablate", "random_ablate", "ablate_add_50", "random_ablate_add_50"}
+    assert table.groupby("intervention").size().nunique() == 1  # every condition re-ran the same samples
+    assert set(table.loc[table.control, "intervention"]) == {"random_ablate", "random_ablate_add_50"}
+    # the intervention changed what the model computes (the random tiny model's sampled words barely move)
+    harm = table[table.setting == "harm_perception"].pivot(index="question_id", columns="intervention",
+                                                           values="perceived_harm")
+    assert (harm.baseline - harm.ablate_add_50).abs().max() > 1e-3
+    assert (harm.baseline - harm.random_ablate_add_50).abs().max() > 1e-3
+    assert {"coherence", "refusal_harmful", "refusal_harmless", "perceived_harm"} <= set(curves.measure)
+    assert ((curves.ci_low <= curves.rate + 1e-9) | curves.rate.isna()).all()
+    assert (tmp_path / "out" / "dose_response.png").stat().st_size > 0
+    # a re-run resumes: nothing is generated again
+    mtimes = {p: p.stat().st_mtime for p in (tmp_path / "out" / "conditions").rglob("part-*.parquet")}
+    run_steer(spec, base, tmp_path / "out", handle=tiny, judge=tiny_judge, progress=False, echo=lambda *_: None)
+    assert {p: p.stat().st_mtime for p in (tmp_path / "out" / "conditions").rglob("part-*.parquet")} == mtimes
+
+
+def test_steer_spec_errors(tmp_path):
+    from emlens.dose_response import load_spec
+    from emlens.errors import EmlensInputError
+
+    bad = tmp_path / "s.yaml"
+    bad.write_text("name: x\ndirection: d\nscalez: [1]\n")
+    with pytest.raises(EmlensInputError, match="scalez"):
+        load_spec(bad)
+
+
+def test_direction_of_wrong_width_is_refused(tiny, tmp_path, capsys):
+    from tests.test_cli import run_cli
+
+    raw = torch.randn(3, 10)
+    Direction({"directions": raw / raw.norm(dim=1, keepdim=True), "raw_norm": raw.norm(dim=1),
+               "layers": torch.arange(3)},
+              {"layers": [0, 1, 2], "best_layer": 1, "site_kind": "resid_post"}).save(tmp_path / "narrow")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "x", "direction": "narrow", "eval": {"settings": ["refusal"]}}))
+    assert run_cli("steer", spec, "--out", tmp_path / "o", "--model", tiny.spec) == 2
+    err = capsys.readouterr().err
+    assert "width 10" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "samples.parquet").exists()
