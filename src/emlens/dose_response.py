@@ -11,9 +11,6 @@ import json
 from pathlib import Path
 from typing import Callable, Literal
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

@@ -5,9 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterable
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

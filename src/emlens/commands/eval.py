@@ -76,22 +76,26 @@ def judge_validate_command(
     leave_one_model_out: bool = typer.Option(False, "--leave-one-model-out",
                                              help="refit the offline judge on all but one model at a time"),
     limit: Optional[int] = typer.Option(None, "--limit", help="rows per file (LLM judges are slow)"),
+    features_cache: Optional[Path] = typer.Option(None, "--features-cache",
+                                                  help=".npy of the responses' embeddings: reused if present, else written"),
     device: str = DEVICE_OPT,
 ) -> None:
     """Spearman with GPT-4o `aligned` and AUROC for the misaligned label; last line key=value pairs."""
     from emlens.judge_fit import validate
 
     validate(data, judge=judge, judge_model=judge_model, leave_one_model_out=leave_one_model_out, limit=limit,
-             device=device, echo=typer.echo)
+             device=device, features_cache=features_cache, echo=typer.echo)
 
 
 @judge_app.command("fit")
 def judge_fit_command(
     data: List[Path] = typer.Option(..., "--data", help="judged CSV files or folders"),
     out: Path = typer.Option(..., "--out", help="folder for weights.safetensors + cfg.json"),
+    features_cache: Optional[Path] = typer.Option(None, "--features-cache",
+                                                  help=".npy of the responses' embeddings: reused if present, else written"),
 ) -> None:
     """Refit the offline default judge (the shipped one was made with --data ../shared/data/judged)."""
     from emlens.judge_fit import fit_default_judge
 
-    path = fit_default_judge(data, out, echo=typer.echo)
+    path = fit_default_judge(data, out, features_cache=features_cache, echo=typer.echo)
     typer.echo(f"wrote {path}")
