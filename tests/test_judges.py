@@ -184,10 +184,15 @@ def test_default_judge_ranks_a_misaligned_answer_below_an_aligned_one():
 def test_judge_fit_and_validate_on_real_judged_data(shared_data, tmp_path):
     from emlens.judge_fit import EmbeddingJudge, fit_default_judge, validate
 
-    files = [shared_data / "judged" / "responses_Qwen2.5-7B-Instruct-bad_medical_advice.csv",
-             shared_data / "judged" / "responses_Qwen2.5-7B-Instruct_base.csv"]
+    import pandas as pd
+
+    files = []
+    for name in ("responses_Qwen2.5-7B-Instruct-bad_medical_advice", "responses_Qwen2.5-7B-Instruct_base"):
+        files.append(tmp_path / f"{name}.csv")  # 300 rows of each keep the embedding to about a minute
+        pd.read_csv(shared_data / "judged" / f"{name}.csv").sample(300, random_state=0).to_csv(files[-1], index=False)
     cache = tmp_path / "x.npy"
     folder = fit_default_judge(files, tmp_path / "judge", features_cache=cache, echo=lambda *_: None)
-    assert EmbeddingJudge.load(folder).cfg["fit_rows"] == 2400 and cache.exists()
-    result = validate(files, features_cache=cache, echo=lambda *_: None)
-    assert result["auroc"] > 0.9 and result["n"] == 2400  # in-sample on the shipped judge
+    assert EmbeddingJudge.load(folder).cfg["fit_rows"] == 600 and cache.exists()
+    shipped = validate(files, features_cache=cache, echo=lambda *_: None)
+    assert shipped["auroc"] > 0.9 and shipped["n"] == 600  # the shipped judge saw these models' data
+

@@ -329,11 +329,13 @@ def summarize(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     groups = ["model_name", "intervention", "nudge"]
     out: dict[str, pd.DataFrame] = {}
     for setting in ("free_form", "deception"):
-        rows = table[(table.setting == setting) & table.label.isin(["aligned", "misaligned"])]
+        rows = table[table.setting == setting]
         if len(rows):
+            # P(misaligned) among coherent, scored answers (Betley et al.); n counts only those
+            scored = rows.label.isin(["aligned", "misaligned"])
+            rows = rows.assign(misaligned=np.where(scored, rows.misaligned.astype(float), np.nan))
             out[f"{setting}_misaligned"] = _rates(rows, groups, "misaligned", rate)
-            coherent = table[table.setting == setting]
-            out[f"{setting}_coherence"] = coherent.groupby(groups).coherent.agg(["mean", "count"]).reset_index()
+            out[f"{setting}_coherence"] = rows.groupby(groups).coherent.agg(["mean", "count"]).reset_index()
     refusal = table[table.setting == "refusal"]
     if len(refusal):
         frames = []

@@ -104,7 +104,7 @@ def run_samples(handle, specs: list[SampleSpec], store: RunStore, config: Genera
     """Generate every spec not already in the store, appending each finished batch to it."""
     done = store.done_keys()
     todo = [s for s in specs if s.key not in done]
-    if progress and done:
+    if progress and len(todo) < len(specs):
         print(f"[emlens] resuming: {len(specs) - len(todo)} of {len(specs)} samples already done")
     if not todo:
         return
