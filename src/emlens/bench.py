@@ -87,3 +87,18 @@ def bench_steer(handle, batch: int, new_tokens: int, layer: int | None = None,
                "steered_vs_plain": round(steered / plain, 3), "device": str(handle.device)}
     echo(" ".join(f"{k}={v}" for k, v in summary.items()))
     return summary
+
+
+def bench_load(spec: str, repeats: int = 3, echo: Callable[[str], None] = print) -> dict:
+    """Seconds for `load_model(spec)` once the conversion cache exists (best of `repeats`)."""
+    from .models import load_model
+
+    load_model(spec, device="cpu")  # converts on first use; not timed
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        load_model(spec, device="cpu")
+        times.append(time.perf_counter() - start)
+    summary = {"model": spec, "load_s": round(min(times), 2), "load_s_median": round(sorted(times)[len(times) // 2], 2)}
+    echo(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return summary

@@ -94,6 +94,15 @@ def bench_generate_command(
     bench_generate(handle, sizes, new_tokens, hf_baseline=hf_baseline, echo=typer.echo)
 
 
+@bench_app.command("load")
+def bench_load_command(model: str = MODEL_OPT) -> None:
+    """Seconds to load a model from the emlens cache (target for the embedded model: under 3 s)."""
+    from .bench import bench_load
+
+    quiet_libraries()
+    bench_load(model, echo=typer.echo)
+
+
 def register_commands() -> None:
     """Import every module in emlens.commands; each adds its commands to `app` (or a sub-app of it)."""
     import importlib
