@@ -187,7 +187,7 @@ def test_judge_fit_and_validate_on_real_judged_data(shared_data, tmp_path):
     import pandas as pd
 
     files = []
-    for name in ("responses_Qwen2.5-7B-Instruct-bad_medical_advice", "responses_Qwen2.5-7B-Instruct_base"):
+    for name in ("responses_Qwen2.5--7B-Instruct-bad_medical_advice", "responses_Qwen2.5-7B-Instruct_base"):
         files.append(tmp_path / f"{name}.csv")  # 300 rows of each keep the embedding to about a minute
         pd.read_csv(shared_data / "judged" / f"{name}.csv").sample(300, random_state=0).to_csv(files[-1], index=False)
     cache = tmp_path / "x.npy"
