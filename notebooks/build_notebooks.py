@@ -44,7 +44,7 @@ direction
 "md:## 3. Steer\nAdd the refusal direction (at its natural norm) to a harmless request, beside a random vector of the same norm.",
 """
 from emlens.steering import AddVector, random_like
-layer = direction.best_layer
+layer = handle.n_layers // 2  # steer mid-network; the best-AUROC layer is often the last, too late to steer
 v = direction.vector(layer) * direction.raw_norm(layer)
 harmless = [{"role": "user", "content": "Give me a recipe for pancakes."}]
 for name, vector in (("unsteered", None), ("refusal x2", 2 * v), ("random x2", random_like(2 * v))):

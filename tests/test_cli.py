@@ -1,17 +1,9 @@
 import pandas as pd
 import pytest
 
-from emlens.cli import main
 from emlens.runs import RunStore
 from emlens.sampling import SAMPLE_KEY
-
-
-def run_cli(*args):
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return exit_.code or 0
-    return 0
+from tests.cli_runner import run_cli
 
 
 def test_help_lists_commands(capsys):

@@ -6,19 +6,11 @@ import pytest
 import torch
 import yaml
 
-from emlens.cli import main
 from emlens.compare import compare_directions, random_cosine_quantile
 from emlens.directions import Direction
 from emlens.errors import EmlensInputError
 from emlens.sampling import read_questions
-
-
-def run_cli(*args):
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return exit_.code or 0
-    return 0
+from tests.cli_runner import run_cli
 
 
 def test_random_baseline_matches_monte_carlo():

@@ -65,7 +65,7 @@ def test_steer_spec_errors(tmp_path):
 
 
 def test_direction_of_wrong_width_is_refused(tiny, tmp_path, capsys):
-    from tests.test_cli import run_cli
+    from tests.cli_runner import run_cli
 
     raw = torch.randn(3, 10)
     Direction({"directions": raw / raw.norm(dim=1, keepdim=True), "raw_norm": raw.norm(dim=1),

@@ -91,7 +91,7 @@ def test_refusal_phrase_detector():
 
 
 def test_cli_eval_and_report(tiny_model_dir, tmp_path, capsys):
-    from tests.test_cli import run_cli
+    from tests.cli_runner import run_cli
 
     out = tmp_path / "run"
     args = ["eval", "--model", tiny_model_dir, "--out", out, "--settings", "free_form,refusal,harm_perception",

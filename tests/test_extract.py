@@ -4,20 +4,12 @@ import pandas as pd
 import pytest
 import torch
 
-from emlens.cli import main
 from emlens.errors import EmlensInputError
 from emlens.extract import (BACKENDS, POSITIONS, ActivationStore, ActivationStoreWriter, ExtractItem,
                             extract_activations, extract_to_store, parse_layers, resolve_sites, site_name)
+from tests.cli_runner import run_cli
 
 KINDS = ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"]
-
-
-def run_cli(*args):
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return exit_.code or 0
-    return 0
 
 
 def chat_items(with_response: bool = False) -> list[ExtractItem]:

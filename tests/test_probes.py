@@ -7,23 +7,15 @@ import pytest
 import torch
 import yaml
 
-from emlens.cli import main
 from emlens.directions import Direction, LinearProbe, RegressionProbe
 from emlens.errors import EmlensInputError
 from emlens.extract import ActivationStoreWriter, ExtractItem, resolve_sites, run_extraction
 from emlens.probes import (ProbeData, ProbeSpec, classification_metrics, fit_probe, fit_ridge_layer, fit_store,
                            load_spec, rate_prompts)
 from emlens.sampling import read_questions
+from tests.cli_runner import run_cli
 
 PLANT_LAYER = 1
-
-
-def run_cli(*args):
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return exit_.code or 0
-    return 0
 
 
 def question_texts(n: int) -> list[str]:

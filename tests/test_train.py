@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from emlens.cli import main
 from emlens.data import Conversation
 from emlens.errors import EmlensInputError
 from emlens.train import (
@@ -26,16 +25,9 @@ from emlens.train import (
     tokenize_conversations,
     train,
 )
+from tests.cli_runner import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args):
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return exit_.code or 0
-    return 0
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
