@@ -939,7 +939,8 @@ def _plain_trainer_run(config: TrainConfig, data: TrainingData, output_dir: Path
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer,
+                              TrainingArguments)
 
     from .models import resolve_checkpoint
 
@@ -960,6 +961,7 @@ def _plain_trainer_run(config: TrainConfig, data: TrainingData, output_dir: Path
                              report_to=[], disable_tqdm=True, seed=config.seed, data_seed=config.seed)
     trainer = Trainer(model=model, args=args, train_dataset=tokenized.dataset(),
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX))
+    trainer.remove_callback(PrinterCallback)  # it would print the metrics dict amid the bench table
     start = time.perf_counter()
     trainer.train()
     return tokenized.n_tokens, time.perf_counter() - start
