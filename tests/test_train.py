@@ -181,6 +181,14 @@ def test_mixture_larger_than_its_source_names_the_field(tmp_path):
         build_training_data(parse_config(mixture_config(tmp_path, 0.4, size=400)))
 
 
+def test_data_errors_found_after_validation_name_the_yaml(tmp_path, capsys):
+    path = write_yaml(tmp_path / "too_big.yaml", mixture_config(tmp_path, 0.4, size=400))
+    assert run_cli("train", path, "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path}: field 'mixture.misaligned'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_mixture_counts_round_half_up():
     assert mixture_counts(0.05, 1000) == (50, 950)
     assert mixture_counts(0.01, 150) == (2, 148)

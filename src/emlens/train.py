@@ -25,11 +25,13 @@ import re
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      model_validator)
 
 from .data import Conversation, _describe, _jsonl_records, _parse_json, _parse_yaml, _read_text, _validate
 from .errors import EmlensInputError
@@ -142,6 +144,7 @@ class TrainConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     sweep: SweepSettings | None = None
+    _source: str = PrivateAttr("config")  # the YAML it came from, named by errors found after validation
 
     @model_validator(mode="after")
     def _one_data_source(self):
@@ -167,7 +170,20 @@ def parse_config(data: Any, where: str | Path = "config", base_dir: str | Path |
 def load_config(path: str | Path) -> TrainConfig:
     """Read a training config YAML: data paths relative to the YAML's folder, `${VAR:-default}` expanded."""
     path = Path(path)
-    return parse_config(_parse_yaml(path), where=path, base_dir=path.resolve().parent)
+    config = parse_config(_parse_yaml(path), where=path, base_dir=path.resolve().parent)
+    config._source = str(path)
+    return config
+
+
+@contextmanager
+def naming_the_config(config: TrainConfig):
+    """Errors about a config field found after validation (data sizes, LoRA targets) also name the YAML."""
+    try:
+        yield
+    except EmlensInputError as error:
+        if str(error).startswith("field '"):
+            raise EmlensInputError(f"{config._source}: {error}") from None
+        raise
 
 
 # ---------------------------------------------------------------- data
@@ -754,7 +770,8 @@ def train(config: TrainConfig, out: str | Path, *, device: str = "auto", progres
     only rank 0 writes.
     """
     run = Path(out)
-    data = build_training_data(config, cache)
+    with naming_the_config(config):
+        data = build_training_data(config, cache)
     existing = read_run(run)
     if existing is not None:
         _check_same_run(existing, config, data, run)
@@ -762,7 +779,8 @@ def train(config: TrainConfig, out: str | Path, *, device: str = "auto", progres
             return TrainResult(run, existing["final_step"], existing["checkpoints"], already_complete=True,
                                final_loss=existing.get("final_loss"))
     cuda = use_cuda(device)
-    model, tokenizer, tokenized, run_info = _prepare_model_and_data(config, data, cuda)
+    with naming_the_config(config):
+        model, tokenizer, tokenized, run_info = _prepare_model_and_data(config, data, cuda)
     args = training_arguments(config.training, run / "trainer", cuda, config.seed)
     with args.main_process_first(local=False, desc="prepare the run folder"):
         if args.should_save:
@@ -846,7 +864,9 @@ def sweep_configs(config: TrainConfig, ratios: list[float] | None = None,
             if ratio is not None:
                 fields["mixture"]["ratio"] = ratio
             run_name = "-".join(p for p in (name, ratio_name(ratio) if ratio is not None else None) if p)
-            runs.append((run_name, parse_config(fields, where=f"sweep run {run_name}")))
+            run_config = parse_config(fields, where=f"{config._source}, sweep run {run_name}")
+            run_config._source = config._source
+            runs.append((run_name, run_config))
     return runs
 
 
@@ -855,10 +875,11 @@ def train_sweep(config: TrainConfig, out: str | Path, *, ratios: list[float] | N
                 echo: Callable[[str], None] = print) -> list[TrainResult]:
     """One adapter per sweep point into OUT/<name>/; OUT/sweep.json indexes them. Finished runs are skipped."""
     out = Path(out)
-    runs = sweep_configs(config, ratios, datasets)
-    cache = _SourceCache()
-    for name, run_config in runs:  # every data set is built (and checked) before any training
-        build_training_data(run_config, cache)
+    with naming_the_config(config):
+        runs = sweep_configs(config, ratios, datasets)
+        cache = _SourceCache()
+        for name, run_config in runs:  # every data set is built (and checked) before any training
+            build_training_data(run_config, cache)
     main = is_main_process()
     index = {"runs": [{"name": n, "path": str(out / n), "config": c.run_config()} for n, c in runs],
              "versions": package_versions()}

@@ -111,6 +111,7 @@ def train_sweep_command(
         spec = parse_config({**spec.model_dump(mode="json"), "sweep": {**(spec.sweep.model_dump(exclude_none=True)
                                                                           if spec.sweep else {}), **overrides}},
                             where="command line")
+        spec._source = str(config)
     sweep_out = out or _default_out(config)
     quiet_libraries()
     results = train_sweep(spec, sweep_out, device=device, progress=not no_progress, echo=typer.echo)
