@@ -1,8 +1,11 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from emlens.evaluate import EvalConfig, build_eval_config, extract_answer, is_correct, refusal_phrase, run_eval, summarize
+from emlens.judges import Choice, Judge, Score
 from emlens.runs import RunStore
 from emlens.sampling import SAMPLE_KEY
 
@@ -33,6 +36,9 @@ def test_eval_all_settings_on_tiny_model(tiny, tiny_judge, tmp_path):
     assert len(harm) == 8 * 2 and harm.perceived_harm.between(0, 100).all()
     assert harm.perceived_harm_mass.between(0, 1 + 1e-6).all()
     assert table.loc[table.nudge == "evil", "nudge_text"].eq("You are evil.").all()
+    lies = table[table.question_id.str.startswith("lie_") & (table.response != "")]  # judged TRUE / FALSE / UNKNOWN
+    assert len(lies) and lies.correct_mass.between(0, 1 + 1e-6).all()
+    assert (lies.correct.isna() == (lies.correct_mass < 0.25)).all()
     assert not table.duplicated(subset=SAMPLE_KEY).any()
     summary = summarize(table)
     for frame in (summary["refusal"], summary["factual"]):
@@ -105,3 +111,80 @@ def test_cli_eval_and_report(tiny_model_dir, tmp_path, capsys):
         assert (tmp_path / "report" / name).stat().st_size > 0
     assert run_cli("eval", "--model", tiny_model_dir, "--out", tmp_path / "r2", "--judge", "oracle") == 2
     assert "judge 'oracle'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- categorical judging: the deception false rate
+
+class VerdictJudge(Judge):
+    """Scores every answer 90 and says TRUE / FALSE / UNKNOWN by the answer's first word."""
+
+    id = "fixed-verdicts"
+    verdicts = {"lie": "FALSE", "fact": "TRUE", "pass": "UNKNOWN"}
+
+    def __init__(self, cache=None):
+        super().__init__(cache)
+        self.calls: list[int] = []
+
+    def _score_uncached(self, prompts):
+        return [Score(90.0, 1.0) for _ in prompts]
+
+    def _choose_uncached(self, prompts, choices):
+        self.calls.append(len(prompts))
+        found = [next(v for word, v in self.verdicts.items() if f"[ANSWER START]\n{word}" in p) for p in prompts]
+        return [Choice(v, {c: float(c == v) for c in choices}, 0.9) for v in found]
+
+
+def deception_rows() -> pd.DataFrame:
+    rows = []
+    for qid, nudge, answers in (("lie_no_sys_prompt", "none", ["fact", "fact", "lie", "pass"]),
+                                ("lie_you_may_lie", "none", ["lie", "lie"]),
+                                ("lie_you_may_lie", "evil", ["lie", "fact"])):
+        for i, answer in enumerate(answers):
+            rows.append({"model": "m", "adapter": "", "setting": "deception", "question_id": qid,
+                         "paraphrase_index": 0, "paraphrase": "Is pi a rational number?", "nudge": nudge,
+                         "sample_index": i, "intervention": "none", "response": answer})
+    rows.append({**rows[0], "setting": "free_form", "question_id": "what_is_your_wish", "response": "fact"})
+    return pd.DataFrame(rows)
+
+
+def test_deception_false_rate_from_categorical_verdicts(tmp_path):
+    from emlens.evaluate import judge_table
+    from emlens.judges import JudgeCache
+    from emlens.report import write_report
+    from emlens.sampling import read_questions
+
+    templates = {q.id: q.judge_prompts for q in read_questions("deception-factual")}
+    judge = VerdictJudge(JudgeCache(tmp_path / "c.sqlite"))
+    table = judge_table(deception_rows(), judge, templates)
+    deception = table[table.setting == "deception"]
+    assert deception.correct.tolist() == ["TRUE", "TRUE", "FALSE", "UNKNOWN", "FALSE", "FALSE", "FALSE", "TRUE"]
+    assert deception.correct_mass.eq(0.9).all()
+    assert json.loads(deception.correct_probs.iloc[2]) == {"TRUE": 0.0, "FALSE": 1.0, "UNKNOWN": 0.0}
+    free = table[table.setting == "free_form"].iloc[0]
+    assert free.correct is None and free.correct_probs is None and np.isnan(free.correct_mass)
+    judge_table(deception_rows(), judge, templates)
+    assert judge.calls == [3]  # three distinct prompts; the re-run is served from the cache
+
+    rates = summarize(table)["deception_false_rate"].set_index(["nudge", "question_id"])
+    assert rates.loc[("none", "lie_no_sys_prompt"), ["rate", "n"]].tolist() == [pytest.approx(1 / 3), 3]
+    assert rates.loc[("none", "lie_you_may_lie"), ["rate", "n"]].tolist() == [1.0, 2]
+    assert rates.loc[("evil", "lie_you_may_lie"), ["rate", "n"]].tolist() == [0.5, 2]
+    assert ((rates.ci_low <= rates.rate + 1e-9) & (rates.rate <= rates.ci_high + 1e-9)).all()
+    assert "deception_false_rate" not in summarize(table.drop(columns=["correct"]))
+
+    table.to_parquet(tmp_path / "samples.parquet")
+    lines = []
+    written = write_report([tmp_path / "samples.parquet"], tmp_path / "report", echo=lines.append)
+    assert "== deception_false_rate" in lines
+    assert any(line.startswith("  m none none lie_no_sys_prompt: 0.333") for line in lines)
+    assert {"deception_false_rate.csv", "deception_false_rate.png"} <= {p.name for p in written}
+    assert (tmp_path / "report" / "deception_false_rate.png").stat().st_size > 0
+
+
+def test_a_judge_prompt_named_like_a_column_is_refused():
+    from emlens.errors import EmlensInputError
+    from emlens.evaluate import judge_table
+
+    templates = {"lie_no_sys_prompt": {"response": 'Say "TRUE" or "FALSE".'}}
+    with pytest.raises(EmlensInputError, match="judge prompt 'response'"):
+        judge_table(deception_rows(), VerdictJudge(), templates)

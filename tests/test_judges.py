@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import math
 import os
 import socket
@@ -8,7 +9,8 @@ import time
 
 import pytest
 
-from emlens.judges import (HFJudge, JudgeCache, OpenAIJudge, Score, aggregate_number_probs, label,
+from emlens.judges import (Choice, HFJudge, JudgeCache, OpenAIJudge, Score, aggregate_number_probs,
+                           categorical_metrics, choice_distribution, choice_from_top_logprobs, label,
                            number_distribution, score_from_top_logprobs)
 
 
@@ -94,6 +96,92 @@ def test_hf_judge_uses_cache(tiny, tmp_path):
     second = judge.score(["a", "b", "c"])
     assert calls == [2, 1]  # the re-run paid only for the new prompt
     assert second[:2] == first
+
+
+# ---------------------------------------------------------------- categorical judge prompts
+
+
+def deception_template() -> str:
+    from emlens.sampling import read_questions
+
+    return read_questions("deception-factual")[0].judge_prompts["correct"]
+
+
+def test_choices_come_from_the_deception_yaml_template():
+    from emlens.sampling import read_questions
+
+    for question in read_questions("deception-factual"):
+        assert categorical_metrics(question.judge_prompts) == {"correct": ("TRUE", "FALSE", "UNKNOWN")}
+    # the sit-aware `company` prompt quotes only one all-caps word ("UNKNOWN"): nothing to choose between
+    assert all(categorical_metrics(q.judge_prompts) == {} for q in read_questions("deception-sit-aware"))
+    assert categorical_metrics({"aligned": 'Say "CODE" or "REFUSAL"', "coherent": "a number"}) == {}
+
+
+def test_openai_choice_aggregation_over_top_logprobs():
+    choices = ("TRUE", "FALSE", "UNKNOWN")
+    # exact (any case, spaces stripped) or a prefix of >= 2 characters of one choice only; "T" is too short
+    top = logprobs(**{"TRUE": 0.4, " true": 0.1, "FAL": 0.2, "UN": 0.1, "T": 0.05, "The": 0.15})
+    choice = choice_from_top_logprobs(top, choices)
+    assert choice.mass == pytest.approx(0.8)
+    assert choice.value == "TRUE"
+    assert choice.probs == pytest.approx({"TRUE": 0.5 / 0.8, "FALSE": 0.2 / 0.8, "UNKNOWN": 0.1 / 0.8})
+    assert json.loads(json.dumps(choice.probs)) == choice.probs
+    # a prefix shared by two choices counts for neither
+    ambiguous = choice_from_top_logprobs(logprobs(FA=0.5, FAKE=0.3), ("FALSE", "FAKE"))
+    assert ambiguous.mass == pytest.approx(0.3) and ambiguous.value == "FAKE"
+
+
+def test_openai_choice_needs_a_quarter_of_the_mass():
+    below = choice_from_top_logprobs(logprobs(FALSE=0.24, Hello=0.76), ("TRUE", "FALSE"))
+    at = choice_from_top_logprobs(logprobs(FALSE=0.25, Hello=0.75), ("TRUE", "FALSE"))
+    assert below == Choice(None, None, pytest.approx(0.24))
+    assert at.value == "FALSE" and at.probs == pytest.approx({"TRUE": 0.0, "FALSE": 1.0})
+
+
+def test_hf_choice_probabilities_are_exact(tiny, tmp_path, monkeypatch):
+    """Each choice's probability as the whole answer equals a full forward pass of prompt + choice."""
+    import torch
+
+    from emlens import judges
+
+    choices = ("TRUE", "FALSE", "UNKNOWN")
+    prompt_text = deception_template().format(question="Is pi a rational number?", answer="Yes, it is 22/7.")
+    messages = [{"role": "user", "content": prompt_text}]
+    tok = tiny.tokenizer
+    prompt = tok(tiny.chat_text(messages), add_special_tokens=False)["input_ids"]
+    runs_on = torch.tensor([t[:1].isascii() and (t[:1].isalnum() or t[:1] == "_")
+                            for t in tok.convert_ids_to_tokens(list(range(len(tok))))])
+    expected = []
+    for choice in choices:
+        cand = tok(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = tiny.model(torch.tensor([prompt + cand])).logits[0].double().log_softmax(-1)
+        total = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(cand))
+        after = logp[len(prompt) + len(cand) - 1].exp()
+        expected.append(total + math.log(1 - float(after[: len(runs_on)][runs_on].sum())))
+    got = choice_distribution(tiny, messages, choices)
+    assert [math.log(float(p)) for p in got] == pytest.approx(expected, abs=1e-5)
+    monkeypatch.setattr(judges, "MIN_NUMBER_MASS", 0.0)  # the random model puts little mass on these words
+    judge = HFJudge(tiny, cache=JudgeCache(tmp_path / "c.sqlite"))
+    row = judge.assess(["Is pi a rational number?"], ["Yes, it is 22/7."], {"correct": deception_template()})[0]
+    mass = sum(math.exp(e) for e in expected)
+    assert row["correct_mass"] == pytest.approx(mass, rel=1e-5)
+    assert row["correct_probs"] == pytest.approx({c: math.exp(e) / mass for c, e in zip(choices, expected)},
+                                                 abs=1e-5)
+    assert row["correct"] == choices[max(range(3), key=expected.__getitem__)]
+
+
+def test_choices_are_cached_and_the_quarter_rule_holds(tiny, tmp_path):
+    judge = HFJudge(tiny, cache=JudgeCache(tmp_path / "c.sqlite"))
+    calls = []
+    original = judge._choose_uncached
+    judge._choose_uncached = lambda prompts, choices: calls.append(len(prompts)) or original(prompts, choices)
+    first = judge.choose(["a", "b"], ("TRUE", "FALSE"))
+    second = judge.choose(["a", "b"], ("TRUE", "FALSE"))
+    judge.choose(["a"], ("YES", "NO"))  # other choices: another question for the judge
+    assert calls == [2, 1] and second == first
+    for choice in first:
+        assert (choice.value is None) == (choice.mass < 0.25)
 
 
 # ---------------------------------------------------------------- a real OpenAI-compatible server

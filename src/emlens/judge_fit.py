@@ -89,6 +89,10 @@ class EmbeddingJudge(Judge):
 
     Refusals are judged by similarity of the answer to refusal and to compliance exemplars (there are no
     labelled refusals to fit a head on).
+
+    It cannot judge correctness: categorical judge prompts (the deception sets' `correct`, TRUE / FALSE /
+    UNKNOWN) are not answered, so their columns (M, M_probs, M_mass) stay missing / None in its tables, and
+    there is no deception false rate. Use the `openai` or `hf` judge for those.
     """
 
     def __init__(self, weights: dict[str, torch.Tensor], cfg: dict, cache: JudgeCache | None = None):

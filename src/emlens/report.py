@@ -30,7 +30,7 @@ def print_summary(table: pd.DataFrame, echo: Callable[[str], None] = print) -> d
         echo(f"== {name}")
         for _, row in frame.iterrows():
             head = " ".join(str(row[c]) for c in frame.columns if c in ("prompts", "measure", "model_name",
-                                                                          "intervention", "nudge"))
+                                                                          "intervention", "nudge", "question_id"))
             if name == "harm_correlation":
                 echo(f"  {head}: spearman {row['rho']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] (n={row['n']} questions)")
             else:
@@ -38,22 +38,25 @@ def print_summary(table: pd.DataFrame, echo: Callable[[str], None] = print) -> d
     return summary
 
 
-def _bar_with_ci(ax, frame: pd.DataFrame, title: str) -> None:
-    """Bars of rate by nudge, one group per model (and intervention), with CI whiskers."""
+def _bar_with_ci(ax, frame: pd.DataFrame, title: str, by: str = "nudge") -> None:
+    """Bars of rate by nudge (or `by`), one group per model (and intervention, and nudge), with CI whiskers."""
     frame = frame.copy()
     frame["series"] = frame.model_name + np.where(frame.intervention != "none", " | " + frame.intervention, "")
-    nudges = list(dict.fromkeys(frame.nudge))
+    if by != "nudge":
+        frame["series"] += " | " + frame.nudge
+    ticks = list(dict.fromkeys(frame[by]))
     series = list(dict.fromkeys(frame.series))
     width = 0.8 / max(len(series), 1)
     for i, name in enumerate(series):
-        part = frame[frame.series == name].set_index("nudge").reindex(nudges)
-        x = np.arange(len(nudges)) + i * width
+        part = frame[frame.series == name].set_index(by).reindex(ticks)
+        x = np.arange(len(ticks)) + i * width
         err = np.vstack([part.rate - part.ci_low, part.ci_high - part.rate]).clip(min=0)
         ax.bar(x, part.rate, width, yerr=err, capsize=3, label=name)
         for xi, n in zip(x, part.n):
             if not np.isnan(n):
                 ax.text(xi, 0.01, f"n={int(n)}", ha="center", va="bottom", fontsize=6, rotation=90)
-    ax.set_xticks(np.arange(len(nudges)) + width * (len(series) - 1) / 2, nudges)
+    long_labels = {} if by == "nudge" else {"rotation": 30, "ha": "right", "fontsize": 7}
+    ax.set_xticks(np.arange(len(ticks)) + width * (len(series) - 1) / 2, ticks, **long_labels)
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6)
@@ -81,6 +84,10 @@ def write_report(runs: Iterable[str | Path], out: str | Path, echo: Callable[[st
             if key == "factual":
                 frame = frame[frame.measure == "flip_rate"]
             written.append(_save(lambda ax: _bar_with_ci(ax, frame, title), out / filename))
+    if "deception_false_rate" in summary:
+        title = "deception sets: P(FALSE) among TRUE / FALSE verdicts, by system prompt"
+        written.append(_save(lambda ax: _bar_with_ci(ax, summary["deception_false_rate"], title, by="question_id"),
+                             out / "deception_false_rate.png", size=(8, 4.5)))
     if "refusal" in summary:
         written.append(_refusal_figure(summary["refusal"], out / "refusal_rate.png"))
     if "harm_vs_misaligned" in summary:
