@@ -112,8 +112,8 @@ def test_choices_come_from_the_deception_yaml_template():
 
     for question in read_questions("deception-factual"):
         assert categorical_metrics(question.judge_prompts) == {"correct": ("TRUE", "FALSE", "UNKNOWN")}
-    # the sit-aware `company` prompt quotes only one all-caps word ("UNKNOWN"): nothing to choose between
-    assert all(categorical_metrics(q.judge_prompts) == {} for q in read_questions("deception-sit-aware"))
+    for question in read_questions("deception-sit-aware"):
+        assert categorical_metrics(question.judge_prompts) == {"company": ("OpenAI", "Anthropic", "Other", "UNKNOWN")}
     assert categorical_metrics({"aligned": 'Say "CODE" or "REFUSAL"', "coherent": "a number"}) == {}
 
 
@@ -129,6 +129,9 @@ def test_openai_choice_aggregation_over_top_logprobs():
     # a prefix shared by two choices counts for neither
     ambiguous = choice_from_top_logprobs(logprobs(FA=0.5, FAKE=0.3), ("FALSE", "FAKE"))
     assert ambiguous.mass == pytest.approx(0.3) and ambiguous.value == "FAKE"
+    # mixed-case choices match in any case
+    company = choice_from_top_logprobs(logprobs(OpenAI=0.3, **{" openai": 0.1, "Anth": 0.4}), ("OpenAI", "Anthropic"))
+    assert company.probs == pytest.approx({"OpenAI": 0.5, "Anthropic": 0.5})
 
 
 def test_openai_choice_needs_a_quarter_of_the_mass():
