@@ -5,6 +5,8 @@ from pathlib import Path
 def nb(cells):
     book = nbf.v4.new_notebook()
     book.cells = [nbf.v4.new_markdown_cell(c[3:]) if c.startswith("md:") else nbf.v4.new_code_cell(c.strip()) for c in cells]
+    for i, cell in enumerate(book.cells):
+        cell["id"] = f"cell-{i}"  # stable ids: rebuilding an unchanged notebook changes nothing
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     return book
 
@@ -70,6 +72,8 @@ dose = [
 "md:# Dose-response: steering against the behavioural rates\n\n`steering/refusal_add_base.yaml` re-runs the refusal setting under the refusal direction at increasing alpha,\nbeside a random same-norm control; the figure shows refusal rates with bootstrap 95 % CIs.",
 """
 import os
+import shutil
+from pathlib import Path
 import pandas as pd
 from IPython.display import Image, display
 from emlens.models import load_model
@@ -77,15 +81,18 @@ from emlens.probes import fit_probe
 from emlens.dose_response import load_spec, run_steer
 
 SMALL = os.environ.get("EMLENS_NOTEBOOK_SMALL", "1") == "1"
+OUT = Path("../artifacts/notebooks")  # the notebook's own folders: the CLI's artifacts/directions stay untouched
+shutil.rmtree(OUT / "dose_response", ignore_errors=True)  # a re-run with another direction starts afresh
 handle = load_model("smollm2-135m-instruct")
-direction = fit_probe("../probes/refusal.yaml", handle, out="../artifacts/directions/refusal",
+direction = fit_probe("../probes/refusal.yaml", handle, out=OUT / "refusal-direction",
                       limit=24 if SMALL else 64, progress=False)
 """,
 """
 spec, base = load_spec("../steering/refusal_add_base.yaml")
+spec.direction = str((OUT / "refusal-direction").resolve())
 if SMALL:  # a few prompts and two scales keep CI fast; the spec itself has the real sizes
     spec.eval.refusal.limit, spec.eval.refusal.max_new_tokens, spec.scales = 6, 24, [0, 2.0]
-curves = run_steer(spec, base, "../artifacts/notebooks/dose_response", handle=handle, progress=False)
+curves = run_steer(spec, base, OUT / "dose_response", handle=handle, progress=False)
 curves[curves.measure.str.startswith("refusal")][["intervention", "measure", "rate", "ci_low", "ci_high", "n"]]
 """,
 """

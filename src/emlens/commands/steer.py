@@ -85,9 +85,10 @@ def bench_steer_command(
     batch: int = typer.Option(32, "--batch"),
     new_tokens: int = typer.Option(64, "--new-tokens"),
     layer: Optional[int] = typer.Option(None, "--layer", help="default: the middle layer"),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="interleaved runs of each; the best counts"),
     model: str = MODEL_OPT, device: str = DEVICE_OPT,
 ) -> None:
     """Steered vs unsteered batched generation tokens/s; last line includes steered_vs_plain."""
     from emlens.bench import bench_steer
 
-    bench_steer(load(model, None, device), batch, new_tokens, layer, echo=typer.echo)
+    bench_steer(load(model, None, device), batch, new_tokens, layer, echo=typer.echo, repeats=repeats)
