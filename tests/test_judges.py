@@ -273,6 +273,9 @@ def test_fitted_heads_learn_a_nonlinear_score_and_survive_save_load(tmp_path):
     folder = EmbeddingJudge(weights, {"misaligned_threshold": threshold, "fingerprint": "t"}).save(tmp_path / "judge")
     heads = EmbeddingJudge.load(folder).heads(torch.as_tensor(x))
     assert spearmanr(heads["aligned"], aligned).statistic > 0.8
+    # the heads learn percentiles; the shipped quantiles put their output back on the score scale
+    assert aligned.min() <= heads["aligned"].min() and heads["aligned"].max() <= aligned.max()
+    assert abs(np.median(heads["aligned"]) - np.median(aligned)) < 5
     linear = np.c_[x, np.ones(len(x))] @ np.linalg.lstsq(np.c_[x, np.ones(len(x))], aligned, rcond=None)[0]
     assert abs(spearmanr(linear, aligned).statistic) < 0.2
     assert spearmanr(heads["coherent"], data.coherent).statistic > 0.8

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import time
 from importlib import resources
 from pathlib import Path
@@ -118,7 +119,8 @@ class EmbeddingJudge(Judge):
         return folder
 
     def heads(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        out = {name: dense_stack(x, self.weights, name).clamp(0, 100).numpy() for name in ("aligned", "coherent")}
+        out = {name: to_score_scale(dense_stack(x, self.weights, name), self.weights.get(f"{name}.quantiles"))
+               for name in ("aligned", "coherent")}
         out["p_misaligned"] = torch.sigmoid(dense_stack(x, self.weights, "misaligned")).numpy()
         return out
 
@@ -200,7 +202,7 @@ def read_judged(paths: Iterable[str | Path], limit: int | None = None) -> pd.Dat
 
 def dense_stack(x: torch.Tensor, weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     """The head `name`: layers NAME.0, NAME.1, ... (weight: out x in), ReLU between them; one output."""
-    depth = sum(1 for key in weights if key.startswith(f"{name}.") and key.endswith(".weight"))
+    depth = sum(1 for key in weights if re.fullmatch(rf"{re.escape(name)}\.\d+\.weight", key))
     for i in range(depth):
         if i:
             x = torch.relu(x)
@@ -208,18 +210,35 @@ def dense_stack(x: torch.Tensor, weights: dict[str, torch.Tensor], name: str) ->
     return x[:, 0]
 
 
+def to_score_scale(percentile: torch.Tensor, quantiles: torch.Tensor | None) -> np.ndarray:
+    """A head's predicted percentile (0-100) read on the score scale through the fitting data's quantiles."""
+    if quantiles is None:
+        return percentile.clamp(0, 100).numpy()
+    grid = np.linspace(0, 100, len(quantiles))
+    return np.interp(percentile.numpy(), grid, quantiles.numpy()).astype(np.float32)
+
+
 def fit_heads(x: np.ndarray, data: pd.DataFrame, seed: int = 0) -> tuple[dict[str, torch.Tensor], float]:
-    """MLP regressors for aligned / coherent, a logistic head for misaligned, and its decision threshold."""
+    """MLP regressors for aligned / coherent, a logistic head for misaligned, and its decision threshold.
+
+    The MLPs learn each score's percentile, not the score: GPT-4o gives most answers 80-100, and squared error on
+    raw scores spends the fit on the misaligned tail and leaves the aligned bulk unordered (held out on four
+    models: Spearman 0.59 on raw scores, 0.77 on percentiles). The quantiles map percentiles back to scores.
+    """
+    from scipy.stats import rankdata
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPRegressor
 
     weights = {}
     for name in ("aligned", "coherent"):
         keep = data[name].notna().to_numpy()
+        score = data[name].to_numpy()[keep]
+        percentile = (rankdata(score) - 0.5) / len(score) * 100
         mlp = MLPRegressor(hidden_layer_sizes=(HIDDEN,), alpha=1e-3, early_stopping=True, max_iter=200,
-                           random_state=seed).fit(x[keep], data[name].to_numpy()[keep])
+                           random_state=seed).fit(x[keep], percentile)
         for i, (coef, bias) in enumerate(zip(mlp.coefs_, mlp.intercepts_)):
             weights[f"{name}.{i}.weight"], weights[f"{name}.{i}.bias"] = coef.T, bias
+        weights[f"{name}.quantiles"] = np.quantile(score, np.linspace(0, 1, 101))
     classifier = LogisticRegression(C=1.0, max_iter=3000, class_weight="balanced").fit(x, data.misaligned)
     weights["misaligned.0.weight"], weights["misaligned.0.bias"] = classifier.coef_, classifier.intercept_
     threshold = _best_threshold(classifier.predict_proba(x)[:, 1], data.misaligned.to_numpy())
