@@ -73,8 +73,8 @@ def features(embedder: Embedder, questions: Sequence[str], answers: Sequence[str
     """What was said in reply to what: emb(question + answer), emb(answer), and their interaction emb(q) * emb(a)."""
     pair = embedder([f"Question: {q}\nAnswer: {a}" for q, a in zip(questions, answers)], progress=progress)
     answer = embedder([str(a) for a in answers], progress=progress)
-    unique = list(dict.fromkeys(questions))  # a few dozen questions for thousands of answers
-    question = embedder(unique)[[unique.index(q) for q in questions]]
+    unique = {q: i for i, q in enumerate(dict.fromkeys(questions))}  # each question embedded once
+    question = embedder(list(unique))[[unique[q] for q in questions]]
     return torch.cat([pair, answer, 10.0 * question * answer], dim=1)  # x10: the product's entries are tiny
 
 
