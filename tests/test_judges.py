@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from emlens.errors import EmlensInputError
 from emlens.judges import (Choice, HFJudge, JudgeCache, OpenAIJudge, Score, aggregate_number_probs,
                            categorical_metrics, choice_distribution, choice_from_top_logprobs, label,
                            number_distribution, score_from_top_logprobs)
@@ -306,12 +307,37 @@ def test_judge_fit_and_validate_on_real_judged_data(shared_data, tmp_path):
     import pandas as pd
 
     files = []
-    for name in ("responses_Qwen2.5--7B-Instruct-bad_medical_advice", "responses_Qwen2.5-7B-Instruct_base"):
-        files.append(tmp_path / f"{name}.csv")  # 300 rows of each keep the embedding to about a minute
-        pd.read_csv(shared_data / "judged" / f"{name}.csv").sample(300, random_state=0).to_csv(files[-1], index=False)
+    for name in ("responses_Qwen2.5--7B-Instruct-bad_medical_advice", "responses_Qwen2.5-14B-Instruct-bad_medical_advice",
+                 "responses_Qwen2.5-7B-Instruct_base"):
+        files.append(tmp_path / f"{name}.csv")  # 200 rows of each keep the embedding to about a minute
+        pd.read_csv(shared_data / "judged" / f"{name}.csv").sample(200, random_state=0).to_csv(files[-1], index=False)
     cache = tmp_path / "x.npy"
     folder = fit_default_judge(files, tmp_path / "judge", features_cache=cache, echo=lambda *_: None)
     assert EmbeddingJudge.load(folder).cfg["fit_rows"] == 600 and cache.exists()
     shipped = validate(files, features_cache=cache, echo=lambda *_: None)
     assert shipped["auroc"] > 0.9 and shipped["n"] == 600  # the shipped judge saw these models' data
+    lines = []
+    held_out = validate(files, leave_one_model_out=True, features_cache=cache, echo=lines.append)
+    assert sum(line.startswith("[") and "refitting without" in line for line in lines) == 3
+    assert held_out["mode"] == "leave_one_model_out" and held_out["n"] == 600
+    # refitted on 400 rows of two other models: weaker than the shipped judge, far better than chance
+    assert 0.3 < held_out["spearman"] < shipped["spearman"] and held_out["auroc"] > 0.75
+    assert lines[-1].startswith("judge=default mode=leave_one_model_out") and "spearman=" in lines[-1]
+
+
+def test_leave_one_model_out_names_the_model_whose_absence_leaves_nothing_to_learn(shared_data, tmp_path):
+    """With one EM model and one base model, holding out the EM model leaves no misaligned answer to fit on."""
+    import numpy as np
+    import pandas as pd
+
+    from emlens.judge_fit import FEATURE_WIDTH, validate
+
+    files = []
+    for name in ("responses_Qwen2.5--7B-Instruct-bad_medical_advice", "responses_Qwen2.5-7B-Instruct_base"):
+        files.append(tmp_path / f"{name}.csv")
+        pd.read_csv(shared_data / "judged" / f"{name}.csv").sample(60, random_state=0).to_csv(files[-1], index=False)
+    cache = tmp_path / "x.npy"  # random features of the right shape: the check comes before any fitting matters
+    np.save(cache, np.random.default_rng(0).normal(size=(120, FEATURE_WIDTH)).astype(np.float32))
+    with pytest.raises(EmlensInputError, match="without responses_Qwen2.5--7B-Instruct-bad_medical_advice"):
+        validate(files, leave_one_model_out=True, features_cache=cache, echo=lambda *_: None)
 

@@ -296,7 +296,7 @@ def validate(paths, judge: str = "default", judge_model: str | None = None, leav
     data = read_judged(paths, limit=limit)
     if judge == "default":
         x = judged_features(data, features_cache, echo)
-        data = _leave_one_model_out(data, x) if leave_one_model_out else _predict(data, EmbeddingJudge.load_default(), x)
+        data = _leave_one_model_out(data, x, echo) if leave_one_model_out else _predict(data, EmbeddingJudge.load_default(), x)
     elif leave_one_model_out:
         raise EmlensInputError("--leave-one-model-out refits the offline default judge; use --judge default")
     else:
@@ -323,9 +323,11 @@ def _predict(data: pd.DataFrame, judge: EmbeddingJudge, x: np.ndarray, rows=None
     return data
 
 
-def _leave_one_model_out(data: pd.DataFrame, x: np.ndarray) -> pd.DataFrame:
+def _leave_one_model_out(data: pd.DataFrame, x: np.ndarray, echo: Callable[[str], None] = print) -> pd.DataFrame:
     """Refit the heads on all sources but one and score the held-out one, for every source."""
-    for source in data.source.unique():
+    sources = data.source.unique()
+    for i, source in enumerate(sources, 1):
+        echo(f"[{i}/{len(sources)}] refitting without {source}")
         held = (data.source == source).to_numpy()
         if data[~held].misaligned.nunique() < 2:
             raise EmlensInputError(f"--leave-one-model-out: without {source} no misaligned response is left to fit on")
