@@ -101,17 +101,41 @@ def test_ablation_removes_the_direction_everywhere(tiny):
         recorded.append((args[0] if args else kwargs["hidden_states"]) @ unit)
 
     plain = hidden_states(tiny, ids)
-    with steer(tiny, Ablate(v)):
-        hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in tiny.decoder_layers]
-        try:
-            ablated = hidden_states(tiny, ids)
-        finally:
-            for h in hooks:
-                h.remove()
-    assert len(recorded) == tiny.n_layers
-    assert max(float(r.abs().max()) for r in recorded) < 1e-4
+    for first_token in (True, False):
+        recorded.clear()
+        with steer(tiny, Ablate(v, first_token=first_token)):
+            hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in tiny.decoder_layers]
+            try:
+                ablated = hidden_states(tiny, ids)
+            finally:
+                for h in hooks:
+                    h.remove()
+        assert len(recorded) == tiny.n_layers
+        assert max(float(r[:, 1:].abs().max()) for r in recorded) < 1e-4
+        assert not torch.allclose(plain[-1][:, 1:], ablated[-1][:, 1:])
+        if first_token:
+            assert max(float(r[:, 0].abs().max()) for r in recorded) < 1e-4
+        else:  # the first token sees only itself: left alone, it is exactly what it was
+            torch.testing.assert_close(ablated[-1][:, 0], plain[-1][:, 0])
     assert float((plain[1] @ unit).abs().max()) > 1e-2  # there was something to remove
-    assert not torch.allclose(plain[-1], ablated[-1])
+
+
+@pytest.mark.parametrize("first_token", [False, True])
+def test_engine_ablation_skips_each_rows_first_token_under_left_padding(tiny, first_token):
+    v = torch.randn(tiny.d_model)
+    config = GenerationConfig(max_new_tokens=2, min_new_tokens=2, temperature=0, batch_size=2)
+    requests = [Request(c, seed=i) for i, c in enumerate(CHATS)]
+    plain, ablated = RecordAfter(1), RecordAfter(1)
+    generate(tiny, requests, config, interventions=[plain], progress=False)
+    generate(tiny, requests, config, interventions=[Ablate(v, first_token=first_token), ablated], progress=False)
+    (p_out, prompt_mask, _), (a_out, _, _) = plain.outputs[0], ablated.outputs[0]
+    changed = (a_out - p_out).abs().amax(-1) > 1e-4
+    expected = prompt_mask.clone()
+    first = prompt_mask.float().argmax(dim=1)
+    assert first.tolist()[0] > 0  # the short chat is left-padded: its first token is not at position 0
+    if not first_token:
+        expected[torch.arange(2), first] = False
+    assert torch.equal(changed, expected)
 
 
 def test_ablate_then_add_and_random_control(tiny):

@@ -41,6 +41,7 @@ class SteerSpec(BaseModel):
     scale_unit: Literal["raw_norm", "absolute"] = "raw_norm"  # alpha = scale x the direction's natural norm
     random_control: bool = True
     random_seed: int = 0
+    ablate_first_token: bool = False  # ablation skips the attention-sink first token unless this is set
     force: bool = False  # apply a direction fitted on another base model
     eval: EvalConfig = EvalConfig(settings=["free_form"])
 
@@ -78,7 +79,7 @@ def conditions(spec: SteerSpec, vector, natural_norm: float, layer: int) -> list
     if spec.operation in ("ablate", "ablate_add"):
         for is_control, v in vectors:
             rows.append({"name": f"{'random_' if is_control else ''}ablate", "operation": "ablate", "alpha": 0.0,
-                         "control": is_control, "intervention": Ablate(v)})
+                         "control": is_control, "intervention": Ablate(v, first_token=spec.ablate_first_token)})
     if spec.operation in ("add", "ablate_add"):
         for scale in spec.scales:
             if scale == 0:
@@ -87,7 +88,8 @@ def conditions(spec: SteerSpec, vector, natural_norm: float, layer: int) -> list
             for is_control, v in vectors:
                 add = AddVector(v, layer, alpha, site=spec.site, positions=spec.positions)
                 op = spec.operation
-                intervention = compose(Ablate(v), add) if op == "ablate_add" else add
+                ablate = Ablate(v, first_token=spec.ablate_first_token)
+                intervention = compose(ablate, add) if op == "ablate_add" else add
                 rows.append({"name": f"{'random_' if is_control else ''}{op}_{scale:g}", "operation": op,
                              "alpha": float(scale), "control": is_control, "intervention": intervention})
     return rows
@@ -114,7 +116,8 @@ def run_steer(spec: SteerSpec, base: Path, out: str | Path, handle=None, judge=N
         table = run_eval(handle, spec.eval, out / "conditions" / condition["name"], judge=judge,
                          interventions=interventions, intervention_name=condition["name"], progress=progress,
                          extra_manifest={"direction": str(direction.path), "layer": layer,
-                                         "alpha_unit": spec.scale_unit, "natural_norm": natural})
+                                         "alpha_unit": spec.scale_unit, "natural_norm": natural,
+                                         "ablate_first_token": spec.ablate_first_token})
         frames.append(table.assign(operation=condition["operation"], alpha=condition["alpha"],
                                    control=condition["control"], direction=direction.name, layer=layer))
     stacked = pd.concat(frames, ignore_index=True)

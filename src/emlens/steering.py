@@ -2,7 +2,10 @@
 
 - `AddVector`: h <- h + alpha * v at one site, on prompt tokens, response tokens or both (never padding).
 - `Ablate`: directional ablation, h <- h - (h . v) v for unit v, at the input of every decoder layer and at the
-  last layer's output, so no layer reads or writes the direction (Arditi et al. 2024).
+  last layer's output, so no layer reads or writes the direction (Arditi et al. 2024). Not at a sequence's
+  first token unless asked: in a causal LM its residual is the same for every prompt, so it carries nothing
+  about the prompt, and it holds the attention sink's massive activation (SmolLM2-135M, layer 15: |x| = 25,054,
+  against about 170 elsewhere), so projecting there perturbs the sink for any direction, random ones included.
 - `compose(...)`: several at once (ablate-then-add is `[Ablate(v), AddVector(v, ...)]`).
 - `random_like(v)`: a random vector of the same norm, the control beside every steering run.
 
@@ -40,6 +43,26 @@ def _position_mask(ctx, positions: Positions, shape: torch.Size, device) -> Tens
     else:
         mask = ctx.prompt_mask | ctx.response_mask
     return mask.to(device=device, dtype=torch.float32)[..., None]
+
+
+def _first_token_kept(ctx, hidden: Tensor) -> Tensor | None:
+    """(batch, pos, 1) mask that is 0 at each sequence's first (non-padding) token; None when it is not here.
+
+    In the engine the prompt mask finds it under left padding, and decode steps never hold it. Outside the
+    engine position 0 of any multi-token forward is taken as the first token.
+    """
+    batch, length = hidden.shape[:2]
+    if ctx is not None and ctx.prompt_mask is not None and tuple(ctx.prompt_mask.shape) == (batch, length):
+        if ctx.step != -1:
+            return None
+        first = ctx.prompt_mask.float().argmax(dim=1).to(hidden.device)
+    elif length > 1:
+        first = torch.zeros(batch, dtype=torch.long, device=hidden.device)
+    else:
+        return None
+    keep = torch.ones(batch, length, device=hidden.device, dtype=hidden.dtype)
+    keep[torch.arange(batch, device=hidden.device), first] = 0
+    return keep[..., None]
 
 
 def _unit(v: Tensor) -> Tensor:
@@ -104,6 +127,7 @@ class Ablate:
 
     vector: Float[Tensor, " d_model"]
     name: str = "ablate"
+    first_token: bool = False  # also at each sequence's first token (the attention sink); see the module doc
 
     def attach(self, handle, ctx=None) -> contextlib.AbstractContextManager:
         _check_width(handle, self.vector, self.name)
@@ -114,9 +138,12 @@ class Ablate:
         unit = _unit(self.vector.float()).to(device=handle.device, dtype=handle.dtype)
 
         def project_out(hidden: Tensor) -> Tensor:
-            mask = _position_mask(ctx, "all", hidden.shape, hidden.device)
             removed = (hidden @ unit)[..., None] * unit
-            return hidden - (removed if mask is None else mask.to(hidden.dtype) * removed)
+            for mask in (_position_mask(ctx, "all", hidden.shape, hidden.device),
+                         None if self.first_token else _first_token_kept(ctx, hidden)):
+                if mask is not None:
+                    removed = mask.to(hidden.dtype) * removed
+            return hidden - removed
 
         hooks = [layer.register_forward_pre_hook(lambda m, args, kwargs: _replace_input(args, kwargs, project_out),
                                                  with_kwargs=True) for layer in handle.decoder_layers]
