@@ -48,6 +48,12 @@ def test_steer_runs_every_condition_with_random_control(tiny, tiny_judge, spec_f
     assert {"coherence", "refusal_harmful", "refusal_harmless", "perceived_harm"} <= set(curves.measure)
     assert ((curves.ci_low <= curves.rate + 1e-9) | curves.rate.isna()).all()
     assert (tmp_path / "out" / "dose_response.png").stat().st_size > 0
+    paired = pd.read_csv(tmp_path / "out" / "direction_vs_control.csv")
+    assert set(zip(paired.operation, paired.alpha)) == {("ablate", 0.0), ("ablate_add", 50.0)}
+    harm_pair = paired[(paired.measure == "perceived_harm") & (paired.operation == "ablate_add")].iloc[0]
+    assert harm_pair.n_pairs == len(harm)
+    assert harm_pair.difference == pytest.approx((harm.ablate_add_50 - harm.random_ablate_add_50).mean())
+    assert harm_pair.ci_low <= harm_pair.difference <= harm_pair.ci_high
     # a re-run resumes: nothing is generated again
     mtimes = {p: p.stat().st_mtime for p in (tmp_path / "out" / "conditions").rglob("part-*.parquet")}
     run_steer(spec, base, tmp_path / "out", handle=tiny, judge=tiny_judge, progress=False, echo=lambda *_: None)
@@ -77,3 +83,20 @@ def test_direction_of_wrong_width_is_refused(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "width 10" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "samples.parquet").exists()
+
+
+def test_steer_cli_prints_the_paired_direction_minus_control(tiny, tmp_path, capsys):
+    from tests.cli_runner import run_cli
+
+    make_direction(tiny, tmp_path / "dir")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "x", "direction": "dir", "operation": "ablate",
+                                    "eval": {"settings": ["harm_perception"], "nudges": ["none"], "judge": "default",
+                                             "harm_perception": {"questions": "deception-sit-aware"}}}))
+    assert run_cli("steer", spec, "--out", tmp_path / "o", "--model", tiny.spec) == 0
+    out = capsys.readouterr().out
+    paired = pd.read_csv(tmp_path / "o" / "direction_vs_control.csv")
+    assert list(paired.measure) == ["perceived_harm"]
+    row = paired.iloc[0]
+    assert f"direction - control ablate@0 none   perceived_harm           {row.difference:+.3f}" in out
+    assert f"pairs={row.n_pairs}" in out

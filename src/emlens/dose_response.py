@@ -3,6 +3,7 @@
 Every condition is an eval run of its own (resumable) in OUT/conditions/NAME/; OUT/samples.parquet stacks
 them with the columns `operation`, `alpha`, `control` (random same-norm vector) and OUT/dose_response.png
 draws the misaligned rate, coherence and refusal rates against alpha, direction beside random control.
+OUT/direction_vs_control.csv gives each measure's direction-minus-control difference, paired by sample.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def run_steer(spec: SteerSpec, base: Path, out: str | Path, handle=None, judge=N
     atomic_write_table(stacked, out / "samples.parquet")
     curves = dose_response_table(stacked)
     curves.to_csv(out / "dose_response.csv", index=False)
+    direction_vs_control(stacked).to_csv(out / "direction_vs_control.csv", index=False)
     dose_response_figure(curves, out / "dose_response.png", title=f"{spec.name}: {direction.name} @ layer {layer}")
     (out / "spec.json").write_text(json.dumps(spec.model_dump(), indent=2))
     return curves
@@ -163,6 +165,37 @@ def dose_response_table(table: pd.DataFrame) -> pd.DataFrame:
             records.append({"intervention": name, "operation": operation, "alpha": alpha, "control": control,
                             "nudge": nudge, "measure": measure, **stat})
     return pd.DataFrame(records)
+
+
+PAIR_KEY = ["question_id", "paraphrase_index", "sample_index"]  # the same prompt and seed in every condition
+
+
+def direction_vs_control(table: pd.DataFrame) -> pd.DataFrame:
+    """Direction minus random control, paired by sample, at each operation x alpha x nudge x measure.
+
+    Both conditions run the same prompts with the same seeds, so the per-sample difference removes the
+    between-prompt variance they share; the CI is a bootstrap over those pairs.
+    """
+    from .stats import bootstrap_ci
+
+    records = []
+    for (operation, alpha, nudge), part in table[table.operation != "none"].groupby(["operation", "alpha", "nudge"]):
+        if part.control.nunique() < 2:
+            continue
+        for measure, (setting, keep, column) in MEASURES.items():
+            rows = part[part.setting == setting]
+            if rows.empty or column not in rows.columns:
+                continue
+            rows = rows[keep(rows).astype(bool)]
+            pairs = (rows.assign(value=rows[column].astype(float))
+                     .pivot_table(index=PAIR_KEY, columns="control", values="value", aggfunc="first")
+                     .reindex(columns=[False, True]).dropna())
+            difference = pairs[False] - pairs[True]
+            low, high = bootstrap_ci(difference)
+            records.append((operation, alpha, nudge, measure, pairs[False].mean(), pairs[True].mean(),
+                            difference.mean(), low, high, len(pairs)))
+    return pd.DataFrame(records, columns=["operation", "alpha", "nudge", "measure", "direction", "control",
+                                          "difference", "ci_low", "ci_high", "n_pairs"])
 
 
 def _x_label(operation: str, alpha: float) -> str:

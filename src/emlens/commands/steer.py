@@ -22,6 +22,8 @@ def steer_command(
     device: str = DEVICE_OPT,
 ) -> None:
     """Re-run an eval setting under each intervention (direction x scales, random control): table + figure."""
+    import pandas as pd
+
     from emlens.dose_response import load_spec, run_steer
 
     overrides = {"model": model, "adapter": adapter, "direction": str(Path(direction).resolve()) if direction else None}
@@ -38,7 +40,12 @@ def steer_command(
     for _, row in curves.iterrows():
         typer.echo(f"{row['intervention']:<22} {row['nudge']:<6} {row['measure']:<24} "
                    f"{row['rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] n={row['n']}")
-    typer.echo(f"wrote {out / 'samples.parquet'}, {out / 'dose_response.csv'}, {out / 'dose_response.png'}")
+    paired = pd.read_csv(out / "direction_vs_control.csv")
+    for _, row in paired.iterrows():
+        typer.echo(f"direction - control {row['operation']}@{row['alpha']:g} {row['nudge']:<6} {row['measure']:<24} "
+                   f"{row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] pairs={row['n_pairs']}")
+    typer.echo(f"wrote {out / 'samples.parquet'}, {out / 'dose_response.csv'}, {out / 'direction_vs_control.csv'}, "
+               f"{out / 'dose_response.png'}")
 
 
 @app.command("ablate-weights")
