@@ -98,6 +98,11 @@ curves[curves.measure.str.startswith("refusal")][["intervention", "measure", "ra
 """
 display(Image("../artifacts/notebooks/dose_response/dose_response.png"))
 """,
+"md:Each steered condition minus its random control, paired by prompt (same prompts, same seeds): the difference\nand its bootstrap 95 % CI say whether the direction does more than any vector of its norm.",
+"""
+paired = pd.read_csv(OUT / "dose_response" / "direction_vs_control.csv")
+paired[paired.measure.str.startswith("refusal")]
+""",
 ]
 
 compare = [
