@@ -100,3 +100,17 @@ def test_steer_cli_prints_the_paired_direction_minus_control(tiny, tmp_path, cap
     row = paired.iloc[0]
     assert f"direction - control ablate@0 none   perceived_harm           {row.difference:+.3f}" in out
     assert f"pairs={row.n_pairs}" in out
+
+
+def test_shipped_steering_specs_validate():
+    from pathlib import Path
+
+    from emlens.dose_response import direction_path, load_spec
+
+    specs = sorted(Path("steering").glob("*.yaml"))
+    assert {p.stem for p in specs} >= {"refusal_add_base", "refusal_ablate_base"}
+    for path in specs:
+        spec, base = load_spec(path)
+        # the folder `emlens probe fit` writes its directions under
+        assert direction_path(spec, base).resolve().parent == Path("artifacts/directions").resolve()
+        assert spec.random_control, f"{path}: every direction runs beside a random control"
