@@ -71,19 +71,25 @@ class RecordAfter:
         return attached()
 
 
+def engine_changes(handle, intervention, max_new_tokens=3):
+    """Generate CHATS with and without `intervention`; which (row, position) of the prefill's layer-1 output it
+    changed, the prefill's prompt mask, and the steered run's recordings of every forward pass."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, temperature=0,
+                              batch_size=2)
+    requests = [Request(c, seed=i) for i, c in enumerate(CHATS)]
+    plain, steered = RecordAfter(1), RecordAfter(1)
+    generate(handle, requests, config, interventions=[plain], progress=False)
+    generate(handle, requests, config, interventions=[intervention, steered], progress=False)
+    # prefill pass: same inputs in both runs, so the difference is exactly the intervention
+    (p_out, prompt_mask, _), (s_out, _, _) = plain.outputs[0], steered.outputs[0]
+    return (s_out - p_out).abs().amax(-1) > 1e-4, prompt_mask, steered
+
+
 @pytest.mark.parametrize("positions", ["all", "prompt", "response"])
 def test_engine_steers_only_the_chosen_positions_never_padding(tiny, positions):
     v = torch.randn(tiny.d_model)
-    config = GenerationConfig(max_new_tokens=3, min_new_tokens=3, temperature=0, batch_size=2)
-    requests = [Request(c, seed=i) for i, c in enumerate(CHATS)]
-    plain, steered = RecordAfter(1), RecordAfter(1)
-    generate(tiny, requests, config, interventions=[plain], progress=False)
-    generate(tiny, requests, config, interventions=[AddVector(v, 1, 2.0, positions=positions), steered], progress=False)
-    # prefill pass: same inputs in both runs, so the difference is exactly the steering
-    (p_out, prompt_mask, _), (s_out, _, _) = plain.outputs[0], steered.outputs[0]
-    diff = s_out - p_out
+    changed, prompt_mask, steered = engine_changes(tiny, AddVector(v, 1, 2.0, positions=positions))
     expected = prompt_mask if positions in ("all", "prompt") else torch.zeros_like(prompt_mask)
-    changed = diff.abs().amax(-1) > 1e-4
     assert torch.equal(changed, expected)
     assert (~prompt_mask).any()  # the batch really had padding, and it was left alone
     # decode steps: one response position per row, steered unless only the prompt is
@@ -123,13 +129,7 @@ def test_ablation_removes_the_direction_everywhere(tiny):
 @pytest.mark.parametrize("first_token", [False, True])
 def test_engine_ablation_skips_each_rows_first_token_under_left_padding(tiny, first_token):
     v = torch.randn(tiny.d_model)
-    config = GenerationConfig(max_new_tokens=2, min_new_tokens=2, temperature=0, batch_size=2)
-    requests = [Request(c, seed=i) for i, c in enumerate(CHATS)]
-    plain, ablated = RecordAfter(1), RecordAfter(1)
-    generate(tiny, requests, config, interventions=[plain], progress=False)
-    generate(tiny, requests, config, interventions=[Ablate(v, first_token=first_token), ablated], progress=False)
-    (p_out, prompt_mask, _), (a_out, _, _) = plain.outputs[0], ablated.outputs[0]
-    changed = (a_out - p_out).abs().amax(-1) > 1e-4
+    changed, prompt_mask, _ = engine_changes(tiny, Ablate(v, first_token=first_token), max_new_tokens=2)
     expected = prompt_mask.clone()
     first = prompt_mask.float().argmax(dim=1)
     assert first.tolist()[0] > 0  # the short chat is left-padded: its first token is not at position 0

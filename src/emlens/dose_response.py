@@ -77,10 +77,14 @@ def conditions(spec: SteerSpec, vector, natural_norm: float, layer: int) -> list
     control = random_like(unit, seed=spec.random_seed)
     rows = [{"name": "baseline", "operation": "none", "alpha": 0.0, "control": False, "intervention": None}]
     vectors = [(False, unit)] + ([(True, control)] if spec.random_control else [])
+
+    def ablation(v):
+        return Ablate(v, first_token=spec.ablate_first_token)
+
     if spec.operation in ("ablate", "ablate_add"):
         for is_control, v in vectors:
             rows.append({"name": f"{'random_' if is_control else ''}ablate", "operation": "ablate", "alpha": 0.0,
-                         "control": is_control, "intervention": Ablate(v, first_token=spec.ablate_first_token)})
+                         "control": is_control, "intervention": ablation(v)})
     if spec.operation in ("add", "ablate_add"):
         for scale in spec.scales:
             if scale == 0:
@@ -89,8 +93,7 @@ def conditions(spec: SteerSpec, vector, natural_norm: float, layer: int) -> list
             for is_control, v in vectors:
                 add = AddVector(v, layer, alpha, site=spec.site, positions=spec.positions)
                 op = spec.operation
-                ablate = Ablate(v, first_token=spec.ablate_first_token)
-                intervention = compose(ablate, add) if op == "ablate_add" else add
+                intervention = compose(ablation(v), add) if op == "ablate_add" else add
                 rows.append({"name": f"{'random_' if is_control else ''}{op}_{scale:g}", "operation": op,
                              "alpha": float(scale), "control": is_control, "intervention": intervention})
     return rows
@@ -143,6 +146,15 @@ MEASURES = {  # measure -> (setting, row filter, column)
 }
 
 
+def _measured_rows(part: pd.DataFrame):
+    """(measure, its rows of `part`, its column) for every measure `part` has rows for."""
+    for measure, (setting, keep, column) in MEASURES.items():
+        rows = part[part.setting == setting]
+        if rows.empty or column not in rows.columns:
+            continue
+        yield measure, rows[keep(rows).astype(bool)], column
+
+
 def dose_response_table(table: pd.DataFrame) -> pd.DataFrame:
     """One row per condition x measure x nudge: value, n and bootstrap 95 % CI."""
     from .stats import bootstrap_ci
@@ -150,11 +162,7 @@ def dose_response_table(table: pd.DataFrame) -> pd.DataFrame:
     records = []
     for (name, operation, alpha, control, nudge), part in table.groupby(
             ["intervention", "operation", "alpha", "control", "nudge"]):
-        for measure, (setting, keep, column) in MEASURES.items():
-            rows = part[part.setting == setting]
-            if rows.empty or column not in rows.columns:
-                continue
-            rows = rows[keep(rows).astype(bool)]
+        for measure, rows, column in _measured_rows(part):
             values = rows[column].astype(float)
             if measure in ("coherence", "perceived_harm"):
                 low, high = bootstrap_ci(values)
@@ -182,11 +190,7 @@ def direction_vs_control(table: pd.DataFrame) -> pd.DataFrame:
     for (operation, alpha, nudge), part in table[table.operation != "none"].groupby(["operation", "alpha", "nudge"]):
         if part.control.nunique() < 2:
             continue
-        for measure, (setting, keep, column) in MEASURES.items():
-            rows = part[part.setting == setting]
-            if rows.empty or column not in rows.columns:
-                continue
-            rows = rows[keep(rows).astype(bool)]
+        for measure, rows, column in _measured_rows(part):
             pairs = (rows.assign(value=rows[column].astype(float))
                      .pivot_table(index=PAIR_KEY, columns="control", values="value", aggfunc="first")
                      .reindex(columns=[False, True]).dropna())
