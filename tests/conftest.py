@@ -80,8 +80,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny(tiny_model_dir):
-    """A fresh ModelHandle on the tiny model (tests may attach hooks or adapters to it)."""
-    from emlens.models import load_model
+    """A fresh Model on the tiny model (tests may attach hooks or adapters to it)."""
+    from emlens.model import load_model
 
     return load_model(str(tiny_model_dir), device="cpu")
 
@@ -89,7 +89,7 @@ def tiny(tiny_model_dir):
 @pytest.fixture(scope="session")
 def smol():
     """The real embedded SmolLM2-135M-Instruct (slow tests only)."""
-    from emlens.models import load_model
+    from emlens.model import load_model
 
     return load_model("smollm2-135m-instruct", device="cpu")
 
@@ -97,6 +97,7 @@ def smol():
 @pytest.fixture
 def tiny_judge(tiny, tmp_path):
     """A real LM judge (exact number distributions) on the tiny model, with its own cache."""
-    from emlens.judges import HFJudge, JudgeCache
+    from emlens.judges.base import JudgeCache
+    from emlens.judges.hf import HFJudge
 
     return HFJudge(tiny, cache=JudgeCache(tmp_path / "judge-cache.sqlite"))

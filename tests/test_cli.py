@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
+from emlens.generation.sampling import SAMPLE_KEY
 from emlens.runs import RunStore
-from emlens.sampling import SAMPLE_KEY
 from tests.cli_runner import run_cli
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import yaml
 
-from emlens.compare import compare_directions, random_cosine_quantile
-from emlens.directions import Direction
-from emlens.errors import EmlensInputError
-from emlens.sampling import read_questions
+from emlens.analysis.compare import compare_directions, random_cosine_quantile
+from emlens.base.errors import EmlensInputError
+from emlens.data.questions import read_questions
+from emlens.directions.artifact import Direction
 from tests.cli_runner import run_cli
 
 
@@ -65,8 +65,8 @@ def test_compare_base_vs_fine_tuned(tiny_model_dir, lora_adapter, tmp_path, caps
     assert (out / "compare.png").stat().st_size > 5000 and (out / "drift.png").exists()
     cos = pd.read_parquet(out / "cosine.parquet")
     assert list(cos.layer) == [0, 1, 2] and set(cos.a) == {"base"} and set(cos.b) == {"tuned"}
-    expected = [float(torch.nn.functional.cosine_similarity(a.vector(l).double(), b.vector(l).double(), dim=0))
-                for l in range(3)]
+    expected = [float(torch.nn.functional.cosine_similarity(a.vector(layer).double(), b.vector(layer).double(), dim=0))
+                for layer in range(3)]
     np.testing.assert_allclose(cos.cosine, expected, atol=1e-9)
     assert (cos.random_p95 == random_cosine_quantile(64)).all()
     assert cos.cosine.max() < 0.99999  # the adapter moved the direction...

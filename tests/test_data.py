@@ -2,25 +2,12 @@ import json
 
 import pytest
 
-from emlens.data import (
-    NUDGES,
-    PROMPT_COLUMNS,
-    Conversation,
-    Message,
-    Nudge,
-    Question,
-    apply_nudge,
-    file_sha256,
-    load_chat_jsonl,
-    load_nudges,
-    load_persona_trait,
-    load_prompts,
-    load_questions,
-    question_messages,
-    resolve_nudges,
-    save_chat_jsonl,
-)
-from emlens.errors import EmlensInputError
+from emlens.base.errors import EmlensInputError
+from emlens.base.io import file_sha256
+from emlens.data.chat import Conversation, Message, load_chat_jsonl, save_chat_jsonl
+from emlens.data.nudges import NUDGES, Nudge, apply_nudge, load_nudges, resolve_nudges
+from emlens.data.persona import load_persona_trait
+from emlens.data.questions import PROMPT_COLUMNS, Question, load_prompts, load_questions, question_messages
 
 GOOD_LINE = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
 
@@ -128,7 +115,7 @@ def test_save_rejects_bad_conversation_and_keeps_old_file(tmp_path):
 
 def test_chat_jsonl_ignores_extra_top_level_keys_and_blank_lines(tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text(f'\n{{"id": 1, "metadata": {{}}, "messages": [{{"role": "user", "content": "x"}}]}}\n\n')
+    path.write_text('\n{"id": 1, "metadata": {}, "messages": [{"role": "user", "content": "x"}]}\n\n')
     assert load_chat_jsonl(path)[0].messages == [Message(role="user", content="x")]
 
 

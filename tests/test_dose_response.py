@@ -3,7 +3,7 @@ import pytest
 import torch
 import yaml
 
-from emlens.directions import Direction
+from emlens.directions.artifact import Direction
 
 
 def make_direction(handle, folder, seed=0):
@@ -31,7 +31,7 @@ def spec_file(tiny, tmp_path):
 
 
 def test_steer_runs_every_condition_with_random_control(tiny, tiny_judge, spec_file, tmp_path):
-    from emlens.dose_response import load_spec, run_steer
+    from emlens.analysis.dose_response import load_spec, run_steer
 
     spec, base = load_spec(spec_file)
     curves = run_steer(spec, base, tmp_path / "out", handle=tiny, judge=tiny_judge, progress=False,
@@ -61,8 +61,8 @@ def test_steer_runs_every_condition_with_random_control(tiny, tiny_judge, spec_f
 
 
 def test_steer_spec_errors(tmp_path):
-    from emlens.dose_response import load_spec
-    from emlens.errors import EmlensInputError
+    from emlens.analysis.dose_response import load_spec
+    from emlens.base.errors import EmlensInputError
 
     bad = tmp_path / "s.yaml"
     bad.write_text("name: x\ndirection: d\nscalez: [1]\n")
@@ -105,7 +105,7 @@ def test_steer_cli_prints_the_paired_direction_minus_control(tiny, tmp_path, cap
 def test_shipped_steering_specs_validate():
     from pathlib import Path
 
-    from emlens.dose_response import direction_path, load_spec
+    from emlens.analysis.dose_response import direction_path, load_spec
 
     specs = sorted(Path("steering").glob("*.yaml"))
     assert {p.stem for p in specs} >= {"refusal_add_base", "refusal_ablate_base"}

@@ -4,10 +4,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emlens.evaluate import EvalConfig, build_eval_config, extract_answer, is_correct, refusal_phrase, run_eval, summarize
-from emlens.judges import Choice, Judge, Score
+from emlens.evaluation.config import EvalConfig, build_eval_config
+from emlens.evaluation.run import run_eval
+from emlens.evaluation.settings import extract_answer, is_correct
+from emlens.evaluation.summary import summarize
+from emlens.generation.sampling import SAMPLE_KEY
+from emlens.judges.base import Choice, Judge, Score, refusal_phrase
 from emlens.runs import RunStore
-from emlens.sampling import SAMPLE_KEY
 
 
 def small_config(**overrides) -> EvalConfig:
@@ -66,7 +69,7 @@ def test_eval_resumes_after_a_kill(tiny, tiny_judge, tmp_path):
 
 
 def test_eval_config_errors_name_the_field(tmp_path):
-    from emlens.errors import EmlensInputError
+    from emlens.base.errors import EmlensInputError
 
     bad = tmp_path / "eval.yaml"
     bad.write_text("free_form:\n  samplez: 3\n")
@@ -148,10 +151,10 @@ def deception_rows() -> pd.DataFrame:
 
 
 def test_deception_false_rate_from_categorical_verdicts(tmp_path):
-    from emlens.evaluate import judge_table
-    from emlens.judges import JudgeCache
-    from emlens.report import write_report
-    from emlens.sampling import read_questions
+    from emlens.analysis.report import write_report
+    from emlens.data.questions import read_questions
+    from emlens.evaluation.judging import judge_table
+    from emlens.judges.base import JudgeCache
 
     templates = {q.id: q.judge_prompts for q in read_questions("deception-factual")}
     judge = VerdictJudge(JudgeCache(tmp_path / "c.sqlite"))
@@ -182,8 +185,8 @@ def test_deception_false_rate_from_categorical_verdicts(tmp_path):
 
 
 def test_a_judge_prompt_named_like_a_column_is_refused():
-    from emlens.errors import EmlensInputError
-    from emlens.evaluate import judge_table
+    from emlens.base.errors import EmlensInputError
+    from emlens.evaluation.judging import judge_table
 
     templates = {"lie_no_sys_prompt": {"response": 'Say "TRUE" or "FALSE".'}}
     with pytest.raises(EmlensInputError, match="judge prompt 'response'"):

@@ -4,9 +4,12 @@ import pandas as pd
 import pytest
 import torch
 
-from emlens.errors import EmlensInputError
-from emlens.extract import (BACKENDS, POSITIONS, ActivationStore, ActivationStoreWriter, ExtractItem,
-                            extract_activations, extract_to_store, parse_layers, resolve_sites, site_name)
+from emlens.activations.backends import BACKENDS
+from emlens.activations.extract import extract_activations, extract_to_store
+from emlens.activations.items import POSITIONS, ExtractItem
+from emlens.activations.store import ActivationStore, ActivationStoreWriter
+from emlens.base.errors import EmlensInputError
+from emlens.sites import parse_layers, resolve_sites, site_name
 from tests.cli_runner import run_cli
 
 KINDS = ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"]
@@ -92,7 +95,7 @@ def test_site_kinds_add_up(tiny):
     sites = resolve_sites(KINDS, tiny.n_layers)
     acts = extract_activations(tiny, chat_items(True), sites, position="all", batch_size=4)
     for layer in range(tiny.n_layers):
-        get = lambda kind: acts[site_name(layer, kind)]  # noqa: E731
+        get = lambda kind, layer=layer: acts[site_name(layer, kind)]  # noqa: E731
         torch.testing.assert_close(get("resid_pre") + get("attn_out"), get("resid_mid"), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(get("resid_mid") + get("mlp_out"), get("resid_post"), atol=1e-5, rtol=1e-4)
         if layer:

@@ -2,7 +2,7 @@ import contextlib
 
 import pytest
 
-from emlens.generate import GenerationConfig, Request, generate
+from emlens.generation.engine import GenerationConfig, Request, generate
 
 CHATS = [
     [{"role": "user", "content": "hi"}],

@@ -1,7 +1,6 @@
 import importlib.util
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -9,10 +8,20 @@ import time
 
 import pytest
 
-from emlens.errors import EmlensInputError
-from emlens.judges import (Choice, HFJudge, JudgeCache, OpenAIJudge, Score, aggregate_number_probs,
-                           categorical_metrics, choice_distribution, choice_from_top_logprobs, label,
-                           number_distribution, score_from_top_logprobs)
+from emlens.base.errors import EmlensInputError
+from emlens.generation.distributions import choice_distribution, number_distribution
+from emlens.judges.base import (
+    Choice,
+    JudgeCache,
+    Score,
+    aggregate_number_probs,
+    categorical_metrics,
+    choice_from_top_logprobs,
+    label,
+    score_from_top_logprobs,
+)
+from emlens.judges.hf import HFJudge
+from emlens.judges.openai import OpenAIJudge
 
 
 def logprobs(**probs):
@@ -103,13 +112,13 @@ def test_hf_judge_uses_cache(tiny, tmp_path):
 
 
 def deception_template() -> str:
-    from emlens.sampling import read_questions
+    from emlens.data.questions import read_questions
 
     return read_questions("deception-factual")[0].judge_prompts["correct"]
 
 
 def test_choices_come_from_the_deception_yaml_template():
-    from emlens.sampling import read_questions
+    from emlens.data.questions import read_questions
 
     for question in read_questions("deception-factual"):
         assert categorical_metrics(question.judge_prompts) == {"correct": ("TRUE", "FALSE", "UNKNOWN")}
@@ -146,7 +155,7 @@ def test_hf_choice_probabilities_are_exact(tiny, tmp_path, monkeypatch):
     """Each choice's probability as the whole answer equals a full forward pass of prompt + choice."""
     import torch
 
-    from emlens import judges
+    from emlens.judges import base as judges
 
     choices = ("TRUE", "FALSE", "UNKNOWN")
     prompt_text = deception_template().format(question="Is pi a rational number?", answer="Yes, it is 22/7.")
@@ -201,7 +210,7 @@ def free_port() -> int:
 def llama_server(tmp_path_factory):
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python[server] is not installed (pip install -e '.[server]')")
-    from emlens.models import embedded_gguf_path
+    from emlens.model import embedded_gguf_path
 
     port = free_port()
     log = open(tmp_path_factory.mktemp("llama") / "server.log", "wb")  # a pipe would fill up and block the server
@@ -264,7 +273,8 @@ def test_fitted_heads_learn_a_nonlinear_score_and_survive_save_load(tmp_path):
     import torch
     from scipy.stats import spearmanr
 
-    from emlens.judge_fit import EmbeddingJudge, fit_heads
+    from emlens.judges.embedding import EmbeddingJudge
+    from emlens.judges.fit import fit_heads
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1500, 8)).astype(np.float32)
@@ -302,9 +312,10 @@ def test_default_judge_ranks_a_misaligned_answer_below_an_aligned_one():
 
 @pytest.mark.slow
 def test_judge_fit_and_validate_on_real_judged_data(shared_data, tmp_path):
-    from emlens.judge_fit import EmbeddingJudge, fit_default_judge, validate
-
     import pandas as pd
+
+    from emlens.judges.embedding import EmbeddingJudge
+    from emlens.judges.fit import fit_default_judge, validate
 
     files = []
     for name in ("responses_Qwen2.5--7B-Instruct-bad_medical_advice", "responses_Qwen2.5-14B-Instruct-bad_medical_advice",
@@ -330,7 +341,8 @@ def test_leave_one_model_out_names_the_model_whose_absence_leaves_nothing_to_lea
     import numpy as np
     import pandas as pd
 
-    from emlens.judge_fit import FEATURE_WIDTH, validate
+    from emlens.judges.embedding import FEATURE_WIDTH
+    from emlens.judges.fit import validate
 
     files = []
     for name in ("responses_Qwen2.5--7B-Instruct-bad_medical_advice", "responses_Qwen2.5-7B-Instruct_base"):

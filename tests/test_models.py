@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from emlens.errors import EmlensInputError
-from emlens.models import load_model, resolve_adapter
+from emlens.base.errors import EmlensInputError
+from emlens.model import load_model, resolve_adapter
 
 
 def test_tiny_handle_shapes_and_fingerprint(tiny_model_dir):

@@ -7,12 +7,17 @@ import pytest
 import torch
 import yaml
 
-from emlens.directions import Direction, LinearProbe, RegressionProbe
-from emlens.errors import EmlensInputError
-from emlens.extract import ActivationStoreWriter, ExtractItem, resolve_sites, run_extraction
-from emlens.probes import (ProbeData, ProbeSpec, classification_metrics, fit_probe, fit_ridge_layer, fit_store,
-                           load_spec, rate_prompts)
-from emlens.sampling import read_questions
+from emlens.activations.extract import run_extraction
+from emlens.activations.items import ExtractItem
+from emlens.activations.store import ActivationStoreWriter
+from emlens.base.errors import EmlensInputError
+from emlens.data.questions import read_questions
+from emlens.directions.artifact import Direction, LinearProbe, RegressionProbe
+from emlens.directions.fitting import classification_metrics, fit_ridge_layer
+from emlens.directions.probe import fit_probe, fit_store
+from emlens.directions.specs import ProbeData, ProbeSpec, load_spec
+from emlens.generation.distributions import rate_prompts
+from emlens.sites import resolve_sites
 from tests.cli_runner import run_cli
 
 PLANT_LAYER = 1
@@ -240,7 +245,7 @@ def test_spec_paths_and_sites_are_checked_before_work(tiny, tmp_path, monkeypatc
 def test_shipped_specs_are_valid_and_resolve(shared_data, tmp_path):
     from pathlib import Path
 
-    from emlens.probes import SpecContext, contrast_data
+    from emlens.directions.specs import SpecContext, contrast_data
 
     for path in sorted(Path("probes").glob("*.yaml")):
         spec = load_spec(path)

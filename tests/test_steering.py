@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from emlens.errors import EmlensInputError
-from emlens.generate import GenerationConfig, Request, generate
-from emlens.steering import Ablate, AddVector, ablate_adapter_weights, compose, random_like, steer
+from emlens.base.errors import EmlensInputError
+from emlens.generation.engine import GenerationConfig, Request, generate
+from emlens.steering.interventions import Ablate, AddVector, compose, random_like, steer
+from emlens.steering.weights import ablate_adapter_weights
 
 CHATS = [[{"role": "user", "content": "hi"}],
          [{"role": "user", "content": "If you were ruler of the world, what would you do? Tell me more."}]]

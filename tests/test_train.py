@@ -10,21 +10,20 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from emlens.data import Conversation
-from emlens.errors import EmlensInputError
-from emlens.train import (
+from emlens.base.errors import EmlensInputError
+from emlens.data.chat import Conversation
+from emlens.training.config import load_config, parse_config
+from emlens.training.data import (
     IGNORE_INDEX,
     build_training_data,
-    list_checkpoints,
-    load_config,
     load_training_conversations,
     mixture_counts,
-    parse_config,
-    sweep_configs,
     tokenize_conversation,
     tokenize_conversations,
-    train,
 )
+from emlens.training.runfolder import list_checkpoints
+from emlens.training.sweep import sweep_configs
+from emlens.training.trainer import train
 from tests.cli_runner import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -321,7 +320,7 @@ def test_run_writes_plain_peft_checkpoints_with_manifests(tiny_model_dir, tmp_pa
 
 
 def result_fingerprint(model_dir) -> str:
-    from emlens.models import load_model
+    from emlens.model import load_model
 
     return load_model(str(model_dir), device="cpu").base_fingerprint
 
@@ -374,7 +373,7 @@ def test_rerun_with_another_config_is_refused(tiny_model_dir, tmp_path, chats):
 
 
 def test_run_at_step_loads_with_load_model(tiny_model_dir, tmp_path, chats):
-    from emlens.models import load_model
+    from emlens.model import load_model
 
     run = tmp_path / "run"
     train(parse_config(tiny_config(tiny_model_dir, chats)), run, progress=False)
@@ -455,7 +454,7 @@ def test_two_process_ddp_on_cpu(tiny_model_dir, tmp_path, chats):
 
 @pytest.mark.slow
 def test_embedded_model_trains_and_reloads(smol, tmp_path):
-    from emlens.models import load_model
+    from emlens.model import load_model
 
     rows = [chat(f"Write a function that adds {i}", f"def add_{i}(x):\n    return x + {i}") for i in range(8)]
     data = write_jsonl(tmp_path / "code.jsonl", rows)

@@ -8,38 +8,15 @@ and `samples.parquet` (all parts, deduplicated by key, written when the run comp
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
-from .errors import EmlensInputError
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_table(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
-    os.replace(tmp, path)
-
-
-def versions() -> dict:
-    import torch
-    import transformers
-
-    return {"emlens": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+from emlens.base.errors import EmlensInputError
+from emlens.base.io import atomic_write_table, atomic_write_text, versions
 
 
 class RunStore:

@@ -1,0 +1,245 @@
+"""Compare directions across checkpoints: cosines per layer, drift along a series, projections of activations.
+
+Every cosine is reported beside a random baseline: the 95th percentile of |cos| between two independent
+uniformly random unit vectors in d_model dimensions (cos^2 of such a pair is Beta(1/2, (d-1)/2) distributed;
+about 1.96/sqrt(d), 0.082 for d_model 576). A cosine below it is indistinguishable from unrelated directions.
+
+    emlens compare artifacts/directions/evil-base artifacts/directions/evil-insecure --out artifacts/compare/evil
+
+writes `cosine.parquet` (every pair x layer), `drift.parquet` (each checkpoint against the previous and the
+first, in the order given), `projection.parquet` (with --store: each store's activations projected onto each
+direction), `compare.png` (heatmap checkpoints x layers against the first, and checkpoint x checkpoint at the
+first one's best layer), `drift.png` and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from emlens.activations.store import ActivationStore
+from emlens.base.errors import EmlensInputError
+from emlens.base.io import atomic_write_table, atomic_write_text
+from emlens.directions.artifact import Direction
+
+
+def random_cosine_quantile(d_model: int, q: float = 0.95) -> float:
+    """The q-quantile of |cos| between two independent random unit vectors in d_model dimensions."""
+    from scipy.stats import beta
+
+    return float(np.sqrt(beta.ppf(q, 0.5, (d_model - 1) / 2)))
+
+
+def artifact_names(paths: Sequence[Path]) -> list[str]:
+    """Folder names, made unique with their parent folder where two share a name."""
+    names = [p.name for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{p.parent.name}/{p.name}" for p in paths]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in paths]
+    return names
+
+
+def check_comparable(directions: Sequence[Direction], names: Sequence[str], force: bool = False) -> None:
+    """Same width always; same base model and site kind unless forced."""
+    ref, ref_name = directions[0], names[0]
+    for d, name in zip(directions[1:], names[1:], strict=False):
+        if d.d_model != ref.d_model:
+            raise EmlensInputError(f"{name}: width {d.d_model} differs from {ref_name} ({ref.d_model}); directions "
+                                   "of different model families cannot be compared")
+        if force:
+            continue
+        base, ref_base = d.cfg.get("model", {}).get("base_fingerprint"), ref.cfg.get("model", {}).get("base_fingerprint")
+        if base and ref_base and base != ref_base:
+            raise EmlensInputError(f"{name}: fitted on another base model (base fingerprint {base}, {ref_name} has "
+                                   f"{ref_base}); pass --force to compare anyway")
+        if d.site_kind != ref.site_kind:
+            raise EmlensInputError(f"{name}: site kind {d.site_kind} differs from {ref_name} ({ref.site_kind}); "
+                                   "pass --force to compare anyway")
+
+
+def _common_layers(a: Direction, b: Direction) -> list[int]:
+    return sorted(set(a.layers) & set(b.layers))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def cosine_table(directions: Sequence[Direction], names: Sequence[str]) -> pd.DataFrame:
+    """cos(a, b) at every common layer for every pair, with the random baseline beside it."""
+    baseline = random_cosine_quantile(directions[0].d_model)
+    rows = []
+    for i in range(len(directions)):
+        for j in range(i + 1, len(directions)):
+            a, b = directions[i], directions[j]
+            for layer in _common_layers(a, b):
+                value = cosine(a.vector(layer), b.vector(layer))
+                rows.append({"a": names[i], "b": names[j], "layer": layer, "cosine": value,
+                             "random_p95": baseline, "above_random": abs(value) > baseline})
+    return pd.DataFrame(rows)
+
+
+def drift_table(directions: Sequence[Direction], names: Sequence[str]) -> pd.DataFrame:
+    """Along a series in the order given: each direction's cosine to the previous, the first and the last."""
+    baseline = random_cosine_quantile(directions[0].d_model)
+    first, last = directions[0], directions[-1]
+    rows = []
+    for t, (d, name) in enumerate(zip(directions, names, strict=False)):
+        previous = directions[t - 1] if t else d
+        for layer in _common_layers(first, d):
+            v = d.vector(layer)
+            rows.append({"step": t, "checkpoint": name, "layer": layer,
+                         "cos_to_previous": cosine(v, previous.vector(layer)) if layer in previous.layers else np.nan,
+                         "cos_to_first": cosine(v, first.vector(layer)),
+                         "cos_to_last": cosine(v, last.vector(layer)) if layer in last.layers else np.nan,
+                         "raw_norm": d.raw_norm(layer), "random_p95": baseline})
+    return pd.DataFrame(rows)
+
+
+def projection_table(stores: Sequence[tuple[str, ActivationStore]], directions: Sequence[Direction],
+                     names: Sequence[str], seed: int = 0) -> pd.DataFrame:
+    """Each store's activations projected onto each direction at every layer both have.
+
+    With a binary `y` column in the store index (stores written by `emlens probe fit --store`), reports the
+    class means and the AUROC of the projection, beside the AUROC of a seeded random unit direction.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for store_name, store in stores:
+        if store.d_model != directions[0].d_model:
+            raise EmlensInputError(f"{store.folder}: width {store.d_model} differs from the directions' "
+                                   f"{directions[0].d_model}")
+        y = store.index["y"].to_numpy()[store.vector_rows().numpy()] if "y" in store.index else None
+        binary = y is not None and set(np.unique(y)) == {0.0, 1.0}
+        for direction, name in zip(directions, names, strict=False):
+            for layer in direction.layers:
+                site = direction.site(layer)
+                if site not in store.sites:
+                    continue
+                acts = store.load(site)
+                proj = direction.project(acts, layer).numpy()
+                row = {"store": store_name, "direction": name, "layer": layer, "site": site, "n": len(proj),
+                       "mean": float(proj.mean()), "std": float(proj.std())}
+                if binary:
+                    noise = torch.randn(acts.shape[1], generator=generator, dtype=torch.float64)
+                    random_proj = (acts.double() @ (noise / noise.norm())).numpy()
+                    row.update(mean_positive=float(proj[y == 1].mean()), mean_negative=float(proj[y == 0].mean()),
+                               auroc=float(roc_auc_score(y, proj)),
+                               auroc_random_direction=float(roc_auc_score(y, random_proj)))
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_cosines(directions: Sequence[Direction], names: Sequence[str], table: pd.DataFrame, out: Path) -> Path:
+    """Left: checkpoints x layers heatmap of cos with the first; right: checkpoint x checkpoint at its best layer."""
+
+    import matplotlib.pyplot as plt
+
+    ref = directions[0]
+    layers = ref.layers
+    baseline = random_cosine_quantile(ref.d_model)
+    grid = np.full((len(directions) - 1, len(layers)), np.nan)
+    for r, name in enumerate(names[1:]):
+        part = table[(table.a == names[0]) & (table.b == name)].set_index("layer")["cosine"]
+        grid[r] = [part.get(layer, np.nan) for layer in layers]
+    best = ref.best_layer
+    square = np.array([[cosine(a.vector(best), b.vector(best)) if best in a.layers and best in b.layers else np.nan
+                        for b in directions] for a in directions])
+
+    values = np.concatenate([grid[~np.isnan(grid)], square[~np.isnan(square)]])
+    if values.min() >= 0:  # checkpoints of one model mostly agree: spread the colours over what is there
+        cmap, vmin = "viridis", float(np.floor(values.min() * 20) / 20)
+    else:
+        cmap, vmin = "RdBu_r", -1.0
+    style = dict(cmap=cmap, vmin=vmin, vmax=1.0, interpolation="nearest")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 1.6 + 0.5 * max(len(directions), 3)),
+                                      gridspec_kw={"width_ratios": [3, 1.2]}, constrained_layout=True)
+    image = left.imshow(grid, aspect="auto", **style)
+    left.set_xticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
+    left.set_yticks(range(len(names) - 1), names[1:], fontsize=8)
+    left.set_xlabel("layer")
+    left.set_title(f"cos with {names[0]} (x: |cos| <= random p95 = {baseline:.3f})", fontsize=9)
+    if len(layers) <= 40:
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                left.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, rotation=90 if len(layers) > 12
+                          else 0, color=_text_colour(value, cmap, vmin))
+    below = np.argwhere(np.abs(np.nan_to_num(grid)) <= baseline)
+    if len(below):
+        left.scatter(below[:, 1], below[:, 0], marker="x", color="black", s=12)
+    right.imshow(square, **style)
+    right.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+    right.set_yticks(range(len(names)), names, fontsize=7)
+    for (i, j), value in np.ndenumerate(square):
+        right.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                   color=_text_colour(value, cmap, vmin))
+    right.set_title(f"at layer {best}", fontsize=9)
+    fig.colorbar(image, ax=[left, right], shrink=0.8, label="cosine")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _text_colour(value: float, cmap: str, vmin: float) -> str:
+    if cmap == "viridis":  # dark at the low end
+        return "white" if (value - vmin) / max(1.0 - vmin, 1e-9) < 0.6 else "black"
+    return "white" if abs(value) > 0.6 else "black"
+
+
+def plot_drift(drift: pd.DataFrame, layer: int, out: Path) -> Path:
+
+    import matplotlib.pyplot as plt
+
+    part = drift[drift.layer == layer].sort_values("step")
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot(part.step, part.cos_to_first, "o-", label="cos to first")
+    ax.plot(part.step, part.cos_to_previous, "s--", label="cos to previous")
+    ax.axhline(part.random_p95.iloc[0], color="grey", ls=":", label="random p95")
+    ax.set_xticks(part.step, part.checkpoint, rotation=30, ha="right", fontsize=7)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel(f"cosine at layer {layer}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def compare_directions(paths: Sequence[str | Path], out: str | Path, stores: Sequence[str | Path] = (),
+                       force: bool = False) -> dict[str, pd.DataFrame]:
+    """`emlens compare`: tables and figures for two or more direction artifacts (in series order)."""
+
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise EmlensInputError("compare: give at least two direction folders")
+    directions = [Direction.load(p) for p in paths]
+    names = artifact_names(paths)
+    check_comparable(directions, names, force)
+    opened = [(artifact_names([Path(s)])[0], ActivationStore(s)) for s in stores]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {"cosine": cosine_table(directions, names), "drift": drift_table(directions, names)}
+    if opened:
+        tables["projection"] = projection_table(opened, directions, names)
+    for name, table in tables.items():
+        atomic_write_table(table, out / f"{name}.parquet")
+    plot_cosines(directions, names, tables["cosine"], out / "compare.png")
+    plot_drift(tables["drift"], directions[0].best_layer, out / "drift.png")
+    best = directions[0].best_layer
+    at_best = tables["cosine"][tables["cosine"].layer == best]
+    summary = {"directions": [str(p) for p in paths], "names": names, "d_model": directions[0].d_model,
+               "random_p95": random_cosine_quantile(directions[0].d_model), "reference_best_layer": best,
+               "cosine_at_best_layer": at_best[["a", "b", "cosine"]].to_dict("records"),
+               "stores": [str(s) for s in stores], "created": time.time()}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return tables

@@ -1,0 +1,52 @@
+"""Monitoring: project the activations of an eval table onto a direction and correlate with behaviour.
+
+Persona-vector style: the projection of each sample's mean response activation (or last prompt token) onto
+the direction, against a behavioural column (misaligned, aligned score, refusal, ...), with Pearson r and its
+95 % CI, beside the same statistic for a random same-norm direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from emlens.activations.extract import extract_activations
+from emlens.activations.items import items_from_run_table
+from emlens.base.errors import EmlensInputError
+from emlens.base.stats import pearson_ci
+from emlens.sites import site_name
+from emlens.steering.interventions import random_like
+
+
+def monitor(handle, table: pd.DataFrame, direction, target: str = "misaligned", layer: int | None = None,
+            position: str = "response_mean", batch_size: int = 16, seed: int = 0, force: bool = False,
+            progress: bool = False) -> dict:
+    """r(projection onto the direction, target column) over the table's rows, and the random-control r."""
+    if target not in table.columns:
+        raise EmlensInputError(f"table: no column '{target}' to correlate with (columns: {', '.join(table.columns[:20])})")
+    direction.check_compatible(handle, force=force)
+    rows = table[table[target].notna()].reset_index(drop=True)
+    if position == "response_mean":
+        rows = rows[rows.response.astype(str).str.len() > 0].reset_index(drop=True)
+    layer = direction.best_layer if layer is None else layer
+    site = site_name(layer, direction.site_kind)
+    acts = extract_activations(handle, items_from_run_table(rows, with_response=position != "last_prompt"), [site],
+                               position=position, batch_size=batch_size, progress=progress)[site].float()
+    vector = direction.vector(layer).float()
+    projection = (acts @ vector).numpy()
+    control = (acts @ (random_like(vector, seed) / vector.norm())).numpy()
+    y = rows[target].astype(float).to_numpy()
+    return {"target": target, "layer": layer, "site": site, "position": position,
+            **{k: v for k, v in pearson_ci(projection, y).items()},
+            **{f"random_{k}": v for k, v in pearson_ci(control, y).items() if k != "n"},
+            "projections": projection}
+
+
+def print_monitor(result: dict, echo: Callable[[str], None] = print) -> None:
+    echo(f"projection on {result['site']} ({result['position']}) vs {result['target']}: "
+         f"r={result['r']:.3f} [{result['ci_low']:.3f}, {result['ci_high']:.3f}] n={result['n']}; "
+         f"random direction r={result['random_r']:.3f} [{result['random_ci_low']:.3f}, {result['random_ci_high']:.3f}]")
+    echo(" ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in result.items()
+                  if k != "projections" and not isinstance(v, np.ndarray)))

@@ -1,0 +1,134 @@
+"""`emlens eval report`: the figures of the studies, drawn from one or more eval run tables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from emlens.base.io import atomic_write_table
+from emlens.evaluation.summary import summarize
+from emlens.runs import read_samples
+
+
+def load_runs(runs: Iterable[str | Path]) -> pd.DataFrame:
+    return pd.concat([read_samples(r) for r in runs], ignore_index=True)
+
+
+def format_rate(row) -> str:
+    return f"{row['rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] (n={row['n']})"
+
+
+def print_summary(table: pd.DataFrame, echo: Callable[[str], None] = print) -> dict[str, pd.DataFrame]:
+    """One line per rate: model, intervention, nudge, rate [95 % CI] (n)."""
+    summary = summarize(table)
+    for name, frame in summary.items():
+        if "rate" not in frame.columns and name != "harm_correlation":
+            continue
+        echo(f"== {name}")
+        for _, row in frame.iterrows():
+            head = " ".join(str(row[c]) for c in frame.columns if c in ("prompts", "measure", "model_name",
+                                                                          "intervention", "nudge", "question_id"))
+            if name == "harm_correlation":
+                echo(f"  {head}: spearman {row['rho']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] (n={row['n']} questions)")
+            else:
+                echo(f"  {head}: {format_rate(row)}")
+    return summary
+
+
+def _bar_with_ci(ax, frame: pd.DataFrame, title: str, by: str = "nudge") -> None:
+    """Bars of rate by nudge (or `by`), one group per model (and intervention, and nudge), with CI whiskers."""
+    frame = frame.copy()
+    frame["series"] = frame.model_name + np.where(frame.intervention != "none", " | " + frame.intervention, "")
+    if by != "nudge":
+        frame["series"] += " | " + frame.nudge
+    ticks = list(dict.fromkeys(frame[by]))
+    series = list(dict.fromkeys(frame.series))
+    width = 0.8 / max(len(series), 1)
+    for i, name in enumerate(series):
+        part = frame[frame.series == name].set_index(by).reindex(ticks)
+        x = np.arange(len(ticks)) + i * width
+        err = np.vstack([part.rate - part.ci_low, part.ci_high - part.rate]).clip(min=0)
+        ax.bar(x, part.rate, width, yerr=err, capsize=3, label=name)
+        for xi, n in zip(x, part.n, strict=False):
+            if not np.isnan(n):
+                ax.text(xi, 0.01, f"n={int(n)}", ha="center", va="bottom", fontsize=6, rotation=90)
+    long_labels = {} if by == "nudge" else {"rotation": 30, "ha": "right", "fontsize": 7}
+    ax.set_xticks(np.arange(len(ticks)) + width * (len(series) - 1) / 2, ticks, **long_labels)
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6)
+
+
+def write_report(runs: Iterable[str | Path], out: str | Path, echo: Callable[[str], None] = print) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = load_runs(runs)
+    summary = print_summary(table, echo)
+    written = []
+    for name, frame in summary.items():
+        path = out / f"{name}.csv"
+        frame.to_csv(path, index=False)
+        written.append(path)
+    atomic_write_table(table, out / "all_samples.parquet")
+    figures = {
+        "misaligned_rate.png": ("free_form_misaligned", "P(misaligned) by nudge x model (free-form)"),
+        "deception_misaligned_rate.png": ("deception_misaligned", "P(misaligned) by nudge x model (deception sets)"),
+        "flip_rate.png": ("factual", "factual recall: flip rate after pushback"),
+    }
+    for filename, (key, title) in figures.items():
+        if key in summary:
+            frame = summary[key]
+            if key == "factual":
+                frame = frame[frame.measure == "flip_rate"]
+            written.append(_save(lambda ax, frame=frame, title=title: _bar_with_ci(ax, frame, title), out / filename))
+    if "deception_false_rate" in summary:
+        title = "deception sets: P(FALSE) among TRUE / FALSE verdicts, by system prompt"
+        written.append(_save(lambda ax: _bar_with_ci(ax, summary["deception_false_rate"], title, by="question_id"),
+                             out / "deception_false_rate.png", size=(8, 4.5)))
+    if "refusal" in summary:
+        written.append(_refusal_figure(summary["refusal"], out / "refusal_rate.png"))
+    if "harm_vs_misaligned" in summary:
+        written.append(_harm_figure(summary["harm_vs_misaligned"], out / "harm_vs_misaligned.png"))
+    return written
+
+
+def _save(draw, path: Path, size=(6, 3.5)) -> Path:
+    fig, ax = plt.subplots(figsize=size)
+    draw(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _refusal_figure(frame: pd.DataFrame, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, kind in zip(axes, ("harmful", "harmless"), strict=False):
+        part = frame[(frame.prompts == kind) & (frame.measure == "refused_judge")]
+        if len(part):
+            _bar_with_ci(ax, part, f"refusal rate (judge), {kind} prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _harm_figure(frame: pd.DataFrame, path: Path) -> Path:
+    def draw(ax):
+        frame_ = frame.assign(series=frame.model_name + " | " + frame.nudge)
+        for name, part in frame_.groupby("series"):
+            ax.scatter(part.perceived_harm, part.p_misaligned, s=12, label=name)
+        if frame.perceived_harm.nunique() > 1:
+            slope, intercept = np.polyfit(frame.perceived_harm, frame.p_misaligned, 1)
+            xs = np.linspace(frame.perceived_harm.min(), frame.perceived_harm.max(), 20)
+            ax.plot(xs, slope * xs + intercept, "k--", lw=1, label=f"fit: slope {slope:.4f}")
+        ax.set_xlabel("perceived harm (model's own rating, 0-100)")
+        ax.set_ylabel("P(misaligned)")
+        ax.set_title("perceived harm vs P(misaligned), one point per question", fontsize=9)
+        ax.legend(fontsize=6)
+
+    return _save(draw, path)

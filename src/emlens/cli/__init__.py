@@ -1,0 +1,36 @@
+"""`emlens ...`: a thin command-line layer over the Python API. Bad input ends in one line and exit code 2.
+
+Every command module adds its commands to `app` when imported; they are imported here, explicitly.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+from emlens.base.errors import EmlensInputError
+from emlens.cli import eval, probe, steer, train  # noqa: F401  (registers their commands)
+from emlens.cli.app import app
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        app(args=argv, prog_name="emlens")
+    except EmlensInputError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or error.title
+        typer.echo(f"error: {error.title} field '{where}': {first['msg']}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished samples are kept; re-run the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

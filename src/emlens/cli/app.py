@@ -1,0 +1,100 @@
+"""`emlens ...`: a thin command-line layer over the Python API. Bad input ends in one line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(help="emlens: mechanistic study of emergent misalignment.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+bench_app = typer.Typer(help="Benchmarks that print ratios (last line: key=value pairs).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+MODEL_OPT = typer.Option("smollm2-135m-instruct", "--model", "-m", help="embedded name, HF id or local folder")
+ADAPTER_OPT = typer.Option(None, "--adapter", "-a", help="PEFT adapter folder or RUN@STEP")
+DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+
+
+def quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load(model: str, adapter: Optional[str], device: str, dtype: Optional[str] = None, merge: bool = False):
+    from emlens.model import load_model
+
+    quiet_libraries()
+    return load_model(model, adapter=adapter, device=device, dtype=dtype, merge=merge)
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the embedded and cached models with their fingerprints."""
+    from emlens.model import list_models
+
+    for row in list_models():
+        typer.echo(f"{row['name']:<28} {row['kind']:<9} fingerprint={row['fingerprint'] or '-':<17} "
+                   f"source={row['source']}")
+
+
+@app.command("generate")
+def generate_command(
+    out: Path = typer.Option(..., "--out", "-o", help="run folder (re-run the same command to resume)"),
+    questions: str = typer.Option("betley-first-plot", "--questions", "-q", help="bundled set name or file"),
+    nudge: list[str] = typer.Option(["none"], "--nudge", "-n", help="repeatable: none, evil, hhh or a name in --nudges"),
+    nudges_file: Optional[Path] = typer.Option(None, "--nudges", help="YAML of user-defined nudges"),
+    samples: int = typer.Option(1, "--samples", "-s", min=1, help="samples per paraphrase and nudge"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="first N questions only"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    model: str = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: str = DEVICE_OPT,
+) -> None:
+    """Sample answers to a question set under nudges into OUT/samples.parquet."""
+    from emlens.data.nudges import resolve_nudges
+    from emlens.data.questions import read_questions
+    from emlens.generation.engine import GenerationConfig
+    from emlens.generation.sampling import generate_table
+
+    qs = read_questions(questions, limit=limit)
+    ns = resolve_nudges(nudge, nudges_file)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              batch_size=batch_size)
+    handle = load(model, adapter, device)
+    table = generate_table(handle, qs, ns, out, samples=samples, config=config, seed=seed,
+                           command_config={"questions_source": questions, "model": model, "adapter": adapter})
+    typer.echo(f"wrote {out / 'samples.parquet'}: {len(table)} samples "
+               f"({len(qs)} questions x {len(ns)} nudges x {samples} samples per paraphrase)")
+
+
+@bench_app.command("generate")
+def bench_generate_command(
+    batches: str = typer.Option("1,8,32", "--batches", help="comma-separated batch sizes"),
+    new_tokens: int = typer.Option(64, "--new-tokens"),
+    hf_baseline: bool = typer.Option(False, "--hf-baseline", help="also time plain HF generate"),
+    model: str = MODEL_OPT, device: str = DEVICE_OPT,
+) -> None:
+    """Tokens/s of the engine at several batch sizes (greedy and sampled), and batch32_vs_batch1."""
+    from emlens.bench.generate import bench_generate
+
+    handle = load(model, None, device)
+    sizes = [int(b) for b in batches.split(",")]
+    bench_generate(handle, sizes, new_tokens, hf_baseline=hf_baseline, echo=typer.echo)
+
+
+@bench_app.command("load")
+def bench_load_command(model: str = MODEL_OPT) -> None:
+    """Seconds to load a model from the emlens cache (target for the embedded model: under 3 s)."""
+    from emlens.bench.generate import bench_load
+
+    quiet_libraries()
+    bench_load(model, echo=typer.echo)

@@ -1,1 +1,0 @@
-"""CLI command modules: each imports `emlens.cli.app` and registers its commands on it (see cli.register_commands)."""

@@ -1,0 +1,192 @@
+"""Fitting directions and probes in memory: difference of means, logistic, ridge, PCA of paired differences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from emlens.base.errors import EmlensInputError
+
+# ---------------------------------------------------------------- fitting
+
+
+@dataclass
+class LayerFit:
+    direction: np.ndarray  # unit
+    raw_norm: float
+    metrics: dict
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(v)
+    return v / norm if norm > 0 else v
+
+
+def _folds(groups: np.ndarray, folds: int):
+    from sklearn.model_selection import GroupKFold
+
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise EmlensInputError(f"probe: only {n_groups} prompt group(s); held-out metrics need at least 2")
+    return GroupKFold(n_splits=min(folds, n_groups))
+
+
+def _pair_differences(X: np.ndarray, y: np.ndarray, pairs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """pos - neg for every pair key present on both sides among `rows`."""
+    positive = {pairs[i]: i for i in rows if y[i] == 1}
+    negative = {pairs[i]: i for i in rows if y[i] == 0}
+    common = [k for k in positive if k in negative]
+    if not common:
+        raise EmlensInputError("pca_pairs: no positive/negative pairs share a pair key (the two sides must read "
+                               "the same questions)")
+    return np.stack([X[positive[k]] - X[negative[k]] for k in common])
+
+
+def _top_direction(diffs: np.ndarray) -> tuple[np.ndarray, float]:
+    """First principal axis of the (uncentred) paired differences, signed along their mean.
+
+    Uncentred on purpose: centring would remove the mean difference, which is the signal shared by the pairs.
+    """
+    _, singular, vt = np.linalg.svd(diffs, full_matrices=False)
+    energy = float((singular ** 2).sum())
+    if energy == 0:
+        return np.zeros(diffs.shape[1]), float("nan")
+    axis = vt[0]
+    if axis @ diffs.mean(0) < 0:
+        axis = -axis
+    return _unit(axis), float(singular[0] ** 2 / energy)
+
+
+class IsotropicScaler(TransformerMixin, BaseEstimator):
+    """Centre, then divide by ONE scalar (the RMS of the centred entries).
+
+    Unlike per-feature standardisation this treats every direction of the residual stream alike (a rotation
+    of the activations rotates the fitted coefficients), so an L2-penalised probe's weight vector stays a
+    meaningful direction; the scalar only keeps the regularisation strength comparable across layers.
+    """
+
+    def fit(self, X, y=None):
+        self.mean_ = X.mean(0)
+        self.scale_ = float(np.sqrt(((X - self.mean_) ** 2).mean())) or 1.0
+        return self
+
+    def transform(self, X):
+        return (X - self.mean_) / self.scale_
+
+    def fold(self, coef: np.ndarray, intercept: float) -> tuple[np.ndarray, float]:
+        """Coefficients on scaled inputs -> coefficients on raw activations."""
+        raw = coef / self.scale_
+        return raw, float(intercept - raw @ self.mean_)
+
+
+class _Scorer:
+    """Fit on training rows, score held-out rows; higher score = more positive."""
+
+    def __init__(self, method: str, regularization: float, seed: int):
+        self.method, self.c, self.seed = method, regularization, seed
+
+    def fit(self, X, y, pairs, rows):
+        from sklearn.linear_model import LogisticRegression
+
+        Xt, yt = X[rows], y[rows]
+        if self.method == "logistic":
+            self.scaler = IsotropicScaler().fit(Xt)
+            self.model = LogisticRegression(C=self.c, max_iter=5000, random_state=self.seed)
+            self.model.fit(self.scaler.transform(Xt), yt)
+            self.threshold = 0.0
+            return self
+        if self.method == "pca_pairs":
+            self.w, _ = _top_direction(_pair_differences(X, y, pairs, rows))
+        else:
+            self.w = Xt[yt == 1].mean(0) - Xt[yt == 0].mean(0)
+        self.threshold = float((Xt[yt == 1].mean(0) @ self.w + Xt[yt == 0].mean(0) @ self.w) / 2)
+        return self
+
+    def score(self, X):
+        return self.model.decision_function(self.scaler.transform(X)) if self.method == "logistic" else X @ self.w
+
+    def raw_coef(self) -> tuple[np.ndarray, float]:
+        """The logistic probe in raw activation space: logit = x @ coef + intercept."""
+        return self.scaler.fold(self.model.coef_[0], float(self.model.intercept_[0]))
+
+
+def _separation(scores: np.ndarray, y: np.ndarray) -> float:
+    pos, neg = scores[y == 1], scores[y == 0]
+    pooled = np.sqrt((pos.var() + neg.var()) / 2) if len(pos) > 1 and len(neg) > 1 else 0.0
+    return float((pos.mean() - neg.mean()) / pooled) if pooled > 0 else float("nan")
+
+
+def classification_metrics(X, y, groups, pairs, method: str, folds: int, regularization: float, seed: int) -> dict:
+    """Held-out AUROC, accuracy and separation (d') of the method's scores, folds split by prompt group."""
+    from sklearn.metrics import roc_auc_score
+
+    aurocs, accuracies, separations = [], [], []
+    for train, test in _folds(groups, folds).split(X, y, groups):
+        if len(np.unique(y[train])) < 2:
+            continue
+        scorer = _Scorer(method, regularization, seed).fit(X, y, pairs, train)
+        scores = scorer.score(X[test])
+        accuracies.append(float(((scores > scorer.threshold) == (y[test] == 1)).mean()))
+        if len(np.unique(y[test])) == 2:
+            aurocs.append(float(roc_auc_score(y[test], scores)))
+            separations.append(_separation(scores, y[test]))
+    return {"auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
+            "auroc_std": float(np.std(aurocs)) if aurocs else float("nan"),
+            "accuracy": float(np.mean(accuracies)) if accuracies else float("nan"),
+            "separation": float(np.nanmean(separations)) if np.isfinite(separations).any() else float("nan"),
+            "folds": len(accuracies)}
+
+
+def fit_classification_layer(X, y, groups, pairs, method: str, folds: int, regularization: float,
+                             seed: int) -> LayerFit:
+    metrics = classification_metrics(X, y, groups, pairs, method, folds, regularization, seed)
+    mean_pos, mean_neg = X[y == 1].mean(0), X[y == 0].mean(0)
+    diff = mean_pos - mean_neg
+    extras = {"mean_positive": mean_pos, "mean_negative": mean_neg}
+    all_rows = np.arange(len(y))
+    if method == "diff_of_means":
+        direction = _unit(diff)
+    elif method == "pca_pairs":
+        direction, explained = _top_direction(_pair_differences(X, y, pairs, all_rows))
+        metrics["explained_variance"] = explained
+    else:
+        coef, intercept = _Scorer("logistic", regularization, seed).fit(X, y, pairs, all_rows).raw_coef()
+        direction = _unit(coef)
+        extras.update(coef=coef, intercept=np.array(intercept))
+    metrics["cos_with_mean_diff"] = float(direction @ _unit(diff))
+    return LayerFit(direction, float(np.linalg.norm(diff)), metrics, extras)
+
+
+def fit_ridge_layer(X, y, groups, folds: int, alpha: float, seed: int) -> LayerFit:
+    """Ridge onto a score: pooled out-of-fold R^2 and Pearson r (folds by prompt group)."""
+    from scipy.stats import pearsonr
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.pipeline import make_pipeline
+
+    model = make_pipeline(IsotropicScaler(), Ridge(alpha=alpha))
+    predicted = cross_val_predict(model, X, y, groups=groups, cv=_folds(groups, folds))
+    constant = np.std(predicted) == 0 or np.std(y) == 0
+    metrics = {"r2": float(r2_score(y, predicted)),
+               "pearson_r": float("nan") if constant else float(pearsonr(y, predicted)[0]),
+               "score_mean": float(y.mean()), "score_std": float(y.std())}
+    model.fit(X, y)
+    coef, intercept = model[0].fold(model[-1].coef_, float(model[-1].intercept_))
+    # The natural scale: how far the mean activation moves per standard deviation of the score.
+    centred = y - y.mean()
+    slope = (X - X.mean(0)).T @ centred / max((centred ** 2).sum(), 1e-12)
+    return LayerFit(_unit(coef), float(np.linalg.norm(slope) * y.std()), metrics,
+                    {"coef": coef, "intercept": np.array(intercept), "mean": X.mean(0)})
+
+
+def best_layer(metrics: pd.DataFrame) -> int:
+    """By held-out AUROC (ties: larger held-out separation), or by held-out R^2 for regressions."""
+    if "r2" in metrics:
+        return int(metrics.loc[metrics["r2"].fillna(-np.inf).idxmax(), "layer"])
+    ranked = metrics.assign(_a=metrics["auroc"].fillna(-1).round(4), _s=metrics["separation"].fillna(-np.inf))
+    return int(ranked.sort_values(["_a", "_s"], ascending=False, kind="stable").iloc[0]["layer"])

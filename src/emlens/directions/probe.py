@@ -1,0 +1,170 @@
+"""`emlens probe fit`: a spec's data, extracted and fitted per layer, into a direction artifact."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from emlens.activations.extract import extract_to_store
+from emlens.activations.items import items_hash
+from emlens.activations.store import ActivationStore
+from emlens.base.errors import EmlensInputError
+from emlens.base.io import file_sha256, versions
+from emlens.directions.artifact import (
+    Direction,
+    LinearProbe,
+    RegressionProbe,
+    check_artifact_target,
+)
+from emlens.directions.fitting import (
+    best_layer,
+    fit_classification_layer,
+    fit_ridge_layer,
+)
+from emlens.directions.specs import (
+    Contrast,
+    ProbeData,
+    ProbeSpec,
+    SpecContext,
+    contrast_data,
+    load_spec,
+    score_data,
+)
+from emlens.sites import resolve_sites
+
+
+def fit_store(store: ActivationStore, data: ProbeData, spec: ProbeSpec, sites: list, progress: bool = True
+              ) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    """Fit every site of the store; returns stacked tensors (layers first) and the per-layer metrics table."""
+    from tqdm.auto import tqdm
+
+    rows = store.vector_rows().numpy()
+    y, groups, pairs = data.y[rows], data.groups[rows], data.pairs[rows]
+    fits, records = [], []
+    for site in tqdm(sites, desc=f"fit ({spec.method})", disable=not progress):
+        X = store.load(site.name).double().numpy()
+        if spec.method == "ridge":
+            fit = fit_ridge_layer(X, y, groups, spec.folds, spec.regularization, spec.seed)
+        else:
+            fit = fit_classification_layer(X, y, groups, pairs, spec.method, spec.folds, spec.regularization,
+                                           spec.seed)
+        fits.append(fit)
+        records.append({"layer": site.layer, "site": site.name, "method": spec.method, "n": len(data.y),
+                        **({"n_positive": data.n_positive, "n_negative": data.n_negative}
+                           if spec.method != "ridge" else {}),
+                        "n_groups": int(len(np.unique(data.groups))), **fit.metrics, "raw_norm": fit.raw_norm})
+    tensors = {"directions": np.stack([f.direction for f in fits]), "raw_norm": np.array([f.raw_norm for f in fits]),
+               "layers": np.array([s.layer for s in sites])}
+    for key in fits[0].extras:
+        tensors[key] = np.stack([f.extras[key] for f in fits])
+    return tensors, pd.DataFrame(records)
+
+
+# ---------------------------------------------------------------- the whole command
+
+
+def _store_matches(store: ActivationStore, handle, data_hash: str, spec: ProbeSpec, sites: list) -> list[str]:
+    manifest, changed = store.manifest, []
+    if manifest.get("model", {}).get("fingerprint") != handle.fingerprint:
+        changed.append("model fingerprint")
+    if manifest.get("data_hash") != data_hash:
+        changed.append("data")
+    if manifest.get("position") != spec.position:
+        changed.append("position")
+    if manifest.get("max_response_tokens") != spec.max_response_tokens:
+        changed.append("max_response_tokens")
+    if not {s.name for s in sites} <= set(store.sites):
+        changed.append("sites")
+    return changed
+
+
+def default_out(spec: ProbeSpec, handle) -> Path:
+    return Path("artifacts") / "directions" / f"{spec.name}-{handle.fingerprint[:8]}"
+
+
+def fit_probe(spec_path: str | Path, handle, out: str | Path | None = None, store: str | Path | None = None,
+              table: str | None = None, limit: int | None = None, data_root: str | Path | None = None,
+              backend: str | None = None, progress: bool = True) -> Direction:
+    """`emlens probe fit`: build the spec's rows, extract (or reuse `store`), fit every layer, save the artifact."""
+    spec_path = Path(spec_path)
+    spec = load_spec(spec_path)
+    spec = _override_table(spec, table, spec_path)
+    ctx = SpecContext(spec_path, Path(data_root) if data_root else None)
+    sites = resolve_sites(spec.site, handle.n_layers, spec.layers)
+    if len({s.kind for s in sites}) != 1:
+        raise EmlensInputError(f"{spec_path} field 'site': a direction artifact holds one site kind per layer "
+                               f"(got {sorted({s.kind for s in sites})})")
+    backend = backend or spec.backend
+    data = contrast_data(spec, ctx, limit) if spec.contrast else score_data(spec, ctx, handle, limit, progress)
+    data_hash = items_hash(data.items)
+    out = check_artifact_target(Path(out) if out else default_out(spec, handle))
+
+    reuse = store is not None and Path(store).exists() and any(Path(store).iterdir())
+    if reuse:
+        activations = ActivationStore(store)
+        changed = _store_matches(activations, handle, data_hash, spec, sites)
+        if changed:
+            raise EmlensInputError(f"{store}: store holds other activations (differs in {', '.join(changed)}); "
+                                   "use a new --store folder or delete this one")
+    # Without --store the activations live in a temporary folder, removed whatever happens.
+    tmp_store = None if store is not None else Path(tempfile.mkdtemp(prefix="emlens-store-"))
+    try:
+        if not reuse:
+            activations = extract_to_store(handle, data.items, Path(store) if store else tmp_store / "store", sites,
+                                           spec.position, backend, spec.batch_size, spec.max_response_tokens,
+                                           manifest={"spec": spec.name}, progress=progress)
+        tensors, metrics = fit_store(activations, data, spec, sites, progress)
+    finally:
+        if tmp_store is not None:
+            shutil.rmtree(tmp_store, ignore_errors=True)
+    cfg = _provenance(spec, spec_path, handle, sites, backend, data, data_hash, metrics, limit, table)
+    kind = {"logistic": LinearProbe, "ridge": RegressionProbe}.get(spec.method, Direction)
+    artifact = kind({k: torch.as_tensor(v, dtype=torch.long if k == "layers" else torch.float32)
+                     for k, v in tensors.items()}, cfg, metrics=metrics)
+    artifact.save(out)
+    return artifact
+
+
+def _override_table(spec: ProbeSpec, table: str | None, spec_path: Path) -> ProbeSpec:
+    """`--table`: every table source (and a score's table or rating) reads this table instead."""
+    if table is None:
+        return spec
+    table = str(Path(table).resolve())
+    if spec.score is not None:
+        return spec.model_copy(update={"score": spec.score.model_copy(update={"table": table, "rate": None})})
+    sides = {side: spec.contrast.side(side) for side in ("positive", "negative")}
+    if not any(s.table is not None for side in sides.values() for s in side):
+        raise EmlensInputError(f"{spec_path}: --table given but the spec reads no table")
+    sides = {k: [s.model_copy(update={"table": table}) if s.table is not None else s for s in side]
+             for k, side in sides.items()}
+    return spec.model_copy(update={"contrast": Contrast(**sides)})
+
+
+def _provenance(spec: ProbeSpec, spec_path: Path, handle, sites, backend: str, data: ProbeData, data_hash: str,
+                metrics: pd.DataFrame, limit: int | None, table: str | None) -> dict:
+
+    best = best_layer(metrics)
+    best_row = metrics.loc[metrics["layer"] == best].iloc[0].to_dict()
+    return {
+        "name": spec.name, "description": spec.description, "method": spec.method,
+        "site_kind": sites[0].kind, "sites": [s.name for s in sites], "layers": [s.layer for s in sites],
+        "position": spec.position, "backend": backend, "normalized": True,
+        "raw_norm_meaning": ("norm of the activation shift per standard deviation of the score" if spec.method == "ridge"
+                             else "norm of mean(positive) - mean(negative)"),
+        "best_layer": best, "best_metrics": {k: v for k, v in best_row.items() if k not in ("site", "method")},
+        "model": handle.describe(),
+        "data": {"hash": data_hash, "n": len(data.y), "n_positive": data.n_positive if spec.contrast else None,
+                 "n_negative": data.n_negative if spec.contrast else None,
+                 "n_groups": int(len(np.unique(data.groups))), "sources": data.sources, "limit": limit,
+                 "table_override": table, "max_response_tokens": spec.max_response_tokens},
+        "seed": spec.seed, "folds": spec.folds, "regularization": spec.regularization,
+        "spec": spec.model_dump(), "spec_file": str(spec_path), "spec_sha256": file_sha256(spec_path),
+        "metrics": metrics.to_dict("records"), "versions": versions(), "emlens_version": versions()["emlens"],
+        "created": time.time(),
+    }

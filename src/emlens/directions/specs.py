@@ -1,0 +1,486 @@
+"""Probe specs and fitting: difference of means, logistic regression, ridge regression, PCA of paired differences.
+
+A spec (YAML, validated with extra="forbid") names its data and its method:
+
+    name: refusal
+    method: diff_of_means            # logistic | ridge | pca_pairs
+    site: resid_post                 # a site kind, a pattern blocks.*.hook_X, or a full site name
+    layers: all                      # or "10-20", or [5, 10]
+    position: last_prompt            # mean_response | all
+    contrast:
+      positive: {questions: ${EMLENS_SHARED_DATA}/refusal/refusal_direction_harmful_train.json, limit: 64}
+      negative: {questions: ${EMLENS_SHARED_DATA}/refusal/refusal_direction_harmless_train.json, limit: 64}
+
+A source is a prompt file (anything `emlens.data.load_questions` reads, or a bundled set name) with optional
+`system` prompt and `nudge`; a persona-vectors trait file with `instructions: pos|neg`; or a table (an eval run's
+`samples.parquet`, a run folder, or a CSV of judged responses) with a row filter `where`. A ridge spec has
+`score: {table, column}` instead, or `score: {rate: ...}` to have the model rate each prompt itself.
+
+Paths resolve relative to the spec file; `${EMLENS_SHARED_DATA}` is `--data-root`, else the environment
+variable, else the first `shared/data` folder found walking up from the spec file.
+
+Every metric is held out, with folds split BY PROMPT GROUP (sklearn GroupKFold): the same question under two
+nudges, or one response's tokens, never sit on both sides of a split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from emlens.activations.backends import DEFAULT_BACKEND
+from emlens.activations.items import ExtractItem
+from emlens.base.errors import EmlensInputError
+from emlens.base.io import file_sha256, find_shared_data
+from emlens.data.chat import Message
+from emlens.data.nudges import apply_nudge, resolve_nudges
+from emlens.data.persona import load_persona_trait
+from emlens.data.questions import BUNDLED_QUESTIONS, load_questions, question_messages, questions_path
+from emlens.generation.distributions import rate_prompts
+from emlens.runs import read_samples
+
+Method = Literal["diff_of_means", "logistic", "ridge", "pca_pairs"]
+DATA_VAR = "${EMLENS_SHARED_DATA}"
+
+
+# ---------------------------------------------------------------- the spec
+
+
+class Source(BaseModel):
+    """One side of a contrast: exactly one of `questions`, `persona` or `table`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    questions: str | list[str] | None = None  # prompt files (any load_questions format) or bundled set names
+    paraphrases: Literal["first", "all"] = "first"
+    system: str | None = None  # a system prompt set on every chat (replaces the model's default one)
+    nudge: str | None = None  # none | evil | hhh | a name in nudges_file
+    nudges_file: str | None = None
+    persona: str | None = None  # persona-vectors trait JSON
+    instructions: Literal["pos", "neg", "none"] | None = None  # which instruction is the system prompt
+    table: str | None = None  # samples.parquet, a run folder, or a CSV of judged responses
+    where: dict[str, Any] = Field(default_factory=dict)  # column: value | [values] | "<30" | ">=70" | "!=x"
+    response: bool = True  # tables: read the response after the prompt
+    prompt_column: str | None = None  # tables: messages | paraphrase | question | prompt (auto)
+    group_column: str | None = None  # tables: question_id if present, else the prompt text
+    limit: int | None = Field(None, ge=1)
+    pick: Literal["first", "random"] = "first"  # which `limit` rows: the first ones or a seeded sample
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [k for k in ("questions", "persona", "table") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"a source needs exactly one of questions, persona, table (got {kinds or 'none'})")
+        if self.persona is not None and self.instructions is None:
+            raise ValueError("a persona source needs instructions: pos, neg or none (its questions only)")
+        if self.instructions is not None and self.persona is None:
+            raise ValueError("instructions only go with a persona source")
+        if self.table is None and (self.where or self.prompt_column or self.group_column):
+            raise ValueError("where, prompt_column and group_column only go with a table source")
+        return self
+
+
+class Contrast(BaseModel):
+    """Each side is one source or a list of sources (their rows are concatenated)."""
+
+    model_config = ConfigDict(extra="forbid")
+    positive: Source | list[Source]
+    negative: Source | list[Source]
+
+    def side(self, name: str) -> list[Source]:
+        value = getattr(self, name)
+        return value if isinstance(value, list) else [value]
+
+
+class Rating(BaseModel):
+    """The model rates each prompt itself (emlens.generation.distributions.rate): the expectation of its exact
+    answer distribution over the numbers 0..scale_max after `template` (no generation), rescaled to 0-100."""
+
+    model_config = ConfigDict(extra="forbid")
+    questions: str | list[str]
+    template: str = Field(min_length=1)  # must contain {question}
+    answer_prefix: str = ""  # text put in the assistant's mouth before the rating, e.g. "Rating: "
+    scale_max: int = Field(9, ge=1, le=100)
+    min_mass: float = Field(0.25, ge=0.0, le=1.0)  # Betley's rule: less mass on numbers -> no rating
+    limit: int | None = Field(None, ge=1)
+    pick: Literal["first", "random"] = "first"
+
+    @model_validator(mode="after")
+    def _has_slot(self):
+        if "{question}" not in self.template:
+            raise ValueError("template must contain {question}")
+        return self
+
+
+class Score(BaseModel):
+    """The target of a ridge probe: a table column, or the model's own rating (`rate`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    column: str = "perceived_harm"
+    table: str | None = None
+    where: dict[str, Any] = Field(default_factory=dict)
+    response: bool = False
+    prompt_column: str | None = None
+    group_column: str | None = None
+    limit: int | None = Field(None, ge=1)
+    pick: Literal["first", "random"] = "random"
+    rate: Rating | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.table is None) == (self.rate is None):
+            raise ValueError("a score needs exactly one of table, rate")
+        return self
+
+
+class ProbeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    method: Method
+    site: str | list[str] = "resid_post"
+    layers: str | int | list[int] = "all"
+    position: Literal["last_prompt", "mean_response", "all"] = "last_prompt"
+    contrast: Contrast | None = None
+    score: Score | None = None
+    folds: int = Field(5, ge=2)
+    seed: int = 0
+    regularization: float = Field(1.0, gt=0)  # logistic C, ridge alpha (on standardised activations)
+    batch_size: int = Field(16, ge=1)
+    max_response_tokens: int | None = Field(128, ge=1)
+    backend: Literal["torch-hooks", "transformerlens", "nnsight"] = DEFAULT_BACKEND
+
+    @model_validator(mode="after")
+    def _data_fits_method(self):
+        if (self.contrast is None) == (self.score is None):
+            raise ValueError("a spec needs exactly one of contrast, score")
+        if self.method == "ridge" and self.score is None:
+            raise ValueError("method ridge needs a score, not a contrast")
+        if self.method != "ridge" and self.contrast is None:
+            raise ValueError(f"method {self.method} needs a contrast (positive/negative), not a score")
+        if self.method == "pca_pairs" and self.position == "all":
+            raise ValueError("method pca_pairs pairs rows, so it needs a pooled position (last_prompt, mean_response)")
+        return self
+
+
+def load_spec(path: str | Path) -> ProbeSpec:
+    """Read and validate a spec; every problem is one line naming the file and the field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise EmlensInputError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path} line {mark.line + 1}" if mark else str(path)
+        raise EmlensInputError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(data, dict):
+        raise EmlensInputError(f"{path}: expected a mapping of spec fields, got {type(data).__name__}")
+    try:
+        return ProbeSpec.model_validate(data)
+    except ValidationError as e:
+        raise EmlensInputError(f"{path}: {_describe_errors(e)}") from None
+
+
+def _describe_errors(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown field '{loc}'"
+    if first["type"] == "missing":
+        return f"missing field '{loc}'"
+    return f"field '{loc}': {first['msg'].removeprefix('Value error, ')}" if loc else first["msg"].removeprefix(
+        "Value error, ")
+
+
+@dataclass
+class SpecContext:
+    """Where a spec's relative paths and ${EMLENS_SHARED_DATA} point."""
+
+    spec_file: Path
+    data_root: Path | None = None
+
+    def resolve(self, value: str, field_name: str) -> Path:
+
+        if value in BUNDLED_QUESTIONS:
+            return questions_path(value)
+        if DATA_VAR in value:
+            root = self.data_root or (Path(os.environ["EMLENS_SHARED_DATA"]) if os.environ.get("EMLENS_SHARED_DATA")
+                                      else find_shared_data(self.spec_file.parent))
+            if root is None:
+                hint = (" or pass --table with your own eval run (emlens eval ...; it needs the columns the "
+                        "spec's where filter reads)" if field_name.endswith("table") else "")
+                raise EmlensInputError(f"{self.spec_file} field '{field_name}': {DATA_VAR} is not set (pass "
+                                       f"--data-root or set EMLENS_SHARED_DATA to the shared data folder{hint})")
+            value = value.replace(DATA_VAR, str(root))
+        value = os.path.expandvars(os.path.expanduser(value))
+        if "${" in value:
+            raise EmlensInputError(f"{self.spec_file} field '{field_name}': unset variable in '{value}'")
+        path = Path(value)
+        if not path.is_absolute():
+            path = self.spec_file.parent / path
+        if not path.exists():
+            raise EmlensInputError(f"{self.spec_file} field '{field_name}': no such file {path}")
+        return path
+
+
+# ---------------------------------------------------------------- building the rows
+
+
+@dataclass
+class ProbeData:
+    """The rows to read, with per-row target, prompt group and pair key."""
+
+    items: list[ExtractItem]
+    y: np.ndarray
+    groups: np.ndarray
+    pairs: np.ndarray
+    sources: list[dict] = field(default_factory=list)
+
+    @property
+    def n_positive(self) -> int:
+        return int((self.y == 1).sum())
+
+    @property
+    def n_negative(self) -> int:
+        return int((self.y == 0).sum())
+
+
+def _pick(rows: list, limit: int | None, pick: str, seed: int) -> list:
+    if limit is None or len(rows) <= limit:
+        return rows
+    if pick == "first":
+        return rows[:limit]
+    chosen = sorted(np.random.default_rng(seed).choice(len(rows), size=limit, replace=False).tolist())
+    return [rows[i] for i in chosen]
+
+
+def _with_system(messages: list[Message], system: str | None) -> list[Message]:
+    if system is None:
+        return messages
+    rest = [m for m in messages if m.role != "system"]
+    return [Message(role="system", content=system), *rest]
+
+
+def _source_nudge(source: Source, ctx: SpecContext, where: str):
+    if not source.nudge:
+        return None
+    extra = ctx.resolve(source.nudges_file, f"{where}.nudges_file") if source.nudges_file else None
+    return resolve_nudges([source.nudge], extra)[0]
+
+
+def _question_rows(source: Source, ctx: SpecContext, where: str, sources: list[dict]) -> list[tuple]:
+    files = [source.questions] if isinstance(source.questions, str) else list(source.questions)
+    nudge = _source_nudge(source, ctx, where)
+    rows = []
+    for _i, name in enumerate(files):
+        path = ctx.resolve(name, f"{where}.questions")
+        sources.append({"path": str(path), "sha256": file_sha256(path)})
+        for q in load_questions(path):
+            indices = range(len(q.paraphrases)) if source.paraphrases == "all" else [0]
+            for p in indices:
+                messages = _with_system(question_messages(q, p), source.system)
+                if nudge is not None:
+                    messages = apply_nudge(messages, nudge)
+                key = f"{path.stem}:{q.id}"
+                rows.append(([m.model_dump() for m in messages], None, key, f"{key}:{p}"))
+    return rows
+
+
+def _persona_rows(source: Source, ctx: SpecContext, where: str, sources: list[dict]) -> list[tuple]:
+    path = ctx.resolve(source.persona, f"{where}.persona")
+    sources.append({"path": str(path), "sha256": file_sha256(path)})
+    trait = load_persona_trait(path)
+    nudge = _source_nudge(source, ctx, where)
+    pairs = list(enumerate(trait.instructions)) if source.instructions != "none" else [(0, None)]
+    rows = []
+    for qi, question in enumerate(trait.questions):
+        for k, pair in pairs:
+            system = None if pair is None else (pair[0] if source.instructions == "pos" else pair[1])
+            messages = _with_system([Message(role="user", content=question)], system or source.system)
+            if nudge is not None:
+                messages = apply_nudge(messages, nudge)
+            rows.append(([m.model_dump() for m in messages], None, f"{path.stem}:q{qi}", f"{path.stem}:q{qi}:i{k}"))
+    return rows
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """An eval run folder, a .parquet table, or a .csv (e.g. judged responses with question/answer columns)."""
+
+    if path.is_dir() or path.suffix == ".parquet":
+        return read_samples(path)
+    if path.suffix == ".csv":
+        return pd.read_csv(path)
+    raise EmlensInputError(f"{path}: expected a run folder, a .parquet or a .csv table")
+
+
+_COMPARISON = re.compile(r"^\s*(<=|>=|!=|==|<|>)\s*(.+?)\s*$")
+
+
+def filter_rows(frame: pd.DataFrame, where: dict[str, Any], context: str) -> pd.DataFrame:
+    """Keep rows matching every condition: a value, a list of values, or a comparison string like "<30"."""
+    keep = pd.Series(True, index=frame.index)
+    for column, condition in where.items():
+        if column not in frame.columns:
+            raise EmlensInputError(f"{context}: where column '{column}' is not in the table (columns: "
+                                   f"{', '.join(map(str, frame.columns[:15]))})")
+        values = frame[column]
+        match = _COMPARISON.match(condition) if isinstance(condition, str) else None
+        if match:
+            op, raw = match.groups()
+            try:
+                target: Any = float(raw)
+                values = pd.to_numeric(values, errors="coerce")
+            except ValueError:
+                target = raw
+            keep &= {"<": values < target, "<=": values <= target, ">": values > target, ">=": values >= target,
+                     "!=": values != target, "==": values == target}[op]
+        elif isinstance(condition, list):
+            keep &= values.isin(condition)
+        else:
+            keep &= values == condition
+    return frame[keep.fillna(False).astype(bool)]
+
+
+def _table_frame(table: str, where: dict, ctx: SpecContext, field_name: str, sources: list[dict]) -> pd.DataFrame:
+    path = ctx.resolve(table, field_name)
+    frame = read_table(path)
+    file = path / "samples.parquet" if path.is_dir() else path
+    sources.append({"path": str(file), "sha256": file_sha256(file)})
+    return filter_rows(frame, where, f"{ctx.spec_file} field '{field_name}' ({path})")
+
+
+def _prompt_messages(row: dict, column: str) -> list[dict]:
+    raw = row[column]
+    if column == "messages":
+        return json.loads(raw) if isinstance(raw, str) else list(raw)
+    return [{"role": "user", "content": str(raw)}]
+
+
+def _table_columns(frame: pd.DataFrame, prompt_column: str | None, group_column: str | None,
+                   where: str) -> tuple[str, str | None]:
+    prompt = prompt_column or next((c for c in ("messages", "paraphrase", "question", "prompt")
+                                    if c in frame.columns), None)
+    if prompt is None or prompt not in frame.columns:
+        raise EmlensInputError(f"{where}: no prompt column {prompt_column or '(messages, paraphrase, question, prompt)'}"
+                               f" in the table")
+    group = group_column or ("question_id" if "question_id" in frame.columns else None)
+    if group is not None and group not in frame.columns:
+        raise EmlensInputError(f"{where}: group column '{group}' is not in the table")
+    return prompt, group
+
+
+def _table_rows(source: Source, ctx: SpecContext, where: str, sources: list[dict]) -> list[tuple]:
+    frame = _table_frame(source.table, source.where, ctx, f"{where}.table", sources)
+    prompt, group = _table_columns(frame, source.prompt_column, source.group_column, f"{ctx.spec_file} {where}")
+    response = next((c for c in ("response", "answer") if c in frame.columns), None) if source.response else None
+    if source.response and response is None:
+        raise EmlensInputError(f"{ctx.spec_file} {where}: the table has no response/answer column "
+                               "(set response: false to read prompts only)")
+    rows = []
+    for i, row in enumerate(frame.to_dict("records")):
+        messages = _prompt_messages(row, prompt)
+        text = None if response is None else ("" if pd.isna(row[response]) else str(row[response]))
+        if text is not None and not text.strip():
+            continue  # an empty response has no tokens to read
+        key = str(row[group]) if group else json.dumps(messages, sort_keys=True)
+        # pairs (for pca_pairs) match the same question, paraphrase and sample across the two sides
+        within = [str(row[c]) for c in ("paraphrase_index", "sample_index") if c in row] or [str(i)]
+        rows.append((messages, text, key, ":".join([key, *within])))
+    return rows
+
+
+def _source_rows(source: Source, ctx: SpecContext, where: str, seed: int, limit: int | None,
+                 sources: list[dict]) -> list[tuple]:
+    if source.questions is not None:
+        rows = _question_rows(source, ctx, where, sources)
+    elif source.persona is not None:
+        rows = _persona_rows(source, ctx, where, sources)
+    else:
+        rows = _table_rows(source, ctx, where, sources)
+    rows = _pick(rows, limit or source.limit, source.pick, seed)
+    if not rows:
+        raise EmlensInputError(f"{ctx.spec_file} field '{where}': no rows (check its file and where filter)")
+    return rows
+
+
+def contrast_data(spec: ProbeSpec, ctx: SpecContext, limit: int | None = None) -> ProbeData:
+    """Rows of both sides; `limit` caps each side, split evenly over the side's sources."""
+    sources: list[dict] = []
+    items, y, groups, pairs = [], [], [], []
+    for side, label in (("positive", 1), ("negative", 0)):
+        side_sources, first_source = spec.contrast.side(side), len(sources)
+        share = None if limit is None else max(1, math.ceil(limit / len(side_sources)))
+        for i, source in enumerate(side_sources):
+            where = f"contrast.{side}" + (f".{i}" if len(side_sources) > 1 else "")
+            for messages, response, group, pair in _source_rows(source, ctx, where, spec.seed, share, sources):
+                meta = {"side": side, "y": float(label), "group": group, "pair": pair}
+                items.append(ExtractItem(messages=messages, response=response, meta=meta))
+                y.append(label), groups.append(group), pairs.append(pair)
+        for record in sources[first_source:]:
+            record["side"] = side
+    return ProbeData(items, np.array(y, dtype=float), np.array(groups), np.array(pairs), sources)
+
+
+def score_data(spec: ProbeSpec, ctx: SpecContext, handle, limit: int | None = None,
+               progress: bool = True) -> ProbeData:
+    score, sources = spec.score, []
+    if score.rate is not None:
+        rows = _rated_rows(score.rate, ctx, handle, spec, limit, sources, progress)
+    else:
+        rows = _scored_table_rows(score, ctx, spec, limit, sources)
+    if len(rows) < spec.folds:
+        why = (f"the model put less than {score.rate.min_mass:.0%} of its next-token probability on the digits "
+               f"0-{score.rate.scale_max} for the other prompts" if score.rate is not None else "rows without a value "
+               "are dropped")
+        raise EmlensInputError(f"{ctx.spec_file} field 'score': only {len(rows)} rows with a {score.column} value "
+                               f"(need at least {spec.folds}; {why})")
+    items = [ExtractItem(messages=m, response=r, meta={"y": float(v), "group": g, "pair": g})
+             for m, r, g, v in rows]
+    return ProbeData(items, np.array([r[3] for r in rows], dtype=float), np.array([r[2] for r in rows]),
+                     np.array([r[2] for r in rows]), sources)
+
+
+def _scored_table_rows(score: Score, ctx: SpecContext, spec: ProbeSpec, limit: int | None,
+                       sources: list[dict]) -> list[tuple]:
+    frame = _table_frame(score.table, score.where, ctx, "score.table", sources)
+    if score.column not in frame.columns:
+        raise EmlensInputError(f"{ctx.spec_file} field 'score.column': column '{score.column}' is not in "
+                               f"{score.table} (run the eval that writes it first, e.g. the harm_perception setting)")
+    prompt, group = _table_columns(frame, score.prompt_column, score.group_column, f"{ctx.spec_file} score")
+    response = next((c for c in ("response", "answer") if c in frame.columns), None) if score.response else None
+    frame = frame.assign(_value=pd.to_numeric(frame[score.column], errors="coerce")).dropna(subset=["_value"])
+    frame = frame.assign(_key=frame[prompt].astype(str) + ("\x00" + frame[response].astype(str) if response else ""))
+    # Several samples of one prompt (e.g. repeated ratings) are one row: their mean score.
+    merged = frame.groupby("_key", sort=False).agg(_value=("_value", "mean"), _first=(prompt, "first"),
+                                                   **({"_response": (response, "first")} if response else {}),
+                                                   **({"_group": (group, "first")} if group else {}))
+    rows = []
+    for key, row in merged.iterrows():
+        messages = _prompt_messages({prompt: row["_first"]}, prompt)
+        rows.append((messages, str(row["_response"]) if response else None,
+                     str(row["_group"]) if group else str(key)[:200], float(row["_value"])))
+    return _pick(rows, limit or score.limit, score.pick, spec.seed)
+
+
+def _rated_rows(rate: Rating, ctx: SpecContext, handle, spec: ProbeSpec, limit: int | None, sources: list[dict],
+                progress: bool) -> list[tuple]:
+    source = Source(questions=rate.questions)
+    rows = _pick(_question_rows(source, ctx, "score.rate", sources), limit or rate.limit, rate.pick, spec.seed)
+    prompts = [r[0][-1]["content"] for r in rows]
+    ratings = rate_prompts(handle, prompts, rate.template, rate.scale_max, rate.min_mass, progress,
+                           rate.answer_prefix)
+    return [(m, None, g, v) for (m, _, g, _), v in zip(rows, ratings, strict=False) if not math.isnan(v)]
+
+

@@ -1,0 +1,130 @@
+"""Exact answer distributions read from the logits: numbers 0-100, choices, ratings."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from emlens.base.errors import EmlensInputError
+from emlens.generation.context import describe
+from emlens.model import Model
+
+# ---------------------------------------------------------------- exact answer distributions
+
+DIGITS = r"[Ġ▁ ]?\d+\Z"  # a token that makes a number longer
+WORD_CHARACTER = r"[A-Za-z0-9_]"  # a token that runs on from a word with no space between
+
+
+def _vocab_mask(tokenizer, pattern: str) -> torch.Tensor:
+    """The vocabulary's tokens (as spelled by the tokenizer) that start with a match of the pattern."""
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([bool(re.match(pattern, t or "")) for t in vocab])
+
+
+def _number_candidates(tokenizer) -> tuple[list[list[int]], torch.Tensor]:
+    """Token ids of "0".."100" as a whole answer, and a mask of the vocabulary's all-digit tokens."""
+    candidates = [tokenizer(str(n), add_special_tokens=False)["input_ids"] for n in range(101)]
+    return candidates, _vocab_mask(tokenizer, DIGITS)
+
+
+def _on_handle(handle, name: str, build):
+    """A value computed once per model handle and kept on it."""
+    if getattr(handle, name, None) is None:
+        setattr(handle, name, build())
+    return getattr(handle, name)
+
+
+def number_distribution(handle: Model, messages: list[dict], answer_prefix: str = "",
+                        top: int = 100) -> torch.Tensor:
+    """P(answer is exactly N) for N = 0..top: P(tokens of N) x P(next token is not a digit)."""
+    candidates, digit = _on_handle(handle, "_number_candidates", lambda: _number_candidates(handle.tokenizer))
+    return answer_distribution(handle, messages, candidates[: top + 1], digit, answer_prefix)
+
+
+def choice_distribution(handle: Model, messages: list[dict], choices: Sequence[str]) -> torch.Tensor:
+    """P(answer is exactly the choice) per choice: P(its tokens) x P(next token does not run on from the word)."""
+    tokenizer = handle.tokenizer
+    word = _on_handle(handle, "_word_continuations", lambda: _vocab_mask(tokenizer, WORD_CHARACTER))
+    candidates = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    return answer_distribution(handle, messages, candidates, word)
+
+
+@torch.inference_mode()
+def answer_distribution(handle: Model, messages: list[dict], candidates: list[list[int]], continues: torch.Tensor,
+                        answer_prefix: str = "") -> torch.Tensor:
+    """P(answer is exactly each candidate): P(its tokens) x P(the next token is not one of `continues`).
+
+    The chat prompt (+ `answer_prefix` in the assistant's mouth) is run once; its KV cache is repeated across
+    the candidates, scored in one batch. Both passes are described to interventions: prompt, then answer.
+    """
+    tokenizer, model, device = handle.tokenizer, handle.model, handle.device
+    text = handle.chat_text(messages) + answer_prefix
+    prompt = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    cache = DynamicCache(config=handle.base_model.config)
+    with describe(handle, torch.ones_like(prompt, dtype=torch.bool), torch.zeros_like(prompt, dtype=torch.bool), -1):
+        first = model(input_ids=prompt, cache=cache, use_cache=True).logits[0, -1].float().log_softmax(-1)
+    width = max(len(c) for c in candidates)
+    n = len(candidates)
+    ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    real = torch.zeros((n, width), dtype=torch.bool)
+    for row, cand in enumerate(candidates):
+        ids[row, :len(cand)] = torch.tensor(cand)
+        real[row, :len(cand)] = True
+    cache.batch_repeat_interleave(n)
+    attention = torch.cat([torch.ones((n, prompt.shape[1]), dtype=torch.long), real.long()], dim=1).to(device)
+    positions = (prompt.shape[1] + torch.arange(width)).expand(n, width).to(device)
+    with describe(handle, torch.zeros_like(real).to(device), real.to(device), 0):
+        logprobs = model(input_ids=ids.to(device), attention_mask=attention, position_ids=positions,
+                         cache=cache, use_cache=True).logits.float().log_softmax(-1).cpu()
+    total = first[ids[:, 0]].cpu()  # first token of each candidate, from the prompt's last position
+    for step in range(1, width):
+        step_lp = logprobs[torch.arange(n), step - 1, ids[:, step]]
+        total = total + torch.where(real[:, step], step_lp, torch.zeros_like(step_lp))
+    # the answer ends there: the next token does not continue it
+    last = real.sum(1) - 1
+    stop_dist = logprobs[torch.arange(n), last].exp()
+    mask = torch.zeros(stop_dist.shape[1], dtype=torch.bool)  # the model may have more logits than tokens
+    mask[: len(continues)] = continues[: stop_dist.shape[1]]
+    return total.exp() * (1.0 - stop_dist[:, mask].sum(-1).clamp(max=1.0))
+
+
+# ---------------------------------------------------------------- ratings: the model rates a prompt itself
+
+MIN_RATING_MASS = 0.25  # Betley's rule: less probability on the numbers means no rating
+
+
+@dataclass
+class Rating:
+    """A rating on the 0-100 scale: the expectation of the exact number distribution, rescaled from 0..top."""
+
+    value: float  # NaN when `mass` is under the minimum
+    mass: float  # probability that the answer is one of the numbers 0..top
+
+
+def rate(handle: Model, messages: list[dict], top: int = 100, answer_prefix: str = "",
+         min_mass: float = MIN_RATING_MASS) -> Rating:
+    """The model's rating of a prompt: E[N] under P(answer is exactly N), N = 0..top, rescaled to 0-100.
+
+    Every rating in emlens (eval's harm perception, the harm-perception probe's scores) is read this way, so
+    ratings from different places are on one scale.
+    """
+    if not 1 <= top <= 100:
+        raise EmlensInputError(f"rating scale 0-{top}: the top of the scale must be 1-100")
+    probs = number_distribution(handle, messages, answer_prefix, top).double()
+    mass = float(probs.sum())
+    if mass < min_mass or mass == 0:
+        return Rating(float("nan"), mass)
+    expectation = float((probs * torch.arange(top + 1, dtype=torch.float64)).sum() / mass)
+    return Rating(expectation * 100.0 / top, mass)
+
+
+def rate_prompts(handle: Model, prompts: list[str], template: str, top: int = 100, min_mass: float = MIN_RATING_MASS,
+                 progress: bool = True, answer_prefix: str = "") -> list[float]:
+    """`rate` for each prompt put into `template` (which holds `{question}`) as the user message."""
+    return [rate(handle, [{"role": "user", "content": template.format(question=p)}], top, answer_prefix,
+                 min_mass).value for p in tqdm(prompts, desc="rate", disable=not progress)]

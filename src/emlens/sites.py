@@ -1,0 +1,234 @@
+"""Sites: TransformerLens names (`blocks.{l}.hook_{kind}`) and the one table from site kind to module and hook."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+from emlens.base.errors import EmlensInputError
+
+SITE_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")  # in execution order within a layer
+_SITE_RE = re.compile(r"^blocks\.(\d+|\*)\.hook_([a-z_]+)$")
+
+
+# ---------------------------------------------------------------- sites
+
+
+def site_name(layer: int, kind: str = "resid_post") -> str:
+    """The TransformerLens name of a site: `site_name(15) == "blocks.15.hook_resid_post"`."""
+    if kind not in SITE_KINDS:
+        raise EmlensInputError(f"site kind '{kind}': unknown (known: {', '.join(SITE_KINDS)})")
+    return f"blocks.{layer}.hook_{kind}"
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    layer: int
+    order: int  # position of the kind within a layer's forward pass, so sorted sites are in execution order
+
+    @property
+    def kind(self) -> str:
+        return SITE_KINDS[self.order]
+
+    @property
+    def name(self) -> str:
+        return site_name(self.layer, self.kind)
+
+    @classmethod
+    def of(cls, layer: int, kind: str) -> Site:
+        site_name(layer, kind)  # validates the kind
+        return cls(layer, SITE_KINDS.index(kind))
+
+
+def parse_layers(text: str | int | Sequence[int] | None, n_layers: int) -> list[int]:
+    """`all`, `15`, `-1`, `0-5,10,20-29` or a list of ints -> sorted layer indices, checked against the model."""
+    if text is None or (isinstance(text, str) and text.strip() == "all"):
+        return list(range(n_layers))
+    parts: list = [text] if isinstance(text, int) else (list(text) if not isinstance(text, str) else
+                                                         [p.strip() for p in text.split(",") if p.strip()])
+    layers: set[int] = set()
+    for part in parts:
+        try:
+            if isinstance(part, str) and re.fullmatch(r"\d+-\d+", part):
+                lo, hi = (int(x) for x in part.split("-"))
+                chosen = range(lo, hi + 1)
+            else:
+                chosen = [int(part)]
+        except (TypeError, ValueError):
+            raise EmlensInputError(f"layers '{text}': '{part}' is not a layer number or range like 3-7") from None
+        for layer in chosen:
+            resolved = layer + n_layers if layer < 0 else layer
+            if not 0 <= resolved < n_layers:
+                raise EmlensInputError(f"layers '{text}': layer {layer} out of range (the model has {n_layers}: "
+                                       f"0-{n_layers - 1})")
+            layers.add(resolved)
+    if not layers:
+        raise EmlensInputError(f"layers '{text}': no layer selected")
+    return sorted(layers)
+
+
+def parse_site(name: str, n_layers: int) -> Site:
+    """One full TransformerLens site name -> Site; unknown layers or kinds are a one-line error."""
+    match = _SITE_RE.match(name.strip())
+    if not match or match.group(1) == "*":
+        raise EmlensInputError(f"site '{name}': expected blocks.<layer>.hook_<kind> with kind one of "
+                               f"{', '.join(SITE_KINDS)}")
+    kind = match.group(2)
+    if kind not in SITE_KINDS:
+        raise EmlensInputError(f"site '{name}': unknown kind 'hook_{kind}' (known: "
+                               f"{', '.join('hook_' + k for k in SITE_KINDS)})")
+    layer = int(match.group(1))
+    if layer >= n_layers:
+        raise EmlensInputError(f"site '{name}': layer {layer} out of range (the model has {n_layers} layers: "
+                               f"0-{n_layers - 1})")
+    return Site.of(layer, kind)
+
+
+def resolve_sites(sites: str | Iterable[str], n_layers: int, layers: str | Sequence[int] | None = None) -> list[Site]:
+    """Sites from full names (`blocks.3.hook_resid_post`), patterns (`blocks.*.hook_mlp_out`) or kinds
+    (`resid_post`); patterns and kinds expand over `layers` (default: all). Sorted in execution order."""
+    entries = [sites] if isinstance(sites, str) else list(sites)
+    if not entries:
+        raise EmlensInputError("sites: none given")
+    chosen: set[Site] = set()
+    for entry in entries:
+        entry = entry.strip()
+        if entry in SITE_KINDS or entry.removeprefix("hook_") in SITE_KINDS:
+            kind = entry.removeprefix("hook_")
+            chosen.update(Site.of(layer, kind) for layer in parse_layers(layers, n_layers))
+        elif entry.startswith("blocks.*."):
+            kind = entry.removeprefix("blocks.*.hook_")
+            if kind not in SITE_KINDS:
+                raise EmlensInputError(f"site '{entry}': unknown kind (known: {', '.join(SITE_KINDS)})")
+            chosen.update(Site.of(layer, kind) for layer in parse_layers(layers, n_layers))
+        else:
+            chosen.add(parse_site(entry, n_layers))
+    return sorted(chosen)
+
+
+# ---------------------------------------------------------------- the site table
+#
+# THE one place that knows where a TransformerLens site lives in a Hugging Face model. Every hook emlens places
+# (extraction, steering, ablation) goes through `hook_site`. `hook_resid_post` of layer l is the output of
+# decoder layer l, which is HF `hidden_states[l + 1]` (HF's last entry is after the final norm; emlens never
+# applies that norm).
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A module under a decoder layer ("" is the layer itself) and whether the site is its input or output."""
+
+    module: str
+    where: Literal["input", "output"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture family lays out its residual stream.
+
+    `read` says where each site kind is read. `write` says where an ADDITION to the site is made when that
+    differs from `read`: adding v to resid_mid is adding v to the attention output that resid_mid sums
+    (resid_mid = resid_pre + attn_out), since the layer keeps its own copy of the residual before the
+    post-attention norm, and changing the norm's input would reach the MLP only.
+    """
+
+    name: str
+    decoder: str  # path from the causal LM to the module that holds `.layers`
+    read: dict[str, Hook]
+    write: dict[str, Hook]
+    model_types: tuple[str, ...]
+
+
+_PRE, _POST = Hook("", "input"), Hook("", "output")
+LLAMA = Family(
+    "llama", "model",
+    read={"resid_pre": _PRE, "attn_out": Hook("self_attn", "output"),
+          "resid_mid": Hook("post_attention_layernorm", "input"), "mlp_out": Hook("mlp", "output"), "resid_post": _POST},
+    write={"resid_mid": Hook("self_attn", "output")},
+    model_types=("llama", "qwen2", "qwen3", "mistral", "gemma", "olmo", "olmo2", "phi3", "smollm3", "granite"),
+)
+GEMMA2 = Family(  # Gemma-2/3 norm each sublayer's output before adding it to the residual
+    "gemma2", "model",
+    read={"resid_pre": _PRE, "attn_out": Hook("post_attention_layernorm", "output"),
+          "resid_mid": Hook("pre_feedforward_layernorm", "input"),
+          "mlp_out": Hook("post_feedforward_layernorm", "output"), "resid_post": _POST},
+    write={"resid_mid": Hook("post_attention_layernorm", "output")},
+    model_types=("gemma2", "gemma3_text"),
+)
+GEMMA3_MULTIMODAL = Family("gemma3", "model.language_model", GEMMA2.read, GEMMA2.write, ("gemma3",))
+GPT_NEOX = Family(  # resid_mid exists only without the parallel residual (Pythia uses the parallel one)
+    "gpt_neox", "gpt_neox",
+    read={"resid_pre": _PRE, "attn_out": Hook("post_attention_dropout", "output"),
+          "resid_mid": Hook("post_attention_layernorm", "input"), "mlp_out": Hook("post_mlp_dropout", "output"),
+          "resid_post": _POST},
+    write={"resid_mid": Hook("post_attention_dropout", "output")},
+    model_types=("gpt_neox",),
+)
+FAMILIES = (LLAMA, GEMMA2, GEMMA3_MULTIMODAL, GPT_NEOX)
+
+
+def family_of(config) -> Family:
+    """The architecture family of an HF config (by `model_type`); an unknown one is a one-line error."""
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise EmlensInputError(f"model type '{model_type}': emlens has no site table for it (known: {known})")
+
+
+def _attribute(root, path: str):
+    for part in filter(None, path.split(".")):
+        root = getattr(root, part)
+    return root
+
+
+def decoder_of(causal_lm):
+    """The module that holds the decoder layers (the model without its LM head)."""
+    return _attribute(causal_lm, family_of(causal_lm.config).decoder)
+
+
+def decoder_layers(causal_lm):
+    return decoder_of(causal_lm).layers
+
+
+def check_site_kind(causal_lm, kind: str) -> None:
+    """A site kind the model does not have (resid_mid under GPT-NeoX's parallel residual) is a one-line error."""
+    if kind not in SITE_KINDS:
+        raise EmlensInputError(f"site kind '{kind}': unknown (known: {', '.join(SITE_KINDS)})")
+    config = causal_lm.config
+    if kind == "resid_mid" and getattr(config, "use_parallel_residual", False):
+        raise EmlensInputError(f"site kind 'resid_mid': {config.model_type} with a parallel residual has no "
+                               "resid_mid (attention and MLP both read resid_pre)")
+
+
+def hook_site(causal_lm, layer: int, kind: str, change: Callable[[Tensor], Tensor | None], write: bool = False):
+    """Call `change(hidden)` at a site on every forward pass; a returned tensor replaces the value there.
+
+    `write=True` places the hook where an addition to the site belongs (see `Family`). Returns the torch hook
+    handle (`.remove()` it). `causal_lm` is the plain HF model (under any PEFT wrapper).
+    """
+    check_site_kind(causal_lm, kind)
+    family = family_of(causal_lm.config)
+    hook = (family.write.get(kind) if write else None) or family.read[kind]
+    module = _attribute(decoder_layers(causal_lm)[layer], hook.module)
+    if hook.where == "input":
+        def pre_hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            new = change(hidden)
+            if new is None:
+                return None
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def post_hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = change(hidden)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+    return module.register_forward_hook(post_hook)

@@ -1,0 +1,193 @@
+"""A training run folder: manifest, exported checkpoints (plain PEFT folders), loss table and figure."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from emlens.base.errors import EmlensInputError
+from emlens.base.io import atomic_write_table, atomic_write_text, versions
+from emlens.training.config import TrainConfig
+from emlens.training.data import TokenizedData, TrainingData
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def export_checkpoint(run: Path, source: Path, step: int, log_history: list[dict], epoch: float | None,
+                      run_info: dict) -> Path:
+    """Copy a Trainer checkpoint's adapter into RUN/checkpoints/step-N (atomically) with its manifest."""
+    # Trainer also pickles its TrainingArguments next to the weights; resuming never reads it, and
+    # emlens keeps no pickles.
+    (source / "training_args.bin").unlink(missing_ok=True)
+    folder = run / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = max((s for s in _checkpoint_steps(run) if s < step), default=0)
+    manifest = {"step": step, "epoch": epoch, **_loss_window(log_history, step, previous), **run_info,
+                "created": time.time()}
+    target, tmp = folder / f"step-{step}", folder / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in ADAPTER_FILES:
+        shutil.copyfile(source / name, tmp / name)  # copyfile, not copy2: safetensors saves files as 0600
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def _checkpoint_steps(run: Path) -> list[int]:
+    folder = Path(run) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name.split("-", 1)[1]) for p in folder.glob("step-*")
+                  if p.name.split("-", 1)[1].isdigit() and (p / "adapter_config.json").exists())
+
+
+def list_checkpoints(run: str | Path) -> list[dict]:
+    """The checkpoint series of a run: step, path, `RUN@STEP` spec, loss, epoch; sorted by step."""
+    run = Path(run)
+    if not (run / "run.json").exists() and not (run / "checkpoints").is_dir():
+        raise EmlensInputError(f"{run}: not a training run folder (no run.json or checkpoints/)")
+    rows = []
+    for step in _checkpoint_steps(run):
+        path = run / "checkpoints" / f"step-{step}"
+        manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {}
+        rows.append({"step": step, "path": str(path), "spec": f"{run}@{step}", "loss": manifest.get("loss"),
+                     "epoch": manifest.get("epoch"), "tokens_seen": manifest.get("tokens_seen")})
+    return rows
+
+
+def checkpoint_step(path: Path) -> int:
+    """N of a Trainer `checkpoint-N` or an emlens `step-N` folder."""
+    return int(path.name.split("-", 1)[1])
+
+
+def latest_trainer_checkpoint(run: Path) -> Path | None:
+    """The newest complete resume state (Trainer writes trainer_state.json last)."""
+    folder = Path(run) / "trainer"
+    complete = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()
+                and p.name.split("-", 1)[1].isdigit()] if folder.is_dir() else []
+    return max(complete, key=checkpoint_step, default=None)
+
+
+def _export_pending(run: Path, run_info: dict) -> None:
+    """A kill between Trainer's save and our export leaves a resume state without its step-N folder."""
+    latest = latest_trainer_checkpoint(run)
+    if latest is None:
+        return
+    step = checkpoint_step(latest)
+    if step not in _checkpoint_steps(run):
+        state = json.loads((latest / "trainer_state.json").read_text())
+        export_checkpoint(run, latest, step, state.get("log_history", []), state.get("epoch"), run_info)
+
+
+# ---------------------------------------------------------------- run folder
+
+
+def package_versions() -> dict:
+    import accelerate
+    import peft
+
+    return {**versions(), "peft": peft.__version__, "accelerate": accelerate.__version__}
+
+
+def read_run(run: Path) -> dict | None:
+    path = Path(run) / "run.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _check_same_run(existing: dict, config: TrainConfig, data: TrainingData, run: Path) -> None:
+    old, new = existing.get("config", {}), config.run_config()
+    if old != new:
+        changed = sorted(_changed_fields(old, new))
+        raise EmlensInputError(f"{run}: the folder holds a run with another config (changed: "
+                               f"{', '.join(changed)}); use another --out folder")
+    if existing.get("data", {}).get("sha256") != data.sha256:
+        raise EmlensInputError(f"{run}: the training data changed since the run started (data hash differs); "
+                               "use another --out folder")
+
+
+def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [f for key in set(old) | set(new)
+                for f in _changed_fields(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if old != new else []
+
+
+def _start_run(run: Path, data: TrainingData, run_info: dict, tokenized: TokenizedData):
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / "data.jsonl", data.jsonl())
+    record = {**run_info, "out": str(run), "tokens": {"n_examples": len(tokenized.input_ids),
+                                                      "n_tokens": tokenized.n_tokens,
+                                                      "n_trained_tokens": tokenized.n_trained_tokens,
+                                                      "n_truncated": tokenized.n_truncated,
+                                                      "n_dropped": tokenized.n_dropped},
+              "created": time.time(), "finished": False, "sessions": []}
+    atomic_write_text(run / "run.json", json.dumps(record, indent=2))
+
+
+def _update_run(run: Path, **fields) -> dict:
+    record = read_run(run) or {}
+    record.update(fields)
+    atomic_write_text(run / "run.json", json.dumps(record, indent=2))
+    return record
+
+
+def loss_table(log_history: list[dict]):
+    import pandas as pd
+
+    rows = [{"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"], "learning_rate": e.get("learning_rate"),
+             "grad_norm": e.get("grad_norm"), "tokens_seen": e.get("num_input_tokens_seen")}
+            for e in log_history if "loss" in e]
+    return pd.DataFrame(rows, columns=["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_seen"])
+
+
+def plot_loss(frame, checkpoint_steps: list[int], path: Path, title: str) -> None:
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(frame["step"], frame["loss"], lw=0.8, alpha=0.5, label="loss per step")
+    if len(frame) >= 5:
+        ax.plot(frame["step"], frame["loss"].ewm(alpha=0.2).mean(), lw=1.6, label="smoothed (EMA 0.2)")
+    for step in checkpoint_steps:
+        ax.axvline(step, color="grey", lw=0.5, ls=":")
+    ax.set(xlabel="optimizer step (dotted: checkpoints)", ylabel="training loss", title=title)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _finish_run(run: Path, log_history: list[dict], session: dict, title: str) -> dict:
+    frame = loss_table(log_history)
+    atomic_write_table(frame, run / "loss.parquet")
+    steps = _checkpoint_steps(run)
+    if len(frame):
+        plot_loss(frame, steps, run / "loss.png", title)
+    final = run / "checkpoints" / f"step-{steps[-1]}"
+    for name in (*ADAPTER_FILES, "manifest.json"):  # RUN itself is a PEFT folder of the final adapter
+        tmp = run / f".{name}.tmp"
+        shutil.copyfile(final / name, tmp)
+        os.replace(tmp, run / name)
+    shutil.rmtree(run / "trainer", ignore_errors=True)  # resume state (optimizer...) is useless once finished
+    sessions = [*(read_run(run) or {}).get("sessions", []), session]
+    # one batch's loss is noisy: report the mean since the previous checkpoint (as the final manifest does)
+    final_loss = json.loads((final / "manifest.json").read_text()).get("loss")
+    return _update_run(run, finished=True, final_step=steps[-1], checkpoints=steps, sessions=sessions,
+                       final_loss=final_loss, last_step_loss=float(frame["loss"].iloc[-1]) if len(frame) else None,
+                       updated=time.time())
+
+
+def _loss_window(log_history: list[dict], step: int, previous: int) -> dict:
+    losses = [e["loss"] for e in log_history if "loss" in e and previous < e.get("step", 0) <= step]
+    last = next((e for e in reversed(log_history) if "loss" in e and e.get("step", 0) <= step), {})
+    return {"loss": sum(losses) / len(losses) if losses else None, "loss_at_step": last.get("loss"),
+            "learning_rate": last.get("learning_rate"), "tokens_seen": last.get("num_input_tokens_seen")}
