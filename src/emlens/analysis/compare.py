@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from emlens.activations.store import ActivationStore
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import atomic_write_table, atomic_write_text
+from emlens.capture.store import ActivationStore
 from emlens.directions.artifact import Direction
 
 
@@ -55,7 +55,7 @@ def check_comparable(directions: Sequence[Direction], names: Sequence[str], forc
                                    "of different model families cannot be compared")
         if force:
             continue
-        base, ref_base = d.cfg.get("model", {}).get("base_fingerprint"), ref.cfg.get("model", {}).get("base_fingerprint")
+        base, ref_base = d.cfg.model.get("base_fingerprint"), ref.cfg.model.get("base_fingerprint")
         if base and ref_base and base != ref_base:
             raise EmlensInputError(f"{name}: fitted on another base model (base fingerprint {base}, {ref_name} has "
                                    f"{ref_base}); pass --force to compare anyway")
@@ -243,3 +243,19 @@ def compare_directions(paths: Sequence[str | Path], out: str | Path, stores: Seq
                "stores": [str(s) for s in stores], "created": time.time()}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return tables
+
+
+def compare(*directions: Direction | str | Path, names: Sequence[str] | None = None,
+            force: bool = False) -> pd.DataFrame:
+    """`em.compare(a, b, ...)`: cos(a, b) per common layer for every pair, beside the random 95th percentile.
+
+    Directions may be in memory or artifact folders; names default to the directions' own names.
+    """
+    loaded = [d if isinstance(d, Direction) else Direction.load(d) for d in directions]
+    if len(loaded) < 2:
+        raise EmlensInputError("compare: give at least two directions")
+    names = list(names) if names is not None else [d.name for d in loaded]
+    if len(set(names)) < len(names):
+        names = [f"{n}#{i}" for i, n in enumerate(names)]
+    check_comparable(loaded, names, force)
+    return cosine_table(loaded, names)

@@ -12,10 +12,10 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from emlens.activations.extract import extract_activations
-from emlens.activations.items import items_from_run_table
 from emlens.base.errors import EmlensInputError
 from emlens.base.stats import pearson_ci
+from emlens.capture.extract import extract_activations
+from emlens.capture.items import items_from_run_table
 from emlens.sites import site_name
 from emlens.steering.interventions import random_like
 

@@ -294,3 +294,30 @@ def find_shared_data(start: PathLike | None = None) -> Path | None:
         if (parent / "shared" / "data").is_dir():
             return parent / "shared" / "data"
     return None
+
+
+# ---------------------------------------------------------------- loading any artifact
+
+ARTIFACT_LOADERS: dict[str, Any] = {}  # kind -> loader(folder); each artifact module registers its kinds
+
+
+def register_artifact(*kinds: str):
+    """Decorator: `loader(folder)` opens artifacts whose cfg.json says one of `kinds` (for `em.load`)."""
+    def decorate(loader):
+        for kind in kinds:
+            ARTIFACT_LOADERS[kind] = loader
+        return loader
+    return decorate
+
+
+def load_artifact(path: PathLike) -> Any:
+    """Open any emlens artifact folder by the `kind` in its cfg.json."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise fail(folder, "no such artifact folder")
+    if not (folder / CFG_FILE).is_file():
+        raise fail(folder, f"not an emlens artifact (no {CFG_FILE})")
+    kind = artifact_kind(folder)
+    if kind not in ARTIFACT_LOADERS:
+        raise fail(folder / CFG_FILE, f"unknown kind {kind!r} (known: {', '.join(sorted(ARTIFACT_LOADERS))})")
+    return ARTIFACT_LOADERS[kind](folder)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from emlens.activations.backends import BACKENDS, make_backend
-from emlens.activations.extract import run_tokenized
-from emlens.activations.items import TokenizedItem, iter_batches
-from emlens.activations.store import ActivationStoreWriter
 from emlens.bench.generate import bench_prompts
+from emlens.capture.backends import BACKENDS, make_backend
+from emlens.capture.extract import run_tokenized
+from emlens.capture.items import TokenizedItem, iter_batches
+from emlens.capture.store import ActivationStoreWriter
 from emlens.model import load_model
 from emlens.sites import resolve_sites
 

@@ -1,1 +1,1 @@
-"""activations"""
+"""Activation capture: read the residual stream into memory or a sharded store."""

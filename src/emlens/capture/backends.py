@@ -8,8 +8,8 @@ import os
 
 from torch import Tensor
 
-from emlens.activations.items import Batch, pool
 from emlens.base.errors import EmlensInputError
+from emlens.capture.items import Batch, pool
 from emlens.sites import Site, check_site_kind, decoder_of, family_of, hook_site
 
 BACKENDS = ("torch-hooks", "transformerlens", "nnsight")

@@ -34,8 +34,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from emlens.activations.backends import DEFAULT_BACKEND, make_backend
-from emlens.activations.items import (
+from emlens.base.errors import EmlensInputError
+from emlens.capture.backends import DEFAULT_BACKEND, make_backend
+from emlens.capture.items import (
     ExtractItem,
     TokenizedItem,
     _check_items,
@@ -45,7 +46,8 @@ from emlens.activations.items import (
     tokenize_items,
     vector_counts,
 )
-from emlens.activations.store import ActivationStore, ActivationStoreWriter
+from emlens.capture.store import ActivationStore, ActivationStoreWriter
+from emlens.model import Model
 from emlens.sites import Site, resolve_sites
 
 
@@ -86,6 +88,52 @@ def extract_activations(handle, items: Sequence[ExtractItem], sites: list[Site] 
             for row, chunk in zip(rows, vectors.split(counts), strict=False):
                 parts[name].append((row, chunk))
     return {name: torch.cat([c for _, c in sorted(chunks, key=lambda x: x[0])]) for name, chunks in parts.items()}
+
+
+class Activations(dict):
+    """{site name: (vectors, d_model) tensor}, with where they came from (for the provenance of what is fitted)."""
+
+    def __init__(self, vectors: dict[str, Tensor], model: dict, position: str):
+        super().__init__(vectors)
+        self.model, self.position = model, position
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{name}: {tuple(v.shape)}" for name, v in self.items())
+        return f"Activations({self.position}; {shapes})"
+
+
+def as_items(prompts: str | Sequence) -> list[ExtractItem]:
+    """Prompts as extraction items: a string, a chat (list of {role, content}), an ExtractItem, or a list of these."""
+    if isinstance(prompts, (str, ExtractItem)) or (prompts and isinstance(prompts[0], dict)):
+        prompts = [prompts]
+    items = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, ExtractItem):
+            items.append(prompt)
+        elif isinstance(prompt, str):
+            items.append(ExtractItem([{"role": "user", "content": prompt}]))
+        elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            items.append(ExtractItem(prompt))
+        else:
+            raise EmlensInputError(f"prompts item {i}: expected a string, a chat (list of {{role, content}}) or an "
+                                   f"ExtractItem, got {type(prompt).__name__}")
+    return items
+
+
+def activations(model: Model, prompts: str | Sequence, sites: str | Sequence[str] = "resid_post",
+                position: str = "last_prompt", layers: str | Sequence[int] | None = None, batch_size: int = 16,
+                backend: str = DEFAULT_BACKEND, max_response_tokens: int | None = None,
+                progress: bool = False) -> Activations:
+    """Read the residual stream of prompts, in memory: `{site name: (vectors, d_model)}` in input order.
+
+    `sites`: a site kind (`resid_post`, every layer or `layers`), a pattern `blocks.*.hook_mlp_out`, or full
+    names. `position`: `last_prompt`, `mean_response` (items with responses) or `all` (every real token).
+    Inside `with em.steer(model, ...)` the activations are read under the steering.
+    """
+    items = as_items(prompts)
+    chosen = resolve_sites(sites, model.n_layers, layers)
+    vectors = extract_activations(model, items, chosen, position, backend, batch_size, max_response_tokens, progress)
+    return Activations(vectors, model.describe(), position)
 
 
 def _as_sites(handle, sites) -> list[Site]:

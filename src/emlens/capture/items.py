@@ -16,6 +16,7 @@ from emlens.base.errors import EmlensInputError
 from emlens.data.chat import Message
 from emlens.data.nudges import apply_nudge
 from emlens.data.questions import question_messages, read_questions
+from emlens.generation.engine import left_pad
 
 POSITIONS = ("last_prompt", "mean_response", "all")
 
@@ -132,20 +133,12 @@ class Batch:
 
 
 def make_batch(tokenized: Sequence[TokenizedItem], rows: list[int], pad_id: int, device) -> Batch:
-    width = max(len(tokenized[r].ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response = torch.zeros((len(rows), width), dtype=torch.bool)
-    last = torch.zeros(len(rows), dtype=torch.long)
-    for b, r in enumerate(rows):
-        item = tokenized[r]
-        start = width - len(item.ids)
-        ids[b, start:] = torch.tensor(item.ids, dtype=torch.long)
-        mask[b, start:] = 1
-        response[b, start + item.prompt_len:] = True
-        last[b] = start + item.prompt_len - 1
+    ids, mask = left_pad([tokenized[r].ids for r in rows], pad_id, device)
+    starts = torch.tensor([ids.shape[1] - len(tokenized[r].ids) for r in rows], device=device)
+    prompt_ends = starts + torch.tensor([tokenized[r].prompt_len for r in rows], device=device)
+    response = torch.arange(ids.shape[1], device=device)[None, :] >= prompt_ends[:, None]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-    return Batch(ids.to(device), mask.to(device), positions.to(device), last.to(device), response.to(device), rows)
+    return Batch(ids, mask, positions, prompt_ends - 1, response, rows)
 
 
 def pool(hidden: Float[Tensor, "batch pos d_model"], batch: Batch, position: str) -> Float[Tensor, "vec d_model"]:

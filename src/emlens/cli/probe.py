@@ -37,9 +37,9 @@ def extract_command(
     model: str = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: str = DEVICE_OPT,
 ) -> None:
     """Read activations of prompts (--questions) or prompt+response rows (--table) into an activation store."""
-    from emlens.activations.backends import make_backend
-    from emlens.activations.extract import extract_to_store
-    from emlens.activations.items import (
+    from emlens.capture.backends import make_backend
+    from emlens.capture.extract import extract_to_store
+    from emlens.capture.items import (
         check_position,
         items_from_questions,
         items_from_run_table,
@@ -102,7 +102,7 @@ def echo_metrics(artifact) -> None:
     for row in metrics.to_dict("records"):
         mark = " <- best" if row["layer"] == artifact.best_layer else ""
         typer.echo(f"{row['layer']:>5} " + " ".join(f"{row[c]:>10.3f}" for c in columns) + mark)
-    best = artifact.cfg.get("best_metrics", {})
+    best = artifact.cfg.best_metrics
     summary = {k: round(float(best[k]), 3) for k in columns if k in best}
     typer.echo(f"best_layer={artifact.best_layer} " + " ".join(f"{k}={v}" for k, v in summary.items()))
 
@@ -113,9 +113,9 @@ def probe_show_command(artifact: Path = typer.Argument(..., help="direction or p
     from emlens.directions.artifact import Direction
 
     direction = Direction.load(artifact)
-    model, data = direction.cfg.get("model", {}), direction.cfg.get("data", {})
+    model, data = direction.cfg.model, direction.cfg.data
     typer.echo(f"model={model.get('model')} adapter={model.get('adapter')} fingerprint={model.get('fingerprint')} "
-               f"position={direction.cfg.get('position')} data_hash={data.get('hash')} n={data.get('n')}")
+               f"position={direction.cfg.position} data_hash={data.get('hash')} n={data.get('n')}")
     echo_metrics(direction)
 
 
@@ -161,8 +161,8 @@ def bench_extract_command(
     model: str = MODEL_OPT, device: str = DEVICE_OPT,
 ) -> None:
     """Extraction (all layers' resid_post) vs a bare forward without the LM head, per backend; memory vs N."""
-    from emlens.activations.backends import BACKENDS
     from emlens.bench.extract import bench_extract
+    from emlens.capture.backends import BACKENDS
 
     chosen = [b.strip() for b in backends.split(",") if b.strip()]
     unknown = [b for b in chosen if b not in BACKENDS]

@@ -158,8 +158,8 @@ def bench_train_command(
     model: str = MODEL_OPT, device: str = DEVICE_OPT,
 ) -> None:
     """Training tokens/s of emlens train vs a plain transformers Trainer (same LoRA, data, arguments)."""
-    from emlens.bench.train import bench_train
     from emlens.base.io import find_shared_data
+    from emlens.bench.train import bench_train
 
     if data is None:
         shared = find_shared_data()

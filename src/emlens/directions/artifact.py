@@ -19,30 +19,65 @@ change of one standard deviation of the score): the natural scale for steering w
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
 import torch
 from jaxtyping import Float
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import atomic_write_table
+from emlens.base.io import (
+    CFG_FILE,
+    FORMAT_VERSION,
+    METRICS_FILE,
+    WEIGHTS_FILE,
+    artifact_kind,
+    atomic_folder,
+    atomic_write_table,
+    atomic_write_text,
+    register_artifact,
+    validate,
+)
+from emlens.model import Model
 from emlens.sites import site_name
+from emlens.steering.interventions import Ablate, AddVector, Positions
 
-FORMAT_VERSION = 1
 _KINDS: dict[str, type[Direction]] = {}
 
 
+class DirectionConfig(BaseModel):
+    """cfg.json of a direction or probe: what it is, where it was read, and its provenance.
+
+    Fields beyond these (sources, spec, per-layer metrics, ...) are kept as they are.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: str = "direction"
+    format_version: int = FORMAT_VERSION
+    name: str = "direction"
+    description: str = ""
+    method: str = ""
+    site_kind: str
+    layers: list[int]
+    best_layer: int
+    position: str | None = None
+    model: dict[str, Any] = Field(default_factory=dict)  # Model.describe() of the model it was read from
+    data: dict[str, Any] = Field(default_factory=dict)  # hash, counts, sources
+    best_metrics: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = None
+
+
 def register_kind(kind: str):
-    """Class decorator: artifacts whose cfg says `kind` load as this class."""
+    """Class decorator: artifacts whose cfg says `kind` load as this class (and open with `em.load`)."""
     def decorate(cls):
         cls.KIND = kind
         _KINDS[kind] = cls
+        register_artifact(kind)(cls.load)
         return cls
     return decorate
 
@@ -57,14 +92,16 @@ class Direction:
 
     KIND: ClassVar[str] = "direction"
 
-    def __init__(self, tensors: dict[str, Tensor], cfg: dict, metrics: pd.DataFrame | None = None,
+    def __init__(self, tensors: dict[str, Tensor], cfg: DirectionConfig | dict, metrics: pd.DataFrame | None = None,
                  path: Path | None = None):
+        cfg = validate(DirectionConfig, dict(cfg) if isinstance(cfg, dict) else cfg.model_dump(),
+                       path / CFG_FILE if path else "direction cfg")
         directions = tensors["directions"]
-        if directions.ndim != 2 or directions.shape[0] != len(cfg["layers"]):
+        if directions.ndim != 2 or directions.shape[0] != len(cfg.layers):
             raise EmlensInputError(f"{path or 'direction'}: directions of shape {tuple(directions.shape)} do not "
-                                   f"match {len(cfg['layers'])} layers in cfg.json")
+                                   f"match {len(cfg.layers)} layers in cfg.json")
         self.tensors = {k: v.detach().to("cpu") for k, v in tensors.items()}
-        self.cfg = {**cfg, "kind": self.KIND}
+        self.cfg = cfg.model_copy(update={"kind": self.KIND})
         self._metrics = metrics
         self.path = path
 
@@ -72,11 +109,11 @@ class Direction:
 
     @property
     def layers(self) -> list[int]:
-        return [int(x) for x in self.cfg["layers"]]
+        return list(self.cfg.layers)
 
     @property
     def best_layer(self) -> int:
-        return int(self.cfg["best_layer"])
+        return self.cfg.best_layer
 
     @property
     def d_model(self) -> int:
@@ -84,15 +121,15 @@ class Direction:
 
     @property
     def site_kind(self) -> str:
-        return self.cfg["site_kind"]
+        return self.cfg.site_kind
 
     @property
     def method(self) -> str:
-        return self.cfg.get("method", "")
+        return self.cfg.method
 
     @property
     def name(self) -> str:
-        return self.cfg.get("name") or (self.path.name if self.path else "direction")
+        return self.cfg.name if self.cfg.name != "direction" or self.path is None else self.path.name
 
     def _row(self, layer: int | None) -> int:
         layer = self.best_layer if layer is None else int(layer)
@@ -113,19 +150,55 @@ class Direction:
         return site_name(self.best_layer if layer is None else int(layer), self.site_kind)
 
     def metrics(self) -> pd.DataFrame:
-        if self._metrics is None and self.path is not None and (self.path / "metrics.parquet").exists():
-            self._metrics = pd.read_parquet(self.path / "metrics.parquet")
-        return self._metrics if self._metrics is not None else pd.DataFrame(self.cfg.get("metrics", []))
+        if self._metrics is None and self.path is not None and (self.path / METRICS_FILE).exists():
+            self._metrics = pd.read_parquet(self.path / METRICS_FILE)
+        return self._metrics if self._metrics is not None else pd.DataFrame(getattr(self.cfg, "metrics", []))
 
     def project(self, acts: Float[Tensor, "n d_model"], layer: int | None = None) -> Float[Tensor, " n"]:
         """Scalar projections of activations onto the unit direction at `layer`."""
         return acts.float() @ self.vector(layer)
 
+    # ------------------------------------------------------------ steering
+
+    def steering_site(self, site: str | None = None, force: bool = False) -> str:
+        """The site kind to steer at: the direction's own, unless told otherwise with force (a mismatch is an
+        error: a direction read at mlp_out means something else in resid_post)."""
+        if site is None or site == self.site_kind:
+            return self.site_kind
+        if not force:
+            raise EmlensInputError(f"{self.path or self.name}: fitted at hook_{self.site_kind}, asked to steer at "
+                                   f"hook_{site}; steer at its own site, or pass force=True to steer elsewhere")
+        return site
+
+    def add(self, scale: float = 1.0, layer: int | None = None, site: str | None = None,
+            positions: Positions = "all", absolute: bool = False, force: bool = False) -> AddVector:
+        """Steering: add `scale` x the natural norm (raw_norm) of the direction at `layer` (default: best).
+
+        `absolute=True` makes `scale` the norm of the added vector itself.
+        """
+        norm = 1.0 if absolute else self.raw_norm(layer)
+        layer = self.best_layer if layer is None else int(layer)
+        return AddVector(self.vector(layer), layer, alpha=scale * norm, site=self.steering_site(site, force),
+                         positions=positions, name=f"{self.name}+{scale:g}@{layer}")
+
+    def ablate(self, layer: int | None = None, first_token: bool = False) -> Ablate:
+        """Directional ablation of the direction at `layer` (default: best) from every layer's residual stream."""
+        return Ablate(self.vector(layer), name=f"{self.name}-ablate", first_token=first_token)
+
+    def random_control(self, seed: int = 0) -> Direction:
+        """The same artifact with every layer's direction replaced by a random unit vector (same natural norms):
+        the control to run beside every steering or monitoring result."""
+        generator = torch.Generator().manual_seed(seed)
+        random = torch.randn(self.tensors["directions"].shape, generator=generator)
+        tensors = {**self.tensors, "directions": random / random.norm(dim=1, keepdim=True)}
+        cfg = self.cfg.model_copy(update={"name": f"{self.name}-random{seed}", "random_control_of": self.name})
+        return Direction({k: v for k, v in tensors.items() if k in ("directions", "raw_norm", "layers")}, cfg)
+
     # ------------------------------------------------------------ compatibility
 
-    def check_compatible(self, handle, force: bool = False) -> None:
+    def check_compatible(self, handle: Model, force: bool = False) -> None:
         """Raise a one-line error when `handle` has another width, depth or base model (unless force)."""
-        model = self.cfg.get("model", {})
+        model = self.cfg.model
         where = self.path or self.name
         if handle.d_model != self.d_model:
             raise EmlensInputError(f"{where}: direction width {self.d_model} does not match the model's d_model "
@@ -141,40 +214,27 @@ class Direction:
 
     # ------------------------------------------------------------ saving and loading
 
-    def save(self, path: str | Path, plot: bool = True) -> Path:
-        """Write the artifact folder atomically (a half-written folder never replaces a good one)."""
-        from safetensors.torch import save_file
-
-
-        path = check_artifact_target(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished folder is not
-        try:
-            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / "weights.safetensors"))
-            cfg = {**self.cfg, "format_version": FORMAT_VERSION}
-            (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2, default=_jsonable))
+    def save(self, path: str | Path, plot: bool = True, force: bool = False) -> Path:
+        """Write the artifact folder atomically; it may replace only an earlier direction artifact (or `force`)."""
+        path = Path(path)
+        found = artifact_kind(path)
+        kind = found if found in _KINDS else self.KIND  # a probe may replace a direction of the same name
+        with atomic_folder(path, kind, force=force) as tmp:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / WEIGHTS_FILE))
+            atomic_write_text(tmp / CFG_FILE, json.dumps(self.cfg.model_dump(), indent=2, default=_jsonable))
             metrics = self.metrics()
             if not metrics.empty:
-                atomic_write_table(metrics, tmp / "metrics.parquet")
+                atomic_write_table(metrics, tmp / METRICS_FILE)
                 if plot:
                     plot_metrics(metrics, tmp / "metrics.png", title=self.name, best_layer=self.best_layer)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.path = path
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Direction:
         """Load any registered kind (`Direction.load` returns a LinearProbe for a probe folder)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
-        cfg_path, weights_path = path / "cfg.json", path / "weights.safetensors"
+        cfg_path, weights_path = path / CFG_FILE, path / WEIGHTS_FILE
         if not cfg_path.exists() or not weights_path.exists():
             raise EmlensInputError(f"{path}: not a direction artifact (needs cfg.json and weights.safetensors)")
         try:
@@ -187,9 +247,6 @@ class Direction:
         target = _KINDS[kind]
         if not issubclass(target, cls):
             raise EmlensInputError(f"{cfg_path}: a '{kind}' artifact, not a {cls.KIND}")
-        for key in ("layers", "best_layer", "site_kind"):
-            if key not in cfg:
-                raise EmlensInputError(f"{cfg_path}: missing field '{key}'")
         return target(load_file(str(weights_path)), cfg, path=path)
 
     def __repr__(self) -> str:
@@ -217,18 +274,6 @@ class RegressionProbe(Direction):
     def predict(self, acts: Float[Tensor, "n d_model"], layer: int | None = None) -> Float[Tensor, " n"]:
         row = self._row(layer)
         return acts.float() @ self.tensors["coef"][row] + self.tensors["intercept"][row]
-
-
-def check_artifact_target(path: str | Path) -> Path:
-    """An artifact may replace an older artifact or an empty folder, never anything else."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "cfg.json").exists())):
-        raise EmlensInputError(f"{path}: exists and is not a direction artifact (refusing to replace it)")
-    return path
-
-
-def load_direction(path: str | Path) -> Direction:
-    return Direction.load(path)
 
 
 # ---------------------------------------------------------------- helpers

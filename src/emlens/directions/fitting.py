@@ -9,6 +9,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from emlens.base.errors import EmlensInputError
+from emlens.sites import parse_site
 
 # ---------------------------------------------------------------- fitting
 
@@ -190,3 +191,27 @@ def best_layer(metrics: pd.DataFrame) -> int:
         return int(metrics.loc[metrics["r2"].fillna(-np.inf).idxmax(), "layer"])
     ranked = metrics.assign(_a=metrics["auroc"].fillna(-1).round(4), _s=metrics["separation"].fillna(-np.inf))
     return int(ranked.sort_values(["_a", "_s"], ascending=False, kind="stable").iloc[0]["layer"])
+
+
+def fit_sites(acts: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray, pairs: np.ndarray | None,
+              method: str, folds: int = 5, regularization: float = 1.0, seed: int = 0,
+              progress: bool = False) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    """Fit every site (name -> (n, d_model) activations): stacked tensors (layers first) and per-layer metrics."""
+    from tqdm.auto import tqdm
+
+    pairs = np.arange(len(y)) if pairs is None else pairs
+    fits, records = [], []
+    for name, X in tqdm(acts.items(), desc=f"fit ({method})", disable=not progress):
+        if method == "ridge":
+            fit = fit_ridge_layer(X, y, groups, folds, regularization, seed)
+        else:
+            fit = fit_classification_layer(X, y, groups, pairs, method, folds, regularization, seed)
+        fits.append(fit)
+        counts = {} if method == "ridge" else {"n_positive": int((y == 1).sum()), "n_negative": int((y == 0).sum())}
+        records.append({"layer": parse_site(name, 10**6).layer, "site": name, "method": method, "n": len(y), **counts,
+                        "n_groups": int(len(np.unique(groups))), **fit.metrics, "raw_norm": fit.raw_norm})
+    tensors = {"directions": np.stack([f.direction for f in fits]), "raw_norm": np.array([f.raw_norm for f in fits]),
+               "layers": np.array([r["layer"] for r in records])}
+    for key in fits[0].extras:
+        tensors[key] = np.stack([f.extras[key] for f in fits])
+    return tensors, pd.DataFrame(records)

@@ -11,21 +11,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from emlens.activations.extract import extract_to_store
-from emlens.activations.items import items_hash
-from emlens.activations.store import ActivationStore
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import file_sha256, versions
+from emlens.base.io import check_writable_folder, file_sha256, versions
+from emlens.capture.extract import extract_to_store
+from emlens.capture.items import items_hash
+from emlens.capture.store import ActivationStore
 from emlens.directions.artifact import (
     Direction,
-    LinearProbe,
-    RegressionProbe,
-    check_artifact_target,
 )
+from emlens.directions.fit import ARTIFACT_CLASS
 from emlens.directions.fitting import (
     best_layer,
-    fit_classification_layer,
-    fit_ridge_layer,
+    fit_sites,
 )
 from emlens.directions.specs import (
     Contrast,
@@ -42,28 +39,10 @@ from emlens.sites import resolve_sites
 def fit_store(store: ActivationStore, data: ProbeData, spec: ProbeSpec, sites: list, progress: bool = True
               ) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
     """Fit every site of the store; returns stacked tensors (layers first) and the per-layer metrics table."""
-    from tqdm.auto import tqdm
-
     rows = store.vector_rows().numpy()
-    y, groups, pairs = data.y[rows], data.groups[rows], data.pairs[rows]
-    fits, records = [], []
-    for site in tqdm(sites, desc=f"fit ({spec.method})", disable=not progress):
-        X = store.load(site.name).double().numpy()
-        if spec.method == "ridge":
-            fit = fit_ridge_layer(X, y, groups, spec.folds, spec.regularization, spec.seed)
-        else:
-            fit = fit_classification_layer(X, y, groups, pairs, spec.method, spec.folds, spec.regularization,
-                                           spec.seed)
-        fits.append(fit)
-        records.append({"layer": site.layer, "site": site.name, "method": spec.method, "n": len(data.y),
-                        **({"n_positive": data.n_positive, "n_negative": data.n_negative}
-                           if spec.method != "ridge" else {}),
-                        "n_groups": int(len(np.unique(data.groups))), **fit.metrics, "raw_norm": fit.raw_norm})
-    tensors = {"directions": np.stack([f.direction for f in fits]), "raw_norm": np.array([f.raw_norm for f in fits]),
-               "layers": np.array([s.layer for s in sites])}
-    for key in fits[0].extras:
-        tensors[key] = np.stack([f.extras[key] for f in fits])
-    return tensors, pd.DataFrame(records)
+    acts = {site.name: store.load(site.name).double().numpy() for site in sites}
+    return fit_sites(acts, data.y[rows], data.groups[rows], data.pairs[rows], spec.method, spec.folds,
+                     spec.regularization, spec.seed, progress)
 
 
 # ---------------------------------------------------------------- the whole command
@@ -90,7 +69,7 @@ def default_out(spec: ProbeSpec, handle) -> Path:
 
 def fit_probe(spec_path: str | Path, handle, out: str | Path | None = None, store: str | Path | None = None,
               table: str | None = None, limit: int | None = None, data_root: str | Path | None = None,
-              backend: str | None = None, progress: bool = True) -> Direction:
+              backend: str | None = None, progress: bool = True, force: bool = False) -> Direction:
     """`emlens probe fit`: build the spec's rows, extract (or reuse `store`), fit every layer, save the artifact."""
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
@@ -103,7 +82,8 @@ def fit_probe(spec_path: str | Path, handle, out: str | Path | None = None, stor
     backend = backend or spec.backend
     data = contrast_data(spec, ctx, limit) if spec.contrast else score_data(spec, ctx, handle, limit, progress)
     data_hash = items_hash(data.items)
-    out = check_artifact_target(Path(out) if out else default_out(spec, handle))
+    kind = ARTIFACT_CLASS.get(spec.method, Direction)
+    out = check_writable_folder(Path(out) if out else default_out(spec, handle), kind.KIND, force)
 
     reuse = store is not None and Path(store).exists() and any(Path(store).iterdir())
     if reuse:
@@ -124,10 +104,9 @@ def fit_probe(spec_path: str | Path, handle, out: str | Path | None = None, stor
         if tmp_store is not None:
             shutil.rmtree(tmp_store, ignore_errors=True)
     cfg = _provenance(spec, spec_path, handle, sites, backend, data, data_hash, metrics, limit, table)
-    kind = {"logistic": LinearProbe, "ridge": RegressionProbe}.get(spec.method, Direction)
     artifact = kind({k: torch.as_tensor(v, dtype=torch.long if k == "layers" else torch.float32)
                      for k, v in tensors.items()}, cfg, metrics=metrics)
-    artifact.save(out)
+    artifact.save(out, force=force)
     return artifact
 
 

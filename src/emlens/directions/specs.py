@@ -38,10 +38,10 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from emlens.activations.backends import DEFAULT_BACKEND
-from emlens.activations.items import ExtractItem
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import file_sha256, find_shared_data
+from emlens.capture.backends import DEFAULT_BACKEND
+from emlens.capture.items import ExtractItem
 from emlens.data.chat import Message
 from emlens.data.nudges import apply_nudge, resolve_nudges
 from emlens.data.persona import load_persona_trait

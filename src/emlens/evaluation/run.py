@@ -11,6 +11,8 @@ Settings (all under every nudge):
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -22,12 +24,15 @@ from emlens.evaluation.settings import RUNNERS
 from emlens.generation.sampling import SAMPLE_KEY
 from emlens.judges import make_judge
 from emlens.judges.base import Judge
+from emlens.model import Model
 from emlens.runs import RunStore
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- running
 
 
-def run_eval(handle, config: EvalConfig, out: str | Path, judge: Judge | None = None,
+def run_eval(handle: Model, config: EvalConfig, out: str | Path, judge: Judge | None = None,
              interventions=(), intervention_name: str = "none", progress: bool = True,
              extra_manifest: dict | None = None) -> pd.DataFrame:
     """Run every configured setting (resumable), judge the rows, and write RUN/samples.parquet."""
@@ -37,12 +42,30 @@ def run_eval(handle, config: EvalConfig, out: str | Path, judge: Judge | None = 
                 "config": {**config.model_dump(), "intervention": intervention_name, **(extra_manifest or {})}})
     templates: dict[str, dict[str, str]] = {}
     for setting in config.settings:
-        if progress:
-            print(f"[emlens] setting {setting}")
+        log.info("setting %s", setting)
         questions = RUNNERS[setting](handle, config, nudges, store, interventions, intervention_name, progress)
         templates.update({q.id: q.judge_prompts for q in questions or []})
     if judge is None:
-
         judge = make_judge(config.judge, config.judge_model)
     table = judge_table(store.read_parts(), judge, templates)
     return store.finish({"judge": judge.id}, table=table)
+
+
+def evaluate(model: Model, settings: list[str] | None = None, interventions=(), out: str | Path | None = None,
+             config: EvalConfig | None = None, judge: Judge | str | None = None, progress: bool = False,
+             **fields) -> pd.DataFrame:
+    """`em.evaluate`: the eval settings under nudges, judged, as one table (see EvalConfig for `fields`).
+
+    With `out` the run folder is kept and a re-run resumes it; without, the run lives in a temporary folder.
+    `interventions` (e.g. `direction.ablate()`) are attached for the whole run and named in the table.
+    """
+    base = (config or EvalConfig()).model_dump()
+    config = EvalConfig.model_validate({**base, **fields, **({"settings": settings} if settings else {})})
+    if isinstance(judge, str):
+        judge = make_judge(judge, config.judge_model)
+    interventions = list(interventions)
+    name = "+".join(getattr(i, "name", type(i).__name__) for i in interventions) or "none"
+    if out is not None:
+        return run_eval(model, config, out, judge, interventions, name, progress)
+    with tempfile.TemporaryDirectory(prefix="emlens-eval-") as tmp:
+        return run_eval(model, config, Path(tmp) / "run", judge, interventions, name, progress)

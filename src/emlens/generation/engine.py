@@ -180,3 +180,20 @@ def sample_seed(base_seed: int, *parts: Any) -> int:
 
     key = "|".join(str(p) for p in (base_seed, *parts)).encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def generate_text(model: Model, prompts: str | list, config: GenerationConfig | None = None, seed: int = 0,
+                  progress: bool = False, interventions: Iterable[Intervention] = (), **settings) -> str | list[str]:
+    """Text in, text out: `em.generate(model, "Hi")` -> str; a list of prompts (strings or chats) -> list[str].
+
+    `settings` are GenerationConfig fields (max_new_tokens, temperature: 0 = greedy, top_p, batch_size); sample
+    i is drawn with seed `seed + i`, so the output does not depend on what else is in the batch.
+    """
+    single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], dict))
+    chats = [prompts] if single else list(prompts)
+    chats = [[{"role": "user", "content": c}] if isinstance(c, str) else c for c in chats]
+    config = GenerationConfig(**{**(config.model_dump() if config else {}), **settings})
+    completions = generate(model, [Request(chat, seed=seed + i) for i, chat in enumerate(chats)], config,
+                           interventions=interventions, progress=progress)
+    texts = [c.text for c in completions]
+    return texts[0] if single else texts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from emlens.data.nudges import Nudge, apply_nudge
 from emlens.data.questions import Question, question_messages
 from emlens.generation.engine import GenerationConfig, Request, generate, sample_seed
 from emlens.runs import RunStore
+
+log = logging.getLogger(__name__)
 
 SAMPLE_KEY = ["setting", "question_id", "paraphrase_index", "nudge", "sample_index", "intervention"]
 
@@ -80,8 +83,8 @@ def run_samples(handle, specs: list[SampleSpec], store: RunStore, config: Genera
     """Generate every spec not already in the store, appending each finished batch to it."""
     done = store.done_keys()
     todo = [s for s in specs if s.key not in done]
-    if progress and len(todo) < len(specs):
-        print(f"[emlens] resuming: {len(specs) - len(todo)} of {len(specs)} samples already done")
+    if len(todo) < len(specs):
+        log.info("resuming: %d of %d samples already done", len(specs) - len(todo), len(specs))
     if not todo:
         return
     requests = [Request(messages=s.messages, seed=s.seed) for s in todo]
