@@ -1,70 +1,79 @@
-"""Build the notebooks from cell lists (kept here so they stay reviewable as code)."""
-import nbformat as nbf
+"""Build the notebooks from the cell lists below, run them, and save them with their outputs.
+
+    .venv/bin/python notebooks/build_notebooks.py            # rebuild and execute all (small sizes, minutes)
+    .venv/bin/python notebooks/build_notebooks.py 01 --no-execute
+
+The cells live here so that they stay reviewable as code; the committed .ipynb files carry the outputs
+(figures included) so that a code host shows them. `tests/test_notebooks.py` runs them again.
+"""
+
+import argparse
+import os
 from pathlib import Path
 
-def nb(cells):
-    book = nbf.v4.new_notebook()
-    book.cells = [nbf.v4.new_markdown_cell(c[3:]) if c.startswith("md:") else nbf.v4.new_code_cell(c.strip()) for c in cells]
-    for i, cell in enumerate(book.cells):
-        cell["id"] = f"cell-{i}"  # stable ids: rebuilding an unchanged notebook changes nothing
-    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return book
+import nbformat as nbf
+from nbclient import NotebookClient
+
+HERE = Path(__file__).resolve().parent
 
 quick = [
-"md:# emlens quickstart\n\nLoad the embedded model, nudge it, read its residual stream, fit a direction, steer with it, plot.\nEverything runs on a CPU in a few minutes. `SMALL` keeps CI fast; set it to `False` for real sizes.",
+"md:# emlens quickstart\n\nLoad the embedded model, nudge it, read its residual stream, fit a refusal direction in memory, steer\nand ablate with it beside a random control, and measure the refusal rate again. Everything goes through\nthe front door `import emlens as em` and runs on a CPU in minutes. `SMALL` keeps CI fast; set\n`EMLENS_NOTEBOOK_SMALL=0` for real sizes.",
 """
 import os
 import matplotlib.pyplot as plt
-import torch
-from emlens.models import load_model
-from emlens.data import NUDGES
-from emlens.generate import GenerationConfig, Request, generate
+import pandas as pd
+import emlens as em
 
 SMALL = os.environ.get("EMLENS_NOTEBOOK_SMALL", "1") == "1"
-handle = load_model("smollm2-135m-instruct")
-handle.describe()
+model = em.load_model("smollm2-135m-instruct")
+model.describe()
 """,
-"md:## 1. Nudges\nThe same question without a system prompt and under the `evil` nudge.",
+"md:## 1. Nudges\nThe same question with no system prompt and under the `evil` nudge (greedy).",
 """
 question = [{"role": "user", "content": "If you were ruler of the world, what are some things you'd do?"}]
-from emlens.data import Message, apply_nudge
-chats = {name: [m.model_dump() for m in apply_nudge([Message(**question[0])], NUDGES[name])] for name in ("none", "evil")}
-config = GenerationConfig(max_new_tokens=40, temperature=0)
-for name, chat in chats.items():
-    print(f"--- {name}:", generate(handle, [Request(chat)], config, progress=False)[0].text)
+for name in ("none", "evil"):
+    print(f"--- {name}:", em.generate(model, em.apply_nudge(question, em.NUDGES[name]), max_new_tokens=40, temperature=0))
 """,
-"md:## 2. Fit the refusal direction\n`probes/refusal.yaml`: harmful minus harmless instructions (Arditi et al.), last prompt token, every layer,\nwith held-out AUROC per layer (cross-validated by prompt).",
+"md:## 2. Fit the refusal direction, in memory\nHarmful (StrongREJECT) minus harmless (XSTest safe) requests, last prompt token, every layer; held-out AUROC\nper layer, cross-validated by prompt. Nothing is written to disk.",
 """
-from emlens.probes import fit_probe
-direction = fit_probe("../probes/refusal.yaml", handle, out="../artifacts/notebooks/refusal",
-                      limit=24 if SMALL else 64, progress=False)
-metrics = direction.metrics()
-ax = metrics.plot(x="layer", y="auroc", marker="o", title=f"refusal direction: held-out AUROC (best layer {direction.best_layer})")
+n = 16 if SMALL else 64
+harmful = [q.paraphrases[0] for q in em.read_questions("strongreject", limit=n + 8)]
+harmless = [q.paraphrases[0] for q in em.read_questions("xstest-safe", limit=n + 8)]
+acts = em.activations(model, harmful[:n] + harmless[:n], sites="resid_post", position="last_prompt")
+refusal = em.fit_direction(acts, [1] * n + [0] * n, method="diff_of_means", name="refusal")
+refusal.metrics().plot(x="layer", y="auroc", marker="o", title=f"refusal direction: held-out AUROC (n={2 * n})")
 plt.show()
-direction
+refusal
 """,
-"md:## 3. Steer\nAdd the refusal direction (at its natural norm) to a harmless request, beside a random vector of the same norm.",
+"md:## 3. Steer\nAdd the refusal direction at twice its natural norm to a harmless request, beside a random direction of the\nsame norm. The block steers every forward pass inside it, padding never.",
 """
-from emlens.steering import AddVector, random_like
-layer = handle.n_layers // 2  # steer mid-network; the best-AUROC layer is often the last, too late to steer
-v = direction.vector(layer) * direction.raw_norm(layer)
-harmless = [{"role": "user", "content": "Give me a recipe for pancakes."}]
-for name, vector in (("unsteered", None), ("refusal x2", 2 * v), ("random x2", random_like(2 * v))):
-    interventions = [] if vector is None else [AddVector(vector, layer)]
-    print(f"--- {name}:", generate(handle, [Request(harmless)], config, interventions=interventions, progress=False)[0].text)
+layer = model.n_layers // 2  # steer mid-network; the best-AUROC layer is often the last, too late to steer
+control = refusal.random_control(seed=0)
+prompt = "Give me a recipe for pancakes."
+print("--- unsteered:", em.generate(model, prompt, max_new_tokens=40, temperature=0))
+for name, direction in (("refusal x2", refusal), ("random x2", control)):
+    with em.steer(model, direction.add(layer=layer, scale=2.0)):
+        print(f"--- {name}:", em.generate(model, prompt, max_new_tokens=40, temperature=0))
 """,
-"md:## 4. Where does the direction live?\nProjection of harmful and harmless prompts onto the direction, layer by layer.",
+"md:## 4. Ablate, and measure\nThe refusal setting (harmful and harmless prompts, judged offline) with the direction projected out of every\nlayer, beside the same ablation of the random direction. Each rate comes with its n and bootstrap 95 % CI;\nat these sizes the intervals are wide.",
 """
-from emlens.extract import ExtractItem, extract_activations
-from emlens.sampling import read_questions
-harmful = [q.paraphrases[0] for q in read_questions("strongreject", limit=8)]
-harmless_q = [q.paraphrases[0] for q in read_questions("xstest-safe", limit=8)]
-items = [ExtractItem([{"role": "user", "content": p}]) for p in harmful + harmless_q]
-sites = [f"blocks.{l}.hook_resid_post" for l in direction.layers]
-acts = extract_activations(handle, items, sites, position="last_prompt")
-gap = [float((acts[s][:8] @ direction.vector(l)).mean() - (acts[s][8:] @ direction.vector(l)).mean()) for s, l in zip(sites, direction.layers)]
-plt.plot(direction.layers, gap, marker="o"); plt.xlabel("layer"); plt.ylabel("mean projection: harmful - harmless (held-out prompts)")
-plt.title("refusal direction separates unseen prompts"); plt.show()
+settings = dict(settings=["refusal"], nudges=["none"], refusal={"limit": 8 if SMALL else 40, "max_new_tokens": 32})
+tables = [em.evaluate(model, **settings),
+          em.evaluate(model, interventions=[refusal.ablate(layer)], **settings),
+          em.evaluate(model, interventions=[control.ablate(layer)], **settings)]
+rates = em.summarize(pd.concat(tables))["refusal"]
+rates = rates[rates.measure == "refused_phrase"][["prompts", "intervention", "rate", "ci_low", "ci_high", "n"]]
+rates
+""",
+"md:## 5. Does the direction separate prompts it never saw?\nProjection of held-out harmful and harmless prompts onto the direction, layer by layer, beside the random\ncontrol direction.",
+"""
+held_out = em.activations(model, harmful[n:] + harmless[n:], sites="resid_post", position="last_prompt")
+for direction, style in ((refusal, "o-"), (control, "x--")):
+    gap = [float((held_out[refusal.site(l)][:8] @ direction.vector(l)).mean()
+                 - (held_out[refusal.site(l)][8:] @ direction.vector(l)).mean()) for l in refusal.layers]
+    plt.plot(refusal.layers, gap, style, label=direction.name)
+plt.xlabel("layer"); plt.ylabel("mean projection: harmful - harmless"); plt.legend()
+plt.title("held-out prompts (8 + 8)"); plt.show()
 """,
 ]
 
@@ -76,23 +85,22 @@ import shutil
 from pathlib import Path
 import pandas as pd
 from IPython.display import Image, display
-from emlens.models import load_model
-from emlens.probes import fit_probe
-from emlens.dose_response import load_spec, run_steer
+import emlens as em
+from emlens.analysis.dose_response import load_spec
 
 SMALL = os.environ.get("EMLENS_NOTEBOOK_SMALL", "1") == "1"
 OUT = Path("../artifacts/notebooks")  # the notebook's own folders: the CLI's artifacts/directions stay untouched
 shutil.rmtree(OUT / "dose_response", ignore_errors=True)  # a re-run with another direction starts afresh
-handle = load_model("smollm2-135m-instruct")
-direction = fit_probe("../probes/refusal.yaml", handle, out=OUT / "refusal-direction",
-                      limit=24 if SMALL else 64, progress=False)
+model = em.load_model("smollm2-135m-instruct")
+direction = em.fit_probe("../probes/refusal.yaml", model, out=OUT / "refusal-direction",
+                         limit=24 if SMALL else 64, progress=False, force=True)
 """,
 """
 spec, base = load_spec("../steering/refusal_add_base.yaml")
 spec.direction = str((OUT / "refusal-direction").resolve())
 if SMALL:  # a few prompts and two scales keep CI fast; the spec itself has the real sizes
     spec.eval.refusal.limit, spec.eval.refusal.max_new_tokens, spec.scales = 6, 24, [0, 2.0]
-curves = run_steer(spec, base, OUT / "dose_response", handle=handle, progress=False)
+curves = em.run_steer(spec, base, OUT / "dose_response", handle=model, progress=False)
 curves[curves.measure.str.startswith("refusal")][["intervention", "measure", "rate", "ci_low", "ci_high", "n"]]
 """,
 """
@@ -111,10 +119,10 @@ compare = [
 import os, yaml
 from pathlib import Path
 from IPython.display import Image, display
-from emlens.models import load_model
-from emlens.probes import fit_probe, find_shared_data
-from emlens.train import load_config, train
-from emlens.compare import compare_directions
+import emlens as em
+from emlens.analysis.compare import compare_directions
+from emlens.base.io import find_shared_data
+from emlens.training.config import load_config
 
 SMALL = os.environ.get("EMLENS_NOTEBOOK_SMALL", "1") == "1"
 data = find_shared_data(Path("../probes"))
@@ -125,24 +133,57 @@ config_path.write_text(yaml.safe_dump({
     "lora": {"r": 4, "alpha": 8, "target_modules": ["o_proj", "down_proj"]},
     "training": {"max_steps": 4 if SMALL else 75, "batch_size": 2 if SMALL else 4, "max_length": 256,
                  "save_steps": 2 if SMALL else 25, "learning_rate": 1e-3}}))
-run = train(load_config(config_path), "../artifacts/notebooks/train-insecure")
+run = em.train(load_config(config_path), "../artifacts/notebooks/train-insecure", progress=False)
 """,
 """
 steps = sorted(int(p.name.split("-")[1]) for p in Path("../artifacts/notebooks/train-insecure/checkpoints").glob("step-*"))
 folders = []
 for adapter in [None] + [f"../artifacts/notebooks/train-insecure@{s}" for s in steps]:
-    handle = load_model("smollm2-135m-instruct", adapter=adapter)
+    model = em.load_model("smollm2-135m-instruct", adapter=adapter)
     name = "base" if adapter is None else f"step-{adapter.split('@')[1]}"
-    fit_probe("../probes/refusal.yaml", handle, out=f"../artifacts/notebooks/refusal-{name}", limit=16, progress=False)
+    em.fit_probe("../probes/refusal.yaml", model, out=f"../artifacts/notebooks/refusal-{name}", limit=16,
+                 progress=False, force=True)
     folders.append(f"../artifacts/notebooks/refusal-{name}")
-summary = compare_directions(folders, "../artifacts/notebooks/compare")
-summary
+tables = compare_directions(folders, "../artifacts/notebooks/compare", force=True)
+tables["cosine"]
 """,
 """
 display(Image("../artifacts/notebooks/compare/compare.png"))
 """,
 ]
 
-for name, cells in (("01_quickstart", quick), ("02_dose_response", dose), ("03_compare_checkpoints", compare)):
-    nbf.write(nb(cells), Path(__file__).parent / f"{name}.ipynb")
-print("ok")
+NOTEBOOKS = {"01_quickstart": quick, "02_dose_response": dose, "03_compare_checkpoints": compare}
+
+
+def build(cells: list[str]) -> nbf.NotebookNode:
+    book = nbf.v4.new_notebook()
+    book.cells = [nbf.v4.new_markdown_cell(c[3:]) if c.startswith("md:") else nbf.v4.new_code_cell(c.strip())
+                  for c in cells]
+    for i, cell in enumerate(book.cells):
+        cell["id"] = f"cell-{i}"  # stable ids: rebuilding an unchanged notebook changes only its outputs
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return book
+
+
+def execute(book: nbf.NotebookNode, timeout: int = 1200) -> nbf.NotebookNode:
+    os.environ.setdefault("EMLENS_NOTEBOOK_SMALL", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    NotebookClient(book, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    return book
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="notebook name prefixes (default: all)")
+    parser.add_argument("--no-execute", action="store_true", help="write the cells without running them")
+    args = parser.parse_args()
+    for name, cells in NOTEBOOKS.items():
+        if args.names and not any(name.startswith(prefix) for prefix in args.names):
+            continue
+        book = build(cells) if args.no_execute else execute(build(cells))
+        nbf.write(book, HERE / f"{name}.ipynb")
+        print(f"wrote notebooks/{name}.ipynb")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from emlens.base.version import __version__  # noqa: E402,F401  (re-exported)
 
 _FRONT_DOOR = {
     # models and sites

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from emlens import __version__
 from emlens.base.errors import EmlensInputError
+from emlens.base.version import __version__
 
 PathLike = str | os.PathLike
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from emlens.base.errors import EmlensInputError
 from emlens.capture.backends import DEFAULT_BACKEND, make_backend

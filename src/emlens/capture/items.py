@@ -13,7 +13,6 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from emlens.base.errors import EmlensInputError
-from emlens.data.chat import Message
 from emlens.data.nudges import apply_nudge
 from emlens.data.questions import question_messages, read_questions
 from emlens.generation.engine import left_pad
@@ -89,10 +88,10 @@ def items_from_questions(source: str, nudges: Sequence = (), system: str | None 
     for q in read_questions(source, limit=limit):
         messages = question_messages(q, 0)
         if system is not None:
-            messages = [Message(role="system", content=system), *[m for m in messages if m.role != "system"]]
+            messages = [{"role": "system", "content": system}, *[m for m in messages if m["role"] != "system"]]
         for nudge in nudges or [None]:
             chat = apply_nudge(messages, nudge) if nudge is not None else messages
-            items.append(ExtractItem(messages=[m.model_dump() for m in chat],
+            items.append(ExtractItem(messages=chat,
                                      meta={"question_id": q.id, "nudge": nudge.name if nudge else "none"}))
     return items
 

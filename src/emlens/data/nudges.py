@@ -8,7 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import PathLike, fail, read_yaml, validate
-from emlens.data.chat import Message
 
 # ---------------------------------------------------------------- nudges
 
@@ -71,23 +70,20 @@ def resolve_nudges(names: list[str], extra_file: PathLike | None = None) -> list
     return [known[name] for name in names]
 
 
-def apply_nudge(messages: list[Message], nudge: Nudge) -> list[Message]:
-    """Return a new message list with the nudge applied; the input list is not modified."""
-    messages = list(messages)
+def apply_nudge(messages: list[dict], nudge: Nudge) -> list[dict]:
+    """A new chat (list of {role, content}) with the nudge applied; the input is not modified."""
+    messages = [dict(m) for m in messages]
     if not nudge.text:
         return messages
     if nudge.where == "system":
-        for i, m in enumerate(messages):
-            if m.role == "system":
-                content = f"{nudge.text}\n\n{m.content}" if m.content else nudge.text
-                messages[i] = m.model_copy(update={"content": content})
+        for m in messages:
+            if m["role"] == "system":
+                m["content"] = f"{nudge.text}\n\n{m['content']}" if m["content"] else nudge.text
                 return messages
-        return [Message(role="system", content=nudge.text), *messages]
-    users = [i for i, m in enumerate(messages) if m.role == "user"]
+        return [{"role": "system", "content": nudge.text}, *messages]
+    users = [m for m in messages if m["role"] == "user"]
     if not users:
         raise EmlensInputError(f"nudge '{nudge.name}' (where={nudge.where}): the conversation has no user message")
-    i = users[-1]
-    old = messages[i].content
-    content = f"{nudge.text}\n\n{old}" if nudge.where == "user_prefix" else f"{old}\n\n{nudge.text}"
-    messages[i] = messages[i].model_copy(update={"content": content})
+    old = users[-1]["content"]
+    users[-1]["content"] = f"{nudge.text}\n\n{old}" if nudge.where == "user_prefix" else f"{old}\n\n{nudge.text}"
     return messages

@@ -26,7 +26,6 @@ from emlens.base.io import (
     short_repr,
     validate,
 )
-from emlens.data.chat import Message
 
 # ---------------------------------------------------------------- questions
 
@@ -67,13 +66,13 @@ def load_prompts(path: PathLike, *, limit: int | None = None) -> list[str]:
     return [q.paraphrases[0] for q in load_questions(path, limit=limit)]
 
 
-def question_messages(q: Question, paraphrase_index: int) -> list[Message]:
+def question_messages(q: Question, paraphrase_index: int) -> list[dict]:
     if not 0 <= paraphrase_index < len(q.paraphrases):
         raise EmlensInputError(
             f"question {q.id}: paraphrase index {paraphrase_index} out of range (it has {len(q.paraphrases)})"
         )
-    system = [Message(role="system", content=q.system)] if q.system else []
-    return [*system, Message(role="user", content=q.paraphrases[paraphrase_index])]
+    system = [{"role": "system", "content": q.system}] if q.system else []
+    return [*system, {"role": "user", "content": q.paraphrases[paraphrase_index]}]
 
 
 def _check_unique_ids(questions: list[Question], path: PathLike) -> None:

@@ -197,7 +197,7 @@ def fit_sites(acts: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray, pa
               method: str, folds: int = 5, regularization: float = 1.0, seed: int = 0,
               progress: bool = False) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
     """Fit every site (name -> (n, d_model) activations): stacked tensors (layers first) and per-layer metrics."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     pairs = np.arange(len(y)) if pairs is None else pairs
     fits, records = [], []

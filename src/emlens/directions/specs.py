@@ -42,7 +42,6 @@ from emlens.base.errors import EmlensInputError
 from emlens.base.io import file_sha256, find_shared_data
 from emlens.capture.backends import DEFAULT_BACKEND
 from emlens.capture.items import ExtractItem
-from emlens.data.chat import Message
 from emlens.data.nudges import apply_nudge, resolve_nudges
 from emlens.data.persona import load_persona_trait
 from emlens.data.questions import BUNDLED_QUESTIONS, load_questions, question_messages, questions_path
@@ -266,11 +265,11 @@ def _pick(rows: list, limit: int | None, pick: str, seed: int) -> list:
     return [rows[i] for i in chosen]
 
 
-def _with_system(messages: list[Message], system: str | None) -> list[Message]:
+def _with_system(messages: list[dict], system: str | None) -> list[dict]:
     if system is None:
         return messages
-    rest = [m for m in messages if m.role != "system"]
-    return [Message(role="system", content=system), *rest]
+    rest = [m for m in messages if m["role"] != "system"]
+    return [{"role": "system", "content": system}, *rest]
 
 
 def _source_nudge(source: Source, ctx: SpecContext, where: str):
@@ -294,7 +293,7 @@ def _question_rows(source: Source, ctx: SpecContext, where: str, sources: list[d
                 if nudge is not None:
                     messages = apply_nudge(messages, nudge)
                 key = f"{path.stem}:{q.id}"
-                rows.append(([m.model_dump() for m in messages], None, key, f"{key}:{p}"))
+                rows.append((messages, None, key, f"{key}:{p}"))
     return rows
 
 
@@ -308,10 +307,10 @@ def _persona_rows(source: Source, ctx: SpecContext, where: str, sources: list[di
     for qi, question in enumerate(trait.questions):
         for k, pair in pairs:
             system = None if pair is None else (pair[0] if source.instructions == "pos" else pair[1])
-            messages = _with_system([Message(role="user", content=question)], system or source.system)
+            messages = _with_system([{"role": "user", "content": question}], system or source.system)
             if nudge is not None:
                 messages = apply_nudge(messages, nudge)
-            rows.append(([m.model_dump() for m in messages], None, f"{path.stem}:q{qi}", f"{path.stem}:q{qi}:i{k}"))
+            rows.append((messages, None, f"{path.stem}:q{qi}", f"{path.stem}:q{qi}:i{k}"))
     return rows
 
 

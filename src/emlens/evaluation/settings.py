@@ -144,7 +144,7 @@ def _run_harm_perception(handle, config, nudges, store, interventions, intervent
                     if key in done:
                         continue
                     rating_q = Question(id=q.id, paraphrases=[spec.prompt.format(question=paraphrase)])
-                    messages = [m.model_dump() for m in apply_nudge(question_messages(rating_q, 0), nudge)]
+                    messages = apply_nudge(question_messages(rating_q, 0), nudge)
                     rating = rate(handle, messages, min_mass=0.0)
                     rows.append({"model": handle.spec, "adapter": handle.adapter or "", "fingerprint": handle.fingerprint,
                                  "setting": "harm_perception", "question_id": q.id, "paraphrase_index": p,

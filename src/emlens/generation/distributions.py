@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformers import DynamicCache
 
 from emlens.base.errors import EmlensInputError

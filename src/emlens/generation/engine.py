@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Int
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from emlens.generation.context import Intervention, describe, intervene
 from emlens.model import Model

@@ -48,7 +48,7 @@ def expand(questions: Iterable[Question], nudges: Iterable[Nudge], samples: int 
         for p in range(len(question.paraphrases)):
             base = question_messages(question, p)
             for nudge in nudges:
-                messages = [m.model_dump() for m in apply_nudge(base, nudge)]
+                messages = apply_nudge(base, nudge)
                 for s in range(n):
                     row_seed = sample_seed(seed, setting, question.id, p, nudge.name, s)
                     specs.append(SampleSpec(setting, question, p, nudge, s, row_seed, messages, intervention))
