@@ -67,11 +67,11 @@ class Model:
 
     @property
     def n_layers(self) -> int:
-        return self.config.num_hidden_layers
+        return self.config.get_text_config().num_hidden_layers  # multimodal configs keep it in text_config
 
     @property
     def d_model(self) -> int:
-        return self.config.hidden_size
+        return self.config.get_text_config().hidden_size
 
     def chat_text(self, messages, add_generation_prompt: bool = True) -> str:
         """Chat-template a conversation (list of {role, content} dicts or pydantic Messages)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import re
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -209,26 +211,94 @@ def check_site_kind(causal_lm, kind: str) -> None:
 def hook_site(causal_lm, layer: int, kind: str, change: Callable[[Tensor], Tensor | None], write: bool = False):
     """Call `change(hidden)` at a site on every forward pass; a returned tensor replaces the value there.
 
-    `write=True` places the hook where an addition to the site belongs (see `Family`). Returns the torch hook
-    handle (`.remove()` it). `causal_lm` is the plain HF model (under any PEFT wrapper).
+    `write=True` places the hook where an addition to the site belongs (see `Family`). Returns a handle
+    (`.remove()` it). `causal_lm` is the plain HF model (under any PEFT wrapper).
+
+    Several sites can share one module: the attention output is where attn_out is read and written AND where
+    an addition to resid_mid is made. The hooks on one module therefore run in site order (then in the order
+    they were placed), so a read of attn_out never sees an addition made to resid_mid, whichever came first.
     """
     check_site_kind(causal_lm, kind)
     family = family_of(causal_lm.config)
     hook = (family.write.get(kind) if write else None) or family.read[kind]
     module = _attribute(decoder_layers(causal_lm)[layer], hook.module)
-    if hook.where == "input":
-        def pre_hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            new = change(hidden)
-            if new is None:
-                return None
-            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    hooks = _SITE_HOOKS.setdefault(module, {})
+    if hook.where not in hooks:
+        hooks[hook.where] = _SiteHooks(module, hook.where)
+    return hooks[hook.where].add(SITE_KINDS.index(kind), change)
 
-    def post_hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        new = change(hidden)
+
+class _SiteHooks:
+    """Every emlens hook on one module's input (or output), run by ONE torch hook in site order."""
+
+    def __init__(self, module, where: Literal["input", "output"]):
+        self.module, self.where = module, where
+        self.changes: list[tuple[int, int, Callable[[Tensor], Tensor | None]]] = []  # (site order, seq, change)
+        self.count = itertools.count()
+        # plain functions, not bound methods: a deepcopy of the model shares them, as it shares any closure
+        if where == "input":
+            def pre_hook(module, args, kwargs):
+                return self._pre_hook(args, kwargs)
+            self.torch_handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        else:
+            def post_hook(module, args, output):
+                return self._post_hook(output)
+            self.torch_handle = module.register_forward_hook(post_hook)
+
+    def add(self, order: int, change: Callable[[Tensor], Tensor | None]) -> _SiteHandle:
+        entry = (order, next(self.count), change)
+        self.changes.append(entry)
+        self.changes.sort(key=lambda e: e[:2])
+        return _SiteHandle(self, entry)
+
+    def remove(self, entry) -> None:
+        if entry in self.changes:
+            self.changes.remove(entry)
+        if not self.changes:
+            self.torch_handle.remove()
+            hooks = _SITE_HOOKS.get(self.module, {})
+            if hooks.get(self.where) is self:
+                del hooks[self.where]
+            if not hooks:
+                _SITE_HOOKS.pop(self.module, None)
+
+    def _run(self, hidden: Tensor) -> Tensor | None:
+        changed = False
+        for _, _, change in list(self.changes):
+            new = change(hidden)
+            if new is not None:
+                hidden, changed = new, True
+        return hidden if changed else None
+
+    def _pre_hook(self, args, kwargs):
+        new = self._run(args[0] if args else kwargs["hidden_states"])
+        if new is None:
+            return None
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+    def _post_hook(self, output):
+        new = self._run(output[0] if isinstance(output, tuple) else output)
         if new is None:
             return None
         return (new, *output[1:]) if isinstance(output, tuple) else new
-    return module.register_forward_hook(post_hook)
+
+
+class _SiteHandle:
+    """What `hook_site` returns: `.remove()` takes the hook off (a second call does nothing)."""
+
+    def __init__(self, hooks: _SiteHooks, entry):
+        self.hooks, self.entry = hooks, entry
+
+    def remove(self) -> None:
+        if self.hooks is not None:
+            self.hooks.remove(self.entry)
+            self.hooks = None
+
+    def __enter__(self) -> _SiteHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+_SITE_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {"input"/"output": _SiteHooks}

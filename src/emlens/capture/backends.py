@@ -63,7 +63,7 @@ class NNsightBackend:
         import nnsight
 
         self.nnsight = nnsight
-        self.causal_lm = handle.base_model
+        self.handle, self.causal_lm = handle, handle.base_model
         self.model = nnsight.NNsight(decoder_of(handle.base_model))
 
     def _envoy_value(self, site: Site):
@@ -75,6 +75,10 @@ class NNsightBackend:
         return envoy.input if hook.where == "input" else envoy.output
 
     def run(self, batch: Batch, sites: list[Site], position: str) -> dict[str, Tensor]:
+        if getattr(self.handle, "_attention_masks_depth", 0):
+            # nnsight reads a module's output before the module's torch hooks run, so it would miss the steering
+            raise EmlensInputError("backend nnsight: cannot read activations under emlens steering (it sees module "
+                                   "outputs before their hooks); use backend torch-hooks")
         with self.model.trace(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               position_ids=batch.position_ids, use_cache=False) as tracer:
             pooled = self.nnsight.save([pool(_first(self._envoy_value(s)), batch, position) for s in sites])
