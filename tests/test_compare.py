@@ -74,7 +74,7 @@ def test_compare_base_vs_fine_tuned(tiny_model_dir, lora_adapter, tmp_path, caps
     projection = pd.read_parquet(out / "projection.parquet")
     assert set(projection.direction) == {"base", "tuned"} and len(projection) == 6
     assert projection.auroc.between(0, 1).all() and "auroc_random_direction" in projection
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "cfg.json").read_text())
     assert summary["random_p95"] == pytest.approx(random_cosine_quantile(64))
 
 

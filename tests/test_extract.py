@@ -235,7 +235,7 @@ def test_extract_cli_questions_and_table(tiny_model_dir, tmp_path, capsys):
     store2 = ActivationStore(out2)
     assert len(store2) == len(table)
     assert list(store2.index.question_id) == list(table.question_id)  # aligned to the sample rows
-    assert json.loads((out2 / "manifest.json").read_text())["position"] == "mean_response"
+    assert json.loads((out2 / "cfg.json").read_text())["position"] == "mean_response"
 
 
 def test_extract_cli_bad_site_is_one_line(tiny_model_dir, tmp_path, capsys):

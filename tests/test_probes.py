@@ -15,7 +15,8 @@ from emlens.data.questions import read_questions
 from emlens.directions.artifact import Direction, LinearProbe, RegressionProbe
 from emlens.directions.fitting import classification_metrics, fit_ridge_layer
 from emlens.directions.probe import fit_probe, fit_store
-from emlens.directions.specs import ProbeData, ProbeSpec, load_spec
+from emlens.directions.probe_data import ProbeData
+from emlens.directions.specs import ProbeSpec, load_spec
 from emlens.generation.distributions import rate_prompts
 from emlens.sites import resolve_sites
 from tests.cli_runner import run_cli
@@ -147,9 +148,9 @@ def test_probe_fit_cli_writes_a_complete_artifact(tiny_model_dir, tmp_path, nudg
     assert run_cli("probe", "show", out) == 0
     assert f"data_hash={cfg['data']['hash']}" in capsys.readouterr().out
     # the store is kept and reused when it matches...
-    created = json.loads((store / "manifest.json").read_text())["created"]
+    created = json.loads((store / "cfg.json").read_text())["created"]
     assert run_cli("probe", "fit", nudge_spec, "--model", tiny_model_dir, "--out", out, "--store", store) == 0
-    assert json.loads((store / "manifest.json").read_text())["created"] == created
+    assert json.loads((store / "cfg.json").read_text())["created"] == created
     assert torch.equal(Direction.load(out).vector(1), d.vector(1))
     # ...and refused when it holds other rows
     assert run_cli("probe", "fit", nudge_spec, "--model", tiny_model_dir, "--store", store, "--limit", 5) == 2
@@ -245,7 +246,8 @@ def test_spec_paths_and_sites_are_checked_before_work(tiny, tmp_path, monkeypatc
 def test_shipped_specs_are_valid_and_resolve(shared_data, tmp_path):
     from pathlib import Path
 
-    from emlens.directions.specs import SpecContext, contrast_data
+    from emlens.directions.probe_data import contrast_data
+    from emlens.directions.specs import SpecContext
 
     for path in sorted(Path("probes").glob("*.yaml")):
         spec = load_spec(path)

@@ -301,7 +301,7 @@ def test_run_writes_plain_peft_checkpoints_with_manifests(tiny_model_dir, tmp_pa
     logits = {}
     for step in (2, 4):
         folder = run / "checkpoints" / f"step-{step}"
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = json.loads((folder / "cfg.json").read_text())
         assert manifest["step"] == step and manifest["data"]["sha256"] == data_hash
         assert manifest["loss"] > 0 and manifest["config"]["lora"]["r"] == 4
         assert manifest["base_fingerprint"] == result_fingerprint(tiny_model_dir)
@@ -359,17 +359,17 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path, c
         straight = load_file(tmp_path / "straight" / "checkpoints" / f"step-{step}" / "adapter_model.safetensors")
         resumed = load_file(tmp_path / "killed" / "checkpoints" / f"step-{step}" / "adapter_model.safetensors")
         assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    record = json.loads((tmp_path / "killed" / "run.json").read_text())
+    record = json.loads((tmp_path / "killed" / "cfg.json").read_text())
     assert [s["resumed_from"] for s in record["sessions"]] == [2]
 
 
 def test_rerun_with_another_config_is_refused(tiny_model_dir, tmp_path, chats):
     run = tmp_path / "run"
     train(parse_config(tiny_config(tiny_model_dir, chats, max_steps=2)), run, progress=False)
-    before = (run / "run.json").read_text()
+    before = (run / "cfg.json").read_text()
     with pytest.raises(EmlensInputError, match="changed: training.learning_rate"):
         train(parse_config(tiny_config(tiny_model_dir, chats, max_steps=2, learning_rate=0.5)), run, progress=False)
-    assert (run / "run.json").read_text() == before
+    assert (run / "cfg.json").read_text() == before
 
 
 def test_run_at_step_loads_with_load_model(tiny_model_dir, tmp_path, chats):
@@ -404,7 +404,7 @@ def test_cli_train_checkpoints_and_sweep(tiny_model_dir, tmp_path, chats, capsys
     sweep = write_yaml(tmp_path / "sweep.yaml", mixture)
     out = tmp_path / "sweep"
     assert run_cli("train", "sweep", sweep, "--out", out, "--ratios", "0,0.5", "--no-progress") == 0
-    index = json.loads((out / "sweep.json").read_text())
+    index = json.loads((out / "cfg.json").read_text())
     assert [r["name"] for r in index["runs"]] == ["ratio-0pct", "ratio-50pct"]
     half = [json.loads(line) for line in (out / "ratio-50pct" / "data.jsonl").read_text().splitlines()]
     assert sum("quick buck" in r["messages"][0]["content"] for r in half) == 4
@@ -446,7 +446,7 @@ def test_two_process_ddp_on_cpu(tiny_model_dir, tmp_path, chats):
                            "--out", str(tmp_path / "run"), "--no-progress"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    record = json.loads((tmp_path / "run" / "cfg.json").read_text())
     assert record["sessions"][0]["world_size"] == 2 and record["final_step"] == 4
     assert done.stdout.count("4 steps") == 1  # only rank 0 reports
     assert [c["step"] for c in list_checkpoints(tmp_path / "run")] == [2, 4]

@@ -9,12 +9,11 @@ about 1.96/sqrt(d), 0.082 for d_model 576). A cosine below it is indistinguishab
 writes `cosine.parquet` (every pair x layer), `drift.parquet` (each checkpoint against the previous and the
 first, in the order given), `projection.parquet` (with --store: each store's activations projected onto each
 direction), `compare.png` (heatmap checkpoints x layers against the first, and checkpoint x checkpoint at the
-first one's best layer), `drift.png` and `summary.json`.
+first one's best layer), `drift.png` and `cfg.json` (kind comparison: the inputs and the cosines at the best layer).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,9 +23,19 @@ import pandas as pd
 import torch
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import atomic_write_table, atomic_write_text
+from emlens.base.io import (
+    CFG_FILE,
+    FORMAT_VERSION,
+    atomic_write_json,
+    atomic_write_table,
+    check_writable_folder,
+    read_table,
+    register_artifact,
+)
 from emlens.capture.store import ActivationStore
 from emlens.directions.artifact import Direction
+
+COMPARISON_KIND = "comparison"
 
 
 def random_cosine_quantile(d_model: int, q: float = 0.95) -> float:
@@ -226,7 +235,7 @@ def compare_directions(paths: Sequence[str | Path], out: str | Path, stores: Seq
     names = artifact_names(paths)
     check_comparable(directions, names, force)
     opened = [(artifact_names([Path(s)])[0], ActivationStore(s)) for s in stores]
-    out = Path(out)
+    out = check_writable_folder(out, COMPARISON_KIND)
     out.mkdir(parents=True, exist_ok=True)
     tables = {"cosine": cosine_table(directions, names), "drift": drift_table(directions, names)}
     if opened:
@@ -237,11 +246,11 @@ def compare_directions(paths: Sequence[str | Path], out: str | Path, stores: Seq
     plot_drift(tables["drift"], directions[0].best_layer, out / "drift.png")
     best = directions[0].best_layer
     at_best = tables["cosine"][tables["cosine"].layer == best]
-    summary = {"directions": [str(p) for p in paths], "names": names, "d_model": directions[0].d_model,
+    summary = {"kind": COMPARISON_KIND, "format_version": FORMAT_VERSION, "directions": [str(p) for p in paths], "names": names, "d_model": directions[0].d_model,
                "random_p95": random_cosine_quantile(directions[0].d_model), "reference_best_layer": best,
                "cosine_at_best_layer": at_best[["a", "b", "cosine"]].to_dict("records"),
                "stores": [str(s) for s in stores], "created": time.time()}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_json(out / CFG_FILE, summary)
     return tables
 
 
@@ -259,3 +268,9 @@ def compare(*directions: Direction | str | Path, names: Sequence[str] | None = N
         names = [f"{n}#{i}" for i, n in enumerate(names)]
     check_comparable(loaded, names, force)
     return cosine_table(loaded, names)
+
+
+@register_artifact(COMPARISON_KIND)
+def open_comparison(folder: Path) -> dict[str, pd.DataFrame]:
+    """`em.load(OUT)` of `emlens compare`: its tables (cosine, drift, projection) by name."""
+    return {path.stem: read_table(path) for path in sorted(Path(folder).glob("*.parquet"))}

@@ -9,9 +9,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from emlens.base.io import atomic_write_table
+from emlens.base.io import (
+    CFG_FILE,
+    FORMAT_VERSION,
+    atomic_folder,
+    atomic_write_json,
+    atomic_write_table,
+    versions,
+)
 from emlens.evaluation.summary import summarize
 from emlens.runs import read_samples
+
+REPORT_KIND = "eval_report"
 
 
 def load_runs(runs: Iterable[str | Path]) -> pd.DataFrame:
@@ -63,11 +72,20 @@ def _bar_with_ci(ax, frame: pd.DataFrame, title: str, by: str = "nudge") -> None
     ax.legend(fontsize=6)
 
 
-def write_report(runs: Iterable[str | Path], out: str | Path, echo: Callable[[str], None] = print) -> list[Path]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def write_report(runs: Iterable[str | Path], out: str | Path, echo: Callable[[str], None] = print,
+                 force: bool = False) -> list[Path]:
+    """Rates (CSV) and figures of one or more eval runs into the report folder OUT, written atomically."""
+    runs = [str(r) for r in runs]
     table = load_runs(runs)
     summary = print_summary(table, echo)
+    with atomic_folder(out, REPORT_KIND, force=force) as tmp:
+        written = _write_report_files(table, summary, tmp)
+        atomic_write_json(tmp / CFG_FILE, {"kind": REPORT_KIND, "format_version": FORMAT_VERSION, "runs": runs,
+                                           "files": [p.name for p in written], "versions": versions()})
+    return [Path(out) / p.name for p in written]
+
+
+def _write_report_files(table: pd.DataFrame, summary: dict[str, pd.DataFrame], out: Path) -> list[Path]:
     written = []
     for name, frame in summary.items():
         path = out / f"{name}.csv"

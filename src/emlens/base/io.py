@@ -257,21 +257,31 @@ def atomic_folder(target: PathLike, kind: str, force: bool = False) -> Iterator[
     new folder is complete, so a killed command leaves the old artifact (or nothing) in place.
     """
     target = check_writable_folder(target, kind, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = folder_beside(target)
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def folder_beside(target: Path) -> Path:
+    """A fresh hidden folder next to `target` (same file system, so it can be renamed into place)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+
+
+def swap_in(tmp: Path, target: Path) -> None:
+    """Rename the finished folder `tmp` to `target`, replacing what is there only once `tmp` is complete."""
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+    os.replace(target, old / target.name)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- provenance and paths

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,9 +13,20 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import atomic_write_table, versions
+from emlens.base.io import (
+    CFG_FILE,
+    FORMAT_VERSION,
+    atomic_write_json,
+    atomic_write_table,
+    check_writable_folder,
+    folder_beside,
+    read_json,
+    register_artifact,
+    swap_in,
+    versions,
+)
 
-STORE_FORMAT = 1
+STORE_KIND = "activation_store"
 
 
 # ---------------------------------------------------------------- the activation store
@@ -35,15 +43,11 @@ class ActivationStoreWriter:
     """
 
     def __init__(self, folder: str | Path, sites: list[str], d_model: int, manifest: dict,
-                 dtype: str = "float32", shard_mb: float = 32.0):
+                 dtype: str = "float32", shard_mb: float = 32.0, force: bool = False):
         if dtype not in _DTYPES:
             raise EmlensInputError(f"dtype '{dtype}': expected one of {', '.join(_DTYPES)}")
-        self.folder = Path(folder)
-        if self.folder.exists() and any(self.folder.iterdir()) and not (self.folder / "manifest.json").exists():
-            raise EmlensInputError(f"{self.folder}: exists and is not an activation store (refusing to replace it)")
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}.tmp-"))
-        os.chmod(self.tmp, 0o755)  # mkdtemp makes it private; the finished folder is not
+        self.folder = check_writable_folder(folder, STORE_KIND, force)
+        self.tmp = folder_beside(self.folder)
         self.sites, self.d_model, self.manifest = list(sites), d_model, dict(manifest)
         self.dtype = dtype
         itemsize = torch.empty(0, dtype=_DTYPES[dtype]).element_size()
@@ -97,15 +101,13 @@ class ActivationStoreWriter:
         if "row" in index.columns:
             index = index.sort_values("row", kind="stable").reset_index(drop=True)
         atomic_write_table(index, self.tmp / "index.parquet")
-        manifest = {**self.manifest, "kind": "activation_store", "format": STORE_FORMAT, "sites": self.sites,
+        manifest = {**self.manifest, "kind": STORE_KIND, "format_version": FORMAT_VERSION, "sites": self.sites,
                     "d_model": self.d_model, "dtype": self.dtype, "n_rows": len(index), "n_vectors": self.n_vectors,
                     "shards": [{"file": f"shard-{i:05d}.safetensors", "vector_start": s}
                                for i, s in enumerate(self.shard_starts)],
                     "versions": versions(), "created": time.time()}
-        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        os.replace(self.tmp, self.folder)
+        atomic_write_json(self.tmp / CFG_FILE, manifest)
+        swap_in(self.tmp, self.folder)
         return ActivationStore(self.folder)
 
     def abort(self) -> None:
@@ -119,16 +121,17 @@ class ActivationStoreWriter:
             self.abort()
 
 
+@register_artifact(STORE_KIND)
 class ActivationStore:
     """Read a store: `.index` (one row per input row, in input order), `.load(site)` -> (vectors, d_model)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        path = self.folder / "manifest.json"
+        path = self.folder / CFG_FILE
         if not path.exists():
-            raise EmlensInputError(f"{self.folder}: not an activation store (no manifest.json)")
-        self.manifest = json.loads(path.read_text())
-        if self.manifest.get("kind") != "activation_store":
+            raise EmlensInputError(f"{self.folder}: not an activation store (no {CFG_FILE})")
+        self.manifest = read_json(path)
+        if self.manifest.get("kind") != STORE_KIND:
             raise EmlensInputError(f"{path}: not an activation store (kind={self.manifest.get('kind')!r})")
         self.index = pd.read_parquet(self.folder / "index.parquet")
 

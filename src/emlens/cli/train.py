@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from emlens.base.errors import EmlensInputError
-from emlens.cli.app import DEVICE_OPT, MODEL_OPT, app, bench_app, quiet_libraries
+from emlens.cli.app import DEVICE_OPT, MODEL_OPT, app, bench_app, given, model_name, quiet_libraries
 
 
 class _DefaultToRun(TyperGroup):
@@ -49,7 +49,7 @@ def train_run_command(
     config: Path = CONFIG_ARG,
     out: Optional[Path] = typer.Option(None, "--out", "-o",
                                        help="run folder (default artifacts/train/<config name>); re-run to resume"),
-    device: str = DEVICE_OPT,
+    device: Optional[str] = DEVICE_OPT,
     no_progress: bool = NO_PROGRESS_OPT,
 ) -> None:
     """Train one LoRA adapter; checkpoints go to OUT/checkpoints/step-N (use as --adapter OUT@N)."""
@@ -59,7 +59,7 @@ def train_run_command(
     spec = load_config(config)
     run = out or _default_out(config)
     quiet_libraries()
-    result = train(spec, run, device=device, progress=not no_progress, echo=typer.echo)
+    result = train(spec, run, progress=not no_progress, echo=typer.echo, **given(device=device))
     if not result.main_process:  # other ranks of `accelerate launch` / torchrun stay quiet
         return
     typer.echo(_describe(result))
@@ -77,7 +77,7 @@ def _parse_ratios(text: Optional[str]) -> Optional[list[float]]:
                                f"got '{text}'") from None
 
 
-def _parse_datasets(items: list[str]) -> Optional[dict[str, str]]:
+def _parse_datasets(items: Optional[list[str]]) -> Optional[dict[str, str]]:
     if not items:
         return None
     pairs = {}
@@ -97,44 +97,36 @@ def train_sweep_command(
     ratios: Optional[str] = typer.Option(None, "--ratios",
                                          help="mixture fractions, e.g. 0,0.01,0.02,0.05 (default: the config's "
                                               "sweep.ratios, else 0,.01,.02,.05,.1,.2,.3,.5)"),
-    dataset: list[str] = typer.Option([], "--dataset", help="NAME=PATH, repeatable: one run per data set"),
-    device: str = DEVICE_OPT,
+    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="NAME=PATH, repeatable: one run per data set"),
+    device: Optional[str] = DEVICE_OPT,
     no_progress: bool = NO_PROGRESS_OPT,
 ) -> None:
     """One adapter per mixture ratio and/or dataset; finished runs are skipped, a killed one resumes."""
-    from emlens.training.config import load_config, parse_config
+    from emlens.training.config import load_config, with_sweep
     from emlens.training.sweep import train_sweep
 
-    spec = load_config(config)
-    datasets = _parse_datasets(dataset)
-    if datasets is not None or ratios is not None:  # validate CLI values like config fields (paths, 0..1)
-        overrides = {**({"ratios": _parse_ratios(ratios)} if ratios is not None else {}),
-                     **({"datasets": datasets} if datasets is not None else {})}
-        spec = parse_config({**spec.model_dump(mode="json"), "sweep": {**(spec.sweep.model_dump(exclude_none=True)
-                                                                          if spec.sweep else {}), **overrides}},
-                            where="command line")
-        spec._source = str(config)
+    spec = with_sweep(load_config(config), ratios=_parse_ratios(ratios), datasets=_parse_datasets(dataset))
     sweep_out = out or _default_out(config)
     quiet_libraries()
-    results = train_sweep(spec, sweep_out, device=device, progress=not no_progress, echo=typer.echo)
+    results = train_sweep(spec, sweep_out, progress=not no_progress, echo=typer.echo, **given(device=device))
     if results and not results[0].main_process:
         return
     for result in results:
         typer.echo(_describe(result))
-    typer.echo(f"sweep index: {sweep_out / 'sweep.json'}")
+    typer.echo(f"sweep index: {sweep_out / 'cfg.json'}")
 
 
 @app.command("checkpoints")
 def checkpoints_command(run: Path = typer.Argument(..., help="a training run folder, or a sweep folder")) -> None:
     """List the checkpoint series of a run (step, loss, RUN@STEP spec to pass as --adapter)."""
-    from emlens.training.runfolder import list_checkpoints
+    from emlens.training.runfolder import list_checkpoints, read_run
     from emlens.training.sweep import sweep_runs
 
     runs = sweep_runs(run)
     for folder in runs or [run]:
         if runs:
             typer.echo(f"# {folder}")
-            if not (folder / "run.json").exists():
+            if read_run(folder) is None:
                 typer.echo("  (not started)")
                 continue
         rows = list_checkpoints(folder)
@@ -150,12 +142,12 @@ def bench_train_command(
     data: Optional[Path] = typer.Option(None, "--data",
                                         help="chat JSONL (default: ../shared/data/em_betley/insecure.jsonl, found "
                                              "via EMLENS_SHARED_DATA or walking up from the cwd)"),
-    steps: int = typer.Option(8, "--steps", min=2),
-    batch_size: int = typer.Option(4, "--batch-size", min=1),
-    max_length: int = typer.Option(256, "--max-length", min=8),
-    repeats: int = typer.Option(2, "--repeats", min=1),
-    rank: int = typer.Option(8, "--rank", min=1),
-    model: str = MODEL_OPT, device: str = DEVICE_OPT,
+    steps: Optional[int] = typer.Option(None, "--steps", min=2),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=8),
+    repeats: Optional[int] = typer.Option(None, "--repeats", min=1),
+    rank: Optional[int] = typer.Option(None, "--rank", min=1),
+    model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Training tokens/s of emlens train vs a plain transformers Trainer (same LoRA, data, arguments)."""
     from emlens.base.io import find_shared_data
@@ -167,5 +159,6 @@ def bench_train_command(
         if data is None or not data.exists():
             raise EmlensInputError("option '--data': no shared data found (set EMLENS_SHARED_DATA); pass a chat JSONL")
     quiet_libraries()
-    bench_train(model, data, steps=steps, batch_size=batch_size, max_length=max_length, repeats=repeats, r=rank,
-                device=device, echo=typer.echo)
+    bench_train(model_name(model), data, echo=typer.echo, **given(steps=steps, batch_size=batch_size,
+                                                                  max_length=max_length, repeats=repeats, r=rank,
+                                                                  device=device))

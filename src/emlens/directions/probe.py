@@ -24,15 +24,8 @@ from emlens.directions.fitting import (
     best_layer,
     fit_sites,
 )
-from emlens.directions.specs import (
-    Contrast,
-    ProbeData,
-    ProbeSpec,
-    SpecContext,
-    contrast_data,
-    load_spec,
-    score_data,
-)
+from emlens.directions.probe_data import ProbeData, contrast_data, score_data
+from emlens.directions.specs import Contrast, ProbeSpec, SpecContext, load_spec
 from emlens.sites import resolve_sites
 
 

@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import describe_validation_error, read_yaml
+from emlens.base.io import describe_validation_error, fail, read_yaml_mapping
 from emlens.model import DEFAULT_MODEL
 
 DEFAULT_RATIOS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # Hu et al. 2025 mixture sweep
@@ -143,19 +143,32 @@ class TrainConfig(_Strict):
 def parse_config(data: Any, where: str | Path = "config", base_dir: str | Path | None = None) -> TrainConfig:
     """Validate a config mapping; relative data paths are taken relative to `base_dir`."""
     if not isinstance(data, dict):
-        raise EmlensInputError(f"{where}: expected a mapping of config fields, got {type(data).__name__}")
-    try:
+        raise fail(where, f"expected a mapping of TrainConfig fields, got {type(data).__name__}")
+    try:  # base.io.validate takes no context, and the data paths need the config's folder
         return TrainConfig.model_validate(data, context={"base_dir": str(base_dir) if base_dir else None})
     except ValidationError as error:
-        raise EmlensInputError(f"{where}: {describe_validation_error(error)}") from None
+        raise fail(where, describe_validation_error(error)) from None
 
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read a training config YAML: data paths relative to the YAML's folder, `${VAR:-default}` expanded."""
     path = Path(path)
-    config = parse_config(read_yaml(path), where=path, base_dir=path.resolve().parent)
+    config = parse_config(read_yaml_mapping(path, "TrainConfig"), where=path, base_dir=path.resolve().parent)
     config._source = str(path)
     return config
+
+
+def with_sweep(config: TrainConfig, ratios: list[float] | None = None,
+               datasets: dict[str, str] | None = None) -> TrainConfig:
+    """The config with its sweep's ratios and/or datasets replaced (None: keep), validated like config fields."""
+    if ratios is None and datasets is None:
+        return config
+    sweep = config.sweep.model_dump(exclude_none=True) if config.sweep else {}
+    sweep.update({**({"ratios": ratios} if ratios is not None else {}),
+                  **({"datasets": datasets} if datasets is not None else {})})
+    updated = parse_config({**config.model_dump(mode="json"), "sweep": sweep}, where="command line")
+    updated._source = config._source
+    return updated
 
 
 @contextmanager

@@ -10,11 +10,24 @@ from pathlib import Path
 from typing import Any
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import atomic_write_table, atomic_write_text, versions
+from emlens.base.io import (
+    CFG_FILE,
+    FORMAT_VERSION,
+    artifact_kind,
+    atomic_write_json,
+    atomic_write_table,
+    atomic_write_text,
+    check_writable_folder,
+    read_json,
+    register_artifact,
+    versions,
+)
 from emlens.training.config import TrainConfig
 from emlens.training.data import TokenizedData, TrainingData
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+RUN_KIND, CHECKPOINT_KIND, SWEEP_KIND = "training_run", "adapter_checkpoint", "training_sweep"
 
 
 def export_checkpoint(run: Path, source: Path, step: int, log_history: list[dict], epoch: float | None,
@@ -26,14 +39,14 @@ def export_checkpoint(run: Path, source: Path, step: int, log_history: list[dict
     folder = run / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     previous = max((s for s in _checkpoint_steps(run) if s < step), default=0)
-    manifest = {"step": step, "epoch": epoch, **_loss_window(log_history, step, previous), **run_info,
-                "created": time.time()}
+    manifest = {"kind": CHECKPOINT_KIND, "format_version": FORMAT_VERSION, "step": step, "epoch": epoch,
+                **_loss_window(log_history, step, previous), **run_info, "created": time.time()}
     target, tmp = folder / f"step-{step}", folder / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name in ADAPTER_FILES:
         shutil.copyfile(source / name, tmp / name)  # copyfile, not copy2: safetensors saves files as 0600
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    atomic_write_json(tmp / CFG_FILE, manifest)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
@@ -51,12 +64,12 @@ def _checkpoint_steps(run: Path) -> list[int]:
 def list_checkpoints(run: str | Path) -> list[dict]:
     """The checkpoint series of a run: step, path, `RUN@STEP` spec, loss, epoch; sorted by step."""
     run = Path(run)
-    if not (run / "run.json").exists() and not (run / "checkpoints").is_dir():
-        raise EmlensInputError(f"{run}: not a training run folder (no run.json or checkpoints/)")
+    if read_run(run) is None and not (run / "checkpoints").is_dir():
+        raise EmlensInputError(f"{run}: not a training run folder (no {CFG_FILE} of kind {RUN_KIND} or checkpoints/)")
     rows = []
     for step in _checkpoint_steps(run):
         path = run / "checkpoints" / f"step-{step}"
-        manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {}
+        manifest = read_json(path / CFG_FILE) if (path / CFG_FILE).exists() else {}
         rows.append({"step": step, "path": str(path), "spec": f"{run}@{step}", "loss": manifest.get("loss"),
                      "epoch": manifest.get("epoch"), "tokens_seen": manifest.get("tokens_seen")})
     return rows
@@ -97,8 +110,8 @@ def package_versions() -> dict:
 
 
 def read_run(run: Path) -> dict | None:
-    path = Path(run) / "run.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    """A training run's cfg.json (None when the folder holds no training run)."""
+    return read_json(Path(run) / CFG_FILE) if artifact_kind(run) == RUN_KIND else None
 
 
 def _check_same_run(existing: dict, config: TrainConfig, data: TrainingData, run: Path) -> None:
@@ -120,21 +133,22 @@ def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _start_run(run: Path, data: TrainingData, run_info: dict, tokenized: TokenizedData):
+    check_writable_folder(run, RUN_KIND)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / "data.jsonl", data.jsonl())
-    record = {**run_info, "out": str(run), "tokens": {"n_examples": len(tokenized.input_ids),
+    record = {"kind": RUN_KIND, "format_version": FORMAT_VERSION, **run_info, "out": str(run), "tokens": {"n_examples": len(tokenized.input_ids),
                                                       "n_tokens": tokenized.n_tokens,
                                                       "n_trained_tokens": tokenized.n_trained_tokens,
                                                       "n_truncated": tokenized.n_truncated,
                                                       "n_dropped": tokenized.n_dropped},
               "created": time.time(), "finished": False, "sessions": []}
-    atomic_write_text(run / "run.json", json.dumps(record, indent=2))
+    atomic_write_json(run / CFG_FILE, record)
 
 
 def _update_run(run: Path, **fields) -> dict:
     record = read_run(run) or {}
     record.update(fields)
-    atomic_write_text(run / "run.json", json.dumps(record, indent=2))
+    atomic_write_json(run / CFG_FILE, record)
     return record
 
 
@@ -173,14 +187,14 @@ def _finish_run(run: Path, log_history: list[dict], session: dict, title: str) -
     if len(frame):
         plot_loss(frame, steps, run / "loss.png", title)
     final = run / "checkpoints" / f"step-{steps[-1]}"
-    for name in (*ADAPTER_FILES, "manifest.json"):  # RUN itself is a PEFT folder of the final adapter
+    for name in ADAPTER_FILES:  # RUN itself is a PEFT folder of the final adapter
         tmp = run / f".{name}.tmp"
         shutil.copyfile(final / name, tmp)
         os.replace(tmp, run / name)
     shutil.rmtree(run / "trainer", ignore_errors=True)  # resume state (optimizer...) is useless once finished
     sessions = [*(read_run(run) or {}).get("sessions", []), session]
     # one batch's loss is noisy: report the mean since the previous checkpoint (as the final manifest does)
-    final_loss = json.loads((final / "manifest.json").read_text()).get("loss")
+    final_loss = read_json(final / CFG_FILE).get("loss")
     return _update_run(run, finished=True, final_step=steps[-1], checkpoints=steps, sessions=sessions,
                        final_loss=final_loss, last_step_loss=float(frame["loss"].iloc[-1]) if len(frame) else None,
                        updated=time.time())
@@ -191,3 +205,9 @@ def _loss_window(log_history: list[dict], step: int, previous: int) -> dict:
     last = next((e for e in reversed(log_history) if "loss" in e and e.get("step", 0) <= step), {})
     return {"loss": sum(losses) / len(losses) if losses else None, "loss_at_step": last.get("loss"),
             "learning_rate": last.get("learning_rate"), "tokens_seen": last.get("num_input_tokens_seen")}
+
+
+@register_artifact(RUN_KIND)
+def open_run(folder: Path) -> list[dict]:
+    """`em.load(RUN)` of a training run: its checkpoint series (step, RUN@STEP spec, loss, ...)."""
+    return list_checkpoints(folder)

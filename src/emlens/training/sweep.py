@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import atomic_write_text
+from emlens.base.io import CFG_FILE, FORMAT_VERSION, artifact_kind, atomic_write_json, check_writable_folder
 from emlens.training.config import (
     DEFAULT_RATIOS,
     SweepSettings,
@@ -17,7 +17,7 @@ from emlens.training.config import (
     parse_config,
 )
 from emlens.training.data import _SourceCache, build_training_data
-from emlens.training.runfolder import package_versions
+from emlens.training.runfolder import SWEEP_KIND, package_versions
 from emlens.training.trainer import TrainResult, train
 
 # ---------------------------------------------------------------- sweeps
@@ -63,7 +63,8 @@ def sweep_configs(config: TrainConfig, ratios: list[float] | None = None,
 def train_sweep(config: TrainConfig, out: str | Path, *, ratios: list[float] | None = None,
                 datasets: dict[str, str] | None = None, device: str = "auto", progress: bool = True,
                 echo: Callable[[str], None] = print) -> list[TrainResult]:
-    """One adapter per sweep point into OUT/<name>/; OUT/sweep.json indexes them. Finished runs are skipped."""
+    """One adapter per sweep point into OUT/<name>/; OUT/cfg.json (kind training_sweep) indexes them.
+    Finished runs are skipped."""
     out = Path(out)
     with naming_the_config(config):
         runs = sweep_configs(config, ratios, datasets)
@@ -71,11 +72,11 @@ def train_sweep(config: TrainConfig, out: str | Path, *, ratios: list[float] | N
         for _name, run_config in runs:  # every data set is built (and checked) before any training
             build_training_data(run_config, cache)
     main = is_main_process()
-    index = {"runs": [{"name": n, "path": str(out / n), "config": c.run_config()} for n, c in runs],
+    index = {"kind": SWEEP_KIND, "format_version": FORMAT_VERSION, "runs": [{"name": n, "path": str(out / n), "config": c.run_config()} for n, c in runs],
              "versions": package_versions()}
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "sweep.json", json.dumps(index, indent=2))
+        check_writable_folder(out, SWEEP_KIND)
+        atomic_write_json(out / CFG_FILE, index)
     results = []
     for i, (name, run_config) in enumerate(runs, start=1):
         if main:
@@ -84,7 +85,7 @@ def train_sweep(config: TrainConfig, out: str | Path, *, ratios: list[float] | N
         results.append(result)
         if main:
             index["runs"][i - 1].update(final_step=result.final_step, final_loss=result.final_loss)
-            atomic_write_text(out / "sweep.json", json.dumps(index, indent=2))
+            atomic_write_json(out / CFG_FILE, index)
     return results
 
 
@@ -94,8 +95,8 @@ def is_main_process() -> bool:
 
 
 def sweep_runs(folder: str | Path) -> list[Path]:
-    """Run folders listed in a sweep's sweep.json (empty when `folder` is not a sweep)."""
-    path = Path(folder) / "sweep.json"
-    if not path.exists():
+    """Run folders listed in a sweep's cfg.json (empty when `folder` is not a sweep)."""
+    path = Path(folder) / CFG_FILE
+    if artifact_kind(folder) != SWEEP_KIND:
         return []
     return [Path(r["path"]) for r in json.loads(path.read_text())["runs"]]

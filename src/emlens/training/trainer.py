@@ -1,10 +1,12 @@
 """Training stage: LoRA fine-tuning with transformers' `Trainer` into a series of plain PEFT checkpoints.
 
 A run folder RUN/ holds:
-  run.json                          config, data summary and hash, base model and fingerprint, versions, progress
+  cfg.json                          kind training_run: config, data summary and hash, base model and fingerprint,
+                                    versions, progress
   data.jsonl                        the exact training conversations (after limit / mixture sampling)
-  checkpoints/step-N/               a plain PEFT adapter + manifest.json, every `save_steps` and at the end
-  adapter_config.json, adapter_model.safetensors, manifest.json
+  checkpoints/step-N/               a plain PEFT adapter + cfg.json (kind adapter_checkpoint: step, loss, ...),
+                                    every `save_steps` and at the end
+  adapter_config.json, adapter_model.safetensors
                                     the final adapter, so RUN itself loads as a PEFT folder (`--adapter RUN`)
   loss.parquet, loss.png            the per-step training loss
   trainer/checkpoint-N/             Trainer's resume state (optimizer, scheduler, RNG) of the last checkpoint, kept
@@ -154,7 +156,7 @@ def make_trainer(model, tokenizer, tokenized: TokenizedData, args, callbacks=())
 
 
 def progress_callback(desc: str):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
