@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,7 +266,9 @@ def resolve_adapter(adapter: str) -> Path:
 def attach_adapter(model, path: Path, merge: bool):
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(model, str(path))
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(model, str(path))
     return peft_model.merge_and_unload() if merge else peft_model
 
 
