@@ -27,11 +27,11 @@ from emlens.capture.backends import BACKENDS, make_backend
 from emlens.capture.extract import run_tokenized
 from emlens.capture.items import TokenizedItem, iter_batches
 from emlens.capture.store import ActivationStoreWriter
-from emlens.model import load_model
+from emlens.model import Model, load_model
 from emlens.sites import resolve_sites
 
 
-def bench_tokens(handle, prompts: int, tokens: int) -> list[TokenizedItem]:
+def bench_tokens(handle: Model, prompts: int, tokens: int) -> list[TokenizedItem]:
     """`prompts` distinct windows of exactly `tokens` tokens over the Betley questions (no padding needed)."""
 
     text = " ".join(m[0]["content"] for m in bench_prompts(24))
@@ -41,17 +41,17 @@ def bench_tokens(handle, prompts: int, tokens: int) -> list[TokenizedItem]:
     return [TokenizedItem(ids=ids[7 * i:7 * i + tokens], prompt_len=tokens) for i in range(prompts)]
 
 
-def forward_batch(handle, batch) -> None:
+def forward_batch(handle: Model, batch) -> None:
     handle.base_model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids, use_cache=False)
 
 
-def open_writer(handle, folder: Path, sites, shard_mb: float) -> ActivationStoreWriter:
+def open_writer(handle: Model, folder: Path, sites, shard_mb: float) -> ActivationStoreWriter:
     return ActivationStoreWriter(folder, [s.name for s in sites], handle.d_model, {"position": "last_prompt"},
                                  shard_mb=shard_mb)
 
 
-def timed_pass(handle, tokenized: list[TokenizedItem], runners: dict, batch_size: int, shard_mb: float,
+def timed_pass(handle: Model, tokenized: list[TokenizedItem], runners: dict, batch_size: int, shard_mb: float,
                folder: Path, rotate: int = 0) -> dict[str, list[float]]:
     """One pass over the prompts for the bare forward and every backend, interleaved batch by batch.
 
@@ -82,7 +82,7 @@ def timed_pass(handle, tokenized: list[TokenizedItem], runners: dict, batch_size
     return times
 
 
-def store_extraction(handle, tokenized: list[TokenizedItem], runner, batch_size: int, shard_mb: float,
+def store_extraction(handle: Model, tokenized: list[TokenizedItem], runner, batch_size: int, shard_mb: float,
                      folder: Path) -> int:
     """Every layer's resid_post at the last token into a store at `folder`; returns the vectors written."""
     sites = resolve_sites("resid_post", handle.n_layers)
@@ -138,7 +138,7 @@ def memory_child(model: str, adapter: str | None, device: str, prompts: int, tok
     print(json.dumps({"prompts": prompts, "vectors": n, "peak_delta_mb": peak - before, "store_mb": store_mb}))
 
 
-def measure_memory(handle, prompts: int, tokens: int, batch_size: int, shard_mb: float, backend: str) -> dict:
+def measure_memory(handle: Model, prompts: int, tokens: int, batch_size: int, shard_mb: float, backend: str) -> dict:
     args = [handle.spec, handle.adapter, str(handle.device), prompts, tokens, batch_size, shard_mb, backend]
     code = f"from emlens.extract_bench import memory_child; memory_child(*{args!r})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -147,7 +147,7 @@ def measure_memory(handle, prompts: int, tokens: int, batch_size: int, shard_mb:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_extract(handle, prompts: int = 64, tokens: int = 128, batch_size: int = 16, repeats: int = 3,
+def bench_extract(handle: Model, prompts: int = 64, tokens: int = 128, batch_size: int = 16, repeats: int = 3,
                   backends: list[str] | None = None, memory_multiples: tuple[int, ...] = (1, 4, 16),
                   memory_tokens: int = 16, shard_mb: float = 32.0,
                   echo: Callable[[str], None] = print) -> dict:

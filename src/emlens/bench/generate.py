@@ -9,7 +9,7 @@ import torch
 
 from emlens.data.questions import read_questions
 from emlens.generation.engine import GenerationConfig, Request, generate
-from emlens.model import load_model
+from emlens.model import Model, load_model
 
 
 def bench_prompts(n: int) -> list[list[dict]]:
@@ -18,7 +18,7 @@ def bench_prompts(n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": texts[i % len(texts)]}] for i in range(n)]
 
 
-def tokens_per_second(handle, batch: int, new_tokens: int, temperature: float) -> float:
+def tokens_per_second(handle: Model, batch: int, new_tokens: int, temperature: float) -> float:
     # Every row generates exactly new_tokens (EOS suppressed), so batches of all sizes do the same work per row.
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=temperature,
                               top_p=0.9 if temperature else 1.0, batch_size=batch)
@@ -29,7 +29,7 @@ def tokens_per_second(handle, batch: int, new_tokens: int, temperature: float) -
     return sum(len(c.token_ids) for c in completions) / elapsed
 
 
-def hf_tokens_per_second(handle, batch: int, new_tokens: int, temperature: float) -> float:
+def hf_tokens_per_second(handle: Model, batch: int, new_tokens: int, temperature: float) -> float:
     tok = handle.tokenizer
     texts = [handle.chat_text(m) for m in bench_prompts(batch)]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(handle.device)
@@ -41,7 +41,7 @@ def hf_tokens_per_second(handle, batch: int, new_tokens: int, temperature: float
     return batch * new_tokens / (time.perf_counter() - start)
 
 
-def bench_generate(handle, batches: list[int], new_tokens: int, hf_baseline: bool = False,
+def bench_generate(handle: Model, batches: list[int], new_tokens: int, hf_baseline: bool = False,
                    echo: Callable[[str], None] = print) -> dict:
     tokens_per_second(handle, 2, 4, 0.0)  # warm-up
     results: dict[str, float] = {}

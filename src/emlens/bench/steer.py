@@ -9,10 +9,11 @@ import torch
 
 from emlens.bench.generate import bench_prompts, tokens_per_second
 from emlens.generation.engine import GenerationConfig, Request, generate
+from emlens.model import Model
 from emlens.steering.interventions import AddVector
 
 
-def bench_steer(handle, batch: int, new_tokens: int, layer: int | None = None,
+def bench_steer(handle: Model, batch: int, new_tokens: int, layer: int | None = None,
                 echo: Callable[[str], None] = print, repeats: int = 2) -> dict:
     """Tokens/s of the engine with an AddVector hook against the same run without it (best of `repeats`)."""
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from emlens.base.errors import EmlensInputError
 from emlens.capture.items import Batch, pool
+from emlens.model import Model
 from emlens.sites import Site, check_site_kind, decoder_of, family_of, hook_site
 
 BACKENDS = ("torch-hooks", "transformerlens", "nnsight")
@@ -28,7 +29,7 @@ class TorchHooksBackend:
 
     name = "torch-hooks"
 
-    def __init__(self, handle):
+    def __init__(self, handle: Model):
         self.handle = handle
 
     def run(self, batch: Batch, sites: list[Site], position: str) -> dict[str, Tensor]:
@@ -59,7 +60,7 @@ class NNsightBackend:
 
     name = "nnsight"
 
-    def __init__(self, handle):
+    def __init__(self, handle: Model):
         import nnsight
 
         self.nnsight = nnsight
@@ -91,7 +92,7 @@ class TransformerLensBackend:
 
     name = "transformerlens"
 
-    def __init__(self, handle):
+    def __init__(self, handle: Model):
         from transformer_lens.model_bridge import TransformerBridge
 
         model = copy.deepcopy(handle.model)
@@ -122,7 +123,7 @@ def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
 
-def make_backend(handle, backend: str = DEFAULT_BACKEND):
+def make_backend(handle: Model, backend: str = DEFAULT_BACKEND):
     classes = {"torch-hooks": TorchHooksBackend, "transformerlens": TransformerLensBackend, "nnsight": NNsightBackend}
     if backend not in classes:
         raise EmlensInputError(f"backend '{backend}': unknown (known: {', '.join(BACKENDS)})")

@@ -51,7 +51,7 @@ from emlens.model import Model
 from emlens.sites import Site, resolve_sites
 
 
-def run_extraction(handle, items: Sequence[ExtractItem], sites: list[Site], position: str = "last_prompt",
+def run_extraction(handle: Model, items: Sequence[ExtractItem], sites: list[Site], position: str = "last_prompt",
                    backend: str | object = DEFAULT_BACKEND, batch_size: int = 16,
                    max_response_tokens: int | None = None, progress: bool = True
                    ) -> Iterator[tuple[list[int], list[int], dict[str, Tensor]]]:
@@ -62,7 +62,7 @@ def run_extraction(handle, items: Sequence[ExtractItem], sites: list[Site], posi
     yield from run_tokenized(handle, tokenized, sites, position, backend, batch_size, progress)
 
 
-def run_tokenized(handle, tokenized: Sequence[TokenizedItem], sites: list[Site], position: str,
+def run_tokenized(handle: Model, tokenized: Sequence[TokenizedItem], sites: list[Site], position: str,
                   backend: str | object = DEFAULT_BACKEND, batch_size: int = 16, progress: bool = True
                   ) -> Iterator[tuple[list[int], list[int], dict[str, Tensor]]]:
     runner = make_backend(handle, backend) if isinstance(backend, str) else backend
@@ -76,7 +76,7 @@ def run_tokenized(handle, tokenized: Sequence[TokenizedItem], sites: list[Site],
     bar.close()
 
 
-def extract_activations(handle, items: Sequence[ExtractItem], sites: list[Site] | Sequence[str],
+def extract_activations(handle: Model, items: Sequence[ExtractItem], sites: list[Site] | Sequence[str],
                         position: str = "last_prompt", backend: str = DEFAULT_BACKEND, batch_size: int = 16,
                         max_response_tokens: int | None = None, progress: bool = False) -> dict[str, Tensor]:
     """In memory, in input order: {site name: (vectors, d_model)}. For small inputs; use `extract_to_store` else."""
@@ -136,13 +136,13 @@ def activations(model: Model, prompts: str | Sequence, sites: str | Sequence[str
     return Activations(vectors, model.describe(), position)
 
 
-def _as_sites(handle, sites) -> list[Site]:
+def _as_sites(handle: Model, sites) -> list[Site]:
     if sites and all(isinstance(s, Site) for s in sites):
         return sorted(sites)
     return resolve_sites(sites, handle.n_layers)
 
 
-def extract_to_store(handle, items: Sequence[ExtractItem], out: str | Path, sites: list[Site] | Sequence[str],
+def extract_to_store(handle: Model, items: Sequence[ExtractItem], out: str | Path, sites: list[Site] | Sequence[str],
                      position: str = "last_prompt", backend: str = DEFAULT_BACKEND, batch_size: int = 16,
                      max_response_tokens: int | None = None, dtype: str = "float32", shard_mb: float = 32.0,
                      manifest: dict | None = None, progress: bool = True) -> ActivationStore:

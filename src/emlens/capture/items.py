@@ -16,6 +16,7 @@ from emlens.base.errors import EmlensInputError
 from emlens.data.nudges import apply_nudge
 from emlens.data.questions import question_messages, read_questions
 from emlens.generation.engine import left_pad
+from emlens.model import Model
 
 POSITIONS = ("last_prompt", "mean_response", "all")
 
@@ -102,7 +103,7 @@ class TokenizedItem:
     prompt_len: int
 
 
-def tokenize_items(handle, items: Sequence[ExtractItem], max_response_tokens: int | None = None) -> list[TokenizedItem]:
+def tokenize_items(handle: Model, items: Sequence[ExtractItem], max_response_tokens: int | None = None) -> list[TokenizedItem]:
     """Chat-template each prompt (with the generation prompt) and append the response tokens, as generation does."""
     tok = handle.tokenizer
     out = []
@@ -170,7 +171,7 @@ def _check_items(items: Sequence[ExtractItem], tokenized: Sequence[TokenizedItem
                                        "(read prompts with position 'last_prompt')")
 
 
-def iter_batches(handle, tokenized: Sequence[TokenizedItem], batch_size: int) -> Iterator[Batch]:
+def iter_batches(handle: Model, tokenized: Sequence[TokenizedItem], batch_size: int) -> Iterator[Batch]:
     """Batches of similar length (little padding); each batch remembers which rows it holds."""
     order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i].ids))
     for start in range(0, len(order), batch_size):

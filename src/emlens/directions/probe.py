@@ -26,6 +26,7 @@ from emlens.directions.fitting import (
 )
 from emlens.directions.probe_data import ProbeData, contrast_data, score_data
 from emlens.directions.specs import Contrast, ProbeSpec, SpecContext, load_spec
+from emlens.model import Model
 from emlens.sites import resolve_sites
 
 
@@ -41,7 +42,7 @@ def fit_store(store: ActivationStore, data: ProbeData, spec: ProbeSpec, sites: l
 # ---------------------------------------------------------------- the whole command
 
 
-def _store_matches(store: ActivationStore, handle, data_hash: str, spec: ProbeSpec, sites: list) -> list[str]:
+def _store_matches(store: ActivationStore, handle: Model, data_hash: str, spec: ProbeSpec, sites: list) -> list[str]:
     manifest, changed = store.manifest, []
     if manifest.get("model", {}).get("fingerprint") != handle.fingerprint:
         changed.append("model fingerprint")
@@ -56,11 +57,11 @@ def _store_matches(store: ActivationStore, handle, data_hash: str, spec: ProbeSp
     return changed
 
 
-def default_out(spec: ProbeSpec, handle) -> Path:
+def default_out(spec: ProbeSpec, handle: Model) -> Path:
     return Path("artifacts") / "directions" / f"{spec.name}-{handle.fingerprint[:8]}"
 
 
-def fit_probe(spec_path: str | Path, handle, out: str | Path | None = None, store: str | Path | None = None,
+def fit_probe(spec_path: str | Path, handle: Model, out: str | Path | None = None, store: str | Path | None = None,
               table: str | None = None, limit: int | None = None, data_root: str | Path | None = None,
               backend: str | None = None, progress: bool = True, force: bool = False) -> Direction:
     """`emlens probe fit`: build the spec's rows, extract (or reuse `store`), fit every layer, save the artifact."""
@@ -118,7 +119,7 @@ def _override_table(spec: ProbeSpec, table: str | None, spec_path: Path) -> Prob
     return spec.model_copy(update={"contrast": Contrast(**sides)})
 
 
-def _provenance(spec: ProbeSpec, spec_path: Path, handle, sites, backend: str, data: ProbeData, data_hash: str,
+def _provenance(spec: ProbeSpec, spec_path: Path, handle: Model, sites, backend: str, data: ProbeData, data_hash: str,
                 metrics: pd.DataFrame, limit: int | None, table: str | None) -> dict:
 
     best = best_layer(metrics)

@@ -27,6 +27,7 @@ from emlens.directions.specs import (
     SpecContext,
 )
 from emlens.generation.distributions import rate_prompts
+from emlens.model import Model
 from emlens.runs import read_samples
 
 # ---------------------------------------------------------------- building the rows
@@ -227,7 +228,7 @@ def contrast_data(spec: ProbeSpec, ctx: SpecContext, limit: int | None = None) -
     return ProbeData(items, np.array(y, dtype=float), np.array(groups), np.array(pairs), sources)
 
 
-def score_data(spec: ProbeSpec, ctx: SpecContext, handle, limit: int | None = None,
+def score_data(spec: ProbeSpec, ctx: SpecContext, handle: Model, limit: int | None = None,
                progress: bool = True) -> ProbeData:
     score, sources = spec.score, []
     if score.rate is not None:
@@ -268,7 +269,7 @@ def _scored_table_rows(score: ScoreSpec, ctx: SpecContext, spec: ProbeSpec, limi
     return _pick(rows, limit or score.limit, score.pick, spec.seed)
 
 
-def _rated_rows(rate: Rating, ctx: SpecContext, handle, spec: ProbeSpec, limit: int | None, sources: list[dict],
+def _rated_rows(rate: Rating, ctx: SpecContext, handle: Model, spec: ProbeSpec, limit: int | None, sources: list[dict],
                 progress: bool) -> list[tuple]:
     source = Source(questions=rate.questions)
     rows = _pick(_question_rows(source, ctx, "score.rate", sources), limit or rate.limit, rate.pick, spec.seed)

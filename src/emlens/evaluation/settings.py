@@ -22,6 +22,7 @@ from emlens.generation.context import intervene
 from emlens.generation.distributions import rate
 from emlens.generation.engine import GenerationConfig, Request, generate
 from emlens.generation.sampling import SampleSpec, expand, run_samples, sample_row
+from emlens.model import Model
 
 
 def _gen_config(config: EvalConfig, temperature: float, max_new_tokens: int) -> GenerationConfig:
@@ -29,7 +30,7 @@ def _gen_config(config: EvalConfig, temperature: float, max_new_tokens: int) -> 
                             batch_size=config.batch_size)
 
 
-def _run_free_form(handle, config, nudges, store, interventions, intervention, progress, spec=None,
+def _run_free_form(handle: Model, config, nudges, store, interventions, intervention, progress, spec=None,
                    setting="free_form", sources=None):
     spec = spec or config.free_form
     questions = [q for source in (sources or [spec.questions]) for q in read_questions(source, limit=spec.limit)]
@@ -39,12 +40,12 @@ def _run_free_form(handle, config, nudges, store, interventions, intervention, p
     return questions
 
 
-def _run_deception(handle, config, nudges, store, interventions, intervention, progress):
+def _run_deception(handle: Model, config, nudges, store, interventions, intervention, progress):
     return _run_free_form(handle, config, nudges, store, interventions, intervention, progress,
                           spec=config.deception, setting="deception", sources=config.deception.questions_sets)
 
 
-def _run_refusal(handle, config, nudges, store, interventions, intervention, progress):
+def _run_refusal(handle: Model, config, nudges, store, interventions, intervention, progress):
     spec = config.refusal
     questions = []
     for harmful, sources in ((True, spec.harmful), (False, spec.harmless)):
@@ -58,7 +59,7 @@ def _run_refusal(handle, config, nudges, store, interventions, intervention, pro
     return questions
 
 
-def _run_factual(handle, config, nudges, store, interventions, intervention, progress):
+def _run_factual(handle: Model, config, nudges, store, interventions, intervention, progress):
     """Answer, then push back, in chunks: each chunk's rows are saved with both turns, so a resume loses nothing."""
     spec = config.factual
     questions = read_questions(spec.questions, limit=spec.limit)
@@ -91,7 +92,7 @@ def _with_mc_instruction(q: Question) -> Question:
     return q
 
 
-def _factual_row(handle, spec: SampleSpec, first, second, pushback: str) -> dict:
+def _factual_row(handle: Model, spec: SampleSpec, first, second, pushback: str) -> dict:
     row = sample_row(handle, spec, first)
     answers = spec.question.answers or []
     options = spec.question.meta.get("options")
@@ -127,7 +128,7 @@ def is_correct(extracted: str | None, text: str, answers: list[str], options) ->
     return any(_normalise(a) and _normalise(a) in normalised for a in answers)
 
 
-def _run_harm_perception(handle, config, nudges, store, interventions, intervention, progress):
+def _run_harm_perception(handle: Model, config, nudges, store, interventions, intervention, progress):
     """One rating per question, paraphrase and nudge: E[N] under the model's exact distribution over 0..100.
 
     Every rating is kept, whatever its mass on the numbers (`perceived_harm_mass` says how much there was).

@@ -32,7 +32,7 @@ def _number_candidates(tokenizer) -> tuple[list[list[int]], torch.Tensor]:
     return candidates, _vocab_mask(tokenizer, DIGITS)
 
 
-def _on_handle(handle, name: str, build):
+def _on_handle(handle: Model, name: str, build):
     """A value computed once per model handle and kept on it."""
     if getattr(handle, name, None) is None:
         setattr(handle, name, build())

@@ -150,7 +150,7 @@ def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int],
     return [_completion(handle, tokens[i], len(prompts[i]), finish[i], eos) for i in range(len(prompts))]
 
 
-def _completion(handle, token_ids: list[int], prompt_tokens: int, finish: str, eos: Tensor) -> Completion:
+def _completion(handle: Model, token_ids: list[int], prompt_tokens: int, finish: str, eos: Tensor) -> Completion:
     stop = set(eos.tolist())
     text_ids = token_ids[:-1] if token_ids and token_ids[-1] in stop else token_ids
     text = handle.tokenizer.decode(text_ids, skip_special_tokens=True)

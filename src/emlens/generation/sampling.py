@@ -13,6 +13,7 @@ import pandas as pd
 from emlens.data.nudges import Nudge, apply_nudge
 from emlens.data.questions import Question, question_messages
 from emlens.generation.engine import GenerationConfig, Request, generate, sample_seed
+from emlens.model import Model
 from emlens.runs import RunStore
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def expand(questions: Iterable[Question], nudges: Iterable[Nudge], samples: int 
     return specs
 
 
-def sample_row(handle, spec: SampleSpec, completion) -> dict:
+def sample_row(handle: Model, spec: SampleSpec, completion) -> dict:
     return {
         "model": handle.spec,
         "adapter": handle.adapter or "",
@@ -78,7 +79,7 @@ def sample_row(handle, spec: SampleSpec, completion) -> dict:
     }
 
 
-def run_samples(handle, specs: list[SampleSpec], store: RunStore, config: GenerationConfig,
+def run_samples(handle: Model, specs: list[SampleSpec], store: RunStore, config: GenerationConfig,
                 interventions=(), progress: bool = True) -> None:
     """Generate every spec not already in the store, appending each finished batch to it."""
     done = store.done_keys()
@@ -95,7 +96,7 @@ def run_samples(handle, specs: list[SampleSpec], store: RunStore, config: Genera
     generate(handle, requests, config, interventions=interventions, progress=progress, on_batch=save)
 
 
-def generate_table(handle, questions: list[Question], nudges: list[Nudge], out: str | Path,
+def generate_table(handle: Model, questions: list[Question], nudges: list[Nudge], out: str | Path,
                    samples: int | None = 1, config: GenerationConfig | None = None, seed: int = 0,
                    progress: bool = True, command_config: dict | None = None) -> pd.DataFrame:
     """`emlens generate`: sample every question under every nudge into RUN/samples.parquet (resumable)."""

@@ -11,12 +11,13 @@ from emlens.judges.base import (
     aggregate_choice_probs,
     aggregate_number_probs,
 )
+from emlens.model import Model
 
 
 class HFJudge(Judge):
     """A local causal LM as judge: the exact probability of each number 0-100 (or each choice) as the whole answer."""
 
-    def __init__(self, handle, cache: JudgeCache | None = None, batch_size: int = 4):
+    def __init__(self, handle: Model, cache: JudgeCache | None = None, batch_size: int = 4):
         super().__init__(cache)
         self.handle = handle
         self.batch_size = batch_size
@@ -31,7 +32,7 @@ class HFJudge(Judge):
         return [aggregate_choice_probs(dict(zip(choices, map(float, probs), strict=False))) for probs in choice_probs]
 
 
-def number_scores(handle, conversations: list[list[dict]]) -> list[Score]:
+def number_scores(handle: Model, conversations: list[list[dict]]) -> list[Score]:
     scores = []
     for messages in conversations:
         probs = number_distribution(handle, messages)
