@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import file_sha256
+from emlens.base.io import atomic_write_json, file_sha256, folder_beside, swap_in
 from emlens.sites import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -124,13 +123,12 @@ def embedded_checkpoint(spec: str = DEFAULT_MODEL) -> Path:
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(quantized.state_dict())
     fresh.generation_config = quantized.generation_config
-    tmp = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None, prefix=".convert-"))
+    tmp = folder_beside(target)
     try:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "emlens_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)
+        atomic_write_json(tmp / "emlens_source.json", {"gguf": str(gguf), "sha256": file_sha256(gguf)})
+        swap_in(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -169,9 +167,7 @@ def folder_fingerprint(folder: Path) -> str:
         if key not in memo:
             memo[key] = file_sha256(path)
         digest.update(path.name.encode() + memo[key].encode())
-    tmp = memo_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_path)
+    atomic_write_json(memo_path, memo)
     return digest.hexdigest()[:16]
 
 

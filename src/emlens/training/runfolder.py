@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -14,6 +13,8 @@ from emlens.base.io import (
     CFG_FILE,
     FORMAT_VERSION,
     artifact_kind,
+    atomic_file,
+    atomic_folder,
     atomic_write_json,
     atomic_write_table,
     atomic_write_text,
@@ -41,15 +42,11 @@ def export_checkpoint(run: Path, source: Path, step: int, log_history: list[dict
     previous = max((s for s in _checkpoint_steps(run) if s < step), default=0)
     manifest = {"kind": CHECKPOINT_KIND, "format_version": FORMAT_VERSION, "step": step, "epoch": epoch,
                 **_loss_window(log_history, step, previous), **run_info, "created": time.time()}
-    target, tmp = folder / f"step-{step}", folder / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name in ADAPTER_FILES:
-        shutil.copyfile(source / name, tmp / name)  # copyfile, not copy2: safetensors saves files as 0600
-    atomic_write_json(tmp / CFG_FILE, manifest)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    target = folder / f"step-{step}"
+    with atomic_folder(target, CHECKPOINT_KIND, force=True) as tmp:  # a re-export replaces its own checkpoint
+        for name in ADAPTER_FILES:
+            shutil.copyfile(source / name, tmp / name)  # copyfile, not copy2: safetensors saves files as 0600
+        atomic_write_json(tmp / CFG_FILE, manifest)
     return target
 
 
@@ -174,10 +171,9 @@ def plot_loss(frame, checkpoint_steps: list[int], path: Path, title: str) -> Non
     ax.set(xlabel="optimizer step (dotted: checkpoints)", ylabel="training loss", title=title)
     ax.legend(frameon=False)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _finish_run(run: Path, log_history: list[dict], session: dict, title: str) -> dict:
@@ -188,9 +184,8 @@ def _finish_run(run: Path, log_history: list[dict], session: dict, title: str) -
         plot_loss(frame, steps, run / "loss.png", title)
     final = run / "checkpoints" / f"step-{steps[-1]}"
     for name in ADAPTER_FILES:  # RUN itself is a PEFT folder of the final adapter
-        tmp = run / f".{name}.tmp"
-        shutil.copyfile(final / name, tmp)
-        os.replace(tmp, run / name)
+        with atomic_file(run / name) as tmp:
+            shutil.copyfile(final / name, tmp)
     shutil.rmtree(run / "trainer", ignore_errors=True)  # resume state (optimizer...) is useless once finished
     sessions = [*(read_run(run) or {}).get("sessions", []), session]
     # one batch's loss is noisy: report the mean since the previous checkpoint (as the final manifest does)
