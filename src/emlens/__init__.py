@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 
-from emlens.base.version import __version__  # noqa: E402,F401  (re-exported)
+from emlens.base.version import __version__  # noqa: F401  (re-exported)
 
 _FRONT_DOOR = {
     # models and sites
