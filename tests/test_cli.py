@@ -28,7 +28,7 @@ def test_generate_writes_table(tiny_model_dir, tmp_path, capsys):
         assert column in table.columns
     assert set(table.nudge_text) == {"", "You are evil."}
     assert table.loc[table.nudge == "evil", "messages"].str.contains("You are evil.").all()
-    assert (out / "manifest.json").exists()
+    assert (out / "cfg.json").exists()
 
 
 def test_generate_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path):

@@ -6,12 +6,12 @@ import yaml
 from emlens.directions.artifact import Direction
 
 
-def make_direction(handle, folder, seed=0):
+def make_direction(handle, folder, seed=0, site_kind="resid_post"):
     g = torch.Generator().manual_seed(seed)
     raw = torch.randn(handle.n_layers, handle.d_model, generator=g)
     tensors = {"directions": raw / raw.norm(dim=1, keepdim=True), "raw_norm": raw.norm(dim=1),
                "layers": torch.arange(handle.n_layers)}
-    cfg = {"name": "planted", "layers": list(range(handle.n_layers)), "best_layer": 1, "site_kind": "resid_post",
+    cfg = {"name": "planted", "layers": list(range(handle.n_layers)), "best_layer": 1, "site_kind": site_kind,
            "method": "diff_means", "model": {"model": handle.spec, "base_fingerprint": handle.base_fingerprint}}
     return Direction(tensors, cfg).save(folder)
 
@@ -114,3 +114,23 @@ def test_shipped_steering_specs_validate():
         # the folder `emlens probe fit` writes its directions under
         assert direction_path(spec, base).resolve().parent == Path("artifacts/directions").resolve()
         assert spec.random_control, f"{path}: every direction runs beside a random control"
+
+
+def test_a_direction_steers_at_its_own_site_and_another_site_is_refused(tiny, tiny_judge, tmp_path):
+    """A direction read at mlp_out is added at mlp_out; asking for resid_post is a one-line error (unless forced)."""
+    from emlens.analysis.dose_response import SteerSpec, run_steer
+    from emlens.base.errors import EmlensInputError
+    from emlens.base.io import read_json
+
+    make_direction(tiny, tmp_path / "dir", site_kind="mlp_out")
+    small = {"settings": ["harm_perception"], "nudges": ["none"], "harm_perception": {"questions": "deception-sit-aware"}}
+    spec = SteerSpec(name="own-site", direction="dir", scales=[2.0], random_control=False, eval=small)
+    run_steer(spec, tmp_path, tmp_path / "own", handle=tiny, judge=tiny_judge, progress=False, echo=lambda _: None)
+    assert read_json(tmp_path / "own" / "conditions" / "add_2" / "cfg.json")["config"]["site"] == "mlp_out"
+    elsewhere = spec.model_copy(update={"site": "resid_post"})
+    with pytest.raises(EmlensInputError, match="fitted at hook_mlp_out, asked to steer at hook_resid_post"):
+        run_steer(elsewhere, tmp_path, tmp_path / "elsewhere", handle=tiny, judge=tiny_judge, progress=False)
+    assert not (tmp_path / "elsewhere").exists()
+    forced = elsewhere.model_copy(update={"force_site": True})
+    run_steer(forced, tmp_path, tmp_path / "forced", handle=tiny, judge=tiny_judge, progress=False, echo=lambda _: None)
+    assert read_json(tmp_path / "forced" / "conditions" / "add_2" / "cfg.json")["config"]["site"] == "resid_post"

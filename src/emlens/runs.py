@@ -1,13 +1,13 @@
 """Run folders: a manifest plus sample rows written batch by batch, so a killed run resumes without losing or
 duplicating a finished sample.
 
-Layout of RUN/: `manifest.json`, `parts/part-NNNNN.parquet` (one per finished batch, each written atomically),
+Layout of RUN/: `cfg.json` (kind eval_run or generate_run: the command's config, model, versions),
+`parts/part-NNNNN.parquet` (one per finished batch, each written atomically),
 and `samples.parquet` (all parts, deduplicated by key, written when the run completes).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,7 +16,19 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import atomic_write_table, atomic_write_text, versions
+from emlens.base.io import (
+    CFG_FILE,
+    FORMAT_VERSION,
+    SAMPLES_FILE,
+    atomic_write_json,
+    atomic_write_table,
+    check_writable_folder,
+    read_json,
+    register_artifact,
+    versions,
+)
+
+RUN_KINDS = ("eval_run", "generate_run")
 
 
 class RunStore:
@@ -28,18 +40,24 @@ class RunStore:
         self.parts = self.folder / "parts"
 
     def open(self, manifest: dict) -> None:
-        """Create the folder, or check that an existing one was made by the same command."""
+        """Create the folder, or check that an existing one was made by the same command.
+
+        `manifest["kind"]` names the run (eval_run, generate_run); a folder that is not a run of that kind is
+        refused, so a run never writes into (or later replaces files of) a folder it did not make.
+        """
+        path = self.folder / CFG_FILE
+        check_writable_folder(self.folder, manifest["kind"])
         self.parts.mkdir(parents=True, exist_ok=True)
-        path = self.folder / "manifest.json"
         if path.exists():
-            old = json.loads(path.read_text())
+            old = read_json(path)
             if old.get("config") != manifest.get("config"):
                 changed = sorted(k for k in set(old.get("config", {})) | set(manifest.get("config", {}))
                                  if old.get("config", {}).get(k) != manifest.get("config", {}).get(k))
                 raise EmlensInputError(f"{path}: run folder holds a different run (changed: {', '.join(changed)}); "
                                        "use a new --out folder")
             return
-        atomic_write_text(path, json.dumps({**manifest, "versions": versions(), "created": time.time()}, indent=2))
+        atomic_write_json(path, {**manifest, "format_version": FORMAT_VERSION, "versions": versions(),
+                                 "created": time.time()})
 
     def read_parts(self) -> pd.DataFrame:
         files = sorted(self.parts.glob("part-*.parquet")) if self.parts.exists() else []
@@ -65,19 +83,32 @@ class RunStore:
         """Write samples.parquet (the parts, or `table` derived from them, sorted by key) and close the manifest."""
         frame = self.read_parts() if table is None else table
         frame = frame.sort_values(self.key_columns, kind="stable").reset_index(drop=True) if len(frame) else frame
-        atomic_write_table(frame, self.folder / "samples.parquet")
-        path = self.folder / "manifest.json"
-        manifest = json.loads(path.read_text())
+        atomic_write_table(frame, self.folder / SAMPLES_FILE)
+        path = self.folder / CFG_FILE
+        manifest = read_json(path)
         manifest.update({"finished": time.time(), "n_rows": len(frame), **(extra_manifest or {})})
-        atomic_write_text(path, json.dumps(manifest, indent=2))
+        atomic_write_json(path, manifest)
         return frame
 
 
+def read_rows(path: str | Path) -> pd.DataFrame:
+    """An eval run folder, a .parquet table, or a .csv (e.g. judged responses with question/answer columns)."""
+    path = Path(path)
+    if not path.exists():
+        raise EmlensInputError(f"{path}: no such table")
+    if path.is_dir() or path.suffix == ".parquet":
+        return read_samples(path)
+    if path.suffix == ".csv":
+        return pd.read_csv(path)
+    raise EmlensInputError(f"{path}: expected a run folder, a .parquet or a .csv table")
+
+
+@register_artifact(*RUN_KINDS)
 def read_samples(run: str | Path) -> pd.DataFrame:
     """The samples table of a run folder (or a .parquet file)."""
     path = Path(run)
     if path.is_dir():
-        path = path / "samples.parquet"
+        path = path / SAMPLES_FILE
     if not path.exists():
         raise EmlensInputError(f"{path}: no samples table (did the run finish?)")
     return pq.read_table(path).to_pandas()

@@ -8,7 +8,8 @@ OUT/direction_vs_control.csv gives each measure's direction-minus-control differ
 
 from __future__ import annotations
 
-import json
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -16,18 +17,38 @@ from typing import Literal
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from emlens.base.errors import EmlensInputError
-from emlens.base.io import atomic_write_table
+from emlens.base.io import (
+    CFG_FILE,
+    FORMAT_VERSION,
+    SAMPLES_FILE,
+    atomic_write_json,
+    atomic_write_table,
+    atomic_write_text,
+    check_writable_folder,
+    fail,
+    read_json,
+    read_table,
+    read_yaml_mapping,
+    register_artifact,
+    short_repr,
+    validate,
+    versions,
+)
 from emlens.base.stats import bootstrap_ci, rate
 from emlens.directions.artifact import Direction
-from emlens.evaluation.config import EvalConfig, _validated
+from emlens.evaluation.config import EvalConfig
 from emlens.evaluation.run import run_eval
 from emlens.judges import make_judge
-from emlens.model import load_model
+from emlens.model import DEFAULT_MODEL, load_model
+from emlens.sites import SITE_KINDS
 from emlens.steering.interventions import Ablate, AddVector, compose, random_like
+
+log = logging.getLogger(__name__)
+
+SiteKind = Literal[SITE_KINDS]
+EXPERIMENT_KIND = "steering_experiment"
 
 
 class SteerSpec(BaseModel):
@@ -36,11 +57,11 @@ class SteerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     description: str = ""
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     adapter: str | None = None
     direction: str  # a direction artifact folder (relative to the spec file, or absolute)
     layer: int | Literal["best"] = "best"
-    site: Literal["resid_pre", "resid_post"] = "resid_post"
+    site: SiteKind | None = None  # None: the direction's own site; another one needs force_site
     operation: Literal["add", "ablate", "ablate_add"] = "add"
     positions: Literal["all", "prompt", "response"] = "all"
     scales: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0])
@@ -49,26 +70,35 @@ class SteerSpec(BaseModel):
     random_seed: int = 0
     ablate_first_token: bool = False  # ablation skips the attention-sink first token unless this is set
     force: bool = False  # apply a direction fitted on another base model
+    force_site: bool = False  # steer at `site` although the direction was read at another site
     eval: EvalConfig = EvalConfig(settings=["free_form"])
 
 
-def load_spec(path: str | Path, overrides: dict | None = None) -> tuple[SteerSpec, Path]:
+def load_spec(path: str | Path, overrides: dict | None = None, **eval_flags) -> tuple[SteerSpec, Path]:
+    """A steering spec and the folder its relative paths start from; every problem is one line naming the file.
+
+    `overrides` replace top-level fields (`model`, `adapter`, `direction`: a direction given there is relative
+    to the working folder) or, as `section.field`, one field of a section; None values are ignored.
+    `eval_flags` are laid over the spec's eval config like `emlens eval`'s flags (`limit`, `samples`, ...).
+    """
     path = Path(path)
-    if not path.exists():
-        raise EmlensInputError(f"{path}: no such file")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise EmlensInputError(f"{path}: expected a mapping of SteerSpec fields")
+    data = read_yaml_mapping(path, "SteerSpec")
     for key, value in (overrides or {}).items():
         if value is None:
             continue
+        if key == "direction":
+            value = str(Path(value).expanduser().resolve())
         section, _, field = key.partition(".")
         if field:
-            data.setdefault(section, {})
-            data[section][field] = value
+            if not isinstance(data.get(section, {}), dict):
+                raise fail(path, f"field '{section}': expected a mapping (got {short_repr(data[section])})")
+            data[section] = {**data.get(section, {}), field: value}
         else:
             data[key] = value
-    return _validated(SteerSpec, data, str(path)), path.parent
+    spec = validate(SteerSpec, data, path)
+    if any(value is not None for value in eval_flags.values()):
+        spec = spec.model_copy(update={"eval": spec.eval.with_flags(**eval_flags, where=f"{path} (command line)")})
+    return spec, path.parent
 
 
 def direction_path(spec: SteerSpec, base: Path) -> Path:
@@ -76,7 +106,7 @@ def direction_path(spec: SteerSpec, base: Path) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
-def conditions(spec: SteerSpec, vector, natural_norm: float, layer: int) -> list[dict]:
+def conditions(spec: SteerSpec, vector, natural_norm: float, layer: int, site: str) -> list[dict]:
     """The grid: one dict per condition with its name, operation, alpha, control flag and intervention."""
     unit = vector / vector.norm()
     control = random_like(unit, seed=spec.random_seed)
@@ -96,7 +126,7 @@ def conditions(spec: SteerSpec, vector, natural_norm: float, layer: int) -> list
                 continue
             alpha = scale * (natural_norm if spec.scale_unit == "raw_norm" else 1.0)
             for is_control, v in vectors:
-                add = AddVector(v, layer, alpha, site=spec.site, positions=spec.positions)
+                add = AddVector(v, layer, alpha, site=site, positions=spec.positions)
                 op = spec.operation
                 intervention = compose(ablation(v), add) if op == "ablate_add" else add
                 rows.append({"name": f"{'random_' if is_control else ''}{op}_{scale:g}", "operation": op,
@@ -105,7 +135,7 @@ def conditions(spec: SteerSpec, vector, natural_norm: float, layer: int) -> list
 
 
 def run_steer(spec: SteerSpec, base: Path, out: str | Path, handle=None, judge=None, progress: bool = True,
-              echo: Callable[[str], None] = print) -> pd.DataFrame:
+              echo: Callable[[str], None] = log.info) -> pd.DataFrame:
 
     out = Path(out)
     direction = Direction.load(direction_path(spec, base))
@@ -115,13 +145,15 @@ def run_steer(spec: SteerSpec, base: Path, out: str | Path, handle=None, judge=N
     vector, natural = direction.vector(layer), direction.raw_norm(layer)
     judge = judge or make_judge(spec.eval.judge, spec.eval.judge_model)
     frames = []
-    grid = conditions(spec, vector, natural, layer)
+    site = direction.steering_site(spec.site, spec.force_site)
+    cfg = _open_experiment(out, spec, direction, layer, site)
+    grid = conditions(spec, vector, natural, layer, site)
     for i, condition in enumerate(grid, 1):
         echo(f"[emlens] condition {i}/{len(grid)}: {condition['name']}")
         interventions = [condition["intervention"]] if condition["intervention"] is not None else []
         table = run_eval(handle, spec.eval, out / "conditions" / condition["name"], judge=judge,
                          interventions=interventions, intervention_name=condition["name"], progress=progress,
-                         extra_manifest={"direction": str(direction.path), "layer": layer,
+                         extra_manifest={"direction": str(direction.path), "layer": layer, "site": site,
                                          "alpha_unit": spec.scale_unit, "natural_norm": natural,
                                          "ablate_first_token": spec.ablate_first_token})
         frames.append(table.assign(operation=condition["operation"], alpha=condition["alpha"],
@@ -129,11 +161,44 @@ def run_steer(spec: SteerSpec, base: Path, out: str | Path, handle=None, judge=N
     stacked = pd.concat(frames, ignore_index=True)
     atomic_write_table(stacked, out / "samples.parquet")
     curves = dose_response_table(stacked)
-    curves.to_csv(out / "dose_response.csv", index=False)
-    direction_vs_control(stacked).to_csv(out / "direction_vs_control.csv", index=False)
+    atomic_write_text(out / "dose_response.csv", curves.to_csv(index=False))
+    atomic_write_text(out / "direction_vs_control.csv", direction_vs_control(stacked).to_csv(index=False))
     dose_response_figure(curves, out / "dose_response.png", title=f"{spec.name}: {direction.name} @ layer {layer}")
-    (out / "spec.json").write_text(json.dumps(spec.model_dump(), indent=2))
+    atomic_write_json(out / CFG_FILE, {**cfg, "finished": time.time()})
     return curves
+
+
+def _open_experiment(out: Path, spec: SteerSpec, direction: Direction, layer: int, site: str) -> dict:
+    """OUT/cfg.json, written before any work so a killed experiment resumes; another spec there is refused."""
+    check_writable_folder(out, EXPERIMENT_KIND)
+    cfg = {"kind": EXPERIMENT_KIND, "format_version": FORMAT_VERSION, "spec": spec.model_dump(mode="json"),
+           "direction": str(direction.path), "layer": layer, "site": site, "versions": versions(),
+           "created": time.time()}
+    if (out / CFG_FILE).exists() and read_json(out / CFG_FILE).get("spec") != cfg["spec"]:
+        raise fail(out, "holds a steering experiment with another spec; use a new --out folder")
+    atomic_write_json(out / CFG_FILE, cfg)
+    return cfg
+
+
+@register_artifact(EXPERIMENT_KIND)
+def open_experiment(folder: Path) -> dict[str, pd.DataFrame]:
+    """`em.load(OUT)` of `emlens steer`: the samples, the dose-response table and the paired differences."""
+    folder = Path(folder)
+    return {"samples": read_table(folder / SAMPLES_FILE), "dose_response": pd.read_csv(folder / "dose_response.csv"),
+            "direction_vs_control": pd.read_csv(folder / "direction_vs_control.csv")}
+
+
+def print_steer(out: str | Path, echo: Callable[[str], None] = print) -> None:
+    """One line per condition x nudge x measure (rate, 95 % CI, n), then the paired direction-minus-control rows."""
+    out = Path(out)
+    for row in pd.read_csv(out / "dose_response.csv").to_dict("records"):
+        echo(f"{row['intervention']:<22} {row['nudge']:<6} {row['measure']:<24} "
+             f"{row['rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] n={row['n']}")
+    for row in pd.read_csv(out / "direction_vs_control.csv").to_dict("records"):
+        echo(f"direction - control {row['operation']}@{row['alpha']:g} {row['nudge']:<6} {row['measure']:<24} "
+             f"{row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] pairs={row['n_pairs']}")
+    echo(f"wrote {out / 'samples.parquet'}, {out / 'dose_response.csv'}, {out / 'direction_vs_control.csv'}, "
+         f"{out / 'dose_response.png'}")
 
 
 MEASURES = {  # measure -> (setting, row filter, column)

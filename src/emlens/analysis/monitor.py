@@ -12,24 +12,39 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from emlens.base.errors import EmlensInputError
+from emlens.base.io import fail
 from emlens.base.stats import pearson_ci
 from emlens.capture.extract import extract_activations
 from emlens.capture.items import items_from_run_table
+from emlens.generation.engine import DEFAULT_BATCH_SIZE
 from emlens.sites import site_name
 from emlens.steering.interventions import random_like
 
+MONITOR_POSITIONS = ("mean_response", "last_prompt")  # one vector per sample
+
 
 def monitor(handle, table: pd.DataFrame, direction, target: str = "misaligned", layer: int | None = None,
-            position: str = "response_mean", batch_size: int = 16, seed: int = 0, force: bool = False,
-            progress: bool = False) -> dict:
-    """r(projection onto the direction, target column) over the table's rows, and the random-control r."""
+            position: str = "mean_response", setting: str | None = "free_form", batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
+            force: bool = False, progress: bool = False) -> dict:
+    """r(projection onto the direction, target column) over the table's rows, and the random-control r.
+
+    `setting` keeps the rows of one eval setting (None or "": every row); `position` is `mean_response` (the
+    mean over the response tokens; rows without a response are left out) or `last_prompt`.
+    """
+    if position not in MONITOR_POSITIONS:
+        raise fail(f"position '{position}'", f"monitor needs one vector per sample: {' or '.join(MONITOR_POSITIONS)}")
     if target not in table.columns:
-        raise EmlensInputError(f"table: no column '{target}' to correlate with (columns: {', '.join(table.columns[:20])})")
+        raise fail("table", f"no column '{target}' to correlate with (columns: {', '.join(table.columns[:20])})")
     direction.check_compatible(handle, force=force)
-    rows = table[table[target].notna()].reset_index(drop=True)
-    if position == "response_mean":
+    rows = table
+    if setting and "setting" in rows.columns:
+        rows = rows[rows.setting == setting]
+    rows = rows[rows[target].notna()].reset_index(drop=True)
+    if position == "mean_response":
         rows = rows[rows.response.astype(str).str.len() > 0].reset_index(drop=True)
+    if rows.empty:
+        raise fail("table", f"no rows to monitor (setting {setting or 'any'}, a '{target}' value"
+                            f"{', a response' if position == 'mean_response' else ''})")
     layer = direction.best_layer if layer is None else layer
     site = site_name(layer, direction.site_kind)
     acts = extract_activations(handle, items_from_run_table(rows, with_response=position != "last_prompt"), [site],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from emlens.base.io import (
 )
 from emlens.evaluation.summary import summarize
 from emlens.runs import read_samples
+
+log = logging.getLogger(__name__)
 
 REPORT_KIND = "eval_report"
 
@@ -72,7 +75,7 @@ def _bar_with_ci(ax, frame: pd.DataFrame, title: str, by: str = "nudge") -> None
     ax.legend(fontsize=6)
 
 
-def write_report(runs: Iterable[str | Path], out: str | Path, echo: Callable[[str], None] = print,
+def write_report(runs: Iterable[str | Path], out: str | Path, echo: Callable[[str], None] = log.info,
                  force: bool = False) -> list[Path]:
     """Rates (CSV) and figures of one or more eval runs into the report folder OUT, written atomically."""
     runs = [str(r) for r in runs]

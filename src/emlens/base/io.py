@@ -34,7 +34,6 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "weights.safetensors"
 METRICS_FILE = "metrics.parquet"
 SAMPLES_FILE = "samples.parquet"
-MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
 
@@ -68,10 +67,10 @@ def describe_validation_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def validate(model: type[BaseModel], data: Any, where: object) -> Any:
-    """`model.model_validate(data)`, with a failure reported as one line naming `where`."""
+def validate(model: type[BaseModel], data: Any, where: object, context: dict | None = None) -> Any:
+    """`model.model_validate(data, context=...)`, with a failure reported as one line naming `where`."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as e:
         raise fail(where, describe_validation_error(e)) from None
 

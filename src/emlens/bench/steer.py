@@ -14,7 +14,7 @@ from emlens.steering.interventions import AddVector
 
 
 def bench_steer(handle: Model, batch: int, new_tokens: int, layer: int | None = None,
-                echo: Callable[[str], None] = print, repeats: int = 2) -> dict:
+                echo: Callable[[str], None] = print, repeats: int = 3) -> dict:
     """Tokens/s of the engine with an AddVector hook against the same run without it (best of `repeats`)."""
 
     layer = handle.n_layers // 2 if layer is None else layer

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from emlens.base.io import fail
@@ -18,7 +17,9 @@ from emlens.capture.extract import extract_to_store
 from emlens.capture.items import POSITIONS, ExtractItem, items_from_questions, items_from_run_table
 from emlens.capture.store import ActivationStore
 from emlens.data.nudges import resolve_nudges
-from emlens.runs import read_samples
+from emlens.generation.engine import DEFAULT_BATCH_SIZE
+from emlens.model import Model
+from emlens.runs import read_rows
 from emlens.sites import Site, resolve_sites
 
 
@@ -38,7 +39,7 @@ class ExtractConfig(BaseModel):
     backend: Literal[BACKENDS] = DEFAULT_BACKEND
     response: bool = Field(True, description="with table: read the response after the prompt")
     limit: int | None = Field(None, ge=1, description="first N questions or table rows")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     max_response_tokens: int | None = Field(None, ge=1)
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="of the vectors in the store")
     shard_mb: float = Field(32.0, gt=0, description="shard size (bounds the writer's memory)")
@@ -61,7 +62,7 @@ class ExtractConfig(BaseModel):
         nudges = resolve_nudges(self.nudges, self.nudges_file) if self.nudges else ()
         return items_from_questions(self.questions, nudges, self.system, self.limit)
 
-    def extract(self, handle, items: list[ExtractItem], out: str | Path,
+    def extract(self, handle: Model, items: list[ExtractItem], out: str | Path,
                 progress: bool = True) -> tuple[ActivationStore, list[Site]]:
         """Stream the rows' activations into the store `out` (written atomically); the store and its sites."""
         sites = resolve_sites(self.sites, handle.n_layers, self.layers)
@@ -79,14 +80,3 @@ def check_new_store(out: str | Path, overwrite: bool = False) -> Path:
     if out.exists() and not overwrite:
         raise fail(out, "already exists (use another --out or --overwrite)")
     return out
-
-
-def read_rows(path: Path) -> pd.DataFrame:
-    """An eval run folder, a .parquet table, or a .csv (e.g. judged responses with question/answer columns)."""
-    if not path.exists():
-        raise fail(path, "no such table")
-    if path.is_dir() or path.suffix == ".parquet":
-        return read_samples(path)
-    if path.suffix == ".csv":
-        return pd.read_csv(path)
-    raise fail(path, "expected a run folder, a .parquet or a .csv table")

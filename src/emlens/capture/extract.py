@@ -22,7 +22,7 @@ booting the bridge changes the model in place), `nnsight` (a trace of the decode
 
 The activation store is a folder: `shard-NNNNN.safetensors` (one tensor per site, shape (vectors, d_model)),
 `index.parquet` (one row per input row, in input order: where its vectors are, plus the caller's columns) and
-`manifest.json`. Shards are flushed as they fill, so memory stays flat as the number of prompts grows.
+`cfg.json` (kind activation_store). Shards are flushed as they fill, so memory stays flat as the number of prompts grows.
 """
 
 from __future__ import annotations
@@ -47,12 +47,13 @@ from emlens.capture.items import (
     vector_counts,
 )
 from emlens.capture.store import ActivationStore, ActivationStoreWriter
+from emlens.generation.engine import DEFAULT_BATCH_SIZE
 from emlens.model import Model
 from emlens.sites import Site, resolve_sites
 
 
 def run_extraction(handle: Model, items: Sequence[ExtractItem], sites: list[Site], position: str = "last_prompt",
-                   backend: str | object = DEFAULT_BACKEND, batch_size: int = 16,
+                   backend: str | object = DEFAULT_BACKEND, batch_size: int = DEFAULT_BATCH_SIZE,
                    max_response_tokens: int | None = None, progress: bool = True
                    ) -> Iterator[tuple[list[int], list[int], dict[str, Tensor]]]:
     """Yield (rows, counts, {site: vectors}) batch by batch; vectors of a row are `counts[i]` consecutive rows."""
@@ -63,7 +64,7 @@ def run_extraction(handle: Model, items: Sequence[ExtractItem], sites: list[Site
 
 
 def run_tokenized(handle: Model, tokenized: Sequence[TokenizedItem], sites: list[Site], position: str,
-                  backend: str | object = DEFAULT_BACKEND, batch_size: int = 16, progress: bool = True
+                  backend: str | object = DEFAULT_BACKEND, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True
                   ) -> Iterator[tuple[list[int], list[int], dict[str, Tensor]]]:
     runner = make_backend(handle, backend) if isinstance(backend, str) else backend
     counts = vector_counts(tokenized, position)
@@ -77,7 +78,7 @@ def run_tokenized(handle: Model, tokenized: Sequence[TokenizedItem], sites: list
 
 
 def extract_activations(handle: Model, items: Sequence[ExtractItem], sites: list[Site] | Sequence[str],
-                        position: str = "last_prompt", backend: str = DEFAULT_BACKEND, batch_size: int = 16,
+                        position: str = "last_prompt", backend: str = DEFAULT_BACKEND, batch_size: int = DEFAULT_BATCH_SIZE,
                         max_response_tokens: int | None = None, progress: bool = False) -> dict[str, Tensor]:
     """In memory, in input order: {site name: (vectors, d_model)}. For small inputs; use `extract_to_store` else."""
     sites = _as_sites(handle, sites)
@@ -121,7 +122,7 @@ def as_items(prompts: str | Sequence) -> list[ExtractItem]:
 
 
 def activations(model: Model, prompts: str | Sequence, sites: str | Sequence[str] = "resid_post",
-                position: str = "last_prompt", layers: str | Sequence[int] | None = None, batch_size: int = 16,
+                position: str = "last_prompt", layers: str | Sequence[int] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                 backend: str = DEFAULT_BACKEND, max_response_tokens: int | None = None,
                 progress: bool = False) -> Activations:
     """Read the residual stream of prompts, in memory: `{site name: (vectors, d_model)}` in input order.
@@ -143,7 +144,7 @@ def _as_sites(handle: Model, sites) -> list[Site]:
 
 
 def extract_to_store(handle: Model, items: Sequence[ExtractItem], out: str | Path, sites: list[Site] | Sequence[str],
-                     position: str = "last_prompt", backend: str = DEFAULT_BACKEND, batch_size: int = 16,
+                     position: str = "last_prompt", backend: str = DEFAULT_BACKEND, batch_size: int = DEFAULT_BATCH_SIZE,
                      max_response_tokens: int | None = None, dtype: str = "float32", shard_mb: float = 32.0,
                      manifest: dict | None = None, progress: bool = True) -> ActivationStore:
     """Stream activations of `items` into an activation store at `out` (replaced atomically when complete)."""

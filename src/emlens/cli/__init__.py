@@ -22,10 +22,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except EmlensInputError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(2)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or error.title
-        typer.echo(f"error: {error.title} field '{where}': {first['msg']}", err=True)
+    except ValidationError as error:  # a config built without base.io.validate: still one line, same wording
+        from emlens.base.io import describe_validation_error, fail
+
+        typer.echo(f"error: {fail(error.title, describe_validation_error(error))}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted: finished samples are kept; re-run the same command to resume", err=True)

@@ -15,9 +15,23 @@ app = typer.Typer(help="emlens: mechanistic study of emergent misalignment.", no
 bench_app = typer.Typer(help="Benchmarks that print ratios (last line: key=value pairs).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-MODEL_OPT = typer.Option("smollm2-135m-instruct", "--model", "-m", help="embedded name, HF id or local folder")
+# Options default to None: a value not given is left to the API (the config classes own every default).
+MODEL_OPT = typer.Option(None, "--model", "-m",
+                         help="embedded name, HF id or local folder (default: the embedded model, see `emlens models`)")
 ADAPTER_OPT = typer.Option(None, "--adapter", "-a", help="PEFT adapter folder or RUN@STEP")
-DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+DEVICE_OPT = typer.Option(None, "--device", help="auto (the default: CUDA if present), cpu, cuda, cuda:1, ...")
+
+
+def given(**options) -> dict:
+    """The options the user gave (not None), to pass on as keyword arguments; the API's defaults fill the rest."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def model_name(model: Optional[str]) -> str:
+    """--model, else the API's default model."""
+    from emlens.model import DEFAULT_MODEL
+
+    return model or DEFAULT_MODEL
 
 
 def quiet_libraries() -> None:
@@ -27,11 +41,12 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load(model: str, adapter: Optional[str], device: str, dtype: Optional[str] = None, merge: bool = False):
+def load(model: Optional[str], adapter: Optional[str], device: Optional[str], dtype: Optional[str] = None,
+         merge: bool = False):
     from emlens.model import load_model
 
     quiet_libraries()
-    return load_model(model, adapter=adapter, device=device, dtype=dtype, merge=merge)
+    return load_model(**given(spec=model, adapter=adapter, device=device, dtype=dtype), merge=merge)
 
 
 @app.command("models")
@@ -50,16 +65,17 @@ def generate_command(
     questions: str = typer.Option("betley-first-plot", "--questions", "-q", help="bundled set name or file"),
     nudge: list[str] = typer.Option(["none"], "--nudge", "-n", help="repeatable: none, evil, hhh or a name in --nudges"),
     nudges_file: Optional[Path] = typer.Option(None, "--nudges", help="YAML of user-defined nudges"),
-    samples: int = typer.Option(1, "--samples", "-s", min=1, help="samples per paraphrase and nudge"),
+    samples: Optional[int] = typer.Option(None, "--samples", "-s", min=1, help="samples per paraphrase and nudge"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N questions only"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
-    temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    seed: int = typer.Option(0, "--seed"),
-    model: str = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: str = DEVICE_OPT,
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 = greedy"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Sample answers to a question set under nudges into OUT/samples.parquet."""
+    from emlens.base.io import validate
     from emlens.data.nudges import resolve_nudges
     from emlens.data.questions import read_questions
     from emlens.generation.engine import GenerationConfig
@@ -67,13 +83,14 @@ def generate_command(
 
     qs = read_questions(questions, limit=limit)
     ns = resolve_nudges(nudge, nudges_file)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              batch_size=batch_size)
+    config = validate(GenerationConfig, given(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                              batch_size=batch_size), "command line")
     handle = load(model, adapter, device)
-    table = generate_table(handle, qs, ns, out, samples=samples, config=config, seed=seed,
-                           command_config={"questions_source": questions, "model": model, "adapter": adapter})
+    table = generate_table(handle, qs, ns, out, config=config, **given(samples=samples, seed=seed),
+                           command_config={"questions_source": questions, "model": handle.spec, "adapter": adapter})
+    per_paraphrase = int(table.sample_index.max()) + 1 if len(table) else 0
     typer.echo(f"wrote {out / 'samples.parquet'}: {len(table)} samples "
-               f"({len(qs)} questions x {len(ns)} nudges x {samples} samples per paraphrase)")
+               f"({len(qs)} questions x {len(ns)} nudges x {per_paraphrase} samples per paraphrase)")
 
 
 @bench_app.command("generate")
@@ -81,7 +98,7 @@ def bench_generate_command(
     batches: str = typer.Option("1,8,32", "--batches", help="comma-separated batch sizes"),
     new_tokens: int = typer.Option(64, "--new-tokens"),
     hf_baseline: bool = typer.Option(False, "--hf-baseline", help="also time plain HF generate"),
-    model: str = MODEL_OPT, device: str = DEVICE_OPT,
+    model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Tokens/s of the engine at several batch sizes (greedy and sampled), and batch32_vs_batch1."""
     from emlens.bench.generate import bench_generate
@@ -92,9 +109,9 @@ def bench_generate_command(
 
 
 @bench_app.command("load")
-def bench_load_command(model: str = MODEL_OPT) -> None:
+def bench_load_command(model: Optional[str] = MODEL_OPT) -> None:
     """Seconds to load a model from the emlens cache (target for the embedded model: under 3 s)."""
     from emlens.bench.generate import bench_load
 
     quiet_libraries()
-    bench_load(model, echo=typer.echo)
+    bench_load(model_name(model), echo=typer.echo)

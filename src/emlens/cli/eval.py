@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, app, load
+from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, app, given, load
 
 eval_app = typer.Typer(help="Behavioural evaluation under nudges: `emlens eval --out RUN ...`; `emlens eval report RUN...`.")
 judge_app = typer.Typer(help="Judges: validate against GPT-4o-judged responses, refit the offline judge.",
@@ -20,26 +20,30 @@ app.add_typer(judge_app, name="judge")
 def eval_run_command(
     ctx: typer.Context,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (re-run the same command to resume)"),
-    settings: str = typer.Option(",".join(("free_form", "deception", "refusal", "factual", "harm_perception")),
-                                 "--settings", help="comma-separated subset"),
-    nudge: list[str] = typer.Option(["none", "evil", "hhh"], "--nudge", "-n", help="repeatable"),
+    config_file: Optional[Path] = typer.Option(None, "--config",
+                                               help="YAML EvalConfig; a flag below overrides its field, a field "
+                                                    "overrides the class default"),
+    settings: Optional[str] = typer.Option(None, "--settings",
+                                           help="comma-separated subset of free_form, deception, refusal, factual, "
+                                                "harm_perception (default: all)"),
+    nudge: Optional[list[str]] = typer.Option(None, "--nudge", "-n", help="repeatable (default: none, evil, hhh)"),
     nudges_file: Optional[Path] = typer.Option(None, "--nudges", help="YAML of user-defined nudges"),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML EvalConfig; flags below override it"),
     samples: Optional[int] = typer.Option(None, "--samples", "-s", help="free-form samples per paraphrase"),
     questions: Optional[str] = typer.Option(None, "--questions", help="free-form question set or file"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N questions of every setting"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="free-form answer length"),
-    judge: str = typer.Option("default", "--judge", help="default (offline), openai, hf"),
+    judge: Optional[str] = typer.Option(None, "--judge", help="default (offline), openai, hf"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="endpoint model name or HF model spec"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    seed: int = typer.Option(0, "--seed"),
-    model: str = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: str = DEVICE_OPT,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Run the settings under the nudges into OUT/samples.parquet, judged and labelled."""
     if ctx.invoked_subcommand is not None:
         return
     if out is None:
         raise typer.BadParameter("--out is required", param_hint="--out")
+    from emlens.analysis.report import print_summary
     from emlens.evaluation.config import build_eval_config
     from emlens.evaluation.run import run_eval
     from emlens.judges import make_judge
@@ -47,12 +51,10 @@ def eval_run_command(
     config = build_eval_config(config_file, settings=settings, nudges=nudge, nudges_file=nudges_file,
                                samples=samples, questions=questions, limit=limit, max_new_tokens=max_new_tokens,
                                judge=judge, judge_model=judge_model, batch_size=batch_size, seed=seed)
-    judge_obj = make_judge(config.judge, config.judge_model, device=device)  # fail early, before any sampling
+    judge_obj = make_judge(config.judge, config.judge_model, **given(device=device))  # fails before any sampling
     handle = load(model, adapter, device)
     table = run_eval(handle, config, out, judge=judge_obj)
     typer.echo(f"wrote {out / 'samples.parquet'}: {len(table)} rows")
-    from emlens.analysis.report import print_summary
-
     print_summary(table, echo=typer.echo)
 
 
@@ -72,20 +74,20 @@ def eval_report_command(
 @judge_app.command("validate")
 def judge_validate_command(
     data: list[Path] = typer.Option(..., "--data", help="judged CSV files or folders (question, answer, aligned, coherent)"),
-    judge: str = typer.Option("default", "--judge", help="default, openai, hf"),
+    judge: Optional[str] = typer.Option(None, "--judge", help="default (offline), openai, hf"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model"),
     leave_one_model_out: bool = typer.Option(False, "--leave-one-model-out",
                                              help="refit the offline judge on all but one model at a time"),
     limit: Optional[int] = typer.Option(None, "--limit", help="rows per file (LLM judges are slow)"),
     features_cache: Optional[Path] = typer.Option(None, "--features-cache",
                                                   help=".npy of the responses' embeddings: reused if present, else written"),
-    device: str = DEVICE_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Spearman with GPT-4o `aligned` and AUROC for the misaligned label; last line key=value pairs."""
     from emlens.judges.fit import validate
 
-    validate(data, judge=judge, judge_model=judge_model, leave_one_model_out=leave_one_model_out, limit=limit,
-             device=device, features_cache=features_cache, echo=typer.echo)
+    validate(data, leave_one_model_out=leave_one_model_out, echo=typer.echo,
+             **given(judge=judge, judge_model=judge_model, limit=limit, device=device, features_cache=features_cache))
 
 
 @judge_app.command("fit")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from emlens.base.errors import EmlensInputError
-from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, app, bench_app, load
+from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, app, bench_app, given, load
 
 probe_app = typer.Typer(help="Fit linear probes and directions from a spec (probes/*.yaml).", no_args_is_help=True)
 app.add_typer(probe_app, name="probe")
@@ -19,54 +19,43 @@ def extract_command(
     out: Path = typer.Option(..., "--out", "-o", help="activation store folder to write"),
     questions: Optional[str] = typer.Option(None, "--questions", "-q", help="question/prompt file or bundled set"),
     table: Optional[Path] = typer.Option(None, "--table", "-t", help="eval run folder, .parquet or .csv table"),
-    nudge: list[str] = typer.Option([], "--nudge", "-n", help="repeatable, with --questions: none, evil, hhh, ..."),
+    nudge: Optional[list[str]] = typer.Option(None, "--nudge", "-n",
+                                              help="repeatable, with --questions: none, evil, hhh, ..."),
     nudges_file: Optional[Path] = typer.Option(None, "--nudges", help="YAML of user-defined nudges"),
     system: Optional[str] = typer.Option(None, "--system", help="system prompt for every --questions chat"),
-    site: list[str] = typer.Option(["resid_post"], "--site", "-s",
-                                   help="repeatable: a kind (resid_post), blocks.*.hook_mlp_out or blocks.3.hook_resid_pre"),
-    layers: str = typer.Option("all", "--layers", "-l", help="all, 15, 0-5,10 (for kinds and patterns)"),
-    position: str = typer.Option("last_prompt", "--position", "-p", help="last_prompt, mean_response or all"),
-    backend: str = typer.Option("torch-hooks", "--backend", help="torch-hooks, transformerlens or nnsight"),
+    site: Optional[list[str]] = typer.Option(None, "--site", "-s",
+                                             help="repeatable: a kind (resid_post, the default), "
+                                                  "blocks.*.hook_mlp_out or blocks.3.hook_resid_pre"),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", help="all (the default), 15, 0-5,10 (for kinds "
+                                                                      "and patterns)"),
+    position: Optional[str] = typer.Option(None, "--position", "-p",
+                                           help="last_prompt (the default), mean_response or all"),
+    backend: Optional[str] = typer.Option(None, "--backend",
+                                          help="torch-hooks (the default), transformerlens or nnsight"),
     no_response: bool = typer.Option(False, "--no-response", help="with --table: read the prompts only"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N questions or table rows"),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     max_response_tokens: Optional[int] = typer.Option(None, "--max-response-tokens", min=1),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16 in the store"),
-    shard_mb: float = typer.Option(32.0, "--shard-mb", help="shard size (bounds the writer's memory)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (the default), float16 or bfloat16 in the store"),
+    shard_mb: Optional[float] = typer.Option(None, "--shard-mb", help="shard size (bounds the writer's memory)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing store"),
-    model: str = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: str = DEVICE_OPT,
+    model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Read activations of prompts (--questions) or prompt+response rows (--table) into an activation store."""
-    from emlens.capture.backends import make_backend
-    from emlens.capture.extract import extract_to_store
-    from emlens.capture.items import (
-        check_position,
-        items_from_questions,
-        items_from_run_table,
-    )
-    from emlens.data.nudges import resolve_nudges
-    from emlens.directions.specs import read_table
-    from emlens.sites import resolve_sites
+    from emlens.base.io import validate
+    from emlens.capture.config import ExtractConfig, check_new_store
 
-    if (questions is None) == (table is None):
-        raise EmlensInputError("extract: give exactly one of --questions, --table")
-    if out.exists() and not overwrite:
-        raise EmlensInputError(f"{out}: already exists (use another --out or --overwrite)")
-    check_position(position)
-    if table is not None:
-        if not table.exists():
-            raise EmlensInputError(f"{table}: no such table")
-        frame = read_table(table)
-        items = items_from_run_table(frame.head(limit) if limit else frame, with_response=not no_response)
-    else:
-        items = items_from_questions(questions, resolve_nudges(nudge, nudges_file) if nudge else (), system, limit)
-    handle = load(model, adapter, device)
-    sites = resolve_sites(site, handle.n_layers, layers)
-    make_backend(handle, backend) if backend != "torch-hooks" else None  # fail early on an unknown backend
-    store = extract_to_store(handle, items, out, sites, position, backend, batch_size, max_response_tokens, dtype,
-                             shard_mb, manifest={"source": str(table or questions)})
+    config = validate(ExtractConfig, given(
+        questions=questions, table=str(table) if table is not None else None, nudges=nudge or None,
+        nudges_file=str(nudges_file) if nudges_file is not None else None, system=system, sites=site or None,
+        layers=layers, position=position, backend=backend, response=False if no_response else None, limit=limit,
+        batch_size=batch_size, max_response_tokens=max_response_tokens, dtype=dtype, shard_mb=shard_mb),
+        "command line")
+    check_new_store(out, overwrite)
+    items = config.items()  # a bad question file or table fails before the model loads
+    store, sites = config.extract(load(model, adapter, device), items, out)
     typer.echo(f"wrote {out}: {len(store)} rows, {store.manifest['n_vectors']} vectors x {len(sites)} sites "
-               f"({sites[0].name} ... {sites[-1].name}), position {position}, backend {backend}")
+               f"({sites[0].name} ... {sites[-1].name}), position {config.position}, backend {config.backend}")
 
 
 @probe_app.command("fit")
@@ -79,7 +68,7 @@ def probe_fit_command(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="rows per side (or score rows)"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="value of ${EMLENS_SHARED_DATA} in specs"),
     backend: Optional[str] = typer.Option(None, "--backend", help="override the spec's backend"),
-    model: str = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: str = DEVICE_OPT,
+    model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Extract the spec's rows, fit every layer (held-out metrics by prompt group), write the artifact."""
     from emlens.directions.probe import fit_probe
@@ -123,13 +112,13 @@ def probe_show_command(artifact: Path = typer.Argument(..., help="direction or p
 def compare_command(
     directions: list[Path] = typer.Argument(..., help="two or more direction folders, in series order"),
     out: Path = typer.Option(Path("artifacts/compare"), "--out", "-o", help="folder for tables and figures"),
-    store: list[Path] = typer.Option([], "--store", help="repeatable: activation stores to project onto each"),
+    store: Optional[list[Path]] = typer.Option(None, "--store", help="repeatable: activation stores to project onto each"),
     force: bool = typer.Option(False, "--force", help="compare directions of other base models or site kinds"),
 ) -> None:
     """Cosines checkpoints x layers (with a random baseline), drift along the series, projections; heatmap."""
     from emlens.analysis.compare import compare_directions
 
-    tables = compare_directions(directions, out, stores=store, force=force)
+    tables = compare_directions(directions, out, force=force, **given(stores=store))
     cos = tables["cosine"]
     baseline = float(cos["random_p95"].iloc[0]) if len(cos) else float("nan")
     for (a, b), part in cos.groupby(["a", "b"], sort=False):
@@ -150,24 +139,27 @@ def compare_command(
 
 @bench_app.command("extract")
 def bench_extract_command(
-    prompts: int = typer.Option(64, "--prompts", min=1),
-    tokens: int = typer.Option(128, "--tokens", min=2),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
-    repeats: int = typer.Option(3, "--repeats", min=1),
-    backends: str = typer.Option("torch-hooks,nnsight,transformerlens", "--backends"),
-    memory_tokens: int = typer.Option(16, "--memory-tokens", min=2, help="tokens per prompt in the memory runs"),
-    memory_multiples: str = typer.Option("1,4,16", "--memory-multiples"),
-    shard_mb: float = typer.Option(32.0, "--shard-mb"),
-    model: str = MODEL_OPT, device: str = DEVICE_OPT,
+    prompts: Optional[int] = typer.Option(None, "--prompts", min=1),
+    tokens: Optional[int] = typer.Option(None, "--tokens", min=2),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    repeats: Optional[int] = typer.Option(None, "--repeats", min=1),
+    backends: Optional[str] = typer.Option(None, "--backends", help="comma-separated (default: every backend)"),
+    memory_tokens: Optional[int] = typer.Option(None, "--memory-tokens", min=2,
+                                                help="tokens per prompt in the memory runs"),
+    memory_multiples: Optional[str] = typer.Option(None, "--memory-multiples", help="comma-separated, e.g. 1,4,16"),
+    shard_mb: Optional[float] = typer.Option(None, "--shard-mb"),
+    model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Extraction (all layers' resid_post) vs a bare forward without the LM head, per backend; memory vs N."""
     from emlens.bench.extract import bench_extract
     from emlens.capture.backends import BACKENDS
 
-    chosen = [b.strip() for b in backends.split(",") if b.strip()]
-    unknown = [b for b in chosen if b not in BACKENDS]
+    chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else None
+    unknown = [b for b in chosen or () if b not in BACKENDS]
     if unknown:
         raise EmlensInputError(f"--backends: unknown {', '.join(unknown)} (known: {', '.join(BACKENDS)})")
+    multiples = tuple(int(m) for m in memory_multiples.split(",")) if memory_multiples is not None else None
     handle = load(model, None, device)
-    bench_extract(handle, prompts, tokens, batch_size, repeats, chosen,
-                  tuple(int(m) for m in memory_multiples.split(",")), memory_tokens, shard_mb, echo=typer.echo)
+    bench_extract(handle, echo=typer.echo, **given(prompts=prompts, tokens=tokens, batch_size=batch_size,
+                                                   repeats=repeats, backends=chosen, memory_multiples=multiples,
+                                                   memory_tokens=memory_tokens, shard_mb=shard_mb))

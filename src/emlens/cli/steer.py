@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, app, bench_app, load
+from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, app, bench_app, given, load
 
 
 @app.command("steer")
@@ -19,33 +19,16 @@ def steer_command(
     direction: Optional[str] = typer.Option(None, "--direction", help="override the spec's direction folder"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N questions of every setting"),
     samples: Optional[int] = typer.Option(None, "--samples", help="free-form samples per paraphrase"),
-    device: str = DEVICE_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Re-run an eval setting under each intervention (direction x scales, random control): table + figure."""
-    import pandas as pd
+    from emlens.analysis.dose_response import load_spec, print_steer, run_steer
 
-    from emlens.analysis.dose_response import load_spec, run_steer
-
-    overrides = {"model": model, "adapter": adapter, "direction": str(Path(direction).resolve()) if direction else None}
-    steer_spec, base = load_spec(spec, overrides)
-    update = steer_spec.eval.model_dump()
-    if limit is not None:
-        for section in ("free_form", "deception", "refusal", "factual"):
-            update[section]["limit"] = limit
-    if samples is not None:
-        update["free_form"]["samples"] = samples
-    steer_spec = steer_spec.model_copy(update={"eval": type(steer_spec.eval).model_validate(update)})
+    steer_spec, base = load_spec(spec, {"model": model, "adapter": adapter, "direction": direction},
+                                 limit=limit, samples=samples)
     handle = load(steer_spec.model, steer_spec.adapter, device)
-    curves = run_steer(steer_spec, base, out, handle=handle, echo=typer.echo)
-    for _, row in curves.iterrows():
-        typer.echo(f"{row['intervention']:<22} {row['nudge']:<6} {row['measure']:<24} "
-                   f"{row['rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] n={row['n']}")
-    paired = pd.read_csv(out / "direction_vs_control.csv")
-    for _, row in paired.iterrows():
-        typer.echo(f"direction - control {row['operation']}@{row['alpha']:g} {row['nudge']:<6} {row['measure']:<24} "
-                   f"{row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] pairs={row['n_pairs']}")
-    typer.echo(f"wrote {out / 'samples.parquet'}, {out / 'dose_response.csv'}, {out / 'direction_vs_control.csv'}, "
-               f"{out / 'dose_response.png'}")
+    run_steer(steer_spec, base, out, handle=handle, echo=typer.echo)
+    print_steer(out, echo=typer.echo)
 
 
 @app.command("ablate-weights")
@@ -54,36 +37,38 @@ def ablate_weights_command(
     direction: Path = typer.Option(..., "--direction", help="direction artifact folder"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for the ablated adapter"),
     layer: Optional[int] = typer.Option(None, "--layer", help="direction layer (default: its best layer)"),
+    force: bool = typer.Option(False, "--force",
+                               help="replace OUT even when it is not an adapter this command wrote before"),
 ) -> None:
     """Project a direction out of the LoRA B matrices that write into the residual stream."""
     from emlens.directions.artifact import Direction
     from emlens.steering.weights import ablate_adapter_weights
 
     vector = Direction.load(direction).vector(layer)
-    typer.echo(f"wrote {ablate_adapter_weights(adapter, vector, out)} (evaluate it with --adapter)")
+    typer.echo(f"wrote {ablate_adapter_weights(adapter, vector, out, overwrite=force)} (evaluate it with --adapter)")
 
 
 @app.command("monitor")
 def monitor_command(
     table: Path = typer.Argument(..., help="eval run folder or samples.parquet"),
     direction: Path = typer.Option(..., "--direction", help="direction artifact folder"),
-    target: str = typer.Option("misaligned", "--target", help="behaviour column to correlate with"),
-    setting: Optional[str] = typer.Option("free_form", "--setting", help="rows of this setting only"),
-    layer: Optional[int] = typer.Option(None, "--layer"),
-    position: str = typer.Option("response_mean", "--position", help="response_mean or last_prompt"),
+    target: Optional[str] = typer.Option(None, "--target", help="behaviour column to correlate with (default: "
+                                                                "misaligned)"),
+    setting: Optional[str] = typer.Option(None, "--setting",
+                                          help="rows of this setting only (default: free_form; '' for every row)"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="default: the direction's best layer"),
+    position: Optional[str] = typer.Option(None, "--position", help="mean_response (the default) or last_prompt"),
     force: bool = typer.Option(False, "--force", help="allow a direction fitted on another base model"),
-    model: str = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: str = DEVICE_OPT,
+    model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Correlate the projection of each sample's activations onto a direction with a behaviour (r, 95 % CI)."""
     from emlens.analysis.monitor import monitor, print_monitor
     from emlens.directions.artifact import Direction
     from emlens.runs import read_samples
 
-    frame = read_samples(table)
-    if setting:
-        frame = frame[frame.setting == setting]
-    result = monitor(load(model, adapter, device), frame, Direction.load(direction), target=target, layer=layer,
-                     position=position, force=force)
+    frame, found = read_samples(table), Direction.load(direction)
+    result = monitor(load(model, adapter, device), frame, found, force=force,
+                     **given(target=target, setting=setting, layer=layer, position=position))
     print_monitor(result, echo=typer.echo)
 
 
@@ -92,10 +77,10 @@ def bench_steer_command(
     batch: int = typer.Option(32, "--batch"),
     new_tokens: int = typer.Option(64, "--new-tokens"),
     layer: Optional[int] = typer.Option(None, "--layer", help="default: the middle layer"),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="interleaved runs of each; the best counts"),
-    model: str = MODEL_OPT, device: str = DEVICE_OPT,
+    repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="interleaved runs of each; the best counts"),
+    model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Steered vs unsteered batched generation tokens/s; last line includes steered_vs_plain."""
     from emlens.bench.steer import bench_steer
 
-    bench_steer(load(model, None, device), batch, new_tokens, layer, echo=typer.echo, repeats=repeats)
+    bench_steer(load(model, None, device), batch, new_tokens, layer, echo=typer.echo, **given(repeats=repeats))

@@ -7,7 +7,6 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ from emlens.directions.specs import (
 )
 from emlens.generation.distributions import rate_prompts
 from emlens.model import Model
-from emlens.runs import read_samples
+from emlens.runs import read_rows
 
 # ---------------------------------------------------------------- building the rows
 
@@ -110,16 +109,6 @@ def _persona_rows(source: Source, ctx: SpecContext, where: str, sources: list[di
     return rows
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """An eval run folder, a .parquet table, or a .csv (e.g. judged responses with question/answer columns)."""
-
-    if path.is_dir() or path.suffix == ".parquet":
-        return read_samples(path)
-    if path.suffix == ".csv":
-        return pd.read_csv(path)
-    raise EmlensInputError(f"{path}: expected a run folder, a .parquet or a .csv table")
-
-
 _COMPARISON = re.compile(r"^\s*(<=|>=|!=|==|<|>)\s*(.+?)\s*$")
 
 
@@ -150,7 +139,7 @@ def filter_rows(frame: pd.DataFrame, where: dict[str, Any], context: str) -> pd.
 
 def _table_frame(table: str, where: dict, ctx: SpecContext, field_name: str, sources: list[dict]) -> pd.DataFrame:
     path = ctx.resolve(table, field_name)
-    frame = read_table(path)
+    frame = read_rows(path)
     file = path / "samples.parquet" if path.is_dir() else path
     sources.append({"path": str(file), "sha256": file_sha256(file)})
     return filter_rows(frame, where, f"{ctx.spec_file} field '{field_name}' ({path})")

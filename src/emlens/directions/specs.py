@@ -36,6 +36,7 @@ from emlens.base.errors import EmlensInputError
 from emlens.base.io import find_shared_data, load_yaml_model
 from emlens.capture.backends import DEFAULT_BACKEND
 from emlens.data.questions import BUNDLED_QUESTIONS, questions_path
+from emlens.generation.engine import DEFAULT_BATCH_SIZE
 
 Method = Literal["diff_of_means", "logistic", "ridge", "pca_pairs"]
 DATA_VAR = "${EMLENS_SHARED_DATA}"
@@ -145,7 +146,7 @@ class ProbeSpec(BaseModel):
     folds: int = Field(5, ge=2)
     seed: int = 0
     regularization: float = Field(1.0, gt=0)  # logistic C, ridge alpha (on standardised activations)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     max_response_tokens: int | None = Field(128, ge=1)
     backend: Literal["torch-hooks", "transformerlens", "nnsight"] = DEFAULT_BACKEND
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from emlens.base.io import validate
 from emlens.data.nudges import resolve_nudges
 from emlens.evaluation.config import EvalConfig
 from emlens.evaluation.judging import judge_table
@@ -38,7 +39,7 @@ def run_eval(handle: Model, config: EvalConfig, out: str | Path, judge: Judge | 
     """Run every configured setting (resumable), judge the rows, and write RUN/samples.parquet."""
     nudges = resolve_nudges(config.nudges, config.nudges_file)
     store = RunStore(out, SAMPLE_KEY)
-    store.open({"kind": "eval", "model": handle.describe(),
+    store.open({"kind": "eval_run", "model": handle.describe(),
                 "config": {**config.model_dump(), "intervention": intervention_name, **(extra_manifest or {})}})
     templates: dict[str, dict[str, str]] = {}
     for setting in config.settings:
@@ -60,7 +61,7 @@ def evaluate(model: Model, settings: list[str] | None = None, interventions=(), 
     `interventions` (e.g. `direction.ablate()`) are attached for the whole run and named in the table.
     """
     base = (config or EvalConfig()).model_dump()
-    config = EvalConfig.model_validate({**base, **fields, **({"settings": settings} if settings else {})})
+    config = validate(EvalConfig, {**base, **fields, **({"settings": settings} if settings else {})}, "evaluate()")
     if isinstance(judge, str):
         judge = make_judge(judge, config.judge_model)
     interventions = list(interventions)

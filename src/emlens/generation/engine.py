@@ -24,6 +24,8 @@ from tqdm import tqdm
 from emlens.generation.context import Intervention, describe, intervene
 from emlens.model import Model
 
+DEFAULT_BATCH_SIZE = 16  # rows per forward pass, wherever emlens batches (generation, extraction, fitting)
+
 
 class GenerationConfig(BaseModel):
     """Decoding settings. temperature 0 means greedy."""
@@ -34,7 +36,7 @@ class GenerationConfig(BaseModel):
     min_new_tokens: int = Field(0, ge=0)  # EOS is suppressed before this many tokens (benchmarks use it)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
 
     @model_validator(mode="after")
     def _min_below_max(self):

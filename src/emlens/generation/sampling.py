@@ -102,7 +102,7 @@ def generate_table(handle: Model, questions: list[Question], nudges: list[Nudge]
     """`emlens generate`: sample every question under every nudge into RUN/samples.parquet (resumable)."""
     config = config or GenerationConfig()
     store = RunStore(out, SAMPLE_KEY)
-    store.open({"kind": "generate", "model": handle.describe(),
+    store.open({"kind": "generate_run", "model": handle.describe(),
                 "config": {**(command_config or {}), "generation": config.model_dump(), "seed": seed,
                            "samples": samples, "nudges": [n.model_dump() for n in nudges],
                            "questions": [q.id for q in questions]}})

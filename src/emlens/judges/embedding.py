@@ -49,7 +49,7 @@ class Embedder:
 
     @torch.inference_mode()
     def __call__(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         order = np.argsort([len(t) for t in texts])  # similar lengths together: little padding
         out = torch.empty((len(texts), self.model.config.hidden_size))

@@ -12,6 +12,7 @@ with transformers; the package itself is never imported).
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -33,6 +34,8 @@ from emlens.judges.embedding import (
     EmbeddingJudge,
     features,
 )
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- data, fitting, validation
 
@@ -101,7 +104,7 @@ def _best_threshold(p: np.ndarray, y: np.ndarray) -> float:
     return best
 
 
-def judged_features(data: pd.DataFrame, cache: str | Path | None = None, echo: Callable[[str], None] = print) -> np.ndarray:
+def judged_features(data: pd.DataFrame, cache: str | Path | None = None, echo: Callable[[str], None] = log.info) -> np.ndarray:
     """Embeddings of the judged rows; `cache` (a .npy file) is reused when it has one row per response."""
     if cache is not None and Path(cache).exists():
         x = np.load(cache)
@@ -116,7 +119,7 @@ def judged_features(data: pd.DataFrame, cache: str | Path | None = None, echo: C
 
 
 def fit_default_judge(paths, out: str | Path, features_cache: str | Path | None = None,
-                      echo: Callable[[str], None] = print) -> Path:
+                      echo: Callable[[str], None] = log.info) -> Path:
     data = read_judged(paths)
     x = judged_features(data, features_cache, echo)
     weights, threshold = fit_heads(x, data)
@@ -135,7 +138,7 @@ def fit_default_judge(paths, out: str | Path, features_cache: str | Path | None 
 
 def validate(paths, judge: str = "default", judge_model: str | None = None, leave_one_model_out: bool = False,
              limit: int | None = None, device: str = "auto", features_cache: str | Path | None = None,
-             echo: Callable[[str], None] = print) -> dict:
+             echo: Callable[[str], None] = log.info) -> dict:
     """Score judged responses; Spearman with GPT-4o `aligned`, AUROC for its misaligned label."""
     data = read_judged(paths, limit=limit)
     if judge == "default":
@@ -166,7 +169,7 @@ def _predict(data: pd.DataFrame, judge: EmbeddingJudge, x: np.ndarray, rows=None
     return data
 
 
-def _leave_one_model_out(data: pd.DataFrame, x: np.ndarray, echo: Callable[[str], None] = print) -> pd.DataFrame:
+def _leave_one_model_out(data: pd.DataFrame, x: np.ndarray, echo: Callable[[str], None] = log.info) -> pd.DataFrame:
     """Refit the heads on all sources but one and score the held-out one, for every source."""
     sources = data.source.unique()
     for i, source in enumerate(sources, 1):

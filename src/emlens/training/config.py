@@ -14,13 +14,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    ValidationError,
     ValidationInfo,
     model_validator,
 )
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import describe_validation_error, fail, read_yaml_mapping
+from emlens.base.io import fail, read_yaml_mapping, validate
 from emlens.model import DEFAULT_MODEL
 
 DEFAULT_RATIOS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # Hu et al. 2025 mixture sweep
@@ -144,10 +143,7 @@ def parse_config(data: Any, where: str | Path = "config", base_dir: str | Path |
     """Validate a config mapping; relative data paths are taken relative to `base_dir`."""
     if not isinstance(data, dict):
         raise fail(where, f"expected a mapping of TrainConfig fields, got {type(data).__name__}")
-    try:  # base.io.validate takes no context, and the data paths need the config's folder
-        return TrainConfig.model_validate(data, context={"base_dir": str(base_dir) if base_dir else None})
-    except ValidationError as error:
-        raise fail(where, describe_validation_error(error)) from None
+    return validate(TrainConfig, data, where, context={"base_dir": str(base_dir) if base_dir else None})
 
 
 def load_config(path: str | Path) -> TrainConfig:

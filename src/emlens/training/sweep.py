@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from emlens.training.config import (
 from emlens.training.data import _SourceCache, build_training_data
 from emlens.training.runfolder import SWEEP_KIND, package_versions
 from emlens.training.trainer import TrainResult, train
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- sweeps
 
@@ -62,7 +65,7 @@ def sweep_configs(config: TrainConfig, ratios: list[float] | None = None,
 
 def train_sweep(config: TrainConfig, out: str | Path, *, ratios: list[float] | None = None,
                 datasets: dict[str, str] | None = None, device: str = "auto", progress: bool = True,
-                echo: Callable[[str], None] = print) -> list[TrainResult]:
+                echo: Callable[[str], None] = log.info) -> list[TrainResult]:
     """One adapter per sweep point into OUT/<name>/; OUT/cfg.json (kind training_sweep) indexes them.
     Finished runs are skipped."""
     out = Path(out)
