@@ -273,7 +273,9 @@ def train(config: TrainConfig, out: str | Path, *, device: str = "auto", progres
     if echo and resume is not None and args.should_save:
         echo(f"resuming {run} from step {checkpoint_step(resume)}")
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with warnings.catch_warnings():  # Trainer and peft read transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds, tokens = time.perf_counter() - start, clock.tokens
     resumed_from = checkpoint_step(resume) if resume else None
     session = {"resumed_from": resumed_from, "end_step": trainer.state.global_step, "train_seconds": seconds,
