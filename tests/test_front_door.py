@@ -118,3 +118,37 @@ def test_evaluate_compare_and_load(tiny, tiny_judge, fitted, tmp_path):
     assert isinstance(loaded, em.Direction) and torch.equal(loaded.vector(1), fitted.vector(1))
     with pytest.raises(EmlensInputError, match="not an emlens artifact"):
         em.load(tmp_path)
+
+
+def test_every_artifact_is_a_folder_with_a_kind_that_em_load_opens(tiny, tiny_judge, fitted, tmp_path):
+    from emlens.capture.extract import extract_to_store
+
+    store = extract_to_store(tiny, em.capture.extract.as_items(HARMFUL), tmp_path / "store", ["resid_post"],
+                             progress=False)
+    opened = em.load(tmp_path / "store")
+    assert isinstance(opened, em.ActivationStore) and torch.equal(opened.load("blocks.1.hook_resid_post"),
+                                                                  store.load("blocks.1.hook_resid_post"))
+    table = em.evaluate(tiny, settings=["refusal"], nudges=["none"], refusal={"limit": 1, "max_new_tokens": 3},
+                        judge=tiny_judge, out=tmp_path / "run")
+    loaded = em.load(tmp_path / "run")
+    assert list(loaded.columns) == list(table.columns) and loaded.response.tolist() == table.response.tolist()
+    for folder in ("store", "run"):
+        cfg = em.base.io.read_json(tmp_path / folder / "cfg.json")
+        assert cfg["kind"] in ("activation_store", "eval_run") and cfg["format_version"] == 1
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "cfg.json").write_text('{"kind": "mystery"}')
+    with pytest.raises(EmlensInputError, match="unknown kind 'mystery'"):
+        em.load(tmp_path / "odd")
+
+
+def test_a_run_never_writes_into_a_folder_it_did_not_make(tiny, tiny_judge, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(EmlensInputError, match="not an emlens artifact"):
+        em.evaluate(tiny, settings=["refusal"], nudges=["none"], refusal={"limit": 1, "max_new_tokens": 3},
+                    judge=tiny_judge, out=mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    with pytest.raises(EmlensInputError, match="not an emlens artifact"):
+        em.fit_direction(em.activations(tiny, HARMFUL + HARMLESS, layers=[1]), [1] * 4 + [0] * 4).save(mine)
+    assert (mine / "notes.txt").read_text() == "keep me"

@@ -72,7 +72,7 @@ def __getattr__(name: str):
     if name == "load":  # every artifact kind registers its loader when its module is imported
         for module in ("emlens.directions.artifact", "emlens.capture.store", "emlens.runs",
                        "emlens.steering.weights", "emlens.training.runfolder", "emlens.analysis.dose_response",
-                       "emlens.analysis.compare"):
+                       "emlens.analysis.compare", "emlens.analysis.report", "emlens.judges.embedding"):
             importlib.import_module(module)
     globals()[name] = value
     return value

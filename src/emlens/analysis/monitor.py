@@ -16,14 +16,16 @@ from emlens.base.io import fail
 from emlens.base.stats import pearson_ci
 from emlens.capture.extract import extract_activations
 from emlens.capture.items import items_from_run_table
+from emlens.directions.artifact import Direction
 from emlens.generation.engine import DEFAULT_BATCH_SIZE
+from emlens.model import Model
 from emlens.sites import site_name
 from emlens.steering.interventions import random_like
 
 MONITOR_POSITIONS = ("mean_response", "last_prompt")  # one vector per sample
 
 
-def monitor(handle, table: pd.DataFrame, direction, target: str = "misaligned", layer: int | None = None,
+def monitor(handle: Model, table: pd.DataFrame, direction: Direction, target: str = "misaligned", layer: int | None = None,
             position: str = "mean_response", setting: str | None = "free_form", batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
             force: bool = False, progress: bool = False) -> dict:
     """r(projection onto the direction, target column) over the table's rows, and the random-control r.

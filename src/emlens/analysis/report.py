@@ -16,6 +16,7 @@ from emlens.base.io import (
     atomic_folder,
     atomic_write_json,
     atomic_write_table,
+    register_artifact,
     versions,
 )
 from emlens.evaluation.summary import summarize
@@ -153,3 +154,9 @@ def _harm_figure(frame: pd.DataFrame, path: Path) -> Path:
         ax.legend(fontsize=6)
 
     return _save(draw, path)
+
+
+@register_artifact(REPORT_KIND)
+def open_report(folder: Path) -> dict[str, pd.DataFrame]:
+    """`em.load(OUT)` of `emlens eval report`: its rate tables by name."""
+    return {path.stem: pd.read_csv(path) for path in sorted(Path(folder).glob("*.csv"))}

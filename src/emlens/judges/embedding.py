@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from emlens.base.errors import EmlensInputError
+from emlens.base.io import register_artifact
 from emlens.judges.base import (
     COHERENT_ABOVE,
     MISALIGNED_BELOW,
@@ -165,6 +166,9 @@ class EmbeddingJudge(Judge):
             for key, row in zip(self._keys(questions, answers), rows, strict=False):
                 self.cache.put(key, Score(None, 1.0, json.dumps(row)))
 
+
+
+register_artifact("embedding-mlp")(EmbeddingJudge.load)  # em.load of a judge folder
 
 def dense_stack(x: torch.Tensor, weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     """The head `name`: layers NAME.0, NAME.1, ... (weight: out x in), ReLU between them; one output."""
