@@ -168,6 +168,7 @@ def build(cells: list[str]) -> nbf.NotebookNode:
 def execute(book: nbf.NotebookNode, timeout: int = 1200) -> nbf.NotebookNode:
     os.environ.setdefault("EMLENS_NOTEBOOK_SMALL", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:IProgress not found")  # tqdm.auto without ipywidgets
     NotebookClient(book, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
     return book
 
