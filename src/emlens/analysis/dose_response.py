@@ -149,7 +149,7 @@ def run_steer(spec: SteerSpec, base: Path, out: str | Path, handle=None, judge=N
     cfg = _open_experiment(out, spec, direction, layer, site)
     grid = conditions(spec, vector, natural, layer, site)
     for i, condition in enumerate(grid, 1):
-        echo(f"[emlens] condition {i}/{len(grid)}: {condition['name']}")
+        echo(f"condition {i}/{len(grid)}: {condition['name']}")
         interventions = [condition["intervention"]] if condition["intervention"] is not None else []
         table = run_eval(handle, spec.eval, out / "conditions" / condition["name"], judge=judge,
                          interventions=interventions, intervention_name=condition["name"], progress=progress,

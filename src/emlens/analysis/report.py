@@ -73,7 +73,8 @@ def _bar_with_ci(ax, frame: pd.DataFrame, title: str, by: str = "nudge") -> None
     ax.set_xticks(np.arange(len(ticks)) + width * (len(series) - 1) / 2, ticks, **long_labels)
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:  # an empty table draws no bars
+        ax.legend(fontsize=6)
 
 
 def write_report(runs: Iterable[str | Path], out: str | Path, echo: Callable[[str], None] = log.info,

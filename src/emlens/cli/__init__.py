@@ -5,6 +5,7 @@ Every command module adds its commands to `app` when imported; they are imported
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Optional
 
@@ -16,7 +17,23 @@ from emlens.cli import eval, probe, steer, train  # noqa: F401  (registers their
 from emlens.cli.app import app
 
 
+class _Stderr(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (a handler holding the stream at start would outlive it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"[emlens] {record.getMessage()}\n")
+
+
+def show_progress_messages() -> None:
+    """The library logs what it is doing (settings, conditions, resumes); the CLI shows it on stderr."""
+    logger = logging.getLogger("emlens")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    show_progress_messages()
     try:
         app(args=argv, prog_name="emlens")
     except EmlensInputError as error:
