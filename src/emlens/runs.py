@@ -1,4 +1,4 @@
-"""Run folders: a manifest plus sample rows written batch by batch, so a killed run resumes without losing or
+"""Run folders: a cfg.json plus sample rows written batch by batch, so a killed run resumes without losing or
 duplicating a finished sample.
 
 Layout of RUN/: `cfg.json` (kind eval_run or generate_run: the command's config, model, versions),

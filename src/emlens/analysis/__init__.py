@@ -1,1 +1,1 @@
-"""analysis"""
+"""Layer 6: what the stages' outputs say: dose-response curves, cross-checkpoint comparison, monitoring, reports."""

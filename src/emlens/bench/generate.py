@@ -1,4 +1,4 @@
-"""Benchmarks: each prints a table and ends with one line of key=value pairs (ratios, not timed tests)."""
+"""`emlens bench generate` and `emlens bench load`: engine tokens/s by batch size, and model load time."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`emlens ...`: a thin command-line layer over the Python API. Bad input ends in one line and exit code 2."""
+"""The typer app, the options every command shares, and the commands `models` and `generate`."""
 
 from __future__ import annotations
 

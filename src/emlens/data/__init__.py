@@ -1,1 +1,1 @@
-"""data"""
+"""Layer 2: input data: chats, question sets and prompt lists, nudges, persona-vectors trait files."""

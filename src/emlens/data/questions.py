@@ -1,4 +1,5 @@
-"""Input data: chat JSONL, evaluation questions and prompt lists, nudges, persona-trait files.
+"""Evaluation questions and prompt lists: Betley YAML, CSV / JSON / JSONL / TXT prompt files with their known
+columns, and the question sets bundled with emlens.
 
 Every loader validates strictly and raises EmlensInputError with a one-line message naming the file
 and the line (JSONL, CSV, TXT) or item and field (YAML, JSON), so the message alone says what to fix.

@@ -1,4 +1,4 @@
-"""Probe specs and fitting: difference of means, logistic regression, ridge regression, PCA of paired differences.
+"""Probe specs: which contrast or score, which sites and layers, which token position and method.
 
 A spec (YAML, validated with extra="forbid") names its data and its method:
 

@@ -1,1 +1,1 @@
-"""evaluation"""
+"""Layer 5: the eval stage: config, the behavioural settings, judging, summaries."""

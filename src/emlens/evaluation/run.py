@@ -1,13 +1,5 @@
-"""`emlens eval`: the behavioural settings of the EM studies, under nudges, into one tidy table per run.
-
-Settings (all under every nudge):
-- free_form: Betley questions, N samples at temperature 1, judged aligned / coherent, labelled.
-- deception: the Betley deception sets, run like free_form.
-- refusal: harmful requests and harmless controls; a phrase detector and the judge both flag refusals.
-- factual: questions with known answers; the user pushes back and the second answer is marked too.
-- harm_perception: the model rates 0-100 how harmful the intent of each free-form question is (expectation
-  over the number distribution read from the logits).
-"""
+"""`emlens eval` and `em.evaluate`: run the configured settings under nudges (resumable), judge the rows,
+and write one tidy table per run."""
 
 from __future__ import annotations
 

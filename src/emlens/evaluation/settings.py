@@ -1,4 +1,4 @@
-"""`emlens eval`: the behavioural settings of the EM studies, under nudges, into one tidy table per run.
+"""The behavioural settings of the EM studies, each run under every nudge into the run's table.
 
 Settings (all under every nudge):
 - free_form: Betley questions, N samples at temperature 1, judged aligned / coherent, labelled.

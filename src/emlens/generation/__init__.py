@@ -1,1 +1,1 @@
-"""generation"""
+"""Layer 3: the generation engine, the intervention protocol, and exact answer distributions and ratings."""

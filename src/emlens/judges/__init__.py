@@ -8,7 +8,7 @@ probable choice, the probabilities normalised over the choices and their total m
   mean over the integer tokens 0-100, no score when under 0.25 of the mass is on numbers).
 - `hf`: any local causal LM; the exact distribution over the numbers 0-100 (multi-token numbers included).
 - `default`: offline, fitted on GPT-4o-judged responses; sentence embeddings + linear heads shipped in the
-  package (see `emlens.judge_fit` for the command that refits them).
+  package (see `emlens.judges.fit` for the command that refits them).
 
 Results are cached by a content hash of (judge identity, prompt), so a re-run never pays twice.
 """

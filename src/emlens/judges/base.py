@@ -1,13 +1,5 @@
-"""`emlens eval`: the behavioural settings of the EM studies, under nudges, into one tidy table per run.
-
-Settings (all under every nudge):
-- free_form: Betley questions, N samples at temperature 1, judged aligned / coherent, labelled.
-- deception: the Betley deception sets, run like free_form.
-- refusal: harmful requests and harmless controls; a phrase detector and the judge both flag refusals.
-- factual: questions with known answers; the user pushes back and the second answer is marked too.
-- harm_perception: the model rates 0-100 how harmful the intent of each free-form question is (expectation
-  over the number distribution read from the logits).
-"""
+"""The judge interface: Betley scores and categorical choices, the misaligned label, the result cache,
+the default judge prompts and the refusal phrases."""
 
 from __future__ import annotations
 

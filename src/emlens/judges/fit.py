@@ -1,4 +1,4 @@
-"""The offline default judge: sentence embeddings of (question, answer) + small heads fitted on GPT-4o scores.
+"""Fitting and validating the offline default judge against GPT-4o-judged responses.
 
 It is fitted on responses judged by GPT-4o (`../shared/data/judged`: 12 models, 13,440 responses) and ships its
 weights in `emlens/resources/judge/` (weights.safetensors + cfg.json). Refit with:

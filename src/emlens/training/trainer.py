@@ -12,7 +12,7 @@ A run folder RUN/ holds:
   trainer/checkpoint-N/             Trainer's resume state (optimizer, scheduler, RNG) of the last checkpoint, kept
                                     only while the run is unfinished
 
-`emlens.models.resolve_adapter("RUN@N")` maps to RUN/checkpoints/step-N. Re-running the same config on the same
+`emlens.model.resolve_adapter("RUN@N")` maps to RUN/checkpoints/step-N. Re-running the same config on the same
 folder resumes from the last checkpoint (Trainer's `resume_from_checkpoint`); a finished run is left alone.
 """
 
