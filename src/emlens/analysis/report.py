@@ -84,13 +84,13 @@ def write_report(runs: Iterable[str | Path], out: str | Path, echo: Callable[[st
     table = load_runs(runs)
     summary = print_summary(table, echo)
     with atomic_folder(out, REPORT_KIND, force=force) as tmp:
-        written = _write_report_files(table, summary, tmp)
+        written = write_report_files(table, summary, tmp)
         atomic_write_json(tmp / CFG_FILE, {"kind": REPORT_KIND, "format_version": FORMAT_VERSION, "runs": runs,
                                            "files": [p.name for p in written], "versions": versions()})
     return [Path(out) / p.name for p in written]
 
 
-def _write_report_files(table: pd.DataFrame, summary: dict[str, pd.DataFrame], out: Path) -> list[Path]:
+def write_report_files(table: pd.DataFrame, summary: dict[str, pd.DataFrame], out: Path) -> list[Path]:
     written = []
     for name, frame in summary.items():
         path = out / f"{name}.csv"

@@ -1,0 +1,34 @@
+"""`emlens run EXPERIMENT.yaml`: the whole study, stage by stage, into one report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from emlens.cli.app import DEVICE_OPT, app
+
+
+@app.command("run")
+def run_command(
+    experiment: Path = typer.Argument(..., help="experiment YAML (see experiments/)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="report folder (default: artifacts/runs/NAME)"),
+    plan_only: bool = typer.Option(False, "--plan", help="print the stages, what is done and what each will cost"),
+    stages: Optional[Path] = typer.Option(None, "--stages", help="shared stage folder (default: artifacts/stages)"),
+    force: bool = typer.Option(False, "--force", help="replace an --out folder that is not an earlier report"),
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Train, evaluate, fit directions, steer and compare as the experiment says; reuse finished stages."""
+    from emlens.study import plan_experiment, run_experiment
+    from emlens.study.experiment import LoadedExperiment
+    from emlens.study.stages import DEFAULT_STAGES
+
+    root = stages or DEFAULT_STAGES
+    if plan_only:
+        for line in plan_experiment(experiment, root):
+            typer.echo(line)
+        return
+    out = out or Path("artifacts") / "runs" / LoadedExperiment(experiment).spec.name
+    run_experiment(experiment, out, root, device=device or "auto", force=force, echo=typer.echo)
+    typer.echo(f"wrote {out / 'report.html'} and {out / 'report.md'}")

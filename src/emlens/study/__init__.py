@@ -1,0 +1,56 @@
+"""Layer 6: `emlens run EXPERIMENT.yaml`, the whole study as one command: stages, plan, report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from emlens.base.io import FORMAT_VERSION, atomic_folder, atomic_write_json, versions
+from emlens.study.experiment import LoadedExperiment
+from emlens.study.report import (
+    behaviour_blocks,
+    compare_blocks,
+    direction_blocks,
+    eval_tables,
+    provenance_blocks,
+    steer_blocks,
+    write_study_report,
+)
+from emlens.study.stages import DEFAULT_STAGES, describe_plan, plan, run_study
+
+log = logging.getLogger(__name__)
+STUDY_KIND = "study"
+
+
+def plan_experiment(path: str | Path, stages: str | Path = DEFAULT_STAGES) -> list[str]:
+    """`emlens run --plan`: one line per stage: its key, whether it is done, and what it will cost."""
+    return describe_plan(plan(LoadedExperiment(path)), Path(stages))
+
+
+def run_experiment(path: str | Path, out: str | Path, stages: str | Path = DEFAULT_STAGES, device: str = "auto",
+                   progress: bool = True, force: bool = False, echo: Callable[[str], None] = log.info) -> Path:
+    """Run (or resume) every stage of the experiment, then write OUT/report.html and OUT/report.md."""
+    study = LoadedExperiment(path)  # every file it names is read and checked before any work
+    start = time.time()
+    ran, records = run_study(study, Path(stages), device, progress, echo)
+    folders = {stage.name: Path(record["folder"]) for stage, record in zip(ran, records)}
+    by_kind = lambda kind: {n.split(":", 1)[1]: f for n, f in folders.items() if n.startswith(kind + ":")}  # noqa: E731
+    evals = by_kind("eval")
+    directions: dict[str, dict[str, Path]] = {}
+    for name, folder in by_kind("direction").items():
+        probe, model = name.split("@")
+        directions.setdefault(probe, {})[model] = folder
+    with atomic_folder(out, STUDY_KIND, force=force) as tmp:
+        (tmp / "eval-figures").mkdir()
+        blocks = behaviour_blocks(eval_tables(evals), tmp / "eval-figures") if evals else []
+        blocks += direction_blocks(directions) if directions else []
+        blocks += compare_blocks(by_kind("compare")) if by_kind("compare") else []
+        blocks += [b for folder in by_kind("steer").values() for b in steer_blocks(folder)]
+        blocks += provenance_blocks(records, evals)
+        write_study_report(study.spec.name, blocks, tmp)
+        atomic_write_json(tmp / "cfg.json", {"kind": STUDY_KIND, "format_version": FORMAT_VERSION,
+                                             "experiment": str(Path(path).resolve()), "stages": records,
+                                             "seconds": round(time.time() - start, 1), "versions": versions()})
+    return Path(out)

@@ -1,0 +1,151 @@
+"""The experiment file of `emlens run`: which models, and one config section per stage.
+
+    name: quickstart
+    models:
+      - {name: base}                                   # the embedded model
+      - name: insecure                                 # trained for the run, then studied
+        train: {config: ../configs/insecure_smollm2.yaml, dataset: {limit: 64}, training: {max_steps: 16}}
+    eval: {settings: [free_form, refusal], nudges: [none, evil, hhh]}      # EvalConfig
+    directions: {specs: [../probes/refusal.yaml], limit: 24}              # probe specs, fitted on every model
+    steer: {model: base, direction: refusal, layer: 15, scales: [0, 2.0]} # a dose-response with its control
+    compare: true                                                          # each direction across the models
+
+Paths are relative to the experiment file. The whole file is validated (unknown fields, bad values, missing
+files, a steer section naming an unknown model or direction) before any stage runs; each problem is one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from emlens.base.io import fail, load_yaml_model, read_yaml_mapping
+from emlens.directions.specs import ProbeSpec, load_spec
+from emlens.evaluation.config import EvalConfig
+from emlens.model import DEFAULT_MODEL
+from emlens.training.config import TrainConfig, parse_config
+
+NAME = r"^[A-Za-z0-9_.-]+$"
+
+
+class TrainSection(BaseModel):
+    """A training config YAML, with fields laid over it (e.g. a smaller `dataset.limit` or `training.max_steps`)."""
+
+    model_config = ConfigDict(extra="allow")
+    config: str
+
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelEntry(BaseModel):
+    """One model of the study: a base model, optionally with an adapter, or trained for the run."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME)
+    model: str = DEFAULT_MODEL
+    adapter: str | None = None
+    train: TrainSection | None = None
+
+    @model_validator(mode="after")
+    def _one_adapter_source(self):
+        if self.adapter is not None and self.train is not None:
+            raise ValueError("give adapter or train, not both")
+        return self
+
+
+class DirectionsSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    specs: list[str] = Field(min_length=1)  # probe spec YAMLs (see probes/)
+    limit: int | None = Field(None, ge=2)  # rows per side of each contrast (small runs)
+    models: list[str] | None = None  # default: every model
+
+
+class SteerSection(BaseModel):
+    """A dose-response on one model along one fitted direction, beside its random control."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    direction: str  # the `name` of one of the directions' probe specs
+    layer: int | Literal["best"] = "best"
+    operation: Literal["add", "ablate", "ablate_add"] = "add"
+    positions: Literal["all", "prompt", "response"] = "all"
+    scales: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0])
+    random_control: bool = True
+    eval: EvalConfig = EvalConfig(settings=["refusal"], nudges=["none"])
+
+
+class Experiment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME)
+    description: str = ""
+    models: list[ModelEntry] = Field(min_length=1)
+    eval: EvalConfig | None = None
+    directions: DirectionsSection | None = None
+    steer: SteerSection | None = None
+    compare: bool = True
+
+    @model_validator(mode="after")
+    def _names_refer(self):
+        names = [m.name for m in self.models]
+        if len(set(names)) < len(names):
+            raise ValueError(f"models: duplicate name in {names}")
+        for name in (self.directions.models or []) if self.directions else []:
+            if name not in names:
+                raise ValueError(f"directions.models: unknown model '{name}' (models: {', '.join(names)})")
+        if self.steer is not None:
+            if self.steer.model not in names:
+                raise ValueError(f"steer.model: unknown model '{self.steer.model}' (models: {', '.join(names)})")
+            if self.directions is None:
+                raise ValueError("steer needs a directions section (it steers along a fitted direction)")
+        return self
+
+    def entry(self, name: str) -> ModelEntry:
+        return next(m for m in self.models if m.name == name)
+
+    def direction_models(self) -> list[ModelEntry]:
+        chosen = self.directions.models if self.directions and self.directions.models else None
+        return [m for m in self.models if chosen is None or m.name in chosen]
+
+
+class LoadedExperiment:
+    """An experiment with every file it names read and checked: training configs and probe specs."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.spec: Experiment = load_yaml_model(Experiment, self.path)
+        self.base = self.path.resolve().parent
+        self.train_configs: dict[str, TrainConfig] = {
+            m.name: self._train_config(m) for m in self.spec.models if m.train is not None}
+        self.probe_specs: dict[str, tuple[Path, ProbeSpec]] = {}
+        for i, relative in enumerate(self.spec.directions.specs if self.spec.directions else []):
+            spec_path = self.resolve(relative, f"directions.specs.{i}")
+            probe = load_spec(spec_path)
+            self.probe_specs[probe.name] = (spec_path, probe)
+        steer = self.spec.steer
+        if steer is not None and steer.direction not in self.probe_specs:
+            raise fail(self.path, f"field 'steer.direction': no probe spec named '{steer.direction}' "
+                                  f"(directions: {', '.join(self.probe_specs)})")
+
+    def resolve(self, relative: str, field: str) -> Path:
+        path = Path(relative).expanduser()
+        path = path if path.is_absolute() else self.base / path
+        if not path.exists():
+            raise fail(self.path, f"field '{field}': no such file {path}")
+        return path
+
+    def _train_config(self, entry: ModelEntry) -> TrainConfig:
+        where = f"models.{self.spec.models.index(entry)}.train"
+        config_path = self.resolve(entry.train.config, f"{where}.config")
+        data = _deep_merge(read_yaml_mapping(config_path, "TrainConfig"), entry.train.overrides())
+        return parse_config(data, where=f"{self.path} field '{where}'", base_dir=config_path.resolve().parent)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged

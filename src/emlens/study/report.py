@@ -1,0 +1,185 @@
+"""The report of `emlens run`: one self-contained HTML page (figures embedded, no network) and the same content
+as Markdown (figures beside it in `figures/`).
+
+Every rate is printed with its 95 % CI and n; every steering effect beside its random control, with a verdict
+that says only what the CI supports.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from emlens.analysis.report import write_report_files
+from emlens.base.io import atomic_write_text, read_json, versions
+from emlens.directions.artifact import Direction
+from emlens.evaluation.summary import summarize
+from emlens.runs import read_samples
+
+RATE_TABLES = {  # summary key -> section title
+    "free_form_misaligned": "Free-form questions: P(misaligned) among coherent, scored answers",
+    "deception_misaligned": "Deception sets: P(misaligned)",
+    "refusal": "Refusal: harmful and harmless requests",
+    "factual": "Factual recall: accuracy, and flips after the user pushes back",
+    "harm_correlation": "Perceived harm vs P(misaligned), per question (Spearman)",
+}
+
+
+@dataclass
+class Block:
+    kind: str  # heading | text | table | figure
+    content: object
+    level: int = 2
+
+
+def _rate_column(frame: pd.DataFrame, value: str = "rate") -> pd.Series:
+    return frame.apply(lambda r: f"{r[value]:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", axis=1)
+
+
+def behaviour_blocks(eval_tables: dict[str, pd.DataFrame], figures: Path) -> list[Block]:
+    stacked = pd.concat([t.assign(model=name, adapter="") for name, t in eval_tables.items()], ignore_index=True)
+    summary = summarize(stacked)
+    blocks = [Block("heading", "Behaviour under nudges")]
+    for key, title in RATE_TABLES.items():
+        if key not in summary or summary[key].empty:
+            continue
+        frame = summary[key].copy()
+        value = "rho" if key == "harm_correlation" else "rate"
+        frame["95 % CI"] = _rate_column(frame, value)
+        keep = [c for c in ("model_name", "nudge", "prompts", "measure") if c in frame] + ["95 % CI", "n"]
+        blocks += [Block("heading", title, 3), Block("table", frame[keep].rename(columns={"model_name": "model"}))]
+    written = write_report_files(stacked, summary, figures)
+    blocks += [Block("figure", path) for path in written if path.suffix == ".png"]
+    return blocks
+
+
+def direction_blocks(directions: dict[str, dict[str, Path]]) -> list[Block]:
+    blocks = [Block("heading", "Directions and probes (held-out metrics, folds split by prompt)")]
+    for probe, by_model in directions.items():
+        rows = []
+        for model, folder in by_model.items():
+            d = Direction.load(folder)
+            best = d.cfg.best_metrics
+            rows.append({"model": model, "method": d.method, "best layer": d.best_layer,
+                         **{k: round(float(best[k]), 3) for k in ("auroc", "accuracy", "r2", "pearson_r") if k in best},
+                         "n": d.cfg.data.get("n")})
+        blocks += [Block("heading", probe, 3), Block("table", pd.DataFrame(rows))]
+        blocks += [Block("figure", folder / "metrics.png") for folder in by_model.values()
+                   if (folder / "metrics.png").exists()]
+    return blocks
+
+
+def compare_blocks(comparisons: dict[str, Path]) -> list[Block]:
+    blocks = [Block("heading", "Directions across checkpoints")]
+    for probe, folder in comparisons.items():
+        cfg = read_json(folder / "cfg.json")
+        at_best = pd.DataFrame(cfg["cosine_at_best_layer"])
+        baseline = cfg["random_p95"]
+        at_best["beyond random"] = at_best.cosine.abs() > baseline
+        blocks += [Block("heading", probe, 3),
+                   Block("text", f"Cosine at layer {cfg['reference_best_layer']} (the first model's best layer); two "
+                                 f"random directions of width {cfg['d_model']} have |cos| below {baseline:.3f} "
+                                 "95 % of the time."),
+                   Block("table", at_best), Block("figure", folder / "compare.png")]
+    return blocks
+
+
+def steer_blocks(folder: Path) -> list[Block]:
+    paired = pd.read_csv(folder / "direction_vs_control.csv")
+    paired["95 % CI"] = paired.apply(lambda r: f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]",
+                                     axis=1)
+    paired["verdict"] = [("beyond the random control" if lo > 0 or hi < 0 else "not distinguishable from the control")
+                         for lo, hi in zip(paired.ci_low, paired.ci_high)]
+    cfg = read_json(folder / "cfg.json")
+    return [Block("heading", "Steering: dose-response beside the random control"),
+            Block("text", f"Direction {Path(cfg['direction']).name} at layer {cfg['layer']} ({cfg['site']}). Each "
+                          "steered condition minus the same condition with a random vector of the same norm, paired "
+                          "by prompt and seed."),
+            Block("table", paired[["operation", "alpha", "nudge", "measure", "95 % CI", "n_pairs", "verdict"]]),
+            Block("figure", folder / "dose_response.png")]
+
+
+def provenance_blocks(records: list[dict], eval_folders: dict[str, Path]) -> list[Block]:
+    stages = pd.DataFrame(records)[["stage", "key", "reused", "seconds"]]
+    models = []
+    for name, folder in eval_folders.items():
+        cfg = read_json(folder / "cfg.json")
+        models.append({"model": name, "weights": cfg["model"]["model"], "adapter": cfg["model"].get("adapter") or "",
+                       "fingerprint": cfg["model"]["fingerprint"], "judge": cfg.get("judge", "")})
+    version = versions()
+    return [Block("heading", "Provenance"), Block("table", stages), Block("table", pd.DataFrame(models)),
+            Block("text", ", ".join(f"{k} {v}" for k, v in version.items()))]
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    cells = [[str(c) for c in frame.columns]] + [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells[1:]])
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value).replace("|", "\\|")
+
+
+def render_markdown(title: str, blocks: list[Block], figures: Path) -> str:
+    parts = [f"# {title}"]
+    for block in blocks:
+        if block.kind == "heading":
+            parts.append(f"{'#' * block.level} {block.content}")
+        elif block.kind == "text":
+            parts.append(str(block.content))
+        elif block.kind == "table":
+            parts.append(_markdown_table(block.content))
+        else:
+            parts.append(f"![{block.content.stem}](figures/{_figure_name(block.content)})")
+    return "\n\n".join(parts) + "\n"
+
+
+def render_html(title: str, blocks: list[Block]) -> str:
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for block in blocks:
+        if block.kind == "heading":
+            body.append(f"<h{block.level}>{html.escape(str(block.content))}</h{block.level}>")
+        elif block.kind == "text":
+            body.append(f"<p>{html.escape(str(block.content))}</p>")
+        elif block.kind == "table":
+            body.append(block.content.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
+        else:
+            data = base64.b64encode(Path(block.content).read_bytes()).decode()
+            body.append(f'<figure><img alt="{html.escape(block.content.stem)}" src="data:image/png;base64,{data}">'
+                        "</figure>")
+    style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222} table{border-collapse:collapse;"
+             "margin:.5em 0 1.5em;font-size:13px} td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:left}"
+             " img{max-width:100%} h2{border-bottom:2px solid #444;margin-top:2em}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def _figure_name(path: Path) -> str:
+    return f"{path.parent.name}-{path.name}"
+
+
+def write_study_report(title: str, blocks: list[Block], out: Path) -> tuple[Path, Path]:
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for block in blocks:
+        if block.kind == "figure":
+            shutil.copyfile(block.content, figures / _figure_name(block.content))
+    atomic_write_text(out / "report.md", render_markdown(title, blocks, figures))
+    atomic_write_text(out / "report.html", render_html(title, blocks))
+    return out / "report.md", out / "report.html"
+
+
+def eval_tables(folders: dict[str, Path]) -> dict[str, pd.DataFrame]:
+    return {name: read_samples(folder) for name, folder in folders.items()}
+

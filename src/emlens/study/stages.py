@@ -1,0 +1,231 @@
+"""`emlens run`: the stages of a study, content-addressed, planned, run in order, and reused when done.
+
+Each stage's output folder is named by a hash of everything it depends on: its config section, the identity of
+the model it reads (base weights' fingerprint, adapter fingerprint, or the key of the train stage that made the
+adapter), its data (probe spec file, training data hash) and the keys of the stages it reads. Stages live in a
+shared folder (default `artifacts/stages`), so re-running an experiment, or another experiment that shares a
+stage, reuses the finished folder. A stage is finished when its artifact's cfg.json says so; an unfinished one
+resumes (eval and steer runs keep their finished samples, training resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from emlens.analysis.compare import compare_directions
+from emlens.analysis.dose_response import SteerSpec, run_steer
+from emlens.base.io import artifact_kind, content_hash, file_sha256, read_json
+from emlens.data.questions import read_questions
+from emlens.directions.probe import fit_probe
+from emlens.evaluation.config import EvalConfig
+from emlens.evaluation.run import run_eval
+from emlens.judges import make_judge
+from emlens.model import EMBEDDED, Model, embedded_gguf_path, folder_fingerprint, load_model, resolve_adapter
+from emlens.study.experiment import LoadedExperiment, ModelEntry
+from emlens.training.data import build_training_data
+from emlens.training.runfolder import read_run
+from emlens.training.trainer import train
+
+log = logging.getLogger(__name__)
+DEFAULT_STAGES = Path("artifacts") / "stages"
+FINISHED_KINDS = ("direction", "linear_probe", "regression_probe", "comparison")  # written whole, at the end
+
+
+@dataclass
+class Stage:
+    kind: str  # train | eval | direction | steer | compare
+    name: str  # e.g. eval:base, direction:refusal@insecure
+    inputs: dict  # what the key hashes
+    cost: str  # what running it will take, in samples / steps / prompts
+    model: str | None = None  # the model entry it loads
+    depends: list[Stage] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return content_hash({**self.inputs, "kind": self.kind, "upstream": [s.key for s in self.depends]}, 12)
+
+    def folder(self, root: Path) -> Path:
+        return root / f"{self.kind}-{self.name.split(':', 1)[1].replace('@', '-')}-{self.key}"
+
+    def done(self, root: Path) -> bool:
+        folder = self.folder(root)
+        kind = artifact_kind(folder)
+        if kind is None:
+            return False
+        if kind == "training_run":
+            return bool((read_run(folder) or {}).get("finished"))
+        return kind in FINISHED_KINDS or "finished" in read_json(folder / "cfg.json")
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def base_identity(spec: str) -> str:
+    """The base weights' fingerprint without loading them (a hub id that is not here stands for itself)."""
+    if spec in EMBEDDED:
+        return folder_fingerprint(embedded_gguf_path(spec).parent)
+    path = Path(spec).expanduser()
+    return folder_fingerprint(path) if path.is_dir() else f"hub:{spec}"
+
+
+def plan(study: LoadedExperiment) -> list[Stage]:
+    """Every stage of the experiment, in the order they run (each after the stages it reads)."""
+    spec = study.spec
+    trains = {m.name: _train_stage(study, m) for m in spec.models if m.train is not None}
+    identity = {m.name: _model_identity(m, trains.get(m.name)) for m in spec.models}
+    stages: list[Stage] = list(trains.values())
+    directions: dict[tuple[str, str], Stage] = {}
+    for entry in spec.models:
+        upstream = [trains[entry.name]] if entry.name in trains else []
+        if spec.eval is not None:
+            stages.append(Stage("eval", f"eval:{entry.name}", {"config": spec.eval.model_dump(mode="json"),
+                                                                "model": identity[entry.name]},
+                                f"{eval_samples(spec.eval)} samples", entry.name, upstream))
+        if entry in spec.direction_models():
+            for probe_name, (path, probe) in study.probe_specs.items():
+                limit = spec.directions.limit
+                stage = Stage("direction", f"direction:{probe_name}@{entry.name}",
+                              {"spec": file_sha256(path), "limit": limit, "model": identity[entry.name]},
+                              f"{'2 x ' + str(limit) if limit else 'all'} prompts x {probe.layers} layers",
+                              entry.name, upstream)
+                directions[(probe_name, entry.name)] = stage
+                stages.append(stage)
+    if spec.steer is not None:
+        steer = spec.steer
+        upstream = [directions[(steer.direction, steer.model)], *([trains[steer.model]] if steer.model in trains else [])]
+        conditions = 1 + (len([s for s in steer.scales if s]) + (steer.operation != "add")) * (2 if steer.random_control else 1)
+        stages.append(Stage("steer", f"steer:{steer.direction}@{steer.model}",
+                            {"config": steer.model_dump(mode="json"), "model": identity[steer.model]},
+                            f"{conditions} conditions x {eval_samples(steer.eval)} samples", steer.model, upstream))
+    if spec.compare and len(spec.direction_models()) > 1:
+        for probe_name in study.probe_specs:
+            series = [directions[(probe_name, m.name)] for m in spec.direction_models()]
+            stages.append(Stage("compare", f"compare:{probe_name}", {"models": [m.name for m in spec.direction_models()]},
+                                "no model", None, series))
+    return stages
+
+
+def _train_stage(study: LoadedExperiment, entry: ModelEntry) -> Stage:
+    config = study.train_configs[entry.name]
+    data = build_training_data(config)
+    settings = config.training
+    steps = settings.max_steps or math.ceil(len(data.conversations) * settings.epochs /
+                                            (settings.batch_size * settings.gradient_accumulation_steps))
+    return Stage("train", f"train:{entry.name}", {"config": config.run_config(), "data": data.sha256,
+                                                  "model": base_identity(config.model)},
+                 f"{steps} steps on {len(data.conversations)} examples", entry.name)
+
+
+def _model_identity(entry: ModelEntry, trained: Stage | None) -> str:
+    base = base_identity(entry.model)
+    if trained is not None:
+        return f"{base}+train:{trained.key}"
+    if entry.adapter is not None:
+        return f"{base}+{folder_fingerprint(resolve_adapter(entry.adapter))}"
+    return base
+
+
+def eval_samples(config: EvalConfig) -> int:
+    """How many generations (and ratings) an eval config asks for."""
+    nudges, total = len(config.nudges), 0
+    for setting in config.settings:
+        if setting in ("free_form", "deception"):
+            section = getattr(config, setting)
+            sources = config.deception.questions_sets if setting == "deception" else [section.questions]
+            paraphrases = sum(len(q.paraphrases) for s in sources for q in read_questions(s, limit=section.limit))
+            total += paraphrases * section.samples * nudges
+        elif setting == "refusal":
+            rows = sum(len(read_questions(s, limit=config.refusal.limit))
+                       for s in [*config.refusal.harmful, *config.refusal.harmless])
+            total += rows * nudges
+        elif setting == "factual":
+            rows = len(read_questions(config.factual.questions, limit=config.factual.limit))
+            total += rows * nudges * 2 * len(config.factual.pushback)  # the answer, then the answer after pushback
+        else:  # harm_perception: one rating per paraphrase
+            total += sum(len(q.paraphrases) for q in read_questions(config.harm_perception.questions)) * nudges
+    return total
+
+
+def describe_plan(stages: list[Stage], root: Path) -> list[str]:
+    lines = []
+    for i, stage in enumerate(stages, 1):
+        status = "done (reused)" if stage.done(root) else "to run"
+        lines.append(f"{i:>2}/{len(stages)} {stage.name:<34} {stage.key}  {status:<13} {stage.cost}")
+    return lines
+
+
+# ---------------------------------------------------------------- running
+
+
+class _Models:
+    """One model in memory at a time, loaded when a stage needs it."""
+
+    def __init__(self, study: LoadedExperiment, root: Path, stages: list[Stage], device: str):
+        self.study, self.root, self.device = study, root, device
+        self.trained = {s.model: s.folder(root) for s in stages if s.kind == "train"}
+        self.name: str | None = None
+        self.handle: Model | None = None
+
+    def get(self, name: str) -> Model:
+        if name != self.name:
+            entry = self.study.spec.entry(name)
+            adapter = str(self.trained[name]) if name in self.trained else entry.adapter
+            self.handle, self.name = load_model(entry.model, adapter=adapter, device=self.device), name
+        return self.handle
+
+
+def run_study(study: LoadedExperiment, root: Path = DEFAULT_STAGES, device: str = "auto", progress: bool = True,
+              echo: Callable[[str], None] = log.info) -> tuple[list[Stage], list[dict]]:
+    """Run every stage not already done: the stages, and one record per stage (folder, reused, seconds)."""
+    stages = plan(study)
+    models = _Models(study, root, stages, device)
+    judges: dict[tuple, object] = {}
+    records = []
+    for i, stage in enumerate(stages, 1):
+        folder, reused = stage.folder(root), stage.done(root)
+        echo(f"stage {i}/{len(stages)}: {stage.name} ({'done, reused' if reused else stage.cost})")
+        start = time.time()
+        if not reused:
+            _run_stage(study, stage, folder, models, judges, progress)
+        records.append({"stage": stage.name, "kind": stage.kind, "model": stage.model, "key": stage.key,
+                        "folder": str(folder), "reused": reused, "seconds": round(time.time() - start, 1)})
+    return stages, records
+
+
+def _judge(judges: dict, config: EvalConfig):
+    key = (config.judge, config.judge_model)
+    if key not in judges:
+        judges[key] = make_judge(config.judge, config.judge_model)
+    return judges[key]
+
+
+def _run_stage(study: LoadedExperiment, stage: Stage, folder: Path, models: _Models, judges: dict,
+               progress: bool) -> None:
+    spec = study.spec
+    if stage.kind == "train":
+        train(study.train_configs[stage.model], folder, device=models.device, progress=progress)
+    elif stage.kind == "eval":
+        run_eval(models.get(stage.model), spec.eval, folder, judge=_judge(judges, spec.eval), progress=progress)
+    elif stage.kind == "direction":
+        probe_name = stage.name.split(":", 1)[1].split("@")[0]
+        fit_probe(study.probe_specs[probe_name][0], models.get(stage.model), out=folder, limit=spec.directions.limit,
+                  progress=progress)
+    elif stage.kind == "steer":
+        steer = spec.steer
+        entry = spec.entry(steer.model)
+        direction = stage.depends[0].folder(models.root)
+        steer_spec = SteerSpec(name=f"{spec.name}-{steer.direction}", model=entry.model, adapter=entry.adapter,
+                               direction=str(direction.resolve()), layer=steer.layer, operation=steer.operation,
+                               positions=steer.positions, scales=steer.scales, random_control=steer.random_control,
+                               eval=steer.eval)
+        run_steer(steer_spec, folder.parent, folder, handle=models.get(steer.model), judge=_judge(judges, steer.eval),
+                  progress=progress, echo=log.info)
+    else:  # compare
+        compare_directions([s.folder(models.root) for s in stage.depends], folder)
+
+

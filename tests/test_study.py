@@ -1,0 +1,95 @@
+"""`emlens run EXPERIMENT.yaml`: validation before any work, content-addressed stages reused across experiments,
+and one self-contained report."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cli_runner import run_cli
+from tests.test_compare import lora_adapter  # noqa: F401  (fixture)
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.fixture
+def experiment(tiny_model_dir, lora_adapter, tmp_path):  # noqa: F811
+    """Two models (the tiny base, and the base with a LoRA), eval, a refusal direction, steering, comparison."""
+    probe = {"name": "refusal", "method": "diff_of_means", "site": "resid_post", "layers": "all",
+             "position": "last_prompt", "contrast": {"positive": {"questions": "strongreject", "limit": 6},
+                                                     "negative": {"questions": "xstest-safe", "limit": 6}}}
+    (tmp_path / "refusal.yaml").write_text(yaml.safe_dump(probe))
+    small_eval = {"settings": ["refusal"], "nudges": ["none", "evil"], "judge": "hf",
+                  "judge_model": str(tiny_model_dir), "refusal": {"limit": 2, "max_new_tokens": 4}}
+    spec = {"name": "tiny", "models": [{"name": "base", "model": str(tiny_model_dir)},
+                                       {"name": "tuned", "model": str(tiny_model_dir), "adapter": str(lora_adapter)}],
+            "eval": small_eval, "directions": {"specs": ["refusal.yaml"]},
+            "steer": {"model": "base", "direction": "refusal", "layer": 1, "scales": [0, 2.0],
+                      "eval": {**small_eval, "nudges": ["none"]}},
+            "compare": True}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path, spec
+
+
+def plan_lines(capsys, path, stages) -> list[str]:
+    capsys.readouterr()  # what earlier commands printed
+    assert run_cli("run", path, "--plan", "--stages", stages) == 0
+    return capsys.readouterr().out.strip().splitlines()
+
+
+def test_run_writes_one_report_and_a_second_experiment_reuses_the_shared_stages(experiment, tmp_path, capsys):
+    path, spec = experiment
+    stages = tmp_path / "stages"
+    lines = plan_lines(capsys, path, stages)
+    assert [line.split()[1] for line in lines] == ["eval:base", "direction:refusal@base", "eval:tuned",
+                                                  "direction:refusal@tuned", "steer:refusal@base", "compare:refusal"]
+    assert all("to run" in line for line in lines)
+    assert run_cli("run", path, "--out", tmp_path / "report", "--stages", stages) == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', page)
+    assert len(images) >= 4 and all(len(data) > 1000 for data in images)  # refusal rates, metrics, compare, steer
+    assert "http" not in page.split("<body>")[1]  # nothing to fetch: the page stands alone
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    for figure in re.findall(r"\]\((figures/[^)]+)\)", markdown):
+        assert (tmp_path / "report" / figure).stat().st_size > 1000
+    assert "beyond the random control" in markdown or "not distinguishable from the control" in markdown
+    again = plan_lines(capsys, path, stages)
+    assert all("done (reused)" in line for line in again), again
+
+    # another experiment: same models and eval, other steering scales -> only its steer stage is new
+    other = {**spec, "name": "tiny-other", "steer": {**spec["steer"], "scales": [0, 4.0]}}
+    other_path = path.with_name("other.yaml")
+    other_path.write_text(yaml.safe_dump(other))
+    status = {line.split()[1]: "reused" in line for line in plan_lines(capsys, other_path, stages)}
+    assert status == {"eval:base": True, "direction:refusal@base": True, "eval:tuned": True,
+                      "direction:refusal@tuned": True, "steer:refusal@base": False, "compare:refusal": True}
+
+
+BAD = [
+    ({"modelz": []}, "unknown field 'modelz'"),
+    ({"steer": {"model": "nobody", "direction": "refusal"}}, "unknown model 'nobody'"),
+    ({"steer": {"model": "base", "direction": "elsewhere"}}, "field 'steer.direction': no probe spec named 'elsewhere'"),
+    ({"directions": {"specs": ["missing.yaml"]}}, "field 'directions.specs.0': no such file"),
+    ({"eval": {"nudges": "evil", "batch_size": 0}}, "field 'eval.batch_size'"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD, ids=["unknown", "steer-model", "steer-direction", "file", "value"])
+def test_a_bad_experiment_is_one_line_before_any_work(experiment, tmp_path, capsys, change, message):
+    path, spec = experiment
+    bad = {**spec, **change}
+    path.write_text(yaml.safe_dump(bad))
+    assert run_cli("run", path, "--out", tmp_path / "report", "--stages", tmp_path / "stages") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tiny.yaml" in err and message in err, err
+    assert not (tmp_path / "stages").exists() and not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("name", ["quickstart", "em_qwen7b"])
+def test_shipped_experiments_validate_and_plan(name, shared_data, tmp_path, capsys):
+    lines = plan_lines(capsys, EXPERIMENTS / f"{name}.yaml", tmp_path / "stages")
+    kinds = [line.split()[1].split(":")[0] for line in lines]
+    assert kinds.count("train") == 2 and kinds.count("eval") == 3 and "steer" in kinds and "compare" in kinds
+    assert all(re.search(r" [0-9a-f]{12}  to run ", line) for line in lines)
