@@ -93,3 +93,48 @@ def test_shipped_experiments_validate_and_plan(name, shared_data, tmp_path, caps
     kinds = [line.split()[1].split(":")[0] for line in lines]
     assert kinds.count("train") == 2 and kinds.count("eval") == 3 and "steer" in kinds and "compare" in kinds
     assert all(re.search(r" [0-9a-f]{12}  to run ", line) for line in lines)
+
+
+def _run_subprocess(path, out, stages):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "emlens", "run", str(path), "--out", str(out), "--stages",
+                             str(stages)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stage_tables(stages: Path) -> dict[str, "object"]:
+    import pandas as pd
+
+    tables = {}
+    for folder in sorted(stages.iterdir()):
+        if (folder / "samples.parquet").exists():
+            tables[folder.name] = pd.read_parquet(folder / "samples.parquet")
+        parts = sorted(folder.rglob("part-*.parquet"))
+        if parts:  # no sample done twice: every part row is a distinct sample
+            rows = pd.concat([pd.read_parquet(p) for p in parts])
+            key = ["setting", "question_id", "paraphrase_index", "nudge", "sample_index", "intervention"]
+            assert not rows.duplicated(subset=key).any(), f"{folder.name}: a sample was done twice"
+    return tables
+
+
+def test_killed_at_any_point_a_rerun_finishes_with_the_same_tables(experiment, tmp_path):
+    """SIGKILL the run at several points, re-run the same command each time; the tables equal an uninterrupted run."""
+    import time
+
+    path, _ = experiment
+    assert _run_subprocess(path, tmp_path / "clean", tmp_path / "clean-stages").wait(timeout=600) == 0
+    killed = 0
+    for delay in (4.0, 6.0, 8.0, 10.0):
+        process = _run_subprocess(path, tmp_path / "killed", tmp_path / "killed-stages")
+        time.sleep(delay)
+        if process.poll() is None:
+            process.kill()
+            killed += 1
+        process.wait()
+    assert killed >= 2, "the run finished before it could be killed; raise the work or shorten the delays"
+    assert _run_subprocess(path, tmp_path / "killed", tmp_path / "killed-stages").wait(timeout=600) == 0
+    clean, resumed = _stage_tables(tmp_path / "clean-stages"), _stage_tables(tmp_path / "killed-stages")
+    assert list(clean) == list(resumed) and len(clean) >= 3
+    for name, table in clean.items():
+        assert table.equals(resumed[name]), name
