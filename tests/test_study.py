@@ -138,3 +138,28 @@ def test_killed_at_any_point_a_rerun_finishes_with_the_same_tables(experiment, t
     assert list(clean) == list(resumed) and len(clean) >= 3
     for name, table in clean.items():
         assert table.equals(resumed[name]), name
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed (scripts/setup-venv.sh test installs it)")
+def test_the_report_renders_in_a_real_browser_with_every_figure(experiment, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    path, _ = experiment
+    assert run_cli("run", path, "--out", tmp_path / "report", "--stages", tmp_path / "stages") == 0
+    requests = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        page = browser.new_page()
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto((tmp_path / "report" / "report.html").as_uri())
+        images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+        headings = page.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
+        browser.close()
+    assert len(images) >= 4 and all(complete and width > 100 for _, complete, width in images), images
+    assert [r for r in requests if not r.startswith(("file:", "data:"))] == []  # no network
+    assert headings[0] == "Behaviour under nudges" and headings[-1] == "Provenance"

@@ -30,6 +30,9 @@ RATE_TABLES = {  # summary key -> section title
 }
 
 
+NUDGE_ORDER = ["none", "evil", "hhh"]
+
+
 @dataclass
 class Block:
     kind: str  # heading | text | table | figure
@@ -37,22 +40,29 @@ class Block:
     level: int = 2
 
 
-def _rate_column(frame: pd.DataFrame, value: str = "rate") -> pd.Series:
-    return frame.apply(lambda r: f"{r[value]:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", axis=1)
+def _wide(frame: pd.DataFrame, value: str, order: list[str]) -> pd.DataFrame:
+    """One row per model (x prompts x measure), one column per nudge; each cell 'rate [95 % CI] n'."""
+    frame = frame.assign(cell=[f"{r[value]:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] n={int(r['n'])}"
+                               for _, r in frame.iterrows()])
+    index = [c for c in ("model_name", "prompts", "measure") if c in frame]
+    wide = frame.pivot_table(index=index, columns="nudge", values="cell", aggfunc="first").reset_index()
+    wide["model_name"] = pd.Categorical(wide.model_name, categories=order, ordered=True)
+    nudges = sorted(frame.nudge.unique(), key=lambda n: (NUDGE_ORDER.index(n) if n in NUDGE_ORDER else 9, n))
+    wide = wide.sort_values(index)[[*index, *nudges]]
+    return wide.rename(columns={"model_name": "model"}).rename_axis(columns=None)
 
 
 def behaviour_blocks(eval_tables: dict[str, pd.DataFrame], figures: Path) -> list[Block]:
     stacked = pd.concat([t.assign(model=name, adapter="") for name, t in eval_tables.items()], ignore_index=True)
     summary = summarize(stacked)
-    blocks = [Block("heading", "Behaviour under nudges")]
+    blocks = [Block("heading", "Behaviour under nudges"),
+              Block("text", "Each cell: the rate, its bootstrap 95 % CI, and n (for P(misaligned): the coherent, "
+                            "scored answers; for the correlation: the questions).")]
     for key, title in RATE_TABLES.items():
         if key not in summary or summary[key].empty:
             continue
-        frame = summary[key].copy()
         value = "rho" if key == "harm_correlation" else "rate"
-        frame["95 % CI"] = _rate_column(frame, value)
-        keep = [c for c in ("model_name", "nudge", "prompts", "measure") if c in frame] + ["95 % CI", "n"]
-        blocks += [Block("heading", title, 3), Block("table", frame[keep].rename(columns={"model_name": "model"}))]
+        blocks += [Block("heading", title, 3), Block("table", _wide(summary[key], value, list(eval_tables)))]
     written = write_report_files(stacked, summary, figures)
     blocks += [Block("figure", path) for path in written if path.suffix == ".png"]
     return blocks
@@ -105,7 +115,8 @@ def steer_blocks(folder: Path) -> list[Block]:
 
 
 def provenance_blocks(records: list[dict], eval_folders: dict[str, Path]) -> list[Block]:
-    stages = pd.DataFrame(records)[["stage", "key", "reused", "seconds"]]
+    stages = pd.DataFrame(records)[["stage", "key", "reused", "stage_seconds", "seconds"]].rename(
+        columns={"stage_seconds": "wall s (when it ran)", "seconds": "wall s (this run)"})
     models = []
     for name, folder in eval_folders.items():
         cfg = read_json(folder / "cfg.json")
@@ -156,7 +167,7 @@ def render_html(title: str, blocks: list[Block]) -> str:
             body.append(block.content.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
         else:
             data = base64.b64encode(Path(block.content).read_bytes()).decode()
-            body.append(f'<figure><img alt="{html.escape(block.content.stem)}" src="data:image/png;base64,{data}">'
+            body.append(f'<figure><img alt="{html.escape(_figure_name(block.content))}" src="data:image/png;base64,{data}">'
                         "</figure>")
     style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222} table{border-collapse:collapse;"
              "margin:.5em 0 1.5em;font-size:13px} td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:left}"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from emlens.analysis.compare import compare_directions
 from emlens.analysis.dose_response import SteerSpec, run_steer
-from emlens.base.io import artifact_kind, content_hash, file_sha256, read_json
+from emlens.base.io import artifact_kind, atomic_write_json, content_hash, file_sha256, read_json
 from emlens.data.questions import read_questions
 from emlens.directions.probe import fit_probe
 from emlens.evaluation.config import EvalConfig
@@ -33,6 +33,7 @@ from emlens.training.trainer import train
 
 log = logging.getLogger(__name__)
 DEFAULT_STAGES = Path("artifacts") / "stages"
+TIMINGS_FILE = "timings.json"
 FINISHED_KINDS = ("direction", "linear_probe", "regression_probe", "comparison")  # written whole, at the end
 
 
@@ -192,9 +193,21 @@ def run_study(study: LoadedExperiment, root: Path = DEFAULT_STAGES, device: str 
         start = time.time()
         if not reused:
             _run_stage(study, stage, folder, models, judges, progress)
+            _record_time(root, stage.key, time.time() - start)
         records.append({"stage": stage.name, "kind": stage.kind, "model": stage.model, "key": stage.key,
-                        "folder": str(folder), "reused": reused, "seconds": round(time.time() - start, 1)})
+                        "folder": str(folder), "reused": reused, "seconds": round(time.time() - start, 1),
+                        "stage_seconds": _recorded_times(root).get(stage.key)})
     return stages, records
+
+
+def _recorded_times(root: Path) -> dict[str, float]:
+    """Wall seconds each stage took when it ran (a reused stage keeps its own figure)."""
+    path = root / TIMINGS_FILE
+    return read_json(path) if path.exists() else {}
+
+
+def _record_time(root: Path, key: str, seconds: float) -> None:
+    atomic_write_json(root / TIMINGS_FILE, {**_recorded_times(root), key: round(seconds, 1)})
 
 
 def _judge(judges: dict, config: EvalConfig):
