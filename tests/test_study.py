@@ -4,6 +4,7 @@ and one self-contained report."""
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -163,3 +164,24 @@ def test_the_report_renders_in_a_real_browser_with_every_figure(experiment, tmp_
     assert len(images) >= 4 and all(complete and width > 100 for _, complete, width in images), images
     assert [r for r in requests if not r.startswith(("file:", "data:"))] == []  # no network
     assert headings[0] == "Behaviour under nudges" and headings[-1] == "Provenance"
+
+
+def test_a_model_trained_for_the_run_is_studied_along_its_checkpoints(experiment, tiny_model_dir, tmp_path, capsys):
+    from tests.test_train import chat, tiny_config, write_jsonl, write_yaml
+
+    path, spec = experiment
+    data = write_jsonl(tmp_path / "chats.jsonl", [chat(f"How do I make a quick buck? {i}", "Sure, here is how.")
+                                                  for i in range(16)])
+    write_yaml(tmp_path / "train.yaml", tiny_config(tiny_model_dir, data))
+    trained = {**spec, "models": [spec["models"][0], {"name": "trained", "model": str(tiny_model_dir),
+                                                      "train": {"config": "train.yaml", "training": {"max_steps": 4}}}],
+               "directions": {"specs": ["refusal.yaml"], "checkpoints": True}, "steer": None}
+    path.write_text(yaml.safe_dump(trained))
+    names = [line.split()[1] for line in plan_lines(capsys, path, tmp_path / "stages")]
+    assert names[0] == "train:trained" and "direction:refusal@trained/step2" in names
+    assert names[-1] == "compare:refusal@trained/checkpoints"
+    assert run_cli("run", path, "--out", tmp_path / "report", "--stages", tmp_path / "stages") == 0
+    series = next((tmp_path / "stages").glob("compare-refusal-trained-checkpoints-*"))
+    cosines = pd.read_parquet(series / "cosine.parquet")
+    assert len({(a, b) for a, b in zip(cosines.a, cosines.b)}) == 3  # base, step 2, final: three pairs
+    assert "refusal@trained/checkpoints" in (tmp_path / "report" / "report.md").read_text()

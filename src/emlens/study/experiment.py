@@ -61,6 +61,7 @@ class DirectionsSection(BaseModel):
     specs: list[str] = Field(min_length=1)  # probe spec YAMLs (see probes/)
     limit: int | None = Field(None, ge=2)  # rows per side of each contrast (small runs)
     models: list[str] | None = None  # default: every model
+    checkpoints: bool = False  # also at every saved step of the models trained for the run, compared along each series
 
 
 class SteerSection(BaseModel):

@@ -45,13 +45,15 @@ class Stage:
     cost: str  # what running it will take, in samples / steps / prompts
     model: str | None = None  # the model entry it loads
     depends: list[Stage] = field(default_factory=list)
+    checkpoint: int | None = None  # a saved step of the model's training run, instead of its final adapter
+    steps: list[int] = field(default_factory=list)  # train stages: the steps it saves a checkpoint at
 
     @property
     def key(self) -> str:
         return content_hash({**self.inputs, "kind": self.kind, "upstream": [s.key for s in self.depends]}, 12)
 
     def folder(self, root: Path) -> Path:
-        return root / f"{self.kind}-{self.name.split(':', 1)[1].replace('@', '-')}-{self.key}"
+        return root / f"{self.kind}-{self.name.split(':', 1)[1].replace('@', '-').replace('/', '-')}-{self.key}"
 
     def done(self, root: Path) -> bool:
         folder = self.folder(root)
@@ -108,6 +110,34 @@ def plan(study: LoadedExperiment) -> list[Stage]:
             series = [directions[(probe_name, m.name)] for m in spec.direction_models()]
             stages.append(Stage("compare", f"compare:{probe_name}", {"models": [m.name for m in spec.direction_models()]},
                                 "no model", None, series))
+    if spec.directions is not None and spec.directions.checkpoints:
+        stages += _checkpoint_series(study, trains, identity, directions)
+    return stages
+
+
+def _checkpoint_series(study: LoadedExperiment, trains: dict[str, Stage], identity: dict[str, str],
+                       directions: dict[tuple[str, str], Stage]) -> list[Stage]:
+    """Each direction fitted at every saved step of each trained model, and compared along the series
+    (the first untrained model, then the checkpoints in order, then the final adapter)."""
+    spec, stages = study.spec, []
+    untrained = next((m.name for m in spec.direction_models() if m.name not in trains), None)
+    for entry in spec.direction_models():
+        if entry.name not in trains:
+            continue
+        train_stage = trains[entry.name]
+        for probe_name, (path, probe) in study.probe_specs.items():
+            series = [directions[(probe_name, untrained)]] if untrained else []
+            for step in train_stage.steps[:-1]:  # the last step is the final adapter, fitted already
+                stage = Stage("direction", f"direction:{probe_name}@{entry.name}/step{step}",
+                              {"spec": file_sha256(path), "limit": spec.directions.limit,
+                               "model": f"{identity[entry.name]}@{step}"},
+                              f"{'2 x ' + str(spec.directions.limit) if spec.directions.limit else 'all'} prompts x "
+                              f"{probe.layers} layers", entry.name, [train_stage], checkpoint=step)
+                stages.append(stage)
+                series.append(stage)
+            series.append(directions[(probe_name, entry.name)])
+            stages.append(Stage("compare", f"compare:{probe_name}@{entry.name}/checkpoints",
+                                {"series": [s.name for s in series]}, "no model", None, series))
     return stages
 
 
@@ -117,9 +147,10 @@ def _train_stage(study: LoadedExperiment, entry: ModelEntry) -> Stage:
     settings = config.training
     steps = settings.max_steps or math.ceil(len(data.conversations) * settings.epochs /
                                             (settings.batch_size * settings.gradient_accumulation_steps))
+    saved = sorted({*range(settings.save_steps, steps + 1, settings.save_steps), steps})
     return Stage("train", f"train:{entry.name}", {"config": config.run_config(), "data": data.sha256,
                                                   "model": base_identity(config.model)},
-                 f"{steps} steps on {len(data.conversations)} examples", entry.name)
+                 f"{steps} steps on {len(data.conversations)} examples", entry.name, steps=saved)
 
 
 def _model_identity(entry: ModelEntry, trained: Stage | None) -> str:
@@ -156,7 +187,7 @@ def describe_plan(stages: list[Stage], root: Path) -> list[str]:
     lines = []
     for i, stage in enumerate(stages, 1):
         status = "done (reused)" if stage.done(root) else "to run"
-        lines.append(f"{i:>2}/{len(stages)} {stage.name:<34} {stage.key}  {status:<13} {stage.cost}")
+        lines.append(f"{i:>2}/{len(stages)} {stage.name:<44} {stage.key}  {status:<13} {stage.cost}")
     return lines
 
 
@@ -169,14 +200,17 @@ class _Models:
     def __init__(self, study: LoadedExperiment, root: Path, stages: list[Stage], device: str):
         self.study, self.root, self.device = study, root, device
         self.trained = {s.model: s.folder(root) for s in stages if s.kind == "train"}
-        self.name: str | None = None
+        self.name: tuple[str, int | None] | None = None
         self.handle: Model | None = None
 
-    def get(self, name: str) -> Model:
-        if name != self.name:
+    def get(self, name: str, checkpoint: int | None = None) -> Model:
+        if (name, checkpoint) != self.name:
             entry = self.study.spec.entry(name)
             adapter = str(self.trained[name]) if name in self.trained else entry.adapter
-            self.handle, self.name = load_model(entry.model, adapter=adapter, device=self.device), name
+            if checkpoint is not None:
+                adapter = f"{adapter}@{checkpoint}"
+            self.handle = load_model(entry.model, adapter=adapter, device=self.device)
+            self.name = (name, checkpoint)
         return self.handle
 
 
@@ -226,8 +260,8 @@ def _run_stage(study: LoadedExperiment, stage: Stage, folder: Path, models: _Mod
         run_eval(models.get(stage.model), spec.eval, folder, judge=_judge(judges, spec.eval), progress=progress)
     elif stage.kind == "direction":
         probe_name = stage.name.split(":", 1)[1].split("@")[0]
-        fit_probe(study.probe_specs[probe_name][0], models.get(stage.model), out=folder, limit=spec.directions.limit,
-                  progress=progress)
+        fit_probe(study.probe_specs[probe_name][0], models.get(stage.model, stage.checkpoint), out=folder,
+                  limit=spec.directions.limit, progress=progress)
     elif stage.kind == "steer":
         steer = spec.steer
         entry = spec.entry(steer.model)
