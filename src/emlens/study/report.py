@@ -79,8 +79,10 @@ def direction_blocks(directions: dict[str, dict[str, Path]]) -> list[Block]:
                          **{k: round(float(best[k]), 3) for k in ("auroc", "accuracy", "r2", "pearson_r") if k in best},
                          "n": d.cfg.data.get("n")})
         blocks += [Block("heading", probe, 3), Block("table", pd.DataFrame(rows))]
-        blocks += [Block("figure", folder / "metrics.png") for folder in by_model.values()
-                   if (folder / "metrics.png").exists()]
+        for model, folder in by_model.items():
+            if (folder / "metrics.png").exists():
+                blocks += [Block("text", f"{probe} on {model}: held-out metric and natural norm by layer"),
+                           Block("figure", folder / "metrics.png")]
     return blocks
 
 
