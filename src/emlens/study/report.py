@@ -11,6 +11,7 @@ import base64
 import html
 import shutil
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import pandas as pd
@@ -77,7 +78,7 @@ def direction_blocks(directions: dict[str, dict[str, Path]]) -> list[Block]:
             best = d.cfg.best_metrics
             rows.append({"model": model, "method": d.method, "best layer": d.best_layer,
                          **{k: round(float(best[k]), 3) for k in ("auroc", "accuracy", "r2", "pearson_r") if k in best},
-                         "n": d.cfg.data.get("n")})
+                         "n": d.cfg.data.get("n"), "data hash": d.cfg.data.get("hash"), "seed": d.cfg.seed})
         blocks += [Block("heading", probe, 3), Block("table", pd.DataFrame(rows))]
         for model, folder in by_model.items():
             if (folder / "metrics.png").exists():
@@ -123,10 +124,33 @@ def provenance_blocks(records: list[dict], eval_folders: dict[str, Path]) -> lis
     for name, folder in eval_folders.items():
         cfg = read_json(folder / "cfg.json")
         models.append({"model": name, "weights": cfg["model"]["model"], "adapter": cfg["model"].get("adapter") or "",
-                       "fingerprint": cfg["model"]["fingerprint"], "judge": cfg.get("judge", "")})
-    version = versions()
-    return [Block("heading", "Provenance"), Block("table", stages), Block("table", pd.DataFrame(models)),
-            Block("text", ", ".join(f"{k} {v}" for k, v in version.items()))]
+                       "fingerprint": cfg["model"]["fingerprint"], "judge": cfg.get("judge", ""), "eval seed": cfg["config"]["seed"]})
+    trained = []
+    for record in records:
+        if record["kind"] == "train":
+            cfg = read_json(Path(record["folder"]) / "cfg.json")
+            trained.append({"model": record["model"], "examples": cfg["data"]["n_examples"],
+                            "data sha256": cfg["data"]["sha256"][:16], "steps": cfg.get("final_step"),
+                            "final loss": cfg.get("final_loss"), "seed": cfg["config"]["seed"]})
+    blocks = [Block("heading", "Provenance"), Block("table", stages), Block("table", pd.DataFrame(models))]
+    blocks += [Block("table", pd.DataFrame(trained))] if trained else []
+    judges = {m["judge"] for m in models}
+    blocks += [Block("text", _judge_validation(judge)) for judge in sorted(judges)]
+    blocks.append(Block("text", ", ".join(f"{k} {v}" for k, v in versions().items())))
+    return blocks
+
+
+def _judge_validation(judge_id: str) -> str:
+    if judge_id.startswith("default|"):
+        folder = Path(str(resources.files("emlens") / "resources" / "judge"))
+        figures = read_json(folder / "cfg.json").get("validation")
+        if figures:
+            low, high = figures["spearman_aligned_ci"]
+            return (f"Judge {judge_id} (offline): against {figures['against']}, Spearman of aligned "
+                    f"{figures['spearman_aligned']:.3f} [{low:.3f}, {high:.3f}], AUROC of misaligned "
+                    f"{figures['auroc_misaligned']:.3f} (`{figures['command']}`). A screening judge: use an LLM "
+                    "judge for figures you publish.")
+    return f"Judge {judge_id}: no validation figures recorded here (run `emlens judge validate` against it)."
 
 
 # ---------------------------------------------------------------- rendering
