@@ -21,11 +21,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from emlens.base.errors import EmlensInputError
 from emlens.base.io import fail, load_yaml_model, read_yaml_mapping
 from emlens.directions.specs import ProbeSpec, load_spec
 from emlens.evaluation.config import EvalConfig
 from emlens.model import DEFAULT_MODEL
 from emlens.training.config import TrainConfig, parse_config
+from emlens.training.sweep import sweep_configs
 
 NAME = r"^[A-Za-z0-9_.-]+$"
 
@@ -118,8 +120,12 @@ class LoadedExperiment:
         self.path = Path(path)
         self.spec: Experiment = load_yaml_model(Experiment, self.path)
         self.base = self.path.resolve().parent
-        self.train_configs: dict[str, TrainConfig] = {
-            m.name: self._train_config(m) for m in self.spec.models if m.train is not None}
+        self.train_configs: dict[str, TrainConfig] = {}
+        points = {m.name: self._sweep_points(m) for m in self.spec.models}
+        self.spec = self.spec.model_copy(update={"models": [p for group in points.values() for p in group]})
+        if self.spec.directions is not None and self.spec.directions.models:  # a sweep's name means all its runs
+            chosen = [p.name for name in self.spec.directions.models for p in points[name]]
+            self.spec.directions = self.spec.directions.model_copy(update={"models": chosen})
         self.probe_specs: dict[str, tuple[Path, ProbeSpec]] = {}
         for i, relative in enumerate(self.spec.directions.specs if self.spec.directions else []):
             spec_path = self.resolve(relative, f"directions.specs.{i}")
@@ -136,6 +142,28 @@ class LoadedExperiment:
         if not path.exists():
             raise fail(self.path, f"field '{field}': no such file {path}")
         return path
+
+    def _sweep_points(self, entry: ModelEntry) -> list[ModelEntry]:
+        """The entry itself, or one entry per run of its training config's sweep (named ENTRY-RUN)."""
+        if entry.train is None:
+            return [entry]
+        config = self._train_config(entry)
+        if config.sweep is None:
+            self.train_configs[entry.name] = config
+            return [entry]
+        try:
+            runs = sweep_configs(config)
+        except EmlensInputError as error:
+            raise fail(self.path, f"model '{entry.name}': {error}") from None
+        if self.spec.steer is not None and self.spec.steer.model == entry.name:
+            raise fail(self.path, f"field 'steer.model': '{entry.name}' is a sweep of {len(runs)} runs; name one "
+                                  f"of them ({', '.join(f'{entry.name}-{n}' for n, _ in runs)})")
+        points = []
+        for run_name, run_config in runs:
+            point = entry.model_copy(update={"name": f"{entry.name}-{run_name}"})
+            self.train_configs[point.name] = run_config
+            points.append(point)
+        return points
 
     def _train_config(self, entry: ModelEntry) -> TrainConfig:
         where = f"models.{self.spec.models.index(entry)}.train"
