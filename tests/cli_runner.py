@@ -8,3 +8,11 @@ def run_cli(*args) -> int:
     except SystemExit as exit_:
         return exit_.code or 0
     return 0
+
+
+def one_line_error(capsys, code: int) -> str:
+    """Bad input ends in exit code 2 and one line on stderr, never a traceback; returns that line."""
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err

@@ -6,7 +6,7 @@ import re
 import pytest
 import yaml
 
-from tests.cli_runner import run_cli
+from tests.cli_runner import one_line_error, run_cli
 
 
 def manifest_config(run) -> dict:
@@ -72,10 +72,7 @@ BAD_CONFIGS = [
 def test_bad_eval_config_is_one_line_and_exit_2(tmp_path, capsys, text, message):
     config = tmp_path / "eval.yaml"
     config.write_text(text)
-    code = run_cli("eval", "--config", config, "--out", tmp_path / "run")
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    err = one_line_error(capsys, run_cli("eval", "--config", config, "--out", tmp_path / "run"))
     assert str(config) in err and re.search(message, err), err
     assert not (tmp_path / "run").exists()
 

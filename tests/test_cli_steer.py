@@ -5,7 +5,7 @@ import re
 import pandas as pd
 import pytest
 
-from tests.cli_runner import run_cli
+from tests.cli_runner import one_line_error, run_cli
 from tests.test_dose_response import make_direction
 
 NUMBER = r"(-?\d+\.\d{3}|nan)"
@@ -103,9 +103,6 @@ BAD_SPECS = [
 def test_bad_steering_spec_is_one_line_and_exit_2(tmp_path, capsys, text, message):
     spec = tmp_path / "spec.yaml"
     spec.write_text(text)
-    code = run_cli("steer", spec, "--out", tmp_path / "o")
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    err = one_line_error(capsys, run_cli("steer", spec, "--out", tmp_path / "o"))
     assert str(spec) in err and re.search(message, err), err
     assert not (tmp_path / "o").exists()

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.cli_runner import run_cli
+from tests.cli_runner import one_line_error, run_cli
 from tests.test_compare import lora_adapter  # noqa: F401  (fixture)
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -82,9 +82,8 @@ def test_a_bad_experiment_is_one_line_before_any_work(experiment, tmp_path, caps
     path, spec = experiment
     bad = {**spec, **change}
     path.write_text(yaml.safe_dump(bad))
-    assert run_cli("run", path, "--out", tmp_path / "report", "--stages", tmp_path / "stages") == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "tiny.yaml" in err and message in err, err
+    err = one_line_error(capsys, run_cli("run", path, "--out", tmp_path / "report", "--stages", tmp_path / "stages"))
+    assert "tiny.yaml" in err and message in err, err
     assert not (tmp_path / "stages").exists() and not (tmp_path / "report").exists()
 
 

@@ -21,7 +21,6 @@ def run_command(
 ) -> None:
     """Train, evaluate, fit directions, steer and compare as the experiment says; reuse finished stages."""
     from emlens.study import plan_experiment, run_experiment
-    from emlens.study.experiment import LoadedExperiment
     from emlens.study.stages import DEFAULT_STAGES
 
     root = stages or DEFAULT_STAGES
@@ -29,6 +28,5 @@ def run_command(
         for line in plan_experiment(experiment, root):
             typer.echo(line)
         return
-    out = out or Path("artifacts") / "runs" / LoadedExperiment(experiment).spec.name
-    run_experiment(experiment, out, root, device=device or "auto", force=force, echo=typer.echo)
+    out = run_experiment(experiment, out, root, device=device or "auto", force=force, echo=typer.echo)
     typer.echo(f"wrote {out / 'report.html'} and {out / 'report.md'}")

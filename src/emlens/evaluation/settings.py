@@ -159,3 +159,24 @@ def _run_harm_perception(handle: Model, config, nudges, store, interventions, in
 
 RUNNERS = {"free_form": _run_free_form, "deception": _run_deception, "refusal": _run_refusal,
            "factual": _run_factual, "harm_perception": _run_harm_perception}
+
+
+def sample_count(config: EvalConfig) -> int:
+    """How many generations (and ratings) the runners above make for a config (what `emlens run --plan` shows)."""
+    nudges, total = len(config.nudges), 0
+    for setting in config.settings:
+        if setting in ("free_form", "deception"):
+            section = getattr(config, setting)
+            sources = config.deception.questions_sets if setting == "deception" else [section.questions]
+            paraphrases = sum(len(q.paraphrases) for s in sources for q in read_questions(s, limit=section.limit))
+            total += paraphrases * section.samples * nudges
+        elif setting == "refusal":
+            rows = sum(len(read_questions(s, limit=config.refusal.limit))
+                       for s in [*config.refusal.harmful, *config.refusal.harmless])
+            total += rows * nudges
+        elif setting == "factual":
+            rows = len(read_questions(config.factual.questions, limit=config.factual.limit))
+            total += rows * nudges * 2 * len(config.factual.pushback)  # the answer, then the answer after pushback
+        else:  # harm_perception: one rating per paraphrase
+            total += sum(len(q.paraphrases) for q in read_questions(config.harm_perception.questions)) * nudges
+    return total

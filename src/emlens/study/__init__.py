@@ -29,10 +29,13 @@ def plan_experiment(path: str | Path, stages: str | Path = DEFAULT_STAGES) -> li
     return describe_plan(plan(LoadedExperiment(path)), Path(stages))
 
 
-def run_experiment(path: str | Path, out: str | Path, stages: str | Path = DEFAULT_STAGES, device: str = "auto",
-                   progress: bool = True, force: bool = False, echo: Callable[[str], None] = log.info) -> Path:
-    """Run (or resume) every stage of the experiment, then write OUT/report.html and OUT/report.md."""
+def run_experiment(path: str | Path, out: str | Path | None = None, stages: str | Path = DEFAULT_STAGES,
+                   device: str = "auto", progress: bool = True, force: bool = False,
+                   echo: Callable[[str], None] = log.info) -> Path:
+    """Run (or resume) every stage of the experiment, then write OUT/report.html and OUT/report.md
+    (OUT defaults to artifacts/runs/NAME)."""
     study = LoadedExperiment(path)  # every file it names is read and checked before any work
+    out = Path(out) if out is not None else Path("artifacts") / "runs" / study.spec.name
     start = time.time()
     ran, records = run_study(study, Path(stages), device, progress, echo)
     folders = {stage.name: Path(record["folder"]) for stage, record in zip(ran, records)}
@@ -53,4 +56,4 @@ def run_experiment(path: str | Path, out: str | Path, stages: str | Path = DEFAU
         atomic_write_json(tmp / "cfg.json", {"kind": STUDY_KIND, "format_version": FORMAT_VERSION,
                                              "experiment": str(Path(path).resolve()), "stages": records,
                                              "seconds": round(time.time() - start, 1), "versions": versions()})
-    return Path(out)
+    return out

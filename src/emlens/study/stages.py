@@ -20,10 +20,10 @@ from pathlib import Path
 from emlens.analysis.compare import compare_directions
 from emlens.analysis.dose_response import SteerSpec, run_steer
 from emlens.base.io import artifact_kind, atomic_write_json, content_hash, file_sha256, read_json
-from emlens.data.questions import read_questions
 from emlens.directions.probe import fit_probe
 from emlens.evaluation.config import EvalConfig
 from emlens.evaluation.run import run_eval
+from emlens.evaluation.settings import sample_count
 from emlens.judges import make_judge
 from emlens.model import EMBEDDED, Model, embedded_gguf_path, folder_fingerprint, load_model, resolve_adapter
 from emlens.study.experiment import LoadedExperiment, ModelEntry
@@ -88,14 +88,10 @@ def plan(study: LoadedExperiment) -> list[Stage]:
         if spec.eval is not None:
             stages.append(Stage("eval", f"eval:{entry.name}", {"config": spec.eval.model_dump(mode="json"),
                                                                 "model": identity[entry.name]},
-                                f"{eval_samples(spec.eval)} samples", entry.name, upstream))
+                                f"{sample_count(spec.eval)} samples", entry.name, upstream))
         if entry in spec.direction_models():
-            for probe_name, (path, probe) in study.probe_specs.items():
-                limit = spec.directions.limit
-                stage = Stage("direction", f"direction:{probe_name}@{entry.name}",
-                              {"spec": file_sha256(path), "limit": limit, "model": identity[entry.name]},
-                              f"{'2 x ' + str(limit) if limit else 'all'} prompts x {probe.layers} layers",
-                              entry.name, upstream)
+            for probe_name in study.probe_specs:
+                stage = _direction_stage(study, probe_name, entry.name, identity[entry.name], upstream)
                 directions[(probe_name, entry.name)] = stage
                 stages.append(stage)
     if spec.steer is not None:
@@ -104,7 +100,7 @@ def plan(study: LoadedExperiment) -> list[Stage]:
         conditions = 1 + (len([s for s in steer.scales if s]) + (steer.operation != "add")) * (2 if steer.random_control else 1)
         stages.append(Stage("steer", f"steer:{steer.direction}@{steer.model}",
                             {"config": steer.model_dump(mode="json"), "model": identity[steer.model]},
-                            f"{conditions} conditions x {eval_samples(steer.eval)} samples", steer.model, upstream))
+                            f"{conditions} conditions x {sample_count(steer.eval)} samples", steer.model, upstream))
     if spec.compare and len(spec.direction_models()) > 1:
         for probe_name in study.probe_specs:
             series = [directions[(probe_name, m.name)] for m in spec.direction_models()]
@@ -125,20 +121,29 @@ def _checkpoint_series(study: LoadedExperiment, trains: dict[str, Stage], identi
         if entry.name not in trains:
             continue
         train_stage = trains[entry.name]
-        for probe_name, (path, probe) in study.probe_specs.items():
+        for probe_name in study.probe_specs:
             series = [directions[(probe_name, untrained)]] if untrained else []
             for step in train_stage.steps[:-1]:  # the last step is the final adapter, fitted already
-                stage = Stage("direction", f"direction:{probe_name}@{entry.name}/step{step}",
-                              {"spec": file_sha256(path), "limit": spec.directions.limit,
-                               "model": f"{identity[entry.name]}@{step}"},
-                              f"{'2 x ' + str(spec.directions.limit) if spec.directions.limit else 'all'} prompts x "
-                              f"{probe.layers} layers", entry.name, [train_stage], checkpoint=step)
+                stage = _direction_stage(study, probe_name, entry.name, identity[entry.name], [train_stage], step)
                 stages.append(stage)
                 series.append(stage)
             series.append(directions[(probe_name, entry.name)])
             stages.append(Stage("compare", f"compare:{probe_name}@{entry.name}/checkpoints",
                                 {"series": [s.name for s in series]}, "no model", None, series))
     return stages
+
+
+def _direction_stage(study: LoadedExperiment, probe_name: str, model: str, identity: str, upstream: list[Stage],
+                     checkpoint: int | None = None) -> Stage:
+    """A probe spec fitted on one model (or on one saved step of its training run)."""
+    path, probe = study.probe_specs[probe_name]
+    limit = study.spec.directions.limit
+    at = f"{model}/step{checkpoint}" if checkpoint is not None else model
+    return Stage("direction", f"direction:{probe_name}@{at}",
+                 {"spec": file_sha256(path), "limit": limit,
+                  "model": identity if checkpoint is None else f"{identity}@{checkpoint}"},
+                 f"{'2 x ' + str(limit) if limit else 'all'} prompts x {probe.layers} layers", model, upstream,
+                 checkpoint=checkpoint)
 
 
 def _train_stage(study: LoadedExperiment, entry: ModelEntry) -> Stage:
@@ -160,27 +165,6 @@ def _model_identity(entry: ModelEntry, trained: Stage | None) -> str:
     if entry.adapter is not None:
         return f"{base}+{folder_fingerprint(resolve_adapter(entry.adapter))}"
     return base
-
-
-def eval_samples(config: EvalConfig) -> int:
-    """How many generations (and ratings) an eval config asks for."""
-    nudges, total = len(config.nudges), 0
-    for setting in config.settings:
-        if setting in ("free_form", "deception"):
-            section = getattr(config, setting)
-            sources = config.deception.questions_sets if setting == "deception" else [section.questions]
-            paraphrases = sum(len(q.paraphrases) for s in sources for q in read_questions(s, limit=section.limit))
-            total += paraphrases * section.samples * nudges
-        elif setting == "refusal":
-            rows = sum(len(read_questions(s, limit=config.refusal.limit))
-                       for s in [*config.refusal.harmful, *config.refusal.harmless])
-            total += rows * nudges
-        elif setting == "factual":
-            rows = len(read_questions(config.factual.questions, limit=config.factual.limit))
-            total += rows * nudges * 2 * len(config.factual.pushback)  # the answer, then the answer after pushback
-        else:  # harm_perception: one rating per paraphrase
-            total += sum(len(q.paraphrases) for q in read_questions(config.harm_perception.questions)) * nudges
-    return total
 
 
 def describe_plan(stages: list[Stage], root: Path) -> list[str]:
@@ -220,6 +204,7 @@ def run_study(study: LoadedExperiment, root: Path = DEFAULT_STAGES, device: str 
     stages = plan(study)
     models = _Models(study, root, stages, device)
     judges: dict[tuple, object] = {}
+    timings = _recorded_times(root)
     records = []
     for i, stage in enumerate(stages, 1):
         folder, reused = stage.folder(root), stage.done(root)
@@ -227,10 +212,11 @@ def run_study(study: LoadedExperiment, root: Path = DEFAULT_STAGES, device: str 
         start = time.time()
         if not reused:
             _run_stage(study, stage, folder, models, judges, progress)
-            _record_time(root, stage.key, time.time() - start)
+            timings[stage.key] = round(time.time() - start, 1)
+            atomic_write_json(root / TIMINGS_FILE, timings)
         records.append({"stage": stage.name, "kind": stage.kind, "model": stage.model, "key": stage.key,
                         "folder": str(folder), "reused": reused, "seconds": round(time.time() - start, 1),
-                        "stage_seconds": _recorded_times(root).get(stage.key)})
+                        "stage_seconds": timings.get(stage.key)})
     return stages, records
 
 
@@ -238,10 +224,6 @@ def _recorded_times(root: Path) -> dict[str, float]:
     """Wall seconds each stage took when it ran (a reused stage keeps its own figure)."""
     path = root / TIMINGS_FILE
     return read_json(path) if path.exists() else {}
-
-
-def _record_time(root: Path, key: str, seconds: float) -> None:
-    atomic_write_json(root / TIMINGS_FILE, {**_recorded_times(root), key: round(seconds, 1)})
 
 
 def _judge(judges: dict, config: EvalConfig):
