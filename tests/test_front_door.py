@@ -24,7 +24,8 @@ def fitted(tiny):
 
 def test_help_lists_the_front_door():
     text = pydoc.plain(pydoc.render_doc(em))
-    for name in ("load_model", "activations", "fit_direction", "steer", "generate", "evaluate", "compare", "load"):
+    for name in ("load_model", "activations", "fit_direction", "steer", "generate", "evaluate", "compare", "load",
+                 "run_experiment"):
         assert name in em.__all__ and re.search(rf"\n    {name}(\(| = )", text), name
     assert "class Direction" in text and "class Model" in text
 

@@ -53,6 +53,8 @@ _FRONT_DOOR = {
     # training
     "TrainConfig": "emlens.training.config", "train": "emlens.training.trainer",
     "train_sweep": "emlens.training.sweep",
+    # the whole study (`emlens run`)
+    "run_experiment": "emlens.study", "plan_experiment": "emlens.study",
     # any artifact folder, by the kind in its cfg.json
     "load": ("emlens.base.io", "load_artifact"),
 }
