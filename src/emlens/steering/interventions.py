@@ -121,6 +121,14 @@ class AddVector:
 
         return _hooked([hook_site(model.base_model, self.layer, self.site, add, write=True)])
 
+    def vllm_ops(self, model: Model) -> list[dict]:
+        """The same addition as plain data, for engines that hook elsewhere (vLLM's workers)."""
+        _check_width(model, self.vector, self.name)
+        _check_layer(model, self.layer, self.name)
+        check_site_kind(model.base_model, self.site)
+        return [{"site": self.site, "layer": self.layer, "add": (self.alpha * self.vector).float().cpu(),
+                 "positions": self.positions}]
+
 
 @dataclass
 class Ablate:
@@ -148,6 +156,13 @@ class Ablate:
         handles.append(hook_site(causal_lm, model.n_layers - 1, "resid_post", project_out))
         return _hooked(handles)
 
+    def vllm_ops(self, model: Model) -> list[dict]:
+        _check_width(model, self.vector, self.name)
+        unit = _unit(self.vector.float()).cpu()
+        sites = [("resid_pre", layer) for layer in range(model.n_layers)] + [("resid_post", model.n_layers - 1)]
+        return [{"site": site, "layer": layer, "ablate": unit, "first_token": self.first_token}
+                for site, layer in sites]
+
 
 class Composed:
     """Several interventions entered in order (e.g. ablate, then add)."""
@@ -162,6 +177,14 @@ class Composed:
             for part in self.parts:
                 stack.enter_context(part.attach(model, ctx))
             yield
+
+    def vllm_ops(self, model: Model) -> list[dict]:
+        ops = []
+        for part in self.parts:
+            if not hasattr(part, "vllm_ops"):
+                raise EmlensInputError(f"intervention '{getattr(part, 'name', part)}' cannot run in the vllm engine")
+            ops.extend(part.vllm_ops(model))
+        return ops
 
 
 def compose(*parts, name: str | None = None) -> Composed:

@@ -1,0 +1,123 @@
+"""The hf engine: emlens's own batched decode loop on a transformers model (the reference every engine matches).
+
+Before every forward pass the loop publishes, in a `ForwardContext`, which of the current input positions are
+prompt tokens and which are response tokens (padding is neither), so an intervention never touches padding.
+Each sample carries its own seed and torch.Generator, so a sample's text does not depend on which other
+samples share its batch: a resumed run reproduces exactly the samples an interrupted one would have made.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from emlens.generation.context import Intervention, describe, intervene
+from emlens.generation.requests import (
+    Completion,
+    GenerationConfig,
+    Request,
+    decode_completion,
+    eos_token_ids,
+    left_pad,
+    prompt_token_ids,
+)
+from emlens.model import Model
+
+
+def generate_hf(handle: Model, requests: Sequence[Request], config: GenerationConfig,
+                interventions: Iterable[Intervention] = (), progress: bool = True,
+                on_batch: Callable[[list[int], list[Completion]], None] | None = None) -> list[Completion]:
+    """Requests of similar prompt length share a batch; requests with their own interventions run as groups."""
+    prompt_ids = prompt_token_ids(handle, requests)
+    results: list[Completion | None] = [None] * len(requests)
+    bar = tqdm(total=len(requests), desc="generate", unit="sample", disable=not progress)
+    groups: dict[tuple, list[int]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault(tuple(id(iv) for iv in request.interventions), []).append(i)
+    for members in groups.values():
+        own = list(requests[members[0]].interventions)
+        order = sorted(members, key=lambda i: len(prompt_ids[i]))  # length grouping: little padding
+        with intervene(handle, [*interventions, *own]):
+            for start in range(0, len(order), config.batch_size):
+                batch = order[start:start + config.batch_size]
+                completions = _generate_batch(handle, [prompt_ids[i] for i in batch],
+                                              [requests[i].seed for i in batch], config)
+                for i, completion in zip(batch, completions, strict=True):
+                    results[i] = completion
+                if on_batch is not None:
+                    on_batch(batch, completions)
+                bar.update(len(batch))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int],
+                    config: GenerationConfig) -> list[Completion]:
+    from transformers import DynamicCache
+
+    model, device = handle.model, handle.device
+    eos = torch.tensor(sorted(eos_token_ids(handle)), device=device)
+    input_ids, attention = left_pad(prompts, handle.tokenizer.pad_token_id, device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    cache = DynamicCache(config=handle.base_model.config)
+
+    live = list(range(len(prompts)))  # original row of each row still decoding
+    tokens: list[list[int]] = [[] for _ in prompts]
+    finish = ["length"] * len(prompts)
+    prompt_mask, response_mask = attention.bool(), torch.zeros_like(attention, dtype=torch.bool)
+    for step in range(-1, config.max_new_tokens - 1):
+        with describe(handle, prompt_mask, response_mask, step):
+            logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                           **{_cache_keyword(model): cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+        if step + 1 < config.min_new_tokens:
+            logits[:, eos] = float("-inf")
+        next_ids = _pick_tokens(logits, config, [generators[r] for r in live])
+        done = torch.isin(next_ids, eos)
+        for row, (token, is_done) in enumerate(zip(next_ids.tolist(), done.tolist(), strict=False)):
+            tokens[live[row]].append(token)
+            if is_done:
+                finish[live[row]] = "eos"
+        if step + 2 >= config.max_new_tokens or bool(done.all()):
+            break
+        keep = (~done).nonzero().squeeze(-1)
+        if len(keep) < len(live):  # drop finished rows so they cost nothing more
+            cache.batch_select_indices(keep)
+            attention, positions, next_ids = attention[keep], positions[keep], next_ids[keep]
+            live = [live[i] for i in keep.tolist()]
+        input_ids = next_ids[:, None]
+        attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        prompt_mask = torch.zeros((len(live), 1), dtype=torch.bool, device=device)
+        response_mask = torch.ones((len(live), 1), dtype=torch.bool, device=device)
+    return [decode_completion(handle, tokens[i], len(prompts[i]), finish[i]) for i in range(len(prompts))]
+
+
+def _cache_keyword(model) -> str:
+    """`cache` in newer transformers (where `past_key_values` warns), `past_key_values` before (vLLM pins one)."""
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _pick_tokens(logits: Tensor, config: GenerationConfig, generators: list[torch.Generator]) -> Tensor:
+    if config.greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / config.temperature, dim=-1)
+    if config.top_p < 1.0:
+        probs = _nucleus(probs, config.top_p)
+    # One generator per row: a row's draw never depends on the other rows of the batch.
+    return torch.cat([torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(generators)])
+
+
+def _nucleus(probs: Tensor, top_p: float) -> Tensor:
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set whose mass reaches top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+

@@ -1,0 +1,94 @@
+"""What every engine shares: decoding settings, a request (chat + seed), a completion, and their helpers."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Int
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from emlens.model import Model
+
+DEFAULT_BATCH_SIZE = 16  # rows per forward pass, wherever emlens batches (generation, extraction, fitting)
+
+
+class GenerationConfig(BaseModel):
+    """Decoding settings. temperature 0 means greedy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(128, ge=1)
+    min_new_tokens: int = Field(0, ge=0)  # EOS is suppressed before this many tokens (benchmarks use it)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
+    engine: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM for a model on a GPU where vLLM is installed
+
+    @model_validator(mode="after")
+    def _min_below_max(self):
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Request:
+    """One sample to generate: a chat (list of {role, content}) and the seed of its sampler."""
+
+    messages: list[dict]
+    seed: int = 0
+    interventions: tuple = ()  # this request's own, on top of those of the whole call
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "eos" or "length"
+
+
+def eos_token_ids(handle: Model) -> set[int]:
+    ids = {handle.tokenizer.eos_token_id}
+    configured = getattr(handle.base_model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[Int[Tensor, "b t"], Int[Tensor, "b t"]]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def decode_completion(handle: Model, token_ids: list[int], prompt_tokens: int, finish: str) -> Completion:
+    """The text of a completion: its tokens up to (not including) an end-of-sequence token."""
+    stop = eos_token_ids(handle)
+    text_ids = token_ids[:-1] if token_ids and token_ids[-1] in stop else token_ids
+    text = handle.tokenizer.decode(text_ids, skip_special_tokens=True)
+    return Completion(text=text, token_ids=token_ids, prompt_tokens=prompt_tokens, finish_reason=finish)
+
+
+def prompt_token_ids(handle: Model, requests) -> list[list[int]]:
+    """Each request's chat-templated prompt, tokenized the one way every engine uses."""
+    return [handle.tokenizer(handle.chat_text(r.messages), add_special_tokens=False)["input_ids"] for r in requests]
+
+
+def sample_seed(base_seed: int, *parts: Any) -> int:
+    """A stable per-sample seed from the run seed and the sample's identity (question, nudge, index, ...)."""
+    key = "|".join(str(p) for p in (base_seed, *parts)).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+

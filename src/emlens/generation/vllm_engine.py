@@ -1,0 +1,344 @@
+"""The vllm engine: sampling, steering and activation capture in vLLM, behind the same requests as the hf engine.
+
+- One engine per base model lives in the process (`engine_for`); adapters of that base (a training run's
+  checkpoints, secure / insecure fine-tunes) are served by it as LoRA requests, several in one batch.
+- A request's seed becomes vLLM's per-request seed, so its text does not depend on its batch-mates. Greedy
+  decoding (temperature 0) gives the hf engine's tokens; sampled text follows vLLM's sampler, not torch's.
+- Interventions become plain programs (`emlens.generation.vllm_worker`) that the workers apply per request:
+  one engine pass can hold a whole dose-response grid. Each program has its own prefix-cache salt, so KV
+  computed under one intervention is never reused under another.
+- Capture reads pooled residual-stream vectors of whole token sequences (prompt + response) at TransformerLens
+  sites, in the same worker hooks.
+
+Steering and capture need hooks, so the engine runs eagerly (no CUDA graphs, no torch.compile) unless
+`VLLMOptions.enforce_eager` is turned off, which then refuses them. By default the engine core runs in this
+process (`in_process`): scripts need no `if __name__ == "__main__"` guard and vectors cross no process boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from tqdm import tqdm
+
+from emlens.base.errors import EmlensInputError
+from emlens.generation.requests import (
+    Completion,
+    GenerationConfig,
+    Request,
+    decode_completion,
+    eos_token_ids,
+    prompt_token_ids,
+)
+from emlens.model import Model, resolve_checkpoint
+from emlens.sites import SITE_KINDS, family_of
+
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
+VLLM_FAMILIES = ("llama",)  # families whose vLLM layers have the (hidden, residual) layout the worker hooks
+CHUNK = 1024  # requests per engine call: finished chunks are saved, so a killed run keeps them
+
+
+class VLLMOptions(BaseModel):
+    """How the vLLM engine is built (hardware, not results: not part of any run's identity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # leaves room for the hf model emlens also holds
+    max_model_len: int = Field(4096, ge=64)
+    enforce_eager: bool = True  # hooks (steering, capture) need eager mode
+    in_process: bool = True
+    cpu_kv_cache_gib: int = Field(2, ge=1)
+    max_loras: int = Field(4, ge=1)
+
+
+_options = VLLMOptions()
+_engine: VLLMEngine | None = None
+
+
+def set_vllm_options(**settings) -> VLLMOptions:
+    """Change how the next vLLM engine is built (e.g. `tensor_parallel_size=2`); a running one is rebuilt."""
+    global _options
+    _options = VLLMOptions(**{**_options.model_dump(), **settings})
+    return _options
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_supports(handle: Model) -> str | None:
+    """None when vLLM can serve this model, else why not (one phrase)."""
+    if not vllm_installed():
+        return "vLLM is not installed (bash scripts/setup-venv.sh vllm)"
+    if getattr(handle, "meta", {}).get("in_memory") or not _checkpoint_on_disk(handle):
+        return f"model '{handle.spec}' has no weights on disk or hub id for vLLM to load"
+    return None
+
+
+def _checkpoint_on_disk(handle: Model) -> bool:
+    try:
+        resolve_checkpoint(handle.spec)
+    except EmlensInputError:
+        return False
+    return True
+
+
+def engine_for(handle: Model) -> VLLMEngine:
+    """The process's vLLM engine for this model's base weights (built on first use, rebuilt when they change)."""
+    global _engine
+    reason = vllm_supports(handle)
+    if reason is not None:
+        raise EmlensInputError(f"engine vllm: {reason}")
+    settings = _engine_settings(handle)
+    if _engine is not None and _engine.settings == settings:
+        return _engine
+    shutdown_engine()
+    _engine = VLLMEngine(settings)
+    return _engine
+
+
+def shutdown_engine() -> None:
+    global _engine
+    if _engine is not None:
+        _engine.close()
+        _engine = None
+        gc.collect()
+
+
+def _engine_settings(handle: Model) -> dict:
+    rank = _lora_rank(handle.adapter) if handle.adapter else 0
+    current = _engine.settings if _engine is not None else {}
+    max_rank = max(rank, current.get("max_lora_rank", 0)) if current.get("checkpoint") == resolve_checkpoint(
+        handle.spec) else rank
+    return {"checkpoint": resolve_checkpoint(handle.spec), "dtype": str(handle.dtype).removeprefix("torch."),
+            "max_lora_rank": next((r for r in LORA_RANKS if r >= max_rank), max_rank) if max_rank else 0,
+            "options": _options.model_dump()}
+
+
+def _lora_rank(adapter: str) -> int:
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    return int(config.get("r", 8))
+
+
+class VLLMEngine:
+    def __init__(self, settings: dict):
+        self.settings = settings
+        options = VLLMOptions(**settings["options"])
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if options.in_process else "1")
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # tensors in collective_rpc arguments
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gib))
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        lora = settings["max_lora_rank"] > 0
+        with _quiet():
+            self.llm = LLM(
+                model=settings["checkpoint"], dtype=settings["dtype"], max_model_len=options.max_model_len,
+                tensor_parallel_size=options.tensor_parallel_size,
+                gpu_memory_utilization=options.gpu_memory_utilization, enforce_eager=options.enforce_eager,
+                seed=0, enable_lora=lora, max_lora_rank=settings["max_lora_rank"] or 16, max_loras=options.max_loras,
+                worker_extension_cls="emlens.generation.vllm_worker.EmlensWorkerExtension")
+            self.shape = self.llm.collective_rpc("emlens_setup")[0]
+        self.hooks = options.enforce_eager
+        self._lora_ids: dict[str, int] = {}
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+
+    # ---------------------------------------------------------------- requests
+
+    def _lora(self, handle: Model):
+        if not handle.adapter:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        path = str(Path(handle.adapter).resolve())
+        lora_id = self._lora_ids.setdefault(path, len(self._lora_ids) + 1)
+        return LoRARequest(lora_name=f"adapter-{lora_id}", lora_int_id=lora_id, lora_path=path)
+
+    def _set_programs(self, programs: dict[str, list[dict]]) -> None:
+        if programs and not self.hooks:
+            raise EmlensInputError("engine vllm: steering and capture need enforce_eager (set_vllm_options("
+                                   "enforce_eager=True)); this engine was built without it")
+        self.llm.collective_rpc("emlens_set_programs", args=(programs,))
+
+    def _run(self, prompts: list[dict], params: list, lora):
+        with _quiet():
+            return self.llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
+
+    def generate(self, handle: Model, requests: Sequence[Request], config: GenerationConfig,
+                 interventions: Iterable = (), progress: bool = True,
+                 on_batch: Callable[[list[int], list[Completion]], None] | None = None) -> list[Completion]:
+        from vllm import SamplingParams, TokensPrompt
+
+        shared = list(interventions)
+        keys, programs = [], {}
+        for request in requests:
+            ops = program_of(handle, [*shared, *request.interventions], self.shape)
+            key = _program_key(ops)
+            keys.append(key)
+            if ops:
+                programs.setdefault(key, ops)
+        self._set_programs(programs)
+        prompt_ids = prompt_token_ids(handle, requests)
+        stop = sorted(eos_token_ids(handle))
+        lora = self._lora(handle)
+        results: list[Completion] = []
+        bar = tqdm(total=len(requests), desc="generate (vllm)", unit="sample", disable=not progress)
+        try:
+            for start in range(0, len(requests), CHUNK):
+                indices = list(range(start, min(start + CHUNK, len(requests))))
+                prompts = [TokensPrompt(prompt_token_ids=prompt_ids[i], cache_salt=keys[i]) for i in indices]
+                params = [SamplingParams(
+                    n=1, temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
+                    min_tokens=config.min_new_tokens, seed=requests[i].seed, stop_token_ids=stop, detokenize=False,
+                    extra_args={"emlens": keys[i]} if keys[i] in programs else None) for i in indices]
+                outputs = self._run(prompts, params, lora)
+                completions = [_completion(handle, out, len(prompt_ids[i])) for i, out in zip(indices, outputs,
+                                                                                               strict=True)]
+                results.extend(completions)
+                if on_batch is not None:
+                    on_batch(indices, completions)
+                bar.update(len(indices))
+        finally:
+            bar.close()
+            self._set_programs({})
+        return results
+
+    def capture(self, handle: Model, sequences: Sequence[tuple[list[int], int]], sites: Sequence[tuple[int, str]],
+                position: str, interventions: Iterable = ()) -> list[dict[str, Tensor]]:
+        """Pooled vectors of each (token ids, prompt length) sequence at each (layer, kind) site.
+
+        Returns, per sequence, {site name: (vectors, d_model)}: one vector for last_prompt and mean_response,
+        one per token for all.
+        """
+        from vllm import SamplingParams, TokensPrompt
+
+        shared = _placed_ops(handle, list(interventions), self.shape)
+        programs = {}
+        for i, (_, prompt_len) in enumerate(sequences):
+            reads = [_read_op(layer, kind, position, prompt_len, self.shape) for layer, kind in sites]
+            programs[f"capture-{i}"] = _in_site_order([*shared, *reads])
+        self._set_programs(programs)
+        try:
+            prompts = [TokensPrompt(prompt_token_ids=list(ids), cache_salt=f"capture-{i}-{os.urandom(4).hex()}")
+                       for i, (ids, _) in enumerate(sequences)]
+            params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                     extra_args={"emlens": f"capture-{i}"}) for i in range(len(sequences))]
+            self._run(prompts, params, self._lora(handle))
+            captured = self.llm.collective_rpc("emlens_take_captured")[0]
+        finally:
+            self._set_programs({})
+        names = [_site_name(layer, kind) for layer, kind in sites]
+        return [{name: captured[f"capture-{i}"][name] for name in names} for i in range(len(sequences))]
+
+
+# ---------------------------------------------------------------- programs
+
+
+_POINT_RANK = {"embed": 0, "mid": 1, "post": 2}
+# Where each site kind is seen in vLLM: (point, layer offset, part, rank among the sites at that point)
+_SITE_POINTS = {"attn_out": ("mid", 0, "hidden", 0), "resid_mid": ("mid", 0, "sum", 1),
+                "mlp_out": ("post", 0, "hidden", 0), "resid_post": ("post", 0, "sum", 1),
+                "resid_pre": ("post", -1, "sum", 2)}
+
+
+def _site_name(layer: int, kind: str) -> str:
+    return f"blocks.{layer}.hook_{kind}"
+
+
+def _placement(layer: int, kind: str) -> dict:
+    if kind not in SITE_KINDS:
+        raise EmlensInputError(f"site '{kind}': unknown (known: {', '.join(SITE_KINDS)})")
+    if kind == "resid_pre" and layer == 0:
+        return {"point": "embed", "layer": 0, "part": "sum", "_order": (0, 0, 0)}
+    point, offset, part, rank = _SITE_POINTS[kind]
+    return {"point": point, "layer": layer + offset, "part": part,
+            "_order": (layer + offset, _POINT_RANK[point], rank)}
+
+
+def _in_site_order(ops: list[dict]) -> list[dict]:
+    """Execution order: by hook point, then site; at one site, writes before reads (a read sees the steering)."""
+    ordered = sorted(enumerate(ops), key=lambda item: (*item[1]["_order"], "read" in item[1], item[0]))
+    return [{k: v for k, v in op.items() if k != "_order"} for _, op in ordered]
+
+
+def program_of(handle: Model, interventions: Sequence, shape: dict) -> list[dict]:
+    """The worker program of some interventions: each gives its site-level ops (`vllm_ops`), placed here."""
+    return _in_site_order(_placed_ops(handle, interventions, shape))
+
+
+def _placed_ops(handle: Model, interventions: Sequence, shape: dict) -> list[dict]:
+    ops = []
+    for intervention in interventions:
+        to_ops = getattr(intervention, "vllm_ops", None)
+        if to_ops is None:
+            name = getattr(intervention, "name", type(intervention).__name__)
+            raise EmlensInputError(f"intervention '{name}' cannot run in the vllm engine (use --engine hf)")
+        for op in to_ops(handle):
+            _check_op(handle, op, shape)
+            ops.append({**{k: v for k, v in op.items() if k not in ("site", "layer")},
+                        **_placement(op["layer"], op["site"])})
+    return ops
+
+
+def _check_op(handle: Model, op: dict, shape: dict) -> None:
+    if family_of(handle.config).name not in VLLM_FAMILIES:
+        raise EmlensInputError(f"engine vllm: steering and capture support {', '.join(VLLM_FAMILIES)}-family "
+                               f"models; {handle.config.model_type} needs --engine hf")
+    if not 0 <= op["layer"] < shape["n_layers"]:
+        raise EmlensInputError(f"layer {op['layer']} out of range (model has {shape['n_layers']} layers)")
+
+
+def _read_op(layer: int, kind: str, position: str, prompt_len: int, shape: dict) -> dict:
+    if not 0 <= layer < shape["n_layers"]:
+        raise EmlensInputError(f"layer {layer} out of range (model has {shape['n_layers']} layers)")
+    placed = _placement(layer, kind)
+    part = placed.pop("part")
+    return {**placed, "part": part, "read": _site_name(layer, kind), "pool": position, "prompt_len": prompt_len}
+
+
+def _program_key(ops: list[dict]) -> str:
+    """A content hash of a program: equal programs share a key (and a prefix-cache salt)."""
+    if not ops:
+        return "none"
+    digest = hashlib.sha256()
+    for op in ops:
+        for name in sorted(op):
+            value = op[name]
+            digest.update(name.encode())
+            digest.update(value.detach().float().cpu().numpy().tobytes() if isinstance(value, Tensor)
+                          else repr(value).encode())
+    return digest.hexdigest()[:16]
+
+
+def _completion(handle: Model, output, prompt_tokens: int) -> Completion:
+    result = output.outputs[0]
+    finish = "length" if result.finish_reason == "length" else "eos"
+    return decode_completion(handle, list(result.token_ids), prompt_tokens, finish)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """vLLM logs at INFO on every call; emlens's library functions stay quiet."""
+    import logging
+
+    logger = logging.getLogger("vllm")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
