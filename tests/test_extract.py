@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from emlens.base.errors import EmlensInputError
-from emlens.capture.backends import BACKENDS
+from emlens.capture.backends import BACKENDS as ALL_BACKENDS
 from emlens.capture.extract import extract_activations, extract_to_store
 from emlens.capture.items import POSITIONS, ExtractItem
 from emlens.capture.store import ActivationStore, ActivationStoreWriter
 from emlens.sites import parse_layers, resolve_sites, site_name
 from tests.cli_runner import run_cli
 
+BACKENDS = tuple(b for b in ALL_BACKENDS if b != "vllm")  # the hf model's backends; vLLM's: tests/test_vllm.py
 KINDS = ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"]
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 
 from emlens.base.io import fail
 from emlens.base.stats import pearson_ci
+from emlens.capture.backends import DEFAULT_BACKEND
 from emlens.capture.extract import extract_activations
 from emlens.capture.items import items_from_run_table
 from emlens.directions.artifact import Direction
@@ -27,7 +28,7 @@ MONITOR_POSITIONS = ("mean_response", "last_prompt")  # one vector per sample
 
 def monitor(handle: Model, table: pd.DataFrame, direction: Direction, target: str = "misaligned", layer: int | None = None,
             position: str = "mean_response", setting: str | None = "free_form", batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
-            force: bool = False, progress: bool = False) -> dict:
+            force: bool = False, progress: bool = False, backend: str = DEFAULT_BACKEND) -> dict:
     """r(projection onto the direction, target column) over the table's rows, and the random-control r.
 
     `setting` keeps the rows of one eval setting (None or "": every row); `position` is `mean_response` (the
@@ -50,7 +51,8 @@ def monitor(handle: Model, table: pd.DataFrame, direction: Direction, target: st
     layer = direction.best_layer if layer is None else layer
     site = site_name(layer, direction.site_kind)
     acts = extract_activations(handle, items_from_run_table(rows, with_response=position != "last_prompt"), [site],
-                               position=position, batch_size=batch_size, progress=progress)[site].float()
+                               position=position, backend=backend, batch_size=batch_size,
+                               progress=progress)[site].float()
     vector = direction.vector(layer).float()
     projection = (acts @ vector).numpy()
     control = (acts @ (random_like(vector, seed) / vector.norm())).numpy()

@@ -1,4 +1,4 @@
-"""Extraction backends: torch hooks (the default), TransformerLens, nnsight; each returns pooled vectors per site."""
+"""Extraction backends: torch hooks (the default), TransformerLens, nnsight, vLLM; each returns pooled vectors per site."""
 
 from __future__ import annotations
 
@@ -6,14 +6,17 @@ import contextlib
 import copy
 import os
 
+import torch
 from torch import Tensor
 
 from emlens.base.errors import EmlensInputError
 from emlens.capture.items import Batch, pool
+from emlens.generation import vllm_engine
+from emlens.generation.context import context_of
 from emlens.model import Model
 from emlens.sites import Site, check_site_kind, decoder_of, family_of, hook_site
 
-BACKENDS = ("torch-hooks", "transformerlens", "nnsight")
+BACKENDS = ("torch-hooks", "transformerlens", "nnsight", "vllm")
 DEFAULT_BACKEND = "torch-hooks"
 
 
@@ -119,12 +122,37 @@ class TransformerLensBackend:
         return found
 
 
+class VLLMBackend:
+    """vLLM's workers read the sites in the same pass that serves generation (`emlens.generation.vllm_engine`).
+
+    Each row is one prompt-only request of its real tokens (no padding reaches vLLM); the steering of an
+    enclosing `em.steer` block is applied there too.
+    """
+
+    name = "vllm"
+    batch_size = 256  # rows per engine call: vLLM schedules them itself
+
+    def __init__(self, handle: Model):
+        self.handle, self.engine = handle, vllm_engine.engine_for(handle)
+
+    def run(self, batch: Batch, sites: list[Site], position: str) -> dict[str, Tensor]:
+        sequences = []
+        for row in range(batch.input_ids.shape[0]):
+            real = batch.attention_mask[row].bool()
+            padding = int((~real).sum())
+            sequences.append((batch.input_ids[row][real].tolist(), int(batch.last_prompt[row]) - padding + 1))
+        pooled = self.engine.capture(self.handle, sequences, [(s.layer, s.kind) for s in sites], position,
+                                     interventions=context_of(self.handle).active)
+        return {s.name: torch.cat([p[s.name] for p in pooled]) for s in sites}
+
+
 def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
 
 def make_backend(handle: Model, backend: str = DEFAULT_BACKEND):
-    classes = {"torch-hooks": TorchHooksBackend, "transformerlens": TransformerLensBackend, "nnsight": NNsightBackend}
+    classes = {"torch-hooks": TorchHooksBackend, "transformerlens": TransformerLensBackend, "nnsight": NNsightBackend,
+               "vllm": VLLMBackend}
     if backend not in classes:
         raise EmlensInputError(f"backend '{backend}': unknown (known: {', '.join(BACKENDS)})")
     return classes[backend](handle)

@@ -69,6 +69,7 @@ def run_tokenized(handle: Model, tokenized: Sequence[TokenizedItem], sites: list
     runner = make_backend(handle, backend) if isinstance(backend, str) else backend
     counts = vector_counts(tokenized, position)
     bar = tqdm(total=len(tokenized), desc=f"extract ({runner.name})", unit="row", disable=not progress)
+    batch_size = max(batch_size, getattr(runner, "batch_size", 0))  # vLLM schedules large batches itself
     with torch.inference_mode():
         for batch in iter_batches(handle, tokenized, batch_size):
             found = runner.run(batch, sites, position)

@@ -20,6 +20,9 @@ MODEL_OPT = typer.Option(None, "--model", "-m",
                          help="embedded name, HF id or local folder (default: the embedded model, see `emlens models`)")
 ADAPTER_OPT = typer.Option(None, "--adapter", "-a", help="PEFT adapter folder or RUN@STEP")
 DEVICE_OPT = typer.Option(None, "--device", help="auto (the default: CUDA if present), cpu, cuda, cuda:1, ...")
+ENGINE_OPT = typer.Option(None, "--engine", help="who samples: auto (vLLM for a model on a GPU where it is "
+                                                 "installed, else hf), hf, vllm")
+TP_OPT = typer.Option(None, "--tensor-parallel-size", min=1, help="GPUs vLLM shards the model across")
 
 
 def given(**options) -> dict:
@@ -42,11 +45,19 @@ def quiet_libraries() -> None:
 
 
 def load(model: Optional[str], adapter: Optional[str], device: Optional[str], dtype: Optional[str] = None,
-         merge: bool = False):
+         merge: bool = False, tensor_parallel_size: Optional[int] = None):
     from emlens.model import load_model
 
     quiet_libraries()
+    use_vllm_options(tensor_parallel_size)
     return load_model(**given(spec=model, adapter=adapter, device=device, dtype=dtype), merge=merge)
+
+
+def use_vllm_options(tensor_parallel_size: Optional[int]) -> None:
+    if tensor_parallel_size is not None:
+        from emlens.generation.vllm_engine import set_vllm_options
+
+        set_vllm_options(tensor_parallel_size=tensor_parallel_size)
 
 
 @app.command("models")
@@ -73,6 +84,7 @@ def generate_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
+    engine: Optional[str] = ENGINE_OPT, tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:
     """Sample answers to a question set under nudges into OUT/samples.parquet."""
     from emlens.base.io import validate
@@ -84,8 +96,8 @@ def generate_command(
     qs = read_questions(questions, limit=limit)
     ns = resolve_nudges(nudge, nudges_file)
     config = validate(GenerationConfig, given(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                              batch_size=batch_size), "command line")
-    handle = load(model, adapter, device)
+                                              batch_size=batch_size, engine=engine), "command line")
+    handle = load(model, adapter, device, tensor_parallel_size=tensor_parallel_size)
     table = generate_table(handle, qs, ns, out, config=config, **given(samples=samples, seed=seed),
                            command_config={"questions_source": questions, "model": handle.spec, "adapter": adapter})
     per_paraphrase = int(table.sample_index.max()) + 1 if len(table) else 0

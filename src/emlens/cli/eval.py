@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, app, given, load
+from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, ENGINE_OPT, MODEL_OPT, TP_OPT, app, given, load
 
 eval_app = typer.Typer(help="Behavioural evaluation under nudges: `emlens eval --out RUN ...`; `emlens eval report RUN...`.")
 judge_app = typer.Typer(help="Judges: validate against GPT-4o-judged responses, refit the offline judge.",
@@ -37,6 +37,7 @@ def eval_run_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
+    engine: Optional[str] = ENGINE_OPT, tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:
     """Run the settings under the nudges into OUT/samples.parquet, judged and labelled."""
     if ctx.invoked_subcommand is not None:
@@ -50,9 +51,10 @@ def eval_run_command(
 
     config = build_eval_config(config_file, settings=settings, nudges=nudge, nudges_file=nudges_file,
                                samples=samples, questions=questions, limit=limit, max_new_tokens=max_new_tokens,
-                               judge=judge, judge_model=judge_model, batch_size=batch_size, seed=seed)
+                               judge=judge, judge_model=judge_model, batch_size=batch_size, seed=seed,
+                               engine=engine)
     judge_obj = make_judge(config.judge, config.judge_model, **given(device=device))  # fails before any sampling
-    handle = load(model, adapter, device)
+    handle = load(model, adapter, device, tensor_parallel_size=tensor_parallel_size)
     table = run_eval(handle, config, out, judge=judge_obj)
     typer.echo(f"wrote {out / 'samples.parquet'}: {len(table)} rows")
     print_summary(table, echo=typer.echo)

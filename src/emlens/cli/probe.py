@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from emlens.base.errors import EmlensInputError
-from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, app, bench_app, given, load
+from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, TP_OPT, app, bench_app, given, load
 
 probe_app = typer.Typer(help="Fit linear probes and directions from a spec (probes/*.yaml).", no_args_is_help=True)
 app.add_typer(probe_app, name="probe")
@@ -40,6 +40,7 @@ def extract_command(
     shard_mb: Optional[float] = typer.Option(None, "--shard-mb", help="shard size (bounds the writer's memory)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing store"),
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
+    tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:
     """Read activations of prompts (--questions) or prompt+response rows (--table) into an activation store."""
     from emlens.base.io import validate
@@ -53,7 +54,7 @@ def extract_command(
         "command line")
     check_new_store(out, overwrite)
     items = config.items()  # a bad question file or table fails before the model loads
-    store, sites = config.extract(load(model, adapter, device), items, out)
+    store, sites = config.extract(load(model, adapter, device, tensor_parallel_size=tensor_parallel_size), items, out)
     typer.echo(f"wrote {out}: {len(store)} rows, {store.manifest['n_vectors']} vectors x {len(sites)} sites "
                f"({sites[0].name} ... {sites[-1].name}), position {config.position}, backend {config.backend}")
 

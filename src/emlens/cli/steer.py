@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, app, bench_app, given, load
+from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, ENGINE_OPT, MODEL_OPT, TP_OPT, app, bench_app, given, load
 
 
 @app.command("steer")
@@ -19,14 +19,15 @@ def steer_command(
     direction: Optional[str] = typer.Option(None, "--direction", help="override the spec's direction folder"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N questions of every setting"),
     samples: Optional[int] = typer.Option(None, "--samples", help="free-form samples per paraphrase"),
-    device: Optional[str] = DEVICE_OPT,
+    device: Optional[str] = DEVICE_OPT, engine: Optional[str] = ENGINE_OPT,
+    tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:
     """Re-run an eval setting under each intervention (direction x scales, random control): table + figure."""
     from emlens.analysis.dose_response import load_spec, print_steer, run_steer
 
     steer_spec, base = load_spec(spec, {"model": model, "adapter": adapter, "direction": direction},
-                                 limit=limit, samples=samples)
-    handle = load(steer_spec.model, steer_spec.adapter, device)
+                                 limit=limit, samples=samples, engine=engine)
+    handle = load(steer_spec.model, steer_spec.adapter, device, tensor_parallel_size=tensor_parallel_size)
     run_steer(steer_spec, base, out, handle=handle, echo=typer.echo)
     print_steer(out, echo=typer.echo)
 
@@ -59,7 +60,10 @@ def monitor_command(
     layer: Optional[int] = typer.Option(None, "--layer", help="default: the direction's best layer"),
     position: Optional[str] = typer.Option(None, "--position", help="mean_response (the default) or last_prompt"),
     force: bool = typer.Option(False, "--force", help="allow a direction fitted on another base model"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="extraction backend: torch-hooks (the default), "
+                                                                  "transformerlens, nnsight, vllm"),
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
+    tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:
     """Correlate the projection of each sample's activations onto a direction with a behaviour (r, 95 % CI)."""
     from emlens.analysis.monitor import monitor, print_monitor
@@ -67,8 +71,9 @@ def monitor_command(
     from emlens.runs import read_samples
 
     frame, found = read_samples(table), Direction.load(direction)
-    result = monitor(load(model, adapter, device), frame, found, force=force,
-                     **given(target=target, setting=setting, layer=layer, position=position))
+    handle = load(model, adapter, device, tensor_parallel_size=tensor_parallel_size)
+    result = monitor(handle, frame, found, force=force,
+                     **given(target=target, setting=setting, layer=layer, position=position, backend=backend))
     print_monitor(result, echo=typer.echo)
 
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import find_shared_data, load_yaml_model
-from emlens.capture.backends import DEFAULT_BACKEND
+from emlens.capture.backends import BACKENDS, DEFAULT_BACKEND
 from emlens.data.questions import BUNDLED_QUESTIONS, questions_path
 from emlens.generation.engine import DEFAULT_BATCH_SIZE
 
@@ -148,7 +148,7 @@ class ProbeSpec(BaseModel):
     regularization: float = Field(1.0, gt=0)  # logistic C, ridge alpha (on standardised activations)
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     max_response_tokens: int | None = Field(128, ge=1)
-    backend: Literal["torch-hooks", "transformerlens", "nnsight"] = DEFAULT_BACKEND
+    backend: Literal[BACKENDS] = DEFAULT_BACKEND
 
     @model_validator(mode="after")
     def _data_fits_method(self):

@@ -79,12 +79,13 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     top_p: float = 1.0
     seed: int = 0
+    engine: Literal["auto", "hf", "vllm"] = "auto"  # who samples (see emlens.generation.engine)
 
     def with_flags(self, settings: str | None = None, nudges: list[str] | None = None,
                    nudges_file: str | Path | None = None, samples: int | None = None, questions: str | None = None,
                    limit: int | None = None, max_new_tokens: int | None = None, judge: str | None = None,
                    judge_model: str | None = None, batch_size: int | None = None, seed: int | None = None,
-                   where: str = "command line") -> EvalConfig:
+                   engine: str | None = None, where: str = "command line") -> EvalConfig:
         """This config with the command line's flags laid over it; a flag that is None (or empty) was not given.
 
         `settings` is comma-separated; `samples` is the free-form samples; `questions` the free-form (and harm
@@ -99,7 +100,7 @@ class EvalConfig(BaseModel):
         if nudges_file is not None:
             update["nudges_file"] = str(nudges_file)
         for key, value in (("judge", judge), ("judge_model", judge_model), ("batch_size", batch_size),
-                           ("seed", seed)):
+                           ("seed", seed), ("engine", engine)):
             if value is not None:
                 update[key] = value
         if samples is not None:

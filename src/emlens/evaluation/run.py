@@ -14,6 +14,7 @@ from emlens.data.nudges import resolve_nudges
 from emlens.evaluation.config import EvalConfig
 from emlens.evaluation.judging import judge_table
 from emlens.evaluation.settings import RUNNERS
+from emlens.generation.engine import resolve_engine
 from emlens.generation.sampling import SAMPLE_KEY
 from emlens.judges import make_judge
 from emlens.judges.base import Judge
@@ -30,6 +31,7 @@ def run_eval(handle: Model, config: EvalConfig, out: str | Path, judge: Judge | 
              extra_manifest: dict | None = None) -> pd.DataFrame:
     """Run every configured setting (resumable), judge the rows, and write RUN/samples.parquet."""
     nudges = resolve_nudges(config.nudges, config.nudges_file)
+    config = config.model_copy(update={"engine": resolve_engine(handle, config.engine)})  # recorded as it ran
     store = RunStore(out, SAMPLE_KEY)
     store.open({"kind": "eval_run", "model": handle.describe(),
                 "config": {**config.model_dump(), "intervention": intervention_name, **(extra_manifest or {})}})

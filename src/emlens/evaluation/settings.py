@@ -27,7 +27,7 @@ from emlens.model import Model
 
 def _gen_config(config: EvalConfig, temperature: float, max_new_tokens: int) -> GenerationConfig:
     return GenerationConfig(temperature=temperature, max_new_tokens=max_new_tokens, top_p=config.top_p,
-                            batch_size=config.batch_size)
+                            batch_size=config.batch_size, engine=config.engine)
 
 
 def _run_free_form(handle: Model, config, nudges, store, interventions, intervention, progress, spec=None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
@@ -38,6 +38,7 @@ class ForwardContext:
     response_mask: Bool[Tensor, "batch pos"] | None = None
     step: int = -1  # -1 during prefill, then the index of the response token being fed
     source: Literal["engine", "attention_mask"] | None = None
+    active: list = field(default_factory=list)  # interventions attached now (engines that hook elsewhere add them)
 
     def set(self, prompt_mask: Tensor, response_mask: Tensor, step: int, source: str = "engine") -> None:
         self.prompt_mask, self.response_mask, self.step, self.source = prompt_mask, response_mask, step, source
@@ -123,9 +124,14 @@ def _described_by_attention_mask(model: Model) -> Iterator[None]:
 def intervene(model: Model, interventions: Iterable[Any]) -> Iterator[None]:
     """Attach interventions for every forward pass inside the block (engine or not); never on padding."""
     interventions = list(interventions)
+    ctx = context_of(model)
     with contextlib.ExitStack() as stack:
         if interventions:
             stack.enter_context(_described_by_attention_mask(model))
         for intervention in interventions:
-            stack.enter_context(intervention.attach(model, context_of(model)))
-        yield
+            stack.enter_context(intervention.attach(model, ctx))
+        ctx.active.extend(interventions)
+        try:
+            yield
+        finally:
+            del ctx.active[len(ctx.active) - len(interventions):]

@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 from emlens.base.errors import EmlensInputError
 from emlens.generation.context import describe
+from emlens.generation.requests import kv_cache
 from emlens.model import Model
 
 # ---------------------------------------------------------------- exact answer distributions
@@ -67,7 +68,7 @@ def answer_distribution(handle: Model, messages: list[dict], candidates: list[li
     prompt = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     cache = DynamicCache(config=handle.base_model.config)
     with describe(handle, torch.ones_like(prompt, dtype=torch.bool), torch.zeros_like(prompt, dtype=torch.bool), -1):
-        first = model(input_ids=prompt, cache=cache, use_cache=True).logits[0, -1].float().log_softmax(-1)
+        first = model(input_ids=prompt, **kv_cache(handle, cache), use_cache=True).logits[0, -1].float().log_softmax(-1)
     width = max(len(c) for c in candidates)
     n = len(candidates)
     ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
@@ -80,7 +81,7 @@ def answer_distribution(handle: Model, messages: list[dict], candidates: list[li
     positions = (prompt.shape[1] + torch.arange(width)).expand(n, width).to(device)
     with describe(handle, torch.zeros_like(real).to(device), real.to(device), 0):
         logprobs = model(input_ids=ids.to(device), attention_mask=attention, position_ids=positions,
-                         cache=cache, use_cache=True).logits.float().log_softmax(-1).cpu()
+                         **kv_cache(handle, cache), use_cache=True).logits.float().log_softmax(-1).cpu()
     total = first[ids[:, 0]].cpu()  # first token of each candidate, from the prompt's last position
     for step in range(1, width):
         step_lp = logprobs[torch.arange(n), step - 1, ids[:, step]]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from emlens.base.errors import EmlensInputError
 from emlens.generation import vllm_engine
-from emlens.generation.context import Intervention
+from emlens.generation.context import Intervention, context_of
 from emlens.generation.hf_engine import generate_hf
 from emlens.generation.requests import (  # noqa: F401  (re-exported: the names callers know this module by)
     DEFAULT_BATCH_SIZE,
@@ -53,6 +53,8 @@ def generate(handle: Model, requests: Sequence[Request], config: GenerationConfi
     """
     config = config or GenerationConfig()
     if resolve_engine(handle, config.engine) == "vllm":
+        # vLLM's workers do not run the hf model's hooks: the steering of an enclosing `steer` block goes along
+        interventions = [*context_of(handle).active, *interventions]
         return vllm_engine.engine_for(handle).generate(handle, requests, config, interventions, progress, on_batch)
     return generate_hf(handle, requests, config, interventions, progress, on_batch)
 

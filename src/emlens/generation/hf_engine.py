@@ -8,7 +8,6 @@ samples share its batch: a resumed run reproduces exactly the samples an interru
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -22,6 +21,7 @@ from emlens.generation.requests import (
     Request,
     decode_completion,
     eos_token_ids,
+    kv_cache,
     left_pad,
     prompt_token_ids,
 )
@@ -74,7 +74,7 @@ def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int],
     for step in range(-1, config.max_new_tokens - 1):
         with describe(handle, prompt_mask, response_mask, step):
             logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                           **{_cache_keyword(model): cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+                           **kv_cache(handle, cache), use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
         if step + 1 < config.min_new_tokens:
             logits[:, eos] = float("-inf")
         next_ids = _pick_tokens(logits, config, [generators[r] for r in live])
@@ -96,12 +96,6 @@ def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int],
         prompt_mask = torch.zeros((len(live), 1), dtype=torch.bool, device=device)
         response_mask = torch.ones((len(live), 1), dtype=torch.bool, device=device)
     return [decode_completion(handle, tokens[i], len(prompts[i]), finish[i]) for i in range(len(prompts))]
-
-
-def _cache_keyword(model) -> str:
-    """`cache` in newer transformers (where `past_key_values` warns), `past_key_values` before (vLLM pins one)."""
-    forward = getattr(model, "get_base_model", lambda: model)().forward
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _pick_tokens(logits: Tensor, config: GenerationConfig, generators: list[torch.Generator]) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -71,6 +72,13 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[Int[Tenso
         ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
         mask[row, width - len(seq):] = 1
     return ids.to(device), mask.to(device)
+
+
+def kv_cache(handle: Model, cache) -> dict:
+    """The keyword argument that hands a KV cache to the model's forward: `cache` in newer transformers (where
+    `past_key_values` warns), `past_key_values` before it (the vLLM extra pins transformers < 5.20)."""
+    parameters = inspect.signature(handle.base_model.forward).parameters
+    return {"cache" if "cache" in parameters else "past_key_values": cache}
 
 
 def decode_completion(handle: Model, token_ids: list[int], prompt_tokens: int, finish: str) -> Completion:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from emlens.data.nudges import Nudge, apply_nudge
 from emlens.data.questions import Question, question_messages
-from emlens.generation.engine import GenerationConfig, Request, generate, sample_seed
+from emlens.generation.engine import GenerationConfig, Request, generate, resolve_engine, sample_seed
 from emlens.model import Model
 from emlens.runs import RunStore
 
@@ -101,6 +101,7 @@ def generate_table(handle: Model, questions: list[Question], nudges: list[Nudge]
                    progress: bool = True, command_config: dict | None = None) -> pd.DataFrame:
     """`emlens generate`: sample every question under every nudge into RUN/samples.parquet (resumable)."""
     config = config or GenerationConfig()
+    config = config.model_copy(update={"engine": resolve_engine(handle, config.engine)})  # recorded as it ran
     store = RunStore(out, SAMPLE_KEY)
     store.open({"kind": "generate_run", "model": handle.describe(),
                 "config": {**(command_config or {}), "generation": config.model_dump(), "seed": seed,

@@ -120,7 +120,9 @@ def _engine_settings(handle: Model) -> dict:
     current = _engine.settings if _engine is not None else {}
     max_rank = max(rank, current.get("max_lora_rank", 0)) if current.get("checkpoint") == resolve_checkpoint(
         handle.spec) else rank
+    longest = getattr(handle.config.get_text_config(), "max_position_embeddings", None) or _options.max_model_len
     return {"checkpoint": resolve_checkpoint(handle.spec), "dtype": str(handle.dtype).removeprefix("torch."),
+            "max_model_len": min(_options.max_model_len, int(longest)),
             "max_lora_rank": next((r for r in LORA_RANKS if r >= max_rank), max_rank) if max_rank else 0,
             "options": _options.model_dump()}
 
@@ -143,7 +145,7 @@ class VLLMEngine:
         lora = settings["max_lora_rank"] > 0
         with _quiet():
             self.llm = LLM(
-                model=settings["checkpoint"], dtype=settings["dtype"], max_model_len=options.max_model_len,
+                model=settings["checkpoint"], dtype=settings["dtype"], max_model_len=settings["max_model_len"],
                 tensor_parallel_size=options.tensor_parallel_size,
                 gpu_memory_utilization=options.gpu_memory_utilization, enforce_eager=options.enforce_eager,
                 seed=0, enable_lora=lora, max_lora_rank=settings["max_lora_rank"] or 16, max_loras=options.max_loras,

@@ -24,17 +24,17 @@ log = logging.getLogger(__name__)
 STUDY_KIND = "study"
 
 
-def plan_experiment(path: str | Path, stages: str | Path = DEFAULT_STAGES) -> list[str]:
+def plan_experiment(path: str | Path, stages: str | Path = DEFAULT_STAGES, engine: str | None = None) -> list[str]:
     """`emlens run --plan`: one line per stage: its key, whether it is done, and what it will cost."""
-    return describe_plan(plan(LoadedExperiment(path)), Path(stages))
+    return describe_plan(plan(LoadedExperiment(path, engine=engine)), Path(stages))
 
 
 def run_experiment(path: str | Path, out: str | Path | None = None, stages: str | Path = DEFAULT_STAGES,
-                   device: str = "auto", progress: bool = True, force: bool = False,
+                   device: str = "auto", progress: bool = True, force: bool = False, engine: str | None = None,
                    echo: Callable[[str], None] = log.info) -> Path:
     """Run (or resume) every stage of the experiment, then write OUT/report.html and OUT/report.md
-    (OUT defaults to artifacts/runs/NAME)."""
-    study = LoadedExperiment(path)  # every file it names is read and checked before any work
+    (OUT defaults to artifacts/runs/NAME). `engine` (auto, hf, vllm) replaces every eval section's engine."""
+    study = LoadedExperiment(path, engine=engine)  # every file it names is read and checked before any work
     out = Path(out) if out is not None else Path("artifacts") / "runs" / study.spec.name
     start = time.time()
     ran, records = run_study(study, Path(stages), device, progress, echo)

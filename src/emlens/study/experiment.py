@@ -116,9 +116,11 @@ class Experiment(BaseModel):
 class LoadedExperiment:
     """An experiment with every file it names read and checked: training configs and probe specs."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, engine: str | None = None):
         self.path = Path(path)
         self.spec: Experiment = load_yaml_model(Experiment, self.path)
+        if engine is not None:
+            self.spec = _with_engine(self.spec, engine, self.path)
         self.base = self.path.resolve().parent
         self.train_configs: dict[str, TrainConfig] = {}
         points = {m.name: self._sweep_points(m) for m in self.spec.models}
@@ -170,6 +172,17 @@ class LoadedExperiment:
         config_path = self.resolve(entry.train.config, f"{where}.config")
         data = _deep_merge(read_yaml_mapping(config_path, "TrainConfig"), entry.train.overrides())
         return parse_config(data, where=f"{self.path} field '{where}'", base_dir=config_path.resolve().parent)
+
+
+def _with_engine(spec: Experiment, engine: str, path: Path) -> Experiment:
+    """The experiment with every eval section sampled by `engine` (a command-line override)."""
+    update = {}
+    if spec.eval is not None:
+        update["eval"] = spec.eval.with_flags(engine=engine, where=f"{path} (--engine)")
+    if spec.steer is not None:
+        evaluated = spec.steer.eval.with_flags(engine=engine, where=f"{path} (--engine)")
+        update["steer"] = spec.steer.model_copy(update={"eval": evaluated})
+    return spec.model_copy(update=update)
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
