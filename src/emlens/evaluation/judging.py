@@ -32,6 +32,8 @@ def judge_table(table: pd.DataFrame, judge: Judge, templates: dict[str, dict[str
         for qid, group in rows.groupby("question_id", sort=False):
             scored = judge.assess(group.paraphrase.tolist(), group.response.tolist(), templates.get(qid, {}))
             results.extend(zip(group.index, scored, strict=False))
+        for key in {key for _, result in results for key in result} - set(table.columns):
+            table[key] = None  # a field only some judges return (writing it through .at would warn per row)
         for index, result in results:
             for key, value in result.items():
                 table.at[index, key] = json.dumps(value) if key in categorical["probs"] and value else value
