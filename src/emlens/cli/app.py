@@ -109,15 +109,19 @@ def generate_command(
 def bench_generate_command(
     batches: str = typer.Option("1,8,32", "--batches", help="comma-separated batch sizes"),
     new_tokens: int = typer.Option(64, "--new-tokens"),
-    hf_baseline: bool = typer.Option(False, "--hf-baseline", help="also time plain HF generate"),
-    model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT,
+    hf_baseline: bool = typer.Option(False, "--hf-baseline", help="also time plain HF generate "
+                                                                   "(engine_vs_hf_generate_*)"),
+    engine: str = typer.Option("hf", "--engine", help="vllm: also time the vllm engine (vllm_vs_hf)"),
+    repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="interleaved runs of each; the best counts"),
+    model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT, tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:
-    """Tokens/s of the engine at several batch sizes (greedy and sampled), and batch32_vs_batch1."""
+    """Tokens/s of the engines at several batch sizes (greedy and sampled), and their ratios."""
     from emlens.bench.generate import bench_generate
 
-    handle = load(model, None, device)
+    handle = load(model, None, device, tensor_parallel_size=tensor_parallel_size)
     sizes = [int(b) for b in batches.split(",")]
-    bench_generate(handle, sizes, new_tokens, hf_baseline=hf_baseline, echo=typer.echo)
+    bench_generate(handle, sizes, new_tokens, hf_baseline=hf_baseline, engine=engine, echo=typer.echo,
+                   **given(repeats=repeats))
 
 
 @bench_app.command("load")

@@ -83,9 +83,11 @@ def bench_steer_command(
     new_tokens: int = typer.Option(64, "--new-tokens"),
     layer: Optional[int] = typer.Option(None, "--layer", help="default: the middle layer"),
     repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="interleaved runs of each; the best counts"),
-    model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT,
+    engine: str = typer.Option("hf", "--engine", help="hf or vllm (vllm: the hf engine is timed beside it)"),
+    model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT, tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:
     """Steered vs unsteered batched generation tokens/s; last line includes steered_vs_plain."""
     from emlens.bench.steer import bench_steer
 
-    bench_steer(load(model, None, device), batch, new_tokens, layer, echo=typer.echo, **given(repeats=repeats))
+    handle = load(model, None, device, tensor_parallel_size=tensor_parallel_size)
+    bench_steer(handle, batch, new_tokens, layer, engine=engine, echo=typer.echo, **given(repeats=repeats))

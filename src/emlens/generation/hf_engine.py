@@ -71,9 +71,10 @@ def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int],
     tokens: list[list[int]] = [[] for _ in prompts]
     finish = ["length"] * len(prompts)
     prompt_mask, response_mask = attention.bool(), torch.zeros_like(attention, dtype=torch.bool)
+    padded = not bool(attention.all())  # rows of one length never need a mask: the model skips building one
     for step in range(-1, config.max_new_tokens - 1):
         with describe(handle, prompt_mask, response_mask, step):
-            logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+            logits = model(input_ids=input_ids, attention_mask=attention if padded else None, position_ids=positions,
                            **kv_cache(handle, cache), use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
         if step + 1 < config.min_new_tokens:
             logits[:, eos] = float("-inf")
@@ -98,20 +99,32 @@ def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int],
     return [decode_completion(handle, tokens[i], len(prompts[i]), finish[i]) for i in range(len(prompts))]
 
 
+NUCLEUS_CANDIDATES = 512  # the top-p set is looked for among this many most likely tokens (a full sort if not there)
+
+
 def _pick_tokens(logits: Tensor, config: GenerationConfig, generators: list[torch.Generator]) -> Tensor:
+    """Greedy, or one draw per row by inverse CDF from that row's own generator (one uniform per row and step).
+
+    A row's draw never depends on the other rows of the batch. Sampling among the nucleus candidates (not the
+    whole vocabulary) and one batched search replace a full-vocabulary sort and a multinomial call per row.
+    """
     if config.greedy:
         return logits.argmax(-1)
     probs = torch.softmax(logits / config.temperature, dim=-1)
+    candidates = None
     if config.top_p < 1.0:
-        probs = _nucleus(probs, config.top_p)
-    # One generator per row: a row's draw never depends on the other rows of the batch.
-    return torch.cat([torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(generators)])
+        probs, candidates = _nucleus(probs, config.top_p)
+    uniforms = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
+    cdf = probs.cumsum(-1)
+    picked = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    return picked if candidates is None else candidates.gather(-1, picked[:, None]).squeeze(-1)
 
 
-def _nucleus(probs: Tensor, top_p: float) -> Tensor:
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set whose mass reaches top_p
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-
-
+def _nucleus(probs: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
+    """The smallest set of most likely tokens whose mass reaches top_p: (their probabilities, their token ids)."""
+    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    top, ids = probs.topk(k, dim=-1)  # sorted, most likely first
+    if k < probs.shape[-1] and bool((top.sum(-1) < top_p).any()):
+        top, ids = probs.sort(dim=-1, descending=True)
+    outside = top.cumsum(-1) - top > top_p
+    return top.masked_fill(outside, 0.0), ids
