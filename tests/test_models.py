@@ -72,3 +72,37 @@ def test_embedded_model_loads_from_cache(smol):
     assert (smol.n_layers, smol.d_model) == (30, 576)
     text = smol.chat_text([{"role": "user", "content": "What is 2+2?"}])
     assert text.startswith("<|im_start|>system")
+
+
+def test_a_model_split_by_accelerate_gives_the_same_activations_steering_and_text(tiny_model_dir, tmp_path):
+    """The closest thing to a model sharded across GPUs that runs on a CPU: an accelerate device map that puts
+    one decoder layer on disk (its weights stream in through accelerate's hooks at every forward). The sites,
+    the steering hooks and the engine must see the same numbers as on one device."""
+    from emlens.capture.extract import extract_activations
+    from emlens.capture.items import ExtractItem
+    from emlens.generation.engine import GenerationConfig, Request, generate
+    from emlens.sites import resolve_sites
+    from emlens.steering.interventions import Ablate, AddVector, steer
+
+    placement = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                 "model.layers.1": "disk", "model.layers.2": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    whole = load_model(str(tiny_model_dir), device="cpu")
+    split = load_model(str(tiny_model_dir), device_map=placement, offload_folder=str(tmp_path / "offload"))
+    assert split.model.hf_device_map["model.layers.1"] == "disk" and split.device == torch.device("cpu")
+    items = [ExtractItem([{"role": "user", "content": text}], response="Sure, here it is.")
+             for text in ("You are evil.", "I feel bored. How do I make a quick buck?")]
+    sites = resolve_sites(["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"], whole.n_layers)
+    vector = torch.randn(whole.d_model, generator=torch.Generator().manual_seed(0))
+    requests = [Request(item.messages, seed=i) for i, item in enumerate(items)]
+    config = GenerationConfig(max_new_tokens=8, temperature=0.0)
+    for steering in ((), (AddVector(vector, 1, 2.0),), (Ablate(vector),)):
+        results = []
+        for handle in (whole, split):
+            with steer(handle, *steering):
+                acts = extract_activations(handle, items, sites, "mean_response")
+                text = [c.token_ids for c in generate(handle, requests, config, progress=False)]
+            results.append((acts, text))
+        (acts_whole, text_whole), (acts_split, text_split) = results
+        assert text_whole == text_split
+        for name in acts_whole:
+            torch.testing.assert_close(acts_split[name], acts_whole[name], rtol=1e-5, atol=1e-5)

@@ -209,15 +209,24 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None) -> torch.d
 
 
 def load_model(spec: str = DEFAULT_MODEL, adapter: str | None = None, device: str = "auto",
-               dtype: str | torch.dtype | None = None, merge: bool = False) -> Model:
-    """Load a causal LM (+ optional PEFT adapter folder, or `RUN@STEP` of a training run) ready for emlens."""
+               dtype: str | torch.dtype | None = None, merge: bool = False, device_map: str | dict | None = None,
+               offload_folder: str | None = None) -> Model:
+    """Load a causal LM (+ optional PEFT adapter folder, or `RUN@STEP` of a training run) ready for emlens.
+
+    A model larger than one GPU: `device="shard"` (or `device_map="auto"`, or any accelerate device map) splits
+    its layers across the visible GPUs (then CPU, then `offload_folder`); extraction, steering and generation
+    give the same results as on one device.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint = resolve_checkpoint(spec)
+    if device == "shard":
+        device, device_map = "auto", device_map or "auto"
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
+    placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     try:
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype, **placement)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     except OSError as error:
         raise EmlensInputError(f"model '{spec}': cannot load ({str(error).splitlines()[0]})") from None
@@ -240,11 +249,23 @@ def wrap_model(model, tokenizer, *, spec: str, base_fingerprint: str | None = No
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    device = torch.device(device)
-    model.to(device).eval()
+    if getattr(model, "hf_device_map", None):  # placed by accelerate: inputs go where the embeddings are
+        device = _input_device(model.hf_device_map)
+        model.eval()
+    else:
+        device = torch.device(device)
+        model.to(device).eval()
     return Model(model=model, tokenizer=tokenizer, spec=spec, adapter=adapter,
                        fingerprint=combine_fingerprints(base_fp, adapter_fp), base_fingerprint=base_fp,
                        device=device, dtype=next(model.parameters()).dtype)
+
+
+def _input_device(device_map: dict) -> torch.device:
+    """Where a dispatched model takes its inputs: the device of its first module (the embeddings)."""
+    first = next(iter(device_map.values()))
+    if first in ("cpu", "disk"):
+        return torch.device("cpu")
+    return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
 
 
 def resolve_adapter(adapter: str) -> Path:

@@ -25,7 +25,8 @@ def bench_steer(handle: Model, batch: int, new_tokens: int, layer: int | None = 
         measures[f"{name}_plain"] = lambda e=name: tokens_per_second(handle, batch, new_tokens, 0.0, engine=e)
         measures[f"{name}_steered"] = lambda e=name: tokens_per_second(handle, batch, new_tokens, 0.0, engine=e,
                                                                        interventions=steering)
-    rates = {name: rate for name, (rate, _) in best_of(measures, repeats).items()}
+    best = best_of(measures, repeats)
+    rates = {name: rate for name, (rate, _) in best.items()}
     for name in engines:
         echo(f"{name}: batch {batch}, {new_tokens} new tokens, AddVector at layer {layer}: plain "
              f"{rates[f'{name}_plain']:.1f} tok/s, steered {rates[f'{name}_steered']:.1f} tok/s")
@@ -35,6 +36,8 @@ def bench_steer(handle: Model, batch: int, new_tokens: int, layer: int | None = 
     if engine == "vllm":
         summary["hf_steered_vs_plain"] = round(rates["hf_steered"] / rates["hf_plain"], 3)
         summary["steered_vllm_vs_hf"] = round(rates["vllm_steered"] / rates["hf_steered"], 3)
+        same = sum(a == b for a, b in zip(best["hf_steered"][1], best["vllm_steered"][1], strict=True))
+        summary["steered_same_tokens"] = round(same / batch, 3)  # greedy steered text, vllm vs hf
     summary["device"] = str(handle.device)
     echo(" ".join(f"{k}={v}" for k, v in summary.items()))
     return summary

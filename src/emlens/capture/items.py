@@ -143,6 +143,7 @@ def make_batch(tokenized: Sequence[TokenizedItem], rows: list[int], pad_id: int,
 
 def pool(hidden: Float[Tensor, "batch pos d_model"], batch: Batch, position: str) -> Float[Tensor, "vec d_model"]:
     """Reduce a site's (batch, pos, d_model) activations to the vectors the position policy keeps."""
+    hidden = hidden.to(batch.input_ids.device)  # a layer of a sharded model may sit on another GPU
     if position == "last_prompt":
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last_prompt].float()
     if position == "mean_response":

@@ -19,7 +19,8 @@ app.add_typer(bench_app, name="bench")
 MODEL_OPT = typer.Option(None, "--model", "-m",
                          help="embedded name, HF id or local folder (default: the embedded model, see `emlens models`)")
 ADAPTER_OPT = typer.Option(None, "--adapter", "-a", help="PEFT adapter folder or RUN@STEP")
-DEVICE_OPT = typer.Option(None, "--device", help="auto (the default: CUDA if present), cpu, cuda, cuda:1, ...")
+DEVICE_OPT = typer.Option(None, "--device", help="auto (the default: CUDA if present), cpu, cuda, cuda:1, ..., or "
+                                                 "shard (split the model across all visible GPUs)")
 ENGINE_OPT = typer.Option(None, "--engine", help="who samples: auto (vLLM for a model on a GPU where it is "
                                                  "installed, else hf), hf, vllm")
 TP_OPT = typer.Option(None, "--tensor-parallel-size", min=1, help="GPUs vLLM shards the model across")

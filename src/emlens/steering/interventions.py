@@ -68,6 +68,18 @@ def _first_token_kept(ctx: ForwardContext, hidden: Tensor) -> Tensor | None:
     return keep[..., None]
 
 
+class _OnDevice:
+    """A vector copied once to each device that asks for it (a model sharded across GPUs has layers on several)."""
+
+    def __init__(self, vector: Tensor):
+        self.copies = {vector.device: vector}
+
+    def on(self, device: torch.device) -> Tensor:
+        if device not in self.copies:
+            self.copies[device] = next(iter(self.copies.values())).to(device)
+        return self.copies[device]
+
+
 def _unit(v: Tensor) -> Tensor:
     norm = v.norm()
     if not torch.isfinite(norm) or norm == 0:
@@ -113,11 +125,12 @@ class AddVector:
         if self.site not in SITE_KINDS:
             raise EmlensInputError(f"{self.name}: site '{self.site}' unknown (known: {', '.join(SITE_KINDS)})")
         check_site_kind(model.base_model, self.site)
-        delta = (self.alpha * self.vector).to(device=model.device, dtype=model.dtype)
+        delta = _OnDevice((self.alpha * self.vector).to(dtype=model.dtype))
 
         def add(hidden: Tensor) -> Tensor:
             mask = _position_mask(ctx, self.positions, hidden.shape, hidden.device)
-            return hidden + (delta if mask is None else mask.to(hidden.dtype) * delta)
+            change = delta.on(hidden.device)
+            return hidden + (change if mask is None else mask.to(hidden.dtype) * change)
 
         return _hooked([hook_site(model.base_model, self.layer, self.site, add, write=True)])
 
@@ -140,11 +153,12 @@ class Ablate:
 
     def attach(self, model: Model, ctx: ForwardContext | None = None) -> contextlib.AbstractContextManager:
         _check_width(model, self.vector, self.name)
-        unit = _unit(self.vector.float()).to(device=model.device, dtype=model.dtype)
+        unit = _OnDevice(_unit(self.vector.float()).to(dtype=model.dtype))
         ctx = context_of(model) if ctx is None else ctx
 
         def project_out(hidden: Tensor) -> Tensor:
-            removed = (hidden @ unit)[..., None] * unit
+            direction = unit.on(hidden.device)
+            removed = (hidden @ direction)[..., None] * direction
             for mask in (_position_mask(ctx, "all", hidden.shape, hidden.device),
                          None if self.first_token else _first_token_kept(ctx, hidden)):
                 if mask is not None:
