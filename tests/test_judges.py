@@ -1,10 +1,5 @@
-import importlib.util
 import json
 import math
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -198,41 +193,6 @@ def test_choices_are_cached_and_the_quarter_rule_holds(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------- a real OpenAI-compatible server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python[server] is not installed (pip install -e '.[server]')")
-    from emlens.model import embedded_gguf_path
-
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("llama") / "server.log", "wb")  # a pipe would fill up and block the server
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()),
-                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    import httpx
-
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("llama.cpp server did not start")
-    yield f"http://127.0.0.1:{port}/v1", proc
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
 
 
 @pytest.mark.server

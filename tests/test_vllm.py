@@ -163,3 +163,12 @@ def test_steering_sweep_from_the_cli_gives_the_same_table_on_both_engines(smol, 
     hf, vllm = (tables[e][columns].sort_values(columns[:2]).reset_index(drop=True) for e in ("hf", "vllm"))
     assert len(hf) == len(vllm) > 0
     pd.testing.assert_frame_equal(hf, vllm)
+
+
+def test_the_worker_extension_loads_after_nnsight(smol):
+    """nnsight adds `save` to every class; vLLM then saw a clash between its worker and emlens's extension."""
+    import nnsight  # noqa: F401
+
+    from emlens.generation.vllm_worker import EmlensWorkerExtension
+
+    assert all(name.startswith(("emlens_", "_emlens")) for name in dir(EmlensWorkerExtension))

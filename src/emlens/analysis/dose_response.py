@@ -143,7 +143,7 @@ def run_steer(spec: SteerSpec, base: Path, out: str | Path, handle=None, judge=N
     direction.check_compatible(handle, force=spec.force)
     layer = direction.best_layer if spec.layer == "best" else int(spec.layer)
     vector, natural = direction.vector(layer), direction.raw_norm(layer)
-    judge = judge or make_judge(spec.eval.judge, spec.eval.judge_model)
+    judge = judge or make_judge(spec.eval.judge, spec.eval.judge_model, concurrency=spec.eval.judge_concurrency)
     frames = []
     site = direction.steering_site(spec.site, spec.force_site)
     cfg = _open_experiment(out, spec, direction, layer, site)

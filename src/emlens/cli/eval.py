@@ -34,6 +34,8 @@ def eval_run_command(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="free-form answer length"),
     judge: Optional[str] = typer.Option(None, "--judge", help="default (offline), openai, hf"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="endpoint model name or HF model spec"),
+    judge_concurrency: Optional[int] = typer.Option(None, "--judge-concurrency", min=1,
+                                                    help="requests in flight to an openai judge (default 16)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
@@ -52,8 +54,9 @@ def eval_run_command(
     config = build_eval_config(config_file, settings=settings, nudges=nudge, nudges_file=nudges_file,
                                samples=samples, questions=questions, limit=limit, max_new_tokens=max_new_tokens,
                                judge=judge, judge_model=judge_model, batch_size=batch_size, seed=seed,
-                               engine=engine)
-    judge_obj = make_judge(config.judge, config.judge_model, **given(device=device))  # fails before any sampling
+                               engine=engine, judge_concurrency=judge_concurrency)
+    judge_obj = make_judge(config.judge, config.judge_model, concurrency=config.judge_concurrency,
+                           **given(device=device))  # fails before any sampling
     handle = load(model, adapter, device, tensor_parallel_size=tensor_parallel_size)
     table = run_eval(handle, config, out, judge=judge_obj)
     typer.echo(f"wrote {out / 'samples.parquet'}: {len(table)} rows")
@@ -104,3 +107,66 @@ def judge_fit_command(
 
     path = fit_default_judge(data, out, features_cache=features_cache, echo=typer.echo)
     typer.echo(f"wrote {path}")
+
+
+def _openai_judge(run: Path, judge_model: Optional[str], concurrency: Optional[int] = None):
+    """The run's openai judge (its model unless --judge-model), with the shared cache."""
+    from emlens.base.io import read_json
+    from emlens.judges import DEFAULT_OPENAI_MODEL, make_judge
+
+    config = read_json(run / "cfg.json").get("config", {}) if (run / "cfg.json").exists() else {}
+    model = judge_model or (config.get("judge_model") if config.get("judge") == "openai" else None)
+    return make_judge("openai", model or DEFAULT_OPENAI_MODEL, **given(concurrency=concurrency))
+
+
+@judge_app.command("export")
+def judge_export_command(
+    run: Path = typer.Argument(..., help="eval run folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="requests JSONL (OpenAI Batch API layout)"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="default: the run's openai judge model, "
+                                                                         "else gpt-4o-2024-08-06"),
+) -> None:
+    """Write the run's judge requests that are not cached yet as a batch file (custom_id = cache key); the same
+    file runs with `vllm run-batch` for a local judge model."""
+    from emlens.evaluation.rejudge import export_requests
+
+    written, cached = export_requests(run, _openai_judge(run, judge_model), out)
+    typer.echo(f"wrote {out}: {written} requests ({cached} already cached)")
+
+
+@judge_app.command("import")
+def judge_import_command(
+    run: Path = typer.Argument(..., help="eval run folder"),
+    results: Path = typer.Argument(..., help="batch result JSONL"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="as given to `emlens judge export`"),
+) -> None:
+    """Read a batch result file into the judge cache (bad lines reported, valid ones kept); label the run's table
+    once every judgement it needs is cached."""
+    from emlens.evaluation.rejudge import import_results
+
+    outcome = import_results(run, _openai_judge(run, judge_model), results, echo=typer.echo)
+    state = "table labelled" if outcome["labelled"] else f"{outcome['missing']} judgements still missing"
+    typer.echo(f"imported {outcome['stored']} results ({outcome['problems']} lines skipped); {state}")
+
+
+@judge_app.command("compare")
+def judge_compare_command(
+    run: Path = typer.Argument(..., help="eval run folder"),
+    judges: str = typer.Option(..., "--judges", help="comma-separated: default, hf:SPEC, openai:MODEL"),
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Score one table with several judges: per judge the misaligned rate (CI); per pair Spearman of aligned and
+    Cohen's kappa of the misaligned label. Written to RUN/judge_compare.json (the eval report shows it)."""
+    from emlens.evaluation.rejudge import compare_judges, write_comparison
+    from emlens.judges import make_judge, parse_judges
+
+    chosen = {f"{kind}:{model}" if model else kind: make_judge(kind, model, **given(device=device))
+              for kind, model in parse_judges(judges)}
+    rates, pairs = compare_judges(run, chosen)
+    for row in rates.to_dict("records"):
+        typer.echo(f"{row['judge']:<28} misaligned {row['rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] "
+                   f"n={row['n']}")
+    for row in pairs.to_dict("records"):
+        typer.echo(f"{row['judge_a']} vs {row['judge_b']}: spearman_aligned={row['spearman_aligned']:.3f} "
+                   f"(n={row['spearman_n']}) kappa_misaligned={row['kappa_misaligned']:.3f}")
+    typer.echo(f"wrote {write_comparison(run, rates, pairs)}")

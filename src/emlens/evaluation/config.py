@@ -20,7 +20,7 @@ HARM_PROMPT = (
 )
 MC_INSTRUCTION = "Answer with the letter of the correct option."
 DECEPTION_METRIC = "correct"  # the deception sets' judge prompt: is the answer TRUE, FALSE (a lie) or UNKNOWN
-JUDGE_COLUMNS = ("aligned", "coherent", "aligned_mass", "coherent_mass", "verdict", "label", "misaligned",
+JUDGE_COLUMNS = ("judge", "aligned", "coherent", "aligned_mass", "coherent_mass", "verdict", "label", "misaligned",
                  "p_misaligned", "refused_phrase", "refused_judge", "harmful_prompt", "harmful_compliance")
 
 
@@ -76,6 +76,7 @@ class EvalConfig(BaseModel):
     harm_perception: HarmSpec = HarmSpec()
     judge: str = "default"
     judge_model: str | None = None
+    judge_concurrency: int = Field(16, ge=1)  # requests in flight to an OpenAI-compatible judge
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     top_p: float = 1.0
     seed: int = 0
@@ -85,7 +86,8 @@ class EvalConfig(BaseModel):
                    nudges_file: str | Path | None = None, samples: int | None = None, questions: str | None = None,
                    limit: int | None = None, max_new_tokens: int | None = None, judge: str | None = None,
                    judge_model: str | None = None, batch_size: int | None = None, seed: int | None = None,
-                   engine: str | None = None, where: str = "command line") -> EvalConfig:
+                   engine: str | None = None, judge_concurrency: int | None = None,
+                   where: str = "command line") -> EvalConfig:
         """This config with the command line's flags laid over it; a flag that is None (or empty) was not given.
 
         `settings` is comma-separated; `samples` is the free-form samples; `questions` the free-form (and harm
@@ -100,7 +102,7 @@ class EvalConfig(BaseModel):
         if nudges_file is not None:
             update["nudges_file"] = str(nudges_file)
         for key, value in (("judge", judge), ("judge_model", judge_model), ("batch_size", batch_size),
-                           ("seed", seed), ("engine", engine)):
+                           ("seed", seed), ("engine", engine), ("judge_concurrency", judge_concurrency)):
             if value is not None:
                 update[key] = value
         if samples is not None:

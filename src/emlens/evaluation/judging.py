@@ -11,6 +11,9 @@ from emlens.base.errors import EmlensInputError
 from emlens.evaluation.config import JUDGE_COLUMNS
 from emlens.judges.base import Judge, categorical_metrics, label, refusal_phrase
 
+JUDGED_SETTINGS = ("free_form", "deception", "refusal")  # the settings whose answers a judge scores
+TEMPLATES_FILE = "judge_prompts.json"  # in every eval run: the judge prompts of its questions, by question id
+
 
 def judge_table(table: pd.DataFrame, judge: Judge, templates: dict[str, dict[str, str]] | None = None) -> pd.DataFrame:
     """Add aligned / coherent / verdict / label / misaligned (free-form, deception, refusal rows) and refusal flags.
@@ -25,7 +28,8 @@ def judge_table(table: pd.DataFrame, judge: Judge, templates: dict[str, dict[str
         table[column] = np.nan
     for column in ("verdict", "label", *categorical["choice"], *categorical["probs"]):
         table[column] = None
-    judged = table.setting.isin(["free_form", "deception", "refusal"]) & (table.response.astype(str) != "")
+    judged = table.setting.isin(JUDGED_SETTINGS) & (table.response.astype(str) != "")
+    table["judge"] = np.where(judged, judge.id, None)  # which judge's numbers these are, row by row
     if judged.any():
         rows = table[judged]
         results = []

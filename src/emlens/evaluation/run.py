@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from emlens.base.io import validate
+from emlens.base.io import atomic_write_json, content_hash, validate
 from emlens.data.nudges import resolve_nudges
 from emlens.evaluation.config import EvalConfig
-from emlens.evaluation.judging import judge_table
+from emlens.evaluation.judging import TEMPLATES_FILE, judge_table
 from emlens.evaluation.settings import RUNNERS
 from emlens.generation.engine import resolve_engine
 from emlens.generation.sampling import SAMPLE_KEY
@@ -34,16 +34,21 @@ def run_eval(handle: Model, config: EvalConfig, out: str | Path, judge: Judge | 
     config = config.model_copy(update={"engine": resolve_engine(handle, config.engine)})  # recorded as it ran
     store = RunStore(out, SAMPLE_KEY)
     store.open({"kind": "eval_run", "model": handle.describe(),
-                "config": {**config.model_dump(), "intervention": intervention_name, **(extra_manifest or {})}})
+                # how many judge requests are in flight changes no result: a re-run may change it and still resume
+                "config": {**config.model_dump(exclude={"judge_concurrency"}), "intervention": intervention_name,
+                           **(extra_manifest or {})}})
     templates: dict[str, dict[str, str]] = {}
     for setting in config.settings:
         log.info("setting %s", setting)
         questions = RUNNERS[setting](handle, config, nudges, store, interventions, intervention_name, progress)
         templates.update({q.id: q.judge_prompts for q in questions or []})
     if judge is None:
-        judge = make_judge(config.judge, config.judge_model)
+        judge = make_judge(config.judge, config.judge_model, concurrency=config.judge_concurrency)
+    atomic_write_json(Path(out) / TEMPLATES_FILE, templates)  # `emlens judge export / compare` judge the run again
     table = judge_table(store.read_parts(), judge, templates)
-    return store.finish({"judge": judge.id}, table=table)
+    return store.finish({"judge": judge.id, "judge_identity": {**judge.identity(),
+                                                                "prompts_sha256": content_hash(templates)}},
+                        table=table)
 
 
 def evaluate(model: Model, settings: list[str] | None = None, interventions=(), out: str | Path | None = None,
@@ -57,7 +62,7 @@ def evaluate(model: Model, settings: list[str] | None = None, interventions=(), 
     base = (config or EvalConfig()).model_dump()
     config = validate(EvalConfig, {**base, **fields, **({"settings": settings} if settings else {})}, "evaluate()")
     if isinstance(judge, str):
-        judge = make_judge(judge, config.judge_model)
+        judge = make_judge(judge, config.judge_model, concurrency=config.judge_concurrency)
     interventions = list(interventions)
     name = "+".join(getattr(i, "name", type(i).__name__) for i in interventions) or "none"
     if out is not None:

@@ -61,7 +61,15 @@ class _Step:
         self.ops_by_point = ops_by_point  # {(point, layer): [(order, op, key, token index tensor, positions)]}
 
 
-class EmlensWorkerExtension:
+class _OwnNamesOnly(type):
+    """vLLM refuses an extension any of whose `dir()` names the worker also has. nnsight adds `save` to `object`
+    (so to every class): list only the names this class defines."""
+
+    def __dir__(cls):
+        return [name for name in vars(cls) if not name.startswith("__")]
+
+
+class EmlensWorkerExtension(metaclass=_OwnNamesOnly):
     """Mixed into vLLM's worker class; every method name starts with `emlens_` so none clashes with vLLM's."""
 
     def emlens_setup(self) -> dict:

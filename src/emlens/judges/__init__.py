@@ -19,19 +19,35 @@ from emlens.base.errors import EmlensInputError
 from emlens.judges.base import Judge, default_cache
 from emlens.judges.embedding import EmbeddingJudge
 from emlens.judges.hf import HFJudge
-from emlens.judges.openai import OpenAIJudge
+from emlens.judges.openai import DEFAULT_CONCURRENCY, OpenAIJudge
 from emlens.model import DEFAULT_MODEL, load_model
 
+DEFAULT_OPENAI_MODEL = "gpt-4o-2024-08-06"
 
-def make_judge(kind: str, model: str | None = None, device: str = "auto", cache: bool = True) -> Judge:
-    """`default` (offline embedding judge), `openai` (model = endpoint model name), `hf` (model = spec)."""
+
+def make_judge(kind: str, model: str | None = None, device: str = "auto", cache: bool = True,
+               concurrency: int = DEFAULT_CONCURRENCY) -> Judge:
+    """`default` (offline embedding judge), `openai` (model = endpoint model name; `concurrency` requests in
+    flight), `hf` (model = spec)."""
     store = default_cache() if cache else None
     if kind == "default":
-
         return EmbeddingJudge.load_default(cache=store)
     if kind == "openai":
-        return OpenAIJudge(model=model or "gpt-4o-2024-08-06", cache=store)
+        return OpenAIJudge(model=model or DEFAULT_OPENAI_MODEL, cache=store, concurrency=concurrency)
     if kind == "hf":
-
         return HFJudge(load_model(model or DEFAULT_MODEL, device=device), cache=store)
     raise EmlensInputError(f"judge '{kind}': unknown kind (expected default, openai or hf)")
+
+
+def parse_judges(text: str) -> list[tuple[str, str | None]]:
+    """`default,hf:SPEC,openai:MODEL` -> [(kind, model or None), ...] (a model spec may itself hold colons)."""
+    judges = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, _, model = part.partition(":")
+        if kind not in ("default", "hf", "openai"):
+            raise EmlensInputError(f"--judges: '{part}': unknown kind '{kind}' (expected default, hf:SPEC or "
+                                   "openai:MODEL)")
+        judges.append((kind, model or None))
+    if len(judges) < 2:
+        raise EmlensInputError("--judges: name at least two judges to compare")
+    return judges

@@ -8,7 +8,7 @@ import json
 import math
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +155,9 @@ class JudgeCache:
     def key(judge_id: str, prompt: str) -> str:
         return hashlib.sha256(f"{judge_id}\0{prompt}".encode()).hexdigest()
 
+    def has(self, key: str) -> bool:
+        return self.db.execute("SELECT 1 FROM scores WHERE key = ?", (key,)).fetchone() is not None
+
     def get(self, key: str, kind: type = Score):
         row = self.db.execute("SELECT value FROM scores WHERE key = ?", (key,)).fetchone()
         return kind(**json.loads(row[0])) if row else None
@@ -182,30 +185,62 @@ class Judge:
         self.cache = cache
 
     def score(self, prompts: Sequence[str]) -> list[Score]:
-        return self._cached(self.id, prompts, self._score_uncached, Score)
+        return self._cached(self.id, prompts, self._score_results, Score)
 
     def choose(self, prompts: Sequence[str], choices: Sequence[str]) -> list[Choice]:
-        return self._cached(f"{self.id}|choices:{'/'.join(choices)}", prompts,
-                            lambda todo: self._choose_uncached(todo, tuple(choices)), Choice)
+        return self._cached(self.choice_id(choices), prompts,
+                            lambda todo: self._choose_results(todo, tuple(choices)), Choice)
+
+    def choice_id(self, choices: Sequence[str]) -> str:
+        return f"{self.id}|choices:{'/'.join(choices)}"
+
+    def identity(self) -> dict:
+        """What makes this judge's numbers what they are (kind, model, endpoint, decoding): into every run."""
+        return {"id": self.id}
 
     def _cached(self, judge_id: str, prompts: Sequence[str], compute, kind: type) -> list:
-        """compute(prompts) for the prompts the cache does not hold under judge_id; stores what it computes."""
+        """compute(prompts) for the prompts the cache does not hold under judge_id.
+
+        `compute` yields (position, result) pairs in any order; each is cached the moment it arrives, so an
+        interrupted run keeps every judgement already paid for.
+        """
         cache = self.cache
         keys = [JudgeCache.key(judge_id, p) for p in prompts]
         found = {k: cache.get(k, kind) for k in keys} if cache else {}
         todo = list({k: i for i, k in enumerate(keys) if found.get(k) is None}.values())  # each prompt once
-        fresh = compute([prompts[i] for i in todo]) if todo else []
-        for i, result in zip(todo, fresh, strict=False):
-            found[keys[i]] = result
+        for position, result in compute([prompts[i] for i in todo]) if todo else ():
+            key = keys[todo[position]]
+            found[key] = result
             if cache:
-                cache.put(keys[i], result)
+                cache.put(key, result)
         return [found[k] for k in keys]
+
+    def _score_results(self, prompts: list[str]) -> Iterable[tuple[int, Score]]:
+        return enumerate(self._score_uncached(prompts))
+
+    def _choose_results(self, prompts: list[str], choices: tuple[str, ...]) -> Iterable[tuple[int, Choice]]:
+        return enumerate(self._choose_uncached(prompts, choices))
 
     def _score_uncached(self, prompts: list[str]) -> list[Score]:
         raise NotImplementedError
 
     def _choose_uncached(self, prompts: list[str], choices: tuple[str, ...]) -> list[Choice]:
         raise NotImplementedError
+
+    def planned_requests(self, questions: Sequence[str], answers: Sequence[str],
+                         templates: dict[str, str]) -> list[tuple[str, str, tuple[str, ...] | None]]:
+        """Every (cache key, prompt, choices or None for a 0-100 score) that `assess` would ask for."""
+        planned = []
+        for metric in METRICS:
+            template = templates.get(metric) or DEFAULT_TEMPLATES[metric]
+            for q, a in zip(questions, answers, strict=True):
+                prompt = fill_template(metric, template, q, a)
+                planned.append((JudgeCache.key(self.id, prompt), prompt, None))
+        for metric, choices in categorical_metrics(templates).items():
+            for q, a in zip(questions, answers, strict=True):
+                prompt = fill_template(metric, templates[metric], q, a)
+                planned.append((JudgeCache.key(self.choice_id(choices), prompt), prompt, choices))
+        return planned
 
     def assess(self, questions: Sequence[str], answers: Sequence[str],
                templates: dict[str, str]) -> list[dict]:

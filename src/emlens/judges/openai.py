@@ -1,8 +1,23 @@
-"""An OpenAI-compatible endpoint as judge, read the Betley way."""
+"""An OpenAI-compatible endpoint as judge, read the Betley way, at the scale of a real study.
+
+- Up to `concurrency` requests in flight (default 16); results come back in input order, and each one is
+  cached the moment it arrives (see `Judge._cached`), so an interrupted run loses nothing already paid for.
+- Faults: 429, 5xx, timeouts and dropped connections are retried with exponential backoff and full jitter,
+  honouring `Retry-After`, up to `max_attempts`; then the run stops with one line naming the endpoint and the
+  status (never the key), every finished score kept, and a re-run resumes. Other 4xx are not retried.
+- The same request bodies go into OpenAI Batch API files (`emlens judge export` / `import`).
+"""
 
 from __future__ import annotations
 
+import email.utils
 import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from urllib.parse import urlparse
 
 from emlens.base.errors import EmlensInputError
 from emlens.judges.base import (
@@ -14,48 +29,141 @@ from emlens.judges.base import (
     score_from_top_logprobs,
 )
 
+RETRIED_STATUS = {429, 500, 502, 503, 504}
+TOP_LOGPROBS = 20
+DEFAULT_CONCURRENCY = 16
+
+
+class JudgeEndpointError(EmlensInputError):
+    """The endpoint kept failing (or refused a request outright): one line, endpoint and status, never the key."""
+
 
 class OpenAIJudge(Judge):
     """An OpenAI-compatible chat endpoint read the Betley way. Base URL and key come from the environment."""
 
     def __init__(self, model: str = "gpt-4o-2024-08-06", base_url: str | None = None, cache: JudgeCache | None = None,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, concurrency: int = DEFAULT_CONCURRENCY, max_attempts: int = 6,
+                 backoff_s: float = 1.0, max_backoff_s: float = 60.0):
         super().__init__(cache)
         self.base_url = (base_url or os.environ.get("EMLENS_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
                          or "https://api.openai.com/v1").rstrip("/")
         self.model = model
-        self.timeout = timeout
+        self.timeout, self.concurrency, self.max_attempts = timeout, max(1, concurrency), max(1, max_attempts)
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.id = f"openai|{self.base_url}|{model}|top20"
+        self.requests_sent = 0  # attempts, retries included (benchmarks and tests read it)
+        self._count_lock = threading.Lock()
+
+    def identity(self) -> dict:
+        return {"id": self.id, "kind": "openai", "model": self.model, "endpoint": urlparse(self.base_url).netloc,
+                "temperature": 0, "seed": 0, "top_logprobs": TOP_LOGPROBS}
+
+    def request_body(self, prompt: str) -> dict:
+        return {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
+                "temperature": 0, "logprobs": True, "top_logprobs": TOP_LOGPROBS, "seed": 0}
 
     def _headers(self) -> dict:
         key = os.environ.get("EMLENS_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    def _score_uncached(self, prompts: list[str]) -> list[Score]:
-        return [score_from_top_logprobs(top) for top in self._first_token_logprobs(prompts)]
+    def _score_results(self, prompts: list[str]) -> Iterator[tuple[int, Score]]:
+        for position, top in self._first_token_logprobs(prompts):
+            yield position, score_from_top_logprobs(top)
 
-    def _choose_uncached(self, prompts: list[str], choices: tuple[str, ...]) -> list[Choice]:
-        return [choice_from_top_logprobs(top, choices) for top in self._first_token_logprobs(prompts)]
+    def _choose_results(self, prompts: list[str], choices: tuple[str, ...]) -> Iterator[tuple[int, Choice]]:
+        for position, top in self._first_token_logprobs(prompts):
+            yield position, choice_from_top_logprobs(top, choices)
 
-    def _first_token_logprobs(self, prompts: list[str]) -> list[dict[str, float]]:
-        """The top-20 logprobs of the one-token answer to each prompt."""
+    def _first_token_logprobs(self, prompts: list[str]) -> Iterator[tuple[int, dict[str, float]]]:
+        """(position, top-20 logprobs of the one-token answer) as each request finishes, `concurrency` at a time."""
         import httpx
 
-        tops = []
-        with httpx.Client(timeout=self.timeout, headers=self._headers()) as client:
-            for prompt in prompts:
-                body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
-                        "temperature": 0, "logprobs": True, "top_logprobs": 20, "seed": 0}
-                response = client.post(f"{self.base_url}/chat/completions", json=body)
-                if response.status_code != 200:
-                    # the body may echo the request, never the key: only the status and the URL are shown
-                    raise EmlensInputError(f"judge endpoint {self.base_url}: HTTP {response.status_code}")
-                tops.append(_top_logprobs(response.json()))
-        return tops
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        with httpx.Client(timeout=self.timeout, headers=self._headers(), limits=limits) as client, \
+                ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge") as pool:
+            waiting = iter(enumerate(prompts))
+            running: dict[Future, int] = {}
+
+            def submit_next() -> None:
+                for position, prompt in waiting:
+                    running[pool.submit(self._post, client, prompt)] = position
+                    return
+
+            for _ in range(self.concurrency):
+                submit_next()
+            failure = None
+            try:
+                while running:
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        position = running.pop(future)
+                        try:
+                            payload = future.result()
+                        except JudgeEndpointError as error:
+                            failure = failure or error  # send nothing more; keep what is in flight
+                            continue
+                        yield position, _top_logprobs(payload)
+                        if failure is None:
+                            submit_next()
+            finally:
+                for future in running:
+                    future.cancel()
+            if failure is not None:
+                raise failure
+
+    def _post(self, client, prompt: str) -> dict:
+        """One request with retries; raises JudgeEndpointError when it cannot get an answer."""
+        import httpx
+
+        url = f"{self.base_url}/chat/completions"
+        status = "no response"
+        for attempt in range(self.max_attempts):
+            with self._count_lock:
+                self.requests_sent += 1
+            retry_after = None
+            try:
+                response = client.post(url, json=self.request_body(prompt))
+            except (httpx.TimeoutException, httpx.TransportError) as error:
+                status = type(error).__name__  # a timeout or a dropped connection
+            else:
+                if response.status_code == 200:
+                    try:
+                        return response.json()
+                    except ValueError:
+                        status = "HTTP 200 with a body that is not JSON"
+                else:
+                    # the body may echo the request, never the key: only the status and the endpoint are shown
+                    status = f"HTTP {response.status_code}"
+                    if response.status_code not in RETRIED_STATUS:
+                        raise JudgeEndpointError(f"judge endpoint {self.base_url}: {status} (not retried)")
+                    retry_after = _retry_after_seconds(response.headers.get("retry-after"))
+            if attempt + 1 < self.max_attempts:
+                time.sleep(self._delay(attempt, retry_after))
+        raise JudgeEndpointError(f"judge endpoint {self.base_url}: {status} after {self.max_attempts} attempts; "
+                                 "finished scores are cached, re-run to resume")
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        """Full jitter over an exponential cap; never sooner than the server's Retry-After."""
+        jittered = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
+        return max(jittered, retry_after or 0.0)
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:  # an HTTP date
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 def _top_logprobs(payload: dict) -> dict[str, float]:
-    content = payload["choices"][0].get("logprobs", {}).get("content") or []
+    content = (payload.get("choices") or [{}])[0].get("logprobs", {}) or {}
+    content = content.get("content") or []
     if not content:
         return {}
     return {entry["token"]: entry["logprob"] for entry in content[0].get("top_logprobs", [])}

@@ -229,7 +229,7 @@ def _recorded_times(root: Path) -> dict[str, float]:
 def _judge(judges: dict, config: EvalConfig):
     key = (config.judge, config.judge_model)
     if key not in judges:
-        judges[key] = make_judge(config.judge, config.judge_model)
+        judges[key] = make_judge(config.judge, config.judge_model, concurrency=config.judge_concurrency)
     return judges[key]
 
 
