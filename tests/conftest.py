@@ -1,9 +1,5 @@
 import importlib.util
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -111,39 +107,13 @@ def tiny_judge(tiny, tmp_path):
 # ---------------------------------------------------------------- a real OpenAI-compatible server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory):
     """The embedded model behind llama.cpp's OpenAI-compatible server on loopback (one slot: it serves requests
-    one at a time): (base URL, process)."""
+    one at a time): (base URL, None)."""
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python[server] is not installed (pip install -e '.[server]')")
-    from emlens.model import embedded_gguf_path
+    from emlens.bench.judge import llama_server as start
 
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("llama") / "server.log", "wb")  # a pipe would fill up and block the server
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()),
-                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-                             "--interrupt_requests", "False"],  # concurrent judges queue, never cancel each other
-                            stdout=log, stderr=subprocess.STDOUT)
-    import httpx
-
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("llama.cpp server did not start")
-    yield f"http://127.0.0.1:{port}/v1", proc
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    with start(tmp_path_factory.mktemp("llama") / "server.log") as base_url:
+        yield base_url, None

@@ -27,6 +27,7 @@ class FaultProxy:
         self.slow_s, self.retry_after = slow_s, retry_after
         self.seen = 0
         self.forwarded = 0
+        self.upstream_busy = 0  # requests forwarded and not yet answered
         self.injected = dict.fromkeys(FAULTS, 0)
         self.lock = threading.Lock()
         self.client = httpx.Client(timeout=300)
@@ -83,11 +84,19 @@ class FaultProxy:
                     self._drop()
                 else:
                     path = self.path.removeprefix("/v1")
-                    upstream = proxy.client.post(f"{proxy.upstream}{path}", content=body,
-                                                 headers={"content-type": "application/json"})
                     with proxy.lock:
-                        proxy.forwarded += 1
-                    self._reply(upstream.status_code, upstream.content)
+                        proxy.upstream_busy += 1
+                    try:
+                        upstream = proxy.client.post(f"{proxy.upstream}{path}", content=body,
+                                                     headers={"content-type": "application/json"})
+                    finally:
+                        with proxy.lock:
+                            proxy.upstream_busy -= 1
+                            proxy.forwarded += 1
+                    try:
+                        self._reply(upstream.status_code, upstream.content)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # the client is gone (a killed run): what it paid for is lost
 
             def _reply(self, status: int, content: bytes, headers: dict | None = None) -> None:
                 self.send_response(status)

@@ -199,7 +199,7 @@ def test_choices_are_cached_and_the_quarter_rule_holds(tiny, tmp_path):
 def test_openai_judge_against_real_server(llama_server, tmp_path, monkeypatch):
     import httpx
 
-    base_url, proc = llama_server
+    base_url, _ = llama_server
     secret = "sk-emlens-test-secret-123"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     cache_path = tmp_path / "cache.sqlite"

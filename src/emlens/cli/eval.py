@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, ENGINE_OPT, MODEL_OPT, TP_OPT, app, given, load
+from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, ENGINE_OPT, MODEL_OPT, TP_OPT, app, bench_app, given, load
 
 eval_app = typer.Typer(help="Behavioural evaluation under nudges: `emlens eval --out RUN ...`; `emlens eval report RUN...`.")
 judge_app = typer.Typer(help="Judges: validate against GPT-4o-judged responses, refit the offline judge.",
@@ -170,3 +170,19 @@ def judge_compare_command(
         typer.echo(f"{row['judge_a']} vs {row['judge_b']}: spearman_aligned={row['spearman_aligned']:.3f} "
                    f"(n={row['spearman_n']}) kappa_misaligned={row['kappa_misaligned']:.3f}")
     typer.echo(f"wrote {write_comparison(run, rates, pairs)}")
+
+
+@bench_app.command("judge")
+def bench_judge_command(
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="an OpenAI-compatible server (default: start "
+                                                                    "the embedded model behind llama.cpp's)"),
+    n: int = typer.Option(64, "--n", min=1, help="judgements per measurement"),
+    concurrency: int = typer.Option(16, "--concurrency", min=2),
+    judge_model: str = typer.Option("smollm2", "--judge-model"),
+    server: str = typer.Option("llama", "--server", help="without --base-url, start this server: llama (one slot) "
+                                                         "or vllm (continuous batching)"),
+) -> None:
+    """Judgements per second at concurrency 1 and N; last line ends with concurrent_vs_serial."""
+    from emlens.bench.judge import bench_judge
+
+    bench_judge(base_url, n, concurrency, judge_model, server, echo=typer.echo)

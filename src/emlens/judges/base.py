@@ -146,7 +146,8 @@ def fill_template(name: str, template: str, question: str, answer: str) -> str:
 class JudgeCache:
     """sqlite key-value store: sha256(judge id, prompt) -> Score (or Choice)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: str | Path):
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path))
         self.db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, value TEXT)")
