@@ -184,6 +184,19 @@ def test_judge_compare_on_an_eval_table(tiny_run, tiny_model_dir, capsys):
     assert all(r["n"] > 0 and r["ci_low"] <= r["rate"] <= r["ci_high"] for r in saved["rates"])
 
 
+def test_the_eval_report_shows_the_rate_under_each_judge(tiny_run, tiny_judge, tmp_path):
+    from emlens.analysis.report import write_report
+    from emlens.evaluation.rejudge import write_comparison
+
+    write_comparison(tiny_run, *compare_judges(tiny_run, {"tiny": tiny_judge, "tiny-again": tiny_judge}))
+    lines = []
+    written = write_report([tiny_run], tmp_path / "report", echo=lines.append)
+    assert tmp_path / "report" / "misaligned_by_judge.png" in written
+    table = pd.read_csv(tmp_path / "report" / "misaligned_by_judge.csv")
+    assert table.judge.tolist() == ["tiny", "tiny-again"] and (table.n > 0).all()
+    assert sum("judged by tiny" in line for line in lines) == 2
+
+
 def test_judge_compare_needs_two_known_judges(tiny_run, capsys):
     assert "at least two judges" in one_line_error(capsys, run_cli("judge", "compare", tiny_run, "--judges", "default"))
     assert "unknown kind 'gpt'" in one_line_error(capsys, run_cli("judge", "compare", tiny_run,

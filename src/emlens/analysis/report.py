@@ -16,6 +16,7 @@ from emlens.base.io import (
     atomic_folder,
     atomic_write_json,
     atomic_write_table,
+    read_json,
     register_artifact,
     versions,
 )
@@ -83,6 +84,11 @@ def write_report(runs: Iterable[str | Path], out: str | Path, echo: Callable[[st
     runs = [str(r) for r in runs]
     table = load_runs(runs)
     summary = print_summary(table, echo)
+    by_judge = judge_comparisons(runs)
+    if by_judge is not None:
+        summary["misaligned_by_judge"] = by_judge
+        for row in by_judge.to_dict("records"):
+            echo(f"  {row['run']} judged by {row['judge']}: {format_rate(row)}")
     with atomic_folder(out, REPORT_KIND, force=force) as tmp:
         written = write_report_files(table, summary, tmp)
         atomic_write_json(tmp / CFG_FILE, {"kind": REPORT_KIND, "format_version": FORMAT_VERSION, "runs": runs,
@@ -116,7 +122,22 @@ def write_report_files(table: pd.DataFrame, summary: dict[str, pd.DataFrame], ou
         written.append(_refusal_figure(summary["refusal"], out / "refusal_rate.png"))
     if "harm_vs_misaligned" in summary:
         written.append(_harm_figure(summary["harm_vs_misaligned"], out / "harm_vs_misaligned.png"))
+    if "misaligned_by_judge" in summary:
+        frame = summary["misaligned_by_judge"].rename(columns={"run": "model_name"})
+        frame = frame.assign(intervention="none", nudge="all")
+        title = "P(misaligned) of the same answers under each judge (emlens judge compare)"
+        written.append(_save(lambda ax: _bar_with_ci(ax, frame, title, by="judge"), out / "misaligned_by_judge.png"))
     return written
+
+
+def judge_comparisons(runs: Iterable[str]) -> pd.DataFrame | None:
+    """The misaligned rate of each run under each judge, where `emlens judge compare` was run on it."""
+    rows = []
+    for run in runs:
+        path = Path(run) / "judge_compare.json"
+        if path.is_file():
+            rows += [{"run": Path(run).name, **row} for row in read_json(path)["rates"]]
+    return pd.DataFrame(rows) if rows else None
 
 
 def _save(draw, path: Path, size=(6, 3.5)) -> Path:
