@@ -1,0 +1,67 @@
+"""Held-out AUROC of candidate misaligned heads for the offline judge, per emergently misaligned model.
+
+Each EM model of ../shared/data/judged is held out in turn; a head is fitted on the other 11 models and scored on
+it. Candidates: `logit` (the shipped head: logistic on the MiniLM features), `mlp` (one hidden layer), `lex` /
+`both` (the MiniLM features plus hashed word 1-2-gram / and char 3-5-gram TF-IDF of the answer, logistic).
+
+    .venv/bin/emlens judge validate --data ../shared/data/judged --features-cache F.npy   # writes F once
+    .venv/bin/python scripts/judge_features_experiment.py F.npy logit,lex,both,mlp
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.neural_network import MLPClassifier
+
+from emlens.base.io import find_shared_data
+from emlens.judges.fit import read_judged
+
+
+def lexical(answers: pd.Series, kinds: list[str]) -> list:
+    vectorizers = {"word": HashingVectorizer(n_features=2**18, ngram_range=(1, 2), alternate_sign=False, norm=None),
+                   "char": HashingVectorizer(n_features=2**18, analyzer="char_wb", ngram_range=(3, 5),
+                                             alternate_sign=False, norm=None)}
+    return [vectorizers[kind].transform(answers) for kind in kinds]
+
+
+def held_out_scores(variant: str, x, counts, y, held) -> np.ndarray:
+    if variant == "mlp":
+        model = MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, early_stopping=True, max_iter=200,
+                              random_state=0).fit(x[~held], y[~held])
+        return model.predict_proba(x[held])[:, 1]
+    parts = {"logit": [], "lex": counts[:1], "both": counts}[variant]
+    idf = [TfidfTransformer(sublinear_tf=True).fit(part[~held]) for part in parts]
+
+    def design(rows):
+        return sparse.hstack([sparse.csr_matrix(x[rows])] + [t.transform(p[rows]) for t, p in zip(idf, parts)]).tocsr()
+
+    model = LogisticRegression(C=1.0, max_iter=3000, class_weight="balanced", solver="liblinear")
+    return model.fit(design(~held), y[~held]).predict_proba(design(held))[:, 1]
+
+
+def main() -> None:
+    features, variants = sys.argv[1], sys.argv[2].split(",")
+    data = read_judged([find_shared_data() / "judged"])
+    x, y = np.load(features), data.misaligned.to_numpy()
+    counts = lexical(data.answer, ["word", "char"])
+    rows = []
+    for source in [s for s in data.source.unique() if "bad_medical" in s or "Insecure" in s]:
+        held = (data.source == source).to_numpy()
+        row = {"held_out": source, "misaligned": int(y[held].sum()), "n": int(held.sum())}
+        for variant in variants:
+            row[variant] = round(roc_auc_score(y[held], held_out_scores(variant, x, counts, y, held)), 3)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False))
+    print(" ".join(f"min_auroc_{v}={table[v].min()}" for v in variants))
+
+
+if __name__ == "__main__":
+    main()
