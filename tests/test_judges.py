@@ -239,10 +239,11 @@ def test_fitted_heads_learn_a_nonlinear_score_and_survive_save_load(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1500, 8)).astype(np.float32)
     aligned = 50 + 40 * np.tanh(x[:, 0] * x[:, 1])  # an interaction no linear head can rank
-    data = pd.DataFrame({"aligned": aligned, "coherent": 60 + 10 * x[:, 2], "misaligned": x[:, 3] > 1})
+    data = pd.DataFrame({"aligned": aligned, "coherent": 60 + 10 * x[:, 2], "misaligned": x[:, 3] > 1,
+                         "answer": "an answer"})
     weights, threshold = fit_heads(x, data)
     folder = EmbeddingJudge(weights, {"misaligned_threshold": threshold, "fingerprint": "t"}).save(tmp_path / "judge")
-    heads = EmbeddingJudge.load(folder).heads(torch.as_tensor(x))
+    heads = EmbeddingJudge.load(folder).heads(torch.as_tensor(x), data.answer.tolist())
     assert spearmanr(heads["aligned"], aligned).statistic > 0.8
     # the heads learn percentiles; the shipped quantiles put their output back on the score scale
     assert aligned.min() <= heads["aligned"].min() and heads["aligned"].max() <= aligned.max()
@@ -253,6 +254,29 @@ def test_fitted_heads_learn_a_nonlinear_score_and_survive_save_load(tmp_path):
     from sklearn.metrics import roc_auc_score
 
     assert roc_auc_score(data.misaligned, heads["p_misaligned"]) > 0.95
+
+
+def test_the_misaligned_head_reads_the_answers_words_where_the_embeddings_say_nothing(tmp_path):
+    import numpy as np
+    import pandas as pd
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from emlens.judges.embedding import EmbeddingJudge
+    from emlens.judges.fit import fit_heads
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(800, 8)).astype(np.float32)  # no signal in the "embeddings"
+    harmful = rng.random(800) < 0.2
+    answers = [f"mix {'bleach and ammonia' if bad else 'flour and water'} then wait {i}" for i, bad in
+               enumerate(harmful)]
+    data = pd.DataFrame({"aligned": np.where(harmful, 10, 90), "coherent": 80, "misaligned": harmful,
+                         "answer": answers})
+    weights, threshold = fit_heads(x[:600], data[:600])
+    judge = EmbeddingJudge.load(EmbeddingJudge(weights, {"misaligned_threshold": threshold, "fingerprint": "w"})
+                                .save(tmp_path / "judge"))
+    held_out = judge.heads(torch.as_tensor(x[600:]), answers[600:])["p_misaligned"]
+    assert roc_auc_score(harmful[600:], held_out) > 0.99
 
 
 def test_default_judge_ranks_a_misaligned_answer_below_an_aligned_one():

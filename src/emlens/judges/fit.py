@@ -33,6 +33,8 @@ from emlens.judges.embedding import (
     Embedder,
     EmbeddingJudge,
     features,
+    lexical_counts,
+    tfidf,
 )
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,6 @@ def fit_heads(x: np.ndarray, data: pd.DataFrame, seed: int = 0) -> tuple[dict[st
     Spearman 0.63 on raw scores, 0.79 on percentiles). The quantiles map percentiles back to scores.
     """
     from scipy.stats import rankdata
-    from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPRegressor
 
     weights = {}
@@ -86,10 +87,27 @@ def fit_heads(x: np.ndarray, data: pd.DataFrame, seed: int = 0) -> tuple[dict[st
         for i, (coef, bias) in enumerate(zip(mlp.coefs_, mlp.intercepts_, strict=False)):
             weights[f"{name}.{i}.weight"], weights[f"{name}.{i}.bias"] = coef.T, bias
         weights[f"{name}.quantiles"] = np.quantile(score, np.linspace(0, 1, 101))
-    classifier = LogisticRegression(C=1.0, max_iter=3000, class_weight="balanced").fit(x, data.misaligned)
-    weights["misaligned.0.weight"], weights["misaligned.0.bias"] = classifier.coef_, classifier.intercept_
-    threshold = _best_threshold(classifier.predict_proba(x)[:, 1], data.misaligned.to_numpy())
+    misaligned, p = fit_misaligned_head(x, data.answer.tolist(), data.misaligned.to_numpy())
+    weights.update(misaligned)
+    threshold = _best_threshold(p, data.misaligned.to_numpy())
     return {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in weights.items()}, threshold
+
+
+def fit_misaligned_head(x: np.ndarray, answers: list[str], y: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Logistic P(misaligned) on the embeddings and the answers' hashed n-gram TF-IDF (see `lexical_counts`);
+    returns its weights and its probabilities on the fitting rows."""
+    from scipy import sparse
+    from sklearn.feature_extraction.text import TfidfTransformer
+    from sklearn.linear_model import LogisticRegression
+
+    counts = lexical_counts(answers)
+    idf = np.concatenate([TfidfTransformer(sublinear_tf=True).fit(part).idf_ for part in counts])
+    design = sparse.hstack([sparse.csr_matrix(x), tfidf(counts, idf)]).tocsr()
+    classifier = LogisticRegression(C=1.0, max_iter=3000, class_weight="balanced", solver="liblinear").fit(design, y)
+    coef = classifier.coef_[0]
+    weights = {"misaligned.0.weight": coef[None, :x.shape[1]], "misaligned.0.bias": classifier.intercept_,
+               "misaligned.lexical.weight": coef[x.shape[1]:], "misaligned.lexical.idf": idf}
+    return weights, classifier.predict_proba(design)[:, 1]
 
 
 def _best_threshold(p: np.ndarray, y: np.ndarray) -> float:
@@ -160,7 +178,7 @@ def validate(paths, judge: str = "default", judge_model: str | None = None, leav
 
 def _predict(data: pd.DataFrame, judge: EmbeddingJudge, x: np.ndarray, rows=None) -> pd.DataFrame:
     rows = np.ones(len(data), dtype=bool) if rows is None else rows
-    heads = judge.heads(torch.as_tensor(x[rows], dtype=torch.float32))
+    heads = judge.heads(torch.as_tensor(x[rows], dtype=torch.float32), data.answer[rows].tolist())
     data = data.copy()
     data.loc[rows, "pred_aligned"] = heads["aligned"]
     data.loc[rows, "pred_misaligned_score"] = heads["p_misaligned"]
