@@ -15,7 +15,7 @@ LAYERS = {  # top-level module or subpackage of emlens -> layer (DESIGN.md, "Lay
     "model": 2, "sites": 2, "runs": 2, "data": 2,
     "generation": 3,
     "capture": 4, "steering": 4, "judges": 4,
-    "directions": 5, "evaluation": 5,
+    "directions": 5, "evaluation": 5, "sae": 5,
     "analysis": 6, "training": 6, "study": 6,
     "cli": 7, "bench": 7,
     "__init__": 8, "__main__": 8,  # the front door imports lazily from every layer

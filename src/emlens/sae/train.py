@@ -1,0 +1,137 @@
+"""Train a sparse autoencoder with sae-lens on one site's activations, streamed from an activation store.
+
+sae-lens does the SAE and the training loop (`SAETrainer`, its TopK / BatchTopK / ReLU / JumpReLU training
+SAEs); emlens feeds it: the store's token vectors at one site (a store read at position `all`), shard by
+shard through a shuffling buffer, never all in memory, each sequence's first token (the attention sink, whose
+norm is outsized) left out. Padding never reaches a store.
+
+The result is an emlens artifact folder: `cfg.json` (kind `sae`: the run's config, the store's model, the
+quality figures of `emlens sae eval`) and `sae/`, the SAE in the sae-lens on-disk format
+(`SAE.load_from_disk(OUT / "sae")` reads it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors import safe_open
+from torch import Tensor
+
+from emlens.base.errors import EmlensInputError
+from emlens.base.io import CFG_FILE, FORMAT_VERSION, atomic_folder, atomic_write_json, versions
+from emlens.capture.store import ActivationStore
+
+SAE_KIND = "sae"
+SAE_FOLDER = "sae"  # the sae-lens files, inside the artifact
+ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu")
+
+
+class SAETrainConfig(BaseModel):
+    """What an SAE run is: its data (store + site), its shape and its optimisation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: str  # an activation store read at position `all` (one vector per token)
+    site: str  # e.g. blocks.15.hook_resid_post
+    architecture: Literal["topk", "batchtopk", "standard", "jumprelu"] = "topk"
+    expansion_factor: int = Field(8, ge=1)
+    k: int = Field(32, ge=1)  # topk / batchtopk
+    l1_coefficient: float = Field(5.0, gt=0)  # standard / jumprelu
+    lr: float = Field(4e-4, gt=0)
+    tokens: int = Field(200_000, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    buffer_tokens: int = Field(32_768, ge=1)  # shuffled together; bounds memory
+    seed: int = 0
+
+
+def token_batches(store: ActivationStore, site: str, batch_size: int, buffer_tokens: int, seed: int,
+                  keep_first_token: bool = False) -> Iterator[Tensor]:
+    """Batches of one site's token vectors, forever (epoch after epoch), shuffled within a buffer of shards.
+    A store that is not per-token, or lacks the site, fails here, before any work."""
+    if store.position != "all":
+        raise EmlensInputError(f"{store.folder}: an SAE trains on every token; this store was read at position "
+                               f"'{store.position}' (extract with --position all)")
+    store._check_site(site)
+    return _stream(store, site, batch_size, buffer_tokens, seed, keep_first_token)
+
+
+def _stream(store: ActivationStore, site: str, batch_size: int, buffer_tokens: int, seed: int,
+            keep_first_token: bool) -> Iterator[Tensor]:
+    firsts = set(store.index["vector_start"].tolist())  # each row's first vector: its sequence's first token
+    generator = torch.Generator().manual_seed(seed)
+    buffer: list[Tensor] = []
+    while True:
+        for shard in store.manifest["shards"]:
+            with safe_open(str(store.folder / shard["file"]), framework="pt") as f:
+                vectors = f.get_tensor(site).float()
+            start = shard["vector_start"]
+            if not keep_first_token:
+                keep = torch.tensor([start + i not in firsts for i in range(len(vectors))])
+                vectors = vectors[keep]
+            buffer.append(vectors)
+            if sum(len(b) for b in buffer) >= buffer_tokens:
+                yield from _shuffled(torch.cat(buffer), batch_size, generator)
+                buffer = []
+        if buffer:
+            yield from _shuffled(torch.cat(buffer), batch_size, generator)
+            buffer = []
+
+
+def _shuffled(vectors: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    order = torch.randperm(len(vectors), generator=generator)
+    for begin in range(0, len(order) - batch_size + 1, batch_size):
+        yield vectors[order[begin:begin + batch_size]]
+
+
+def training_sae(config: SAETrainConfig, d_in: int):
+    """The sae-lens training SAE of the configured architecture."""
+    from sae_lens import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        JumpReLUTrainingSAE,
+        JumpReLUTrainingSAEConfig,
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
+
+    d_sae = d_in * config.expansion_factor
+    if config.architecture == "topk":
+        return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=config.k))
+    if config.architecture == "batchtopk":
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=config.k))
+    if config.architecture == "standard":
+        return StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae,
+                                                             l1_coefficient=config.l1_coefficient))
+    return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae,
+                                                         l0_coefficient=config.l1_coefficient))
+
+
+def train_sae(config: SAETrainConfig, out: str | Path, progress: bool = True) -> Path:
+    """Train and save the SAE (sae-lens format) at `out`, written atomically."""
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    store = ActivationStore(config.store)
+    torch.manual_seed(config.seed)
+    sae = training_sae(config, store.d_model)
+    trainer_config = SAETrainerConfig(total_training_samples=config.tokens, train_batch_size_samples=config.batch_size,
+                                      lr=config.lr, lr_end=config.lr, device="cpu",
+                                      logger=LoggingConfig(log_to_wandb=False),
+                                      n_batches_for_norm_estimate=1)
+    batches = token_batches(store, config.site, config.batch_size, config.buffer_tokens, config.seed)
+    trainer = SAETrainer(cfg=trainer_config, sae=sae, data_provider=batches)
+    if not progress:
+        trainer._update_pbar = lambda *args, **kwargs: None
+    trained = trainer.fit()
+    with atomic_folder(out, SAE_KIND) as tmp:
+        trained.save_inference_model(str(tmp / SAE_FOLDER))
+        atomic_write_json(tmp / CFG_FILE, {"kind": SAE_KIND, "format_version": FORMAT_VERSION,
+                                           "config": config.model_dump(), "model": store.manifest.get("model", {}),
+                                           "steps": trainer.n_training_steps, "versions": versions()})
+    return Path(out)
