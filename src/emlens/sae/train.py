@@ -41,7 +41,7 @@ class SAETrainConfig(BaseModel):
     expansion_factor: int = Field(8, ge=1)
     k: int = Field(32, ge=1)  # topk / batchtopk
     l1_coefficient: float = Field(5.0, gt=0)  # standard / jumprelu
-    lr: float = Field(4e-4, gt=0)
+    lr: float = Field(4e-3, gt=0)  # embedded model, layer 15, 200k tokens: FVE 0.81 at 4e-3, 0.70 at 4e-4
     tokens: int = Field(200_000, ge=1)
     batch_size: int = Field(1024, ge=1)
     buffer_tokens: int = Field(32_768, ge=1)  # shuffled together; bounds memory
