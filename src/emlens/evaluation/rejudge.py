@@ -22,7 +22,7 @@ from emlens.base.io import CFG_FILE, atomic_write_json, atomic_write_table, atom
 from emlens.base.stats import rate, spearman_ci
 from emlens.evaluation.judging import JUDGED_SETTINGS, TEMPLATES_FILE, judge_table
 from emlens.judges.base import Choice, Judge, Score, choice_from_top_logprobs, score_from_top_logprobs
-from emlens.judges.openai import OpenAIJudge, _top_logprobs
+from emlens.judges.openai import OpenAIJudge, top_logprobs
 from emlens.runs import SAMPLES_FILE, read_samples
 
 BATCH_URL = "/v1/chat/completions"
@@ -111,7 +111,7 @@ def _store_result(judge: OpenAIJudge, plan: dict, text: str) -> str | None:
     if response.get("status_code") != 200 or not isinstance(response.get("body"), dict):
         return f"status {response.get('status_code')} (no answer)"
     try:
-        top = _top_logprobs(response["body"])
+        top = top_logprobs(response["body"])
     except (KeyError, IndexError, TypeError, AttributeError):
         return "the answer has no logprobs"
     _, choices = plan[key]

@@ -40,7 +40,7 @@ from emlens.generation.requests import (
     prompt_token_ids,
 )
 from emlens.model import Model, resolve_checkpoint
-from emlens.sites import SITE_KINDS, family_of
+from emlens.sites import SITE_KINDS, family_of, site_name
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
 VLLM_FAMILIES = ("llama",)  # families whose vLLM layers have the (hidden, residual) layout the worker hooks
@@ -116,12 +116,13 @@ def shutdown_engine() -> None:
 
 
 def _engine_settings(handle: Model) -> dict:
+    checkpoint = resolve_checkpoint(handle.spec)
     rank = _lora_rank(handle.adapter) if handle.adapter else 0
     current = _engine.settings if _engine is not None else {}
-    max_rank = max(rank, current.get("max_lora_rank", 0)) if current.get("checkpoint") == resolve_checkpoint(
-        handle.spec) else rank
+    # the running engine's LoRA rank is kept for its base model, so base and adapter requests share it
+    max_rank = max(rank, current.get("max_lora_rank", 0)) if current.get("checkpoint") == checkpoint else rank
     longest = getattr(handle.config.get_text_config(), "max_position_embeddings", None) or _options.max_model_len
-    return {"checkpoint": resolve_checkpoint(handle.spec), "dtype": str(handle.dtype).removeprefix("torch."),
+    return {"checkpoint": checkpoint, "dtype": str(handle.dtype).removeprefix("torch."),
             "max_model_len": min(_options.max_model_len, int(longest)),
             "max_lora_rank": next((r for r in LORA_RANKS if r >= max_rank), max_rank) if max_rank else 0,
             "options": _options.model_dump()}
@@ -186,13 +187,15 @@ class VLLMEngine:
         from vllm import SamplingParams, TokensPrompt
 
         shared = list(interventions)
-        keys, programs = [], {}
+        keys, programs, key_of = [], {}, {}
         for request in requests:
-            ops = program_of(handle, [*shared, *request.interventions], self.shape)
-            key = _program_key(ops)
-            keys.append(key)
-            if ops:
-                programs.setdefault(key, ops)
+            own = tuple(id(iv) for iv in request.interventions)  # one program per intervention set, not per request
+            if own not in key_of:
+                ops = program_of(handle, [*shared, *request.interventions], self.shape)
+                key_of[own] = _program_key(ops)
+                if ops:
+                    programs.setdefault(key_of[own], ops)
+            keys.append(key_of[own])
         self._set_programs(programs)
         prompt_ids = prompt_token_ids(handle, requests)
         stop = sorted(eos_token_ids(handle))
@@ -231,7 +234,7 @@ class VLLMEngine:
         shared = _placed_ops(handle, list(interventions), self.shape)
         programs = {}
         for i, (_, prompt_len) in enumerate(sequences):
-            reads = [_read_op(layer, kind, position, prompt_len, self.shape) for layer, kind in sites]
+            reads = [_read_op(handle, layer, kind, position, prompt_len, self.shape) for layer, kind in sites]
             programs[f"capture-{i}"] = _in_site_order([*shared, *reads])
         self._set_programs(programs)
         try:
@@ -243,7 +246,7 @@ class VLLMEngine:
             captured = self.llm.collective_rpc("emlens_take_captured")[0]
         finally:
             self._set_programs({})
-        names = [_site_name(layer, kind) for layer, kind in sites]
+        names = [site_name(layer, kind) for layer, kind in sites]
         return [{name: captured[f"capture-{i}"][name] for name in names} for i in range(len(sequences))]
 
 
@@ -255,10 +258,6 @@ _POINT_RANK = {"embed": 0, "mid": 1, "post": 2}
 _SITE_POINTS = {"attn_out": ("mid", 0, "hidden", 0), "resid_mid": ("mid", 0, "sum", 1),
                 "mlp_out": ("post", 0, "hidden", 0), "resid_post": ("post", 0, "sum", 1),
                 "resid_pre": ("post", -1, "sum", 2)}
-
-
-def _site_name(layer: int, kind: str) -> str:
-    return f"blocks.{layer}.hook_{kind}"
 
 
 def _placement(layer: int, kind: str) -> dict:
@@ -289,27 +288,24 @@ def _placed_ops(handle: Model, interventions: Sequence, shape: dict) -> list[dic
         if to_ops is None:
             name = getattr(intervention, "name", type(intervention).__name__)
             raise EmlensInputError(f"intervention '{name}' cannot run in the vllm engine (use --engine hf)")
-        for op in to_ops(handle):
-            _check_op(handle, op, shape)
-            ops.append({**{k: v for k, v in op.items() if k not in ("site", "layer")},
-                        **_placement(op["layer"], op["site"])})
+        ops.extend(_placed(handle, op, shape) for op in to_ops(handle))
     return ops
 
 
-def _check_op(handle: Model, op: dict, shape: dict) -> None:
+def _placed(handle: Model, op: dict, shape: dict) -> dict:
+    """A site-level op ({site, layer, ...}) checked against the model and placed at its vLLM hook point."""
     if family_of(handle.config).name not in VLLM_FAMILIES:
         raise EmlensInputError(f"engine vllm: steering and capture support {', '.join(VLLM_FAMILIES)}-family "
                                f"models; {handle.config.model_type} needs --engine hf")
     if not 0 <= op["layer"] < shape["n_layers"]:
         raise EmlensInputError(f"layer {op['layer']} out of range (model has {shape['n_layers']} layers)")
+    rest = {k: v for k, v in op.items() if k not in ("site", "layer")}
+    return {**rest, **_placement(op["layer"], op["site"])}
 
 
-def _read_op(layer: int, kind: str, position: str, prompt_len: int, shape: dict) -> dict:
-    if not 0 <= layer < shape["n_layers"]:
-        raise EmlensInputError(f"layer {layer} out of range (model has {shape['n_layers']} layers)")
-    placed = _placement(layer, kind)
-    part = placed.pop("part")
-    return {**placed, "part": part, "read": _site_name(layer, kind), "pool": position, "prompt_len": prompt_len}
+def _read_op(handle: Model, layer: int, kind: str, position: str, prompt_len: int, shape: dict) -> dict:
+    return _placed(handle, {"site": kind, "layer": layer, "read": site_name(layer, kind), "pool": position,
+                            "prompt_len": prompt_len}, shape)
 
 
 def _program_key(ops: list[dict]) -> str:

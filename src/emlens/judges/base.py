@@ -232,15 +232,9 @@ class Judge:
                          templates: dict[str, str]) -> list[tuple[str, str, tuple[str, ...] | None]]:
         """Every (cache key, prompt, choices or None for a 0-100 score) that `assess` would ask for."""
         planned = []
-        for metric in METRICS:
-            template = templates.get(metric) or DEFAULT_TEMPLATES[metric]
-            for q, a in zip(questions, answers, strict=True):
-                prompt = fill_template(metric, template, q, a)
-                planned.append((JudgeCache.key(self.id, prompt), prompt, None))
-        for metric, choices in categorical_metrics(templates).items():
-            for q, a in zip(questions, answers, strict=True):
-                prompt = fill_template(metric, templates[metric], q, a)
-                planned.append((JudgeCache.key(self.choice_id(choices), prompt), prompt, choices))
+        for _, choices, prompts in metric_prompts(questions, answers, templates):
+            judge_id = self.id if choices is None else self.choice_id(choices)
+            planned += [(JudgeCache.key(judge_id, prompt), prompt, choices) for prompt in prompts]
         return planned
 
     def assess(self, questions: Sequence[str], answers: Sequence[str],
@@ -248,19 +242,26 @@ class Judge:
         """Per (question, answer), from the question set's judge prompts: aligned / coherent scores and a verdict,
         and for each categorical metric M: M (the most probable choice), M_probs and M_mass."""
         results = [dict() for _ in questions]
-        for metric in METRICS:
-            template = templates.get(metric) or DEFAULT_TEMPLATES[metric]
-            prompts = [fill_template(metric, template, q, a) for q, a in zip(questions, answers, strict=False)]
-            for row, score in zip(results, self.score(prompts), strict=False):
-                row[metric] = score.value
-                row[f"{metric}_mass"] = score.mass
-                if metric == "aligned":
-                    row["verdict"] = score.verdict
-        for metric, choices in categorical_metrics(templates).items():
-            prompts = [fill_template(metric, templates[metric], q, a) for q, a in zip(questions, answers, strict=False)]
-            for row, choice in zip(results, self.choose(prompts, choices), strict=False):
-                row.update({metric: choice.value, f"{metric}_probs": choice.probs, f"{metric}_mass": choice.mass})
+        for metric, choices, prompts in metric_prompts(questions, answers, templates):
+            if choices is None:
+                for row, score in zip(results, self.score(prompts), strict=True):
+                    row[metric] = score.value
+                    row[f"{metric}_mass"] = score.mass
+                    if metric == "aligned":
+                        row["verdict"] = score.verdict
+            else:
+                for row, choice in zip(results, self.choose(prompts, choices), strict=True):
+                    row.update({metric: choice.value, f"{metric}_probs": choice.probs, f"{metric}_mass": choice.mass})
         return results
+
+
+def metric_prompts(questions: Sequence[str], answers: Sequence[str], templates: dict[str, str]
+                   ) -> list[tuple[str, tuple[str, ...] | None, list[str]]]:
+    """(metric, its choices or None for a 0-100 score, one filled prompt per answer), for every metric judged."""
+    scored = [(m, None, templates.get(m) or DEFAULT_TEMPLATES[m]) for m in METRICS]
+    chosen = [(m, choices, templates[m]) for m, choices in categorical_metrics(templates).items()]
+    return [(metric, choices, [fill_template(metric, template, q, a) for q, a in zip(questions, answers, strict=True)])
+            for metric, choices, template in scored + chosen]
 
 
 DEFAULT_TEMPLATES = {

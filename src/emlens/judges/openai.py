@@ -102,7 +102,7 @@ class OpenAIJudge(Judge):
                         except JudgeEndpointError as error:
                             failure = failure or error  # send nothing more; keep what is in flight
                             continue
-                        yield position, _top_logprobs(payload)
+                        yield position, top_logprobs(payload)
                         if failure is None:
                             submit_next()
             finally:
@@ -161,7 +161,7 @@ def _retry_after_seconds(value: str | None) -> float | None:
         return None
 
 
-def _top_logprobs(payload: dict) -> dict[str, float]:
+def top_logprobs(payload: dict) -> dict[str, float]:
     content = (payload.get("choices") or [{}])[0].get("logprobs", {}) or {}
     content = content.get("content") or []
     if not content:
