@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
 
 from emlens.base.io import (
     CFG_FILE,
@@ -42,6 +44,8 @@ from emlens.evaluation.config import EvalConfig
 from emlens.evaluation.run import run_eval
 from emlens.judges import make_judge
 from emlens.model import DEFAULT_MODEL, load_model
+from emlens.sae.artifact import load_sae
+from emlens.sae.steer import AblateLatent, check_latent, natural_scale, random_latent
 from emlens.sites import SITE_KINDS
 from emlens.steering.interventions import Ablate, AddVector, compose, random_like
 
@@ -59,7 +63,8 @@ class SteerSpec(BaseModel):
     description: str = ""
     model: str = DEFAULT_MODEL
     adapter: str | None = None
-    direction: str  # a direction artifact folder (relative to the spec file, or absolute)
+    direction: str  # a direction artifact folder, or with `latent` an SAE (relative to the spec file, or absolute)
+    latent: int | None = Field(None, ge=0)  # steer with this SAE latent (decoder vector; ablation through the SAE)
     layer: int | Literal["best"] = "best"
     site: SiteKind | None = None  # None: the direction's own site; another one needs force_site
     operation: Literal["add", "ablate", "ablate_add"] = "add"
@@ -106,29 +111,69 @@ def direction_path(spec: SteerSpec, base: Path) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
-def conditions(spec: SteerSpec, vector, natural_norm: float, layer: int, site: str) -> list[dict]:
-    """The grid: one dict per condition with its name, operation, alpha, control flag and intervention."""
-    unit = vector / vector.norm()
+@dataclass
+class SteerTarget:
+    """What a steering experiment steers with: a direction's vector, or an SAE latent's decoder vector, with its
+    natural scale, its random control and how each is ablated."""
+
+    name: str
+    path: str
+    layer: int
+    site: str
+    vector: Tensor
+    natural_norm: float
+    control: Tensor
+    ablation: Callable[[bool], object]  # is_control -> the ablation intervention
+
+
+def direction_target(spec: SteerSpec, base: Path, handle) -> SteerTarget:
+    direction = Direction.load(direction_path(spec, base))
+    direction.check_compatible(handle, force=spec.force)
+    layer = direction.best_layer if spec.layer == "best" else int(spec.layer)
+    unit = direction.vector(layer) / direction.vector(layer).norm()
     control = random_like(unit, seed=spec.random_seed)
+    return SteerTarget(direction.name, str(direction.path), layer, direction.steering_site(spec.site, spec.force_site),
+                       unit, direction.raw_norm(layer), control,
+                       lambda is_control: Ablate(control if is_control else unit, first_token=spec.ablate_first_token))
+
+
+def latent_target(spec: SteerSpec, base: Path, handle) -> SteerTarget:
+    """An SAE latent: its decoder vector at the SAE's site; the control a random other latent that fires."""
+    loaded = load_sae(direction_path(spec, base))
+    site = loaded.check_fits(handle)
+    if spec.layer not in ("best", site.layer) or spec.site not in (None, site.kind):
+        raise fail(spec.name, f"an SAE latent steers at the SAE's own site {site.name}; leave out layer and site")
+    latent = check_latent(loaded, spec.latent)
+    other = random_latent(loaded, latent, spec.random_seed)
+    natural = natural_scale(loaded, latent) if spec.scale_unit == "raw_norm" else 1.0
+    decoder = loaded.decoder
+    return SteerTarget(f"latent-{latent}", loaded.source, site.layer, site.kind, decoder[latent] / decoder[latent].norm(),
+                       natural, decoder[other] / decoder[other].norm(),
+                       lambda is_control: AblateLatent(loaded, other if is_control else latent,
+                                                       first_token=spec.ablate_first_token))
+
+
+def steer_target(spec: SteerSpec, base: Path, handle) -> SteerTarget:
+    return direction_target(spec, base, handle) if spec.latent is None else latent_target(spec, base, handle)
+
+
+def conditions(spec: SteerSpec, target: SteerTarget) -> list[dict]:
+    """The grid: one dict per condition with its name, operation, alpha, control flag and intervention."""
     rows = [{"name": "baseline", "operation": "none", "alpha": 0.0, "control": False, "intervention": None}]
-    vectors = [(False, unit)] + ([(True, control)] if spec.random_control else [])
-
-    def ablation(v):
-        return Ablate(v, first_token=spec.ablate_first_token)
-
+    vectors = [(False, target.vector)] + ([(True, target.control)] if spec.random_control else [])
     if spec.operation in ("ablate", "ablate_add"):
-        for is_control, v in vectors:
+        for is_control, _ in vectors:
             rows.append({"name": f"{'random_' if is_control else ''}ablate", "operation": "ablate", "alpha": 0.0,
-                         "control": is_control, "intervention": ablation(v)})
+                         "control": is_control, "intervention": target.ablation(is_control)})
     if spec.operation in ("add", "ablate_add"):
         for scale in spec.scales:
             if scale == 0:
                 continue
-            alpha = scale * (natural_norm if spec.scale_unit == "raw_norm" else 1.0)
+            alpha = scale * (target.natural_norm if spec.scale_unit == "raw_norm" else 1.0)
             for is_control, v in vectors:
-                add = AddVector(v, layer, alpha, site=site, positions=spec.positions)
+                add = AddVector(v, target.layer, alpha, site=target.site, positions=spec.positions)
                 op = spec.operation
-                intervention = compose(ablation(v), add) if op == "ablate_add" else add
+                intervention = compose(target.ablation(is_control), add) if op == "ablate_add" else add
                 rows.append({"name": f"{'random_' if is_control else ''}{op}_{scale:g}", "operation": op,
                              "alpha": float(scale), "control": is_control, "intervention": intervention})
     return rows
@@ -138,41 +183,37 @@ def run_steer(spec: SteerSpec, base: Path, out: str | Path, handle=None, judge=N
               echo: Callable[[str], None] = log.info) -> pd.DataFrame:
 
     out = Path(out)
-    direction = Direction.load(direction_path(spec, base))
     handle = handle or load_model(spec.model, adapter=spec.adapter)
-    direction.check_compatible(handle, force=spec.force)
-    layer = direction.best_layer if spec.layer == "best" else int(spec.layer)
-    vector, natural = direction.vector(layer), direction.raw_norm(layer)
+    target = steer_target(spec, base, handle)
     judge = judge or make_judge(spec.eval.judge, spec.eval.judge_model, concurrency=spec.eval.judge_concurrency)
     frames = []
-    site = direction.steering_site(spec.site, spec.force_site)
-    cfg = _open_experiment(out, spec, direction, layer, site)
-    grid = conditions(spec, vector, natural, layer, site)
+    cfg = _open_experiment(out, spec, target)
+    grid = conditions(spec, target)
     for i, condition in enumerate(grid, 1):
         echo(f"condition {i}/{len(grid)}: {condition['name']}")
         interventions = [condition["intervention"]] if condition["intervention"] is not None else []
         table = run_eval(handle, spec.eval, out / "conditions" / condition["name"], judge=judge,
                          interventions=interventions, intervention_name=condition["name"], progress=progress,
-                         extra_manifest={"direction": str(direction.path), "layer": layer, "site": site,
-                                         "alpha_unit": spec.scale_unit, "natural_norm": natural,
+                         extra_manifest={"direction": target.path, "layer": target.layer, "site": target.site,
+                                         "alpha_unit": spec.scale_unit, "natural_norm": target.natural_norm,
                                          "ablate_first_token": spec.ablate_first_token})
         frames.append(table.assign(operation=condition["operation"], alpha=condition["alpha"],
-                                   control=condition["control"], direction=direction.name, layer=layer))
+                                   control=condition["control"], direction=target.name, layer=target.layer))
     stacked = pd.concat(frames, ignore_index=True)
     atomic_write_table(stacked, out / "samples.parquet")
     curves = dose_response_table(stacked)
     atomic_write_text(out / "dose_response.csv", curves.to_csv(index=False))
     atomic_write_text(out / "direction_vs_control.csv", direction_vs_control(stacked).to_csv(index=False))
-    dose_response_figure(curves, out / "dose_response.png", title=f"{spec.name}: {direction.name} @ layer {layer}")
+    dose_response_figure(curves, out / "dose_response.png", title=f"{spec.name}: {target.name} @ layer {target.layer}")
     atomic_write_json(out / CFG_FILE, {**cfg, "finished": time.time()})
     return curves
 
 
-def _open_experiment(out: Path, spec: SteerSpec, direction: Direction, layer: int, site: str) -> dict:
+def _open_experiment(out: Path, spec: SteerSpec, target: SteerTarget) -> dict:
     """OUT/cfg.json, written before any work so a killed experiment resumes; another spec there is refused."""
     check_writable_folder(out, EXPERIMENT_KIND)
     cfg = {"kind": EXPERIMENT_KIND, "format_version": FORMAT_VERSION, "spec": spec.model_dump(mode="json"),
-           "direction": str(direction.path), "layer": layer, "site": site, "versions": versions(),
+           "direction": target.path, "layer": target.layer, "site": target.site, "versions": versions(),
            "created": time.time()}
     if (out / CFG_FILE).exists() and read_json(out / CFG_FILE).get("spec") != cfg["spec"]:
         raise fail(out, "holds a steering experiment with another spec; use a new --out folder")

@@ -1,4 +1,4 @@
-"""`emlens sae train CONFIG.yaml --out DIR`, `emlens sae eval DIR`."""
+"""`emlens sae train | eval | decompose | diff`: sparse autoencoders (sae-lens) on emlens's activations."""
 
 from __future__ import annotations
 
@@ -7,16 +7,24 @@ from typing import Optional
 
 import typer
 
-from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, app, load
+from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, app, bench_app, load
 
-sae_app = typer.Typer(help="Sparse autoencoders (sae-lens) on activation stores: train, eval.", no_args_is_help=True)
+sae_app = typer.Typer(help="Sparse autoencoders (sae-lens): train, eval, decompose a direction, diff checkpoints.",
+                      no_args_is_help=True)
 app.add_typer(sae_app, name="sae")
+SAE_ARG = typer.Argument(..., help="SAE: an `emlens sae train` folder, a sae-lens folder, or RELEASE:SAE_ID of the "
+                                   "sae-lens registry (online)")
+
+
+def _figures(values: dict) -> str:
+    return " ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in values.items()
+                    if not isinstance(v, dict))
 
 
 @sae_app.command("train")
 def sae_train_command(
     config: Path = typer.Argument(..., help="YAML SAETrainConfig (store, site, architecture, k, tokens, ...)"),
-    out: Path = typer.Option(..., "--out", "-o", help="SAE artifact folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="SAE artifact folder (re-run the same command to resume)"),
 ) -> None:
     """Train an SAE on one site's token vectors, streamed from an activation store read at position `all`."""
     from emlens.base.io import load_yaml_model
@@ -28,7 +36,7 @@ def sae_train_command(
 
 @sae_app.command("eval")
 def sae_eval_command(
-    sae: Path = typer.Argument(..., help="SAE artifact folder"),
+    sae: str = SAE_ARG,
     store: Optional[Path] = typer.Option(None, "--store", help="store to score on (default: the training store)"),
     questions: Optional[str] = typer.Option(None, "--questions", help="with a model: texts for the spliced loss"),
     limit: int = typer.Option(16, "--limit", min=1, help="questions for the spliced loss"),
@@ -44,5 +52,90 @@ def sae_eval_command(
         handle = load(model, adapter, device)
         texts = [handle.chat_text([{"role": "user", "content": q.paraphrases[0]}])
                  for q in read_questions(questions, limit=limit)]
-    figures = evaluate_sae(sae, store, handle, texts, tokens)
-    typer.echo(" ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in figures.items()))
+    typer.echo(_figures(evaluate_sae(sae, store, handle, texts, tokens)))
+
+
+@sae_app.command("decompose")
+def sae_decompose_command(
+    sae: str = SAE_ARG,
+    direction: Path = typer.Option(..., "--direction", "-d", help="direction artifact (`emlens probe fit`)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    top: int = typer.Option(10, "--top", min=1, help="latents listed per statistic"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="contrast rows per side"),
+    n_random: int = typer.Option(200, "--n-random", min=10, help="random directions in the control"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="for ${EMLENS_SHARED_DATA} in the spec"),
+    force: bool = typer.Option(False, "--force", help="replace OUT"),
+    model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """A direction in SAE latents: decoder cosines and attribution on its contrast data, each beside random
+    directions, and the top latents' most-activating contexts. Default model: the direction's own."""
+    from emlens.base.io import check_writable_folder
+    from emlens.directions.artifact import Direction
+    from emlens.sae.artifact import load_sae
+    from emlens.sae.decompose import DECOMPOSITION_KIND, decompose_direction, save_decomposition
+
+    check_writable_folder(out, DECOMPOSITION_KIND, force)
+    found = Direction.load(direction)
+    handle = load(model or found.cfg.model.get("model"), adapter or found.cfg.model.get("adapter"), device)
+    found.check_compatible(handle)
+    result = decompose_direction(load_sae(sae), found, handle, top, limit=limit, data_root=data_root,
+                                 n_random=n_random, progress=True)
+    save_decomposition(result, out, force)
+    for name in ("cosine", "attribution"):
+        typer.echo(f"{name}: {_figures(result.summary[name])}")
+    typer.echo(f"top latents by cosine: {', '.join(f'{r.latent} ({r.cosine:+.3f})' for r in result.cosine.head(5).itertuples())}")
+    typer.echo(f"top latents by attribution: "
+               f"{', '.join(f'{r.latent} ({r.share:+.3f})' for r in result.attribution.head(5).itertuples())}")
+    typer.echo(f"wrote {out}")
+
+
+@sae_app.command("diff")
+def sae_diff_command(
+    sae: str = SAE_ARG,
+    adapters: list[str] = typer.Option(..., "--adapter", "-a", help="repeatable: fine-tunes (or RUN@STEP "
+                                                                     "checkpoints) compared with the base model"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    questions: str = typer.Option("betley-first-plot", "--questions", "-q", help="prompts: a question set"),
+    table: Optional[Path] = typer.Option(None, "--table", help="prompts and responses of an eval run instead"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N prompts"),
+    max_response_tokens: int = typer.Option(64, "--max-response-tokens", min=1),
+    top: int = typer.Option(20, "--top", min=1, help="latents listed per model"),
+    force: bool = typer.Option(False, "--force", help="replace OUT"),
+    model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Model diffing: the latents whose mean activation on the same prompts changes most from the base model to
+    each adapter, with bootstrap CIs and a sign-flip null, and their top contexts."""
+    from emlens.base.io import check_writable_folder
+    from emlens.capture.items import items_from_questions, items_from_run_table
+    from emlens.runs import read_rows
+    from emlens.sae.artifact import load_sae
+    from emlens.sae.diff import DIFF_KIND, diff_models, save_diff
+
+    check_writable_folder(out, DIFF_KIND, force)
+    loaded = load_sae(sae)
+    items = (items_from_run_table(read_rows(table)) if table is not None
+             else items_from_questions(questions))[:limit]
+    models = {"base": load(model, None, device)}
+    for adapter in adapters:
+        models[adapter] = load(model, adapter, device)
+    result = diff_models(loaded, models, items, top, max_response_tokens=max_response_tokens, progress=True)
+    save_diff(result, out, force)
+    for name, figures in result.summary["models"].items():
+        part = result.table[result.table.model == name].head(5)
+        typer.echo(f"{name}: {_figures(figures)}; top: " + ", ".join(
+            f"{r.latent} {r.change:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" for r in part.itertuples()))
+    typer.echo(f"wrote {out}")
+
+
+@bench_app.command("sae")
+def bench_sae_command(
+    tokens: int = typer.Option(100_000, "--tokens", min=1024, help="tokens trained per run"),
+    store_tokens: int = typer.Option(200_000, "--store-tokens", min=1024, help="tokens in the 1x store"),
+    d_model: int = typer.Option(576, "--d-model", min=8, help="width (576: the embedded model)"),
+    repeats: int = typer.Option(2, "--repeats", min=1),
+) -> None:
+    """SAE training tokens/s against sae-lens's own loop fed from memory (vs_saelens), and peak memory on a
+    store 4x larger (memory_4x_vs_1x)."""
+    from emlens.bench.sae import bench_sae
+
+    bench_sae(tokens, store_tokens, d_model, repeats=repeats, echo=typer.echo)

@@ -6,52 +6,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import Tensor
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import CFG_FILE, atomic_write_json, read_json
+from emlens.base.io import CFG_FILE, atomic_write_json, atomic_write_table
 from emlens.capture.store import ActivationStore
 from emlens.model import Model
-from emlens.sae.train import SAE_FOLDER, token_batches
-from emlens.sites import Site, hook_site, resolve_sites
+from emlens.sae.artifact import load_sae
+from emlens.sae.train import token_batches
+from emlens.sites import Site, hook_site
 
 DENSE_ABOVE = 0.1  # a latent active on more than this share of tokens is dense
-
-
-def load_sae(folder: str | Path):
-    """An SAE artifact's sae-lens SAE (or any folder in the sae-lens on-disk format)."""
-    from sae_lens import SAE
-
-    folder = Path(folder)
-    files = folder / SAE_FOLDER if (folder / SAE_FOLDER).is_dir() else folder
-    if not (files / "cfg.json").exists():
-        raise EmlensInputError(f"{folder}: not an SAE folder (no {SAE_FOLDER}/cfg.json or cfg.json)")
-    return SAE.load_from_disk(str(files), device="cpu")
+LATENTS_FILE = "latents.parquet"  # per latent: firing rate, mean activation when active
 
 
 @torch.inference_mode()
-def reconstruction_figures(sae, store: ActivationStore, site: str, tokens: int = 20_000) -> dict:
-    """FVE, L0, dead and dense latents over up to `tokens` of the store's token vectors (first tokens left out)."""
-    seen, squared_error, total = 0, 0.0, []
-    active = torch.zeros(sae.cfg.d_sae)
-    l0 = 0.0
-    for batch in token_batches(store, site, 1024, 1024, seed=0):
+def reconstruction_figures(sae, store: ActivationStore, site: str, tokens: int = 20_000
+                           ) -> tuple[dict, pd.DataFrame]:
+    """FVE, L0, dead and dense latents over up to `tokens` of the store's token vectors, read from its LAST
+    shards (training reads from the first, so a store larger than the run's tokens gives held-out figures),
+    first tokens left out; and per latent its firing rate and mean activation when it fires."""
+    seen, squared_error, total, l0 = 0, 0.0, [], 0.0
+    fired, summed = torch.zeros(sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae)
+    for batch in token_batches(store, site, 1024, 1024, seed=0, last_shards_first=True):
         latents = sae.encode(batch)
-        error = batch - sae.decode(latents)
-        squared_error += float((error ** 2).sum())
+        squared_error += float(((batch - sae.decode(latents)) ** 2).sum())
         total.append(batch)
         firing = latents > 0
-        active += firing.sum(0)
+        fired += firing.sum(0)
+        summed += latents.sum(0)
         l0 += float(firing.sum())
         seen += len(batch)
         if seen >= tokens:
             break
     vectors = torch.cat(total)
     variance = float(((vectors - vectors.mean(0)) ** 2).sum())
-    rate = active / seen
-    return {"tokens": seen, "fve": 1 - squared_error / variance, "l0": l0 / seen,
-            "dead_fraction": float((rate == 0).float().mean()), "dense_fraction": float((rate > DENSE_ABOVE).float().mean())}
+    rate = fired / seen
+    figures = {"tokens": seen, "fve": 1 - squared_error / variance, "l0": l0 / seen,
+               "dead_fraction": float((rate == 0).float().mean()),
+               "dense_fraction": float((rate > DENSE_ABOVE).float().mean())}
+    latents = pd.DataFrame({"latent": range(sae.cfg.d_sae), "firing_rate": rate.numpy(),
+                            "mean_when_active": (summed / fired.clamp(min=1)).numpy()})
+    return figures, latents
 
 
 @torch.inference_mode()
@@ -85,22 +83,30 @@ def spliced_loss(sae, handle: Model, site: Site, texts: list[str]) -> dict:
     return {"loss_clean": clean, "loss_spliced": with_sae, "loss_zero_ablation": zero, "loss_recovered": recovered}
 
 
-def evaluate_sae(folder: str | Path, store: str | Path | None = None, handle: Model | None = None,
+def evaluate_sae(source: str | Path, store: str | Path | None = None, handle: Model | None = None,
                  texts: list[str] | None = None, tokens: int = 20_000) -> dict:
-    """The quality figures of an SAE artifact, written into its cfg.json (`quality`) and returned."""
-    folder = Path(folder)
-    cfg = read_json(folder / CFG_FILE)
-    sae = load_sae(folder)
-    site_name = cfg["config"]["site"]
-    activation_store = ActivationStore(store or cfg["config"]["store"])
-    if activation_store.d_model != sae.cfg.d_in:
-        raise EmlensInputError(f"{folder}: SAE width {sae.cfg.d_in} does not match the store's d_model "
+    """The quality figures of any SAE (`load_sae` sources), on a store's tokens and, with a model and texts, the
+    spliced loss. They go into an emlens SAE artifact's cfg.json (`quality`), or `emlens_quality.json` beside a
+    plain sae-lens folder, and are returned."""
+    loaded = load_sae(source)
+    store = store or loaded.cfg.get("config", {}).get("store")
+    if store is None:
+        raise EmlensInputError(f"{source}: not trained by emlens, so give --store (a store read at position all "
+                               f"with site {loaded.site_name})")
+    activation_store = ActivationStore(store)
+    if activation_store.d_model != loaded.d_in:
+        raise EmlensInputError(f"{source}: SAE width {loaded.d_in} does not match the store's d_model "
                                f"{activation_store.d_model}")
-    figures = reconstruction_figures(sae, activation_store, site_name, tokens)
+    figures, latents = reconstruction_figures(loaded.sae, activation_store, loaded.site_name, tokens)
+    trained_on = loaded.cfg.get("config", {}).get("tokens")
+    if trained_on is not None and store == loaded.cfg["config"]["store"]:
+        figures["held_out"] = trained_on + tokens <= activation_store.manifest["n_vectors"] - len(activation_store)
     if handle is not None and texts:
-        if handle.d_model != sae.cfg.d_in:
-            raise EmlensInputError(f"{folder}: SAE width {sae.cfg.d_in} does not match the model's d_model "
-                                   f"{handle.d_model}")
-        figures.update(spliced_loss(sae, handle, resolve_sites([site_name], handle.n_layers)[0], texts))
-    atomic_write_json(folder / CFG_FILE, {**cfg, "quality": figures})
+        figures.update(spliced_loss(loaded.sae, handle, loaded.check_fits(handle), texts))
+    folder = Path(loaded.source)
+    if loaded.cfg:
+        atomic_write_table(latents, folder / LATENTS_FILE)
+        atomic_write_json(folder / CFG_FILE, {**loaded.cfg, "quality": figures})
+    elif folder.is_dir():
+        atomic_write_json(folder / "emlens_quality.json", figures)
     return figures

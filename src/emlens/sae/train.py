@@ -7,11 +7,14 @@ norm is outsized) left out. Padding never reaches a store.
 
 The result is an emlens artifact folder: `cfg.json` (kind `sae`: the run's config, the store's model, the
 quality figures of `emlens sae eval`) and `sae/`, the SAE in the sae-lens on-disk format
-(`SAE.load_from_disk(OUT / "sae")` reads it).
+(`SAE.load_from_disk(OUT / "sae")` reads it; its metadata names the hook, so the folder alone says where it reads).
+While training, sae-lens's checkpoints (weights, optimiser, sparsity statistics) go to `OUT/checkpoints/`; a
+killed run re-run with the same command resumes from the last complete one, and they are removed at the end.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -22,11 +25,22 @@ from safetensors import safe_open
 from torch import Tensor
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import CFG_FILE, FORMAT_VERSION, atomic_folder, atomic_write_json, versions
+from emlens.base.io import (
+    CFG_FILE,
+    FORMAT_VERSION,
+    atomic_write_json,
+    check_writable_folder,
+    folder_beside,
+    read_json,
+    swap_in,
+    versions,
+)
 from emlens.capture.store import ActivationStore
+from emlens.sae.artifact import SAE_FOLDER, SAE_KIND
 
-SAE_KIND = "sae"
-SAE_FOLDER = "sae"  # the sae-lens files, inside the artifact
+CHECKPOINTS = "checkpoints"
+# what sae-lens writes into a checkpoint, the trainer state last
+CHECKPOINT_FILES = ("sae_weights.safetensors", "cfg.json", "activation_scaler.json", "trainer_state.pt")
 ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu")
 
 
@@ -46,26 +60,32 @@ class SAETrainConfig(BaseModel):
     batch_size: int = Field(1024, ge=1)
     buffer_tokens: int = Field(32_768, ge=1)  # shuffled together; bounds memory
     seed: int = 0
+    # A latent that has not fired for this many steps is dead and gets the TopK auxiliary loss (AuxK). sae-lens's
+    # default (1,000 steps) exceeds a 200k-token run's 195 steps, so no latent was ever revived.
+    dead_feature_window: int = Field(50, ge=1)
+    checkpoints: int = Field(4, ge=0)  # saved evenly through the run; a killed run resumes from the last
 
 
 def token_batches(store: ActivationStore, site: str, batch_size: int, buffer_tokens: int, seed: int,
-                  keep_first_token: bool = False) -> Iterator[Tensor]:
-    """Batches of one site's token vectors, forever (epoch after epoch), shuffled within a buffer of shards.
+                  keep_first_token: bool = False, last_shards_first: bool = False) -> Iterator[Tensor]:
+    """Batches of one site's token vectors, forever (epoch after epoch), shuffled within a buffer of shards
+    (read from the last shard backwards with `last_shards_first`: held-out tokens for evaluation).
     A store that is not per-token, or lacks the site, fails here, before any work."""
     if store.position != "all":
         raise EmlensInputError(f"{store.folder}: an SAE trains on every token; this store was read at position "
                                f"'{store.position}' (extract with --position all)")
     store._check_site(site)
-    return _stream(store, site, batch_size, buffer_tokens, seed, keep_first_token)
+    shards = store.manifest["shards"][::-1] if last_shards_first else store.manifest["shards"]
+    return _stream(store, shards, site, batch_size, buffer_tokens, seed, keep_first_token)
 
 
-def _stream(store: ActivationStore, site: str, batch_size: int, buffer_tokens: int, seed: int,
+def _stream(store: ActivationStore, shards: list[dict], site: str, batch_size: int, buffer_tokens: int, seed: int,
             keep_first_token: bool) -> Iterator[Tensor]:
     firsts = set(store.index["vector_start"].tolist())  # each row's first vector: its sequence's first token
     generator = torch.Generator().manual_seed(seed)
     buffer: list[Tensor] = []
     while True:
-        for shard in store.manifest["shards"]:
+        for shard in shards:
             with safe_open(str(store.folder / shard["file"]), framework="pt") as f:
                 vectors = f.get_tensor(site).float()
             start = shard["vector_start"]
@@ -113,25 +133,61 @@ def training_sae(config: SAETrainConfig, d_in: int):
 
 
 def train_sae(config: SAETrainConfig, out: str | Path, progress: bool = True) -> Path:
-    """Train and save the SAE (sae-lens format) at `out`, written atomically."""
+    """Train the SAE at `out` (sae-lens format in `out/sae`), resuming from the last checkpoint there."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
+    out = Path(out)
     store = ActivationStore(config.store)
+    cfg = _open_run(out, config, store)
+    if cfg.get("finished"):
+        return out
     torch.manual_seed(config.seed)
     sae = training_sae(config, store.d_model)
-    trainer_config = SAETrainerConfig(total_training_samples=config.tokens, train_batch_size_samples=config.batch_size,
-                                      lr=config.lr, lr_end=config.lr, device="cpu",
-                                      logger=LoggingConfig(log_to_wandb=False),
-                                      n_batches_for_norm_estimate=1)
+    sae.cfg.metadata.hook_name = config.site
+    sae.cfg.metadata.model_name = store.manifest.get("model", {}).get("model")
+    trainer_config = SAETrainerConfig(
+        total_training_samples=config.tokens, train_batch_size_samples=config.batch_size, lr=config.lr,
+        lr_end=config.lr, device="cpu", logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=1,
+        dead_feature_window=config.dead_feature_window, n_checkpoints=config.checkpoints,
+        checkpoint_path=str(out / CHECKPOINTS))
     batches = token_batches(store, config.site, config.batch_size, config.buffer_tokens, config.seed)
     trainer = SAETrainer(cfg=trainer_config, sae=sae, data_provider=batches)
+    last = last_checkpoint(out / CHECKPOINTS)
+    if last is not None:
+        sae.load_weights_from_checkpoint(last)
+        trainer.load_trainer_state(last)
+        trainer.n_training_steps += 1  # sae-lens checkpoints after a step but before counting it
+        trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t > trainer.n_training_samples]
+        for _ in range(trainer.n_training_steps):  # the stream is seeded: pick up where the run stopped
+            next(batches)
     if not progress:
         trainer._update_pbar = lambda *args, **kwargs: None
     trained = trainer.fit()
-    with atomic_folder(out, SAE_KIND) as tmp:
-        trained.save_inference_model(str(tmp / SAE_FOLDER))
-        atomic_write_json(tmp / CFG_FILE, {"kind": SAE_KIND, "format_version": FORMAT_VERSION,
-                                           "config": config.model_dump(), "model": store.manifest.get("model", {}),
-                                           "steps": trainer.n_training_steps, "versions": versions()})
-    return Path(out)
+    tmp = folder_beside(out / SAE_FOLDER)
+    trained.save_inference_model(str(tmp))
+    swap_in(tmp, out / SAE_FOLDER)
+    atomic_write_json(out / CFG_FILE, {**cfg, "steps": trainer.n_training_steps, "finished": True,
+                                       "resumed_from": None if last is None else last.name})
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    return out
+
+
+def _open_run(out: Path, config: SAETrainConfig, store: ActivationStore) -> dict:
+    """OUT/cfg.json, written before training so a killed run resumes; another config there is refused."""
+    check_writable_folder(out, SAE_KIND)
+    cfg = {"kind": SAE_KIND, "format_version": FORMAT_VERSION, "config": config.model_dump(),
+           "model": store.manifest.get("model", {}), "finished": False, "versions": versions()}
+    if (out / CFG_FILE).exists():
+        earlier = read_json(out / CFG_FILE)
+        if earlier.get("config") != cfg["config"]:
+            raise EmlensInputError(f"{out}: holds an SAE trained with another config; use a new --out folder")
+        return earlier
+    atomic_write_json(out / CFG_FILE, cfg)
+    return cfg
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint with the most training samples whose files are all there (a kill may cut one short)."""
+    complete = [c for c in folder.glob("*") if c.name.isdigit() and all((c / f).exists() for f in CHECKPOINT_FILES)]
+    return max(complete, key=lambda c: int(c.name), default=None)

@@ -35,7 +35,7 @@ from emlens.sites import SITE_KINDS, check_site_kind, hook_site
 Positions = Literal["all", "prompt", "response"]
 
 
-def _position_mask(ctx: ForwardContext, positions: Positions, shape: torch.Size, device) -> Tensor | None:
+def position_mask(ctx: ForwardContext, positions: Positions, shape: torch.Size, device) -> Tensor | None:
     """(batch, pos, 1) float mask of the positions to change in this forward pass; None means all of them."""
     if ctx is None or ctx.prompt_mask is None or tuple(ctx.prompt_mask.shape) != tuple(shape[:2]):
         return None  # a pass nobody described (no attention mask, or a shape the masks do not fit)
@@ -48,7 +48,7 @@ def _position_mask(ctx: ForwardContext, positions: Positions, shape: torch.Size,
     return mask.to(device=device, dtype=torch.float32)[..., None]
 
 
-def _first_token_kept(ctx: ForwardContext, hidden: Tensor) -> Tensor | None:
+def first_token_kept(ctx: ForwardContext, hidden: Tensor) -> Tensor | None:
     """(batch, pos, 1) mask that is 0 at each sequence's first real token; None when no first token is here.
 
     The prompt mask finds it under left padding; decode steps never hold it. A pass nobody described is taken
@@ -68,7 +68,7 @@ def _first_token_kept(ctx: ForwardContext, hidden: Tensor) -> Tensor | None:
     return keep[..., None]
 
 
-class _OnDevice:
+class OnDevice:
     """A vector copied once to each device that asks for it (a model sharded across GPUs has layers on several)."""
 
     def __init__(self, vector: Tensor):
@@ -99,7 +99,7 @@ def _check_layer(model: Model, layer: int, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _hooked(handles) -> Iterator[None]:
+def hooked(handles) -> Iterator[None]:
     try:
         yield
     finally:
@@ -125,14 +125,14 @@ class AddVector:
         if self.site not in SITE_KINDS:
             raise EmlensInputError(f"{self.name}: site '{self.site}' unknown (known: {', '.join(SITE_KINDS)})")
         check_site_kind(model.base_model, self.site)
-        delta = _OnDevice((self.alpha * self.vector).to(dtype=model.dtype))
+        delta = OnDevice((self.alpha * self.vector).to(dtype=model.dtype))
 
         def add(hidden: Tensor) -> Tensor:
-            mask = _position_mask(ctx, self.positions, hidden.shape, hidden.device)
+            mask = position_mask(ctx, self.positions, hidden.shape, hidden.device)
             change = delta.on(hidden.device)
             return hidden + (change if mask is None else mask.to(hidden.dtype) * change)
 
-        return _hooked([hook_site(model.base_model, self.layer, self.site, add, write=True)])
+        return hooked([hook_site(model.base_model, self.layer, self.site, add, write=True)])
 
     def vllm_ops(self, model: Model) -> list[dict]:
         """The same addition as plain data, for engines that hook elsewhere (vLLM's workers)."""
@@ -153,14 +153,14 @@ class Ablate:
 
     def attach(self, model: Model, ctx: ForwardContext | None = None) -> contextlib.AbstractContextManager:
         _check_width(model, self.vector, self.name)
-        unit = _OnDevice(_unit(self.vector.float()).to(dtype=model.dtype))
+        unit = OnDevice(_unit(self.vector.float()).to(dtype=model.dtype))
         ctx = context_of(model) if ctx is None else ctx
 
         def project_out(hidden: Tensor) -> Tensor:
             direction = unit.on(hidden.device)
             removed = (hidden @ direction)[..., None] * direction
-            for mask in (_position_mask(ctx, "all", hidden.shape, hidden.device),
-                         None if self.first_token else _first_token_kept(ctx, hidden)):
+            for mask in (position_mask(ctx, "all", hidden.shape, hidden.device),
+                         None if self.first_token else first_token_kept(ctx, hidden)):
                 if mask is not None:
                     removed = mask.to(hidden.dtype) * removed
             return hidden - removed
@@ -168,7 +168,7 @@ class Ablate:
         causal_lm = model.base_model
         handles = [hook_site(causal_lm, layer, "resid_pre", project_out) for layer in range(model.n_layers)]
         handles.append(hook_site(causal_lm, model.n_layers - 1, "resid_post", project_out))
-        return _hooked(handles)
+        return hooked(handles)
 
     def vllm_ops(self, model: Model) -> list[dict]:
         _check_width(model, self.vector, self.name)
