@@ -25,12 +25,11 @@ LATENTS_FILE = "latents.parquet"  # per latent: firing rate, mean activation whe
 @torch.inference_mode()
 def reconstruction_figures(sae, store: ActivationStore, site: str, tokens: int = 20_000
                            ) -> tuple[dict, pd.DataFrame]:
-    """FVE, L0, dead and dense latents over up to `tokens` of the store's token vectors, read from its LAST
-    shards (training reads from the first, so a store larger than the run's tokens gives held-out figures),
-    first tokens left out; and per latent its firing rate and mean activation when it fires."""
+    """FVE, L0, dead and dense latents over up to `tokens` of the store's token vectors (first tokens left out),
+    and per latent its firing rate and mean activation when it fires."""
     seen, squared_error, total, l0 = 0, 0.0, [], 0.0
     fired, summed = torch.zeros(sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae)
-    for batch in token_batches(store, site, 1024, 1024, seed=0, last_shards_first=True):
+    for batch in token_batches(store, site, 1024, 1024, seed=0):
         latents = sae.encode(batch)
         squared_error += float(((batch - sae.decode(latents)) ** 2).sum())
         total.append(batch)
@@ -98,9 +97,7 @@ def evaluate_sae(source: str | Path, store: str | Path | None = None, handle: Mo
         raise EmlensInputError(f"{source}: SAE width {loaded.d_in} does not match the store's d_model "
                                f"{activation_store.d_model}")
     figures, latents = reconstruction_figures(loaded.sae, activation_store, loaded.site_name, tokens)
-    trained_on = loaded.cfg.get("config", {}).get("tokens")
-    if trained_on is not None and store == loaded.cfg["config"]["store"]:
-        figures["held_out"] = trained_on + tokens <= activation_store.manifest["n_vectors"] - len(activation_store)
+    figures["store"] = str(activation_store.folder)  # held out only when it is not the training store
     if handle is not None and texts:
         figures.update(spliced_loss(loaded.sae, handle, loaded.check_fits(handle), texts))
     folder = Path(loaded.source)
