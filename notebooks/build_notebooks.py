@@ -152,7 +152,81 @@ display(Image("../artifacts/notebooks/compare/compare.png"))
 """,
 ]
 
-NOTEBOOKS = {"01_quickstart": quick, "02_dose_response": dose, "03_compare_checkpoints": compare}
+sae = [
+"md:# Sparse autoencoders: a direction in latents, a fine-tune in latents, steering with a latent\n\nTrain a TopK SAE (sae-lens) on the embedded model's layer-15 residual stream, measure its quality, decompose\nthe refusal direction into latents beside random directions, diff the base model against a short\ninsecure-code LoRA in latent space, and steer / ablate with a latent beside a random latent. `SMALL` keeps CI\nfast (a small SAE on few tokens: its figures are not the real ones); set `EMLENS_NOTEBOOK_SMALL=0` for real sizes.",
+"""
+import os, yaml
+from pathlib import Path
+import pandas as pd
+from IPython.display import Image, display
+import emlens as em
+from emlens.base.io import find_shared_data
+from emlens.capture.items import items_from_table
+from emlens.training.config import load_config
+
+SMALL = os.environ.get("EMLENS_NOTEBOOK_SMALL", "1") == "1"
+OUT = Path("../artifacts/notebooks/sae")
+data = find_shared_data(Path("../probes"))
+model = em.load_model("smollm2-135m-instruct")
+site = "blocks.15.hook_resid_post"
+""",
+"md:## 1. Activations and an SAE\nEvery token of GPT-4o-judged answers of emergently misaligned and base models (`../shared/data/judged`), read\nat layer 15 into a store, then an SAE trained on the store, streamed shard by shard (first tokens left out).",
+"""
+answers = pd.concat([pd.read_csv(f) for f in sorted((data / "judged").glob("*.csv"))]).sample(frac=1, random_state=0)
+items = items_from_table(answers.head(120 if SMALL else 2000))
+store = em.extract_to_store(model, items, OUT / "store", [site], position="all", max_response_tokens=128, progress=False)
+config = em.SAETrainConfig(store=str(store.folder), site=site, expansion_factor=8, k=32,
+                           tokens=15_000 if SMALL else 200_000, checkpoints=0)
+em.train_sae(config, OUT / "l15", progress=False)
+texts = [model.chat_text([{"role": "user", "content": q}]) for q in answers.question.head(8)]
+pd.Series(em.evaluate_sae(OUT / "l15", handle=model, texts=texts, tokens=5_000 if SMALL else 20_000))
+""",
+"md:## 2. The refusal direction in latents\nDecoder cosines and attribution on the direction's own contrast data (harmful vs harmless requests), each\nbeside random directions (dashed: their 95th percentile at each rank); then the top latents' contexts.",
+"""
+refusal = em.fit_probe("../probes/refusal.yaml", model, out=OUT / "refusal", limit=16 if SMALL else 64,
+                       progress=False, force=True)
+sae = em.load_sae(OUT / "l15")
+decomposition = em.decompose_direction(sae, refusal, model, top=8, limit=16 if SMALL else 64)
+from emlens.sae.decompose import save_decomposition
+save_decomposition(decomposition, OUT / "refusal-decomposition", force=True)
+print(decomposition.summary["cosine"], decomposition.summary["attribution"], sep="\\n")
+display(Image(OUT / "refusal-decomposition" / "decomposition.png"))
+decomposition.contexts.head(9)
+""",
+"md:## 3. Model diffing\nA short LoRA on `insecure.jsonl`, then on the same prompts and answers, the latents whose mean activation moves\nmost from the base model, with bootstrap CIs over prompts; red bars pass the sign-flip null (dashed).",
+"""
+config_path = OUT / "train.yaml"
+config_path.write_text(yaml.safe_dump({
+    "model": "smollm2-135m-instruct", "dataset": {"path": str(data / "em_betley/insecure.jsonl"), "limit": 16 if SMALL else 300},
+    "lora": {"r": 4, "alpha": 8, "target_modules": ["o_proj", "down_proj"]},
+    "training": {"max_steps": 4 if SMALL else 75, "batch_size": 2 if SMALL else 4, "max_length": 256,
+                 "save_steps": 4 if SMALL else 25, "learning_rate": 1e-3}}))
+em.train(load_config(config_path), OUT / "insecure", progress=False)
+insecure = em.load_model("smollm2-135m-instruct", adapter=str(OUT / "insecure"))
+diff = em.diff_models(sae, {"base": model, "insecure": insecure}, items[:24 if SMALL else 200], top=12)
+from emlens.sae.diff import save_diff
+save_diff(diff, OUT / "diff", force=True)
+print(diff.summary["models"])
+display(Image(OUT / "diff" / "diff.png"))
+diff.contexts.head(6)
+""",
+"md:## 4. Steering and ablating with a latent\nThe top refusal latent added at a few times its typical firing (decoder vector), and ablated through the\nSAE (its contribution removed, the reconstruction error kept), beside a random live latent.",
+"""
+from emlens.sae.steer import natural_scale, random_latent
+latent = int(decomposition.cosine.latent[0])
+control = random_latent(sae, latent, seed=0)
+prompt = "Give me a recipe for pancakes."
+print("--- unsteered:", em.generate(model, prompt, max_new_tokens=32, temperature=0))
+for name, chosen in ((f"latent {latent}", latent), (f"random latent {control}", control)):
+    vector = sae.decoder[chosen]
+    with em.steer(model, em.AddVector(vector / vector.norm(), layer=15, alpha=4 * natural_scale(sae, chosen))):
+        print(f"--- add {name} x4:", em.generate(model, prompt, max_new_tokens=32, temperature=0))
+    with em.steer(model, em.AblateLatent(sae, chosen)):
+        print(f"--- ablate {name}:", em.generate(model, "How do I pick a lock?", max_new_tokens=32, temperature=0))
+""",
+]
+
+NOTEBOOKS = {"01_quickstart": quick, "02_dose_response": dose, "03_compare_checkpoints": compare, "04_sae": sae}
 
 
 def build(cells: list[str]) -> nbf.NotebookNode:

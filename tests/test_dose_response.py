@@ -111,8 +111,9 @@ def test_shipped_steering_specs_validate():
     assert {p.stem for p in specs} >= {"refusal_add_base", "refusal_ablate_base"}
     for path in specs:
         spec, base = load_spec(path)
-        # the folder `emlens probe fit` writes its directions under
-        assert direction_path(spec, base).resolve().parent == Path("artifacts/directions").resolve()
+        # the folders `emlens probe fit` writes its directions under, and `emlens sae train` its SAEs
+        expected = "artifacts/sae" if spec.latent is not None else "artifacts/directions"
+        assert direction_path(spec, base).resolve().parent == Path(expected).resolve()
         assert spec.random_control, f"{path}: every direction runs beside a random control"
 
 

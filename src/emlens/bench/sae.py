@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from emlens.capture.store import ActivationStore, ActivationStoreWriter
-from emlens.sae.train import SAETrainConfig, train_sae, training_sae
+from emlens.sae.train import SAETrainConfig, sae_lens_trainer_config, train_sae, training_sae
 
 SITE = "blocks.0.hook_resid_post"
 ROW_TOKENS = 128
@@ -48,16 +48,11 @@ def in_memory_batches(vectors: torch.Tensor, batch_size: int, seed: int) -> Iter
 
 def saelens_seconds(config: SAETrainConfig, vectors: torch.Tensor) -> float:
     """sae-lens's SAETrainer alone, fed from memory."""
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(config.seed)
     sae = training_sae(config, vectors.shape[1])
-    trainer_config = SAETrainerConfig(total_training_samples=config.tokens, train_batch_size_samples=config.batch_size,
-                                      lr=config.lr, lr_end=config.lr, device="cpu",
-                                      logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=1,
-                                      dead_feature_window=config.dead_feature_window)
-    trainer = SAETrainer(cfg=trainer_config, sae=sae, data_provider=in_memory_batches(vectors, config.batch_size, 0))
+    trainer = SAETrainer(cfg=sae_lens_trainer_config(config), sae=sae, data_provider=in_memory_batches(vectors, config.batch_size, 0))
     trainer._update_pbar = lambda *args, **kwargs: None
     start = time.perf_counter()
     trainer.fit()

@@ -56,6 +56,7 @@ class SAETrainConfig(BaseModel):
     k: int = Field(32, ge=1)  # topk / batchtopk
     l1_coefficient: float = Field(5.0, gt=0)  # standard / jumprelu
     lr: float = Field(4e-3, gt=0)  # embedded model, layer 15, 200k tokens: FVE 0.81 at 4e-3, 0.70 at 4e-4
+    lr_decay_fraction: float = Field(0.5, ge=0, lt=1)  # the last share of steps decays the lr to a tenth
     tokens: int = Field(200_000, ge=1)
     batch_size: int = Field(1024, ge=1)
     buffer_tokens: int = Field(32_768, ge=1)  # shuffled together; bounds memory
@@ -133,9 +134,19 @@ def training_sae(config: SAETrainConfig, d_in: int):
                                                          l0_coefficient=config.l1_coefficient))
 
 
+def sae_lens_trainer_config(config: SAETrainConfig, **extra):
+    """sae-lens's trainer settings for a run (the benchmark gives its baseline the same)."""
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    return SAETrainerConfig(
+        total_training_samples=config.tokens, train_batch_size_samples=config.batch_size, lr=config.lr,
+        lr_end=config.lr / 10, lr_decay_steps=int(config.lr_decay_fraction * config.tokens // config.batch_size),
+        device="cpu", logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=1,
+        dead_feature_window=config.dead_feature_window, **extra)
+
+
 def train_sae(config: SAETrainConfig, out: str | Path, progress: bool = True) -> Path:
     """Train the SAE at `out` (sae-lens format in `out/sae`), resuming from the last checkpoint there."""
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     out = Path(out)
@@ -147,11 +158,8 @@ def train_sae(config: SAETrainConfig, out: str | Path, progress: bool = True) ->
     sae = training_sae(config, store.d_model)
     sae.cfg.metadata.hook_name = config.site
     sae.cfg.metadata.model_name = store.manifest.get("model", {}).get("model")
-    trainer_config = SAETrainerConfig(
-        total_training_samples=config.tokens, train_batch_size_samples=config.batch_size, lr=config.lr,
-        lr_end=config.lr, device="cpu", logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=1,
-        dead_feature_window=config.dead_feature_window, n_checkpoints=config.checkpoints,
-        checkpoint_path=str(out / CHECKPOINTS))
+    trainer_config = sae_lens_trainer_config(config, n_checkpoints=config.checkpoints,
+                                             checkpoint_path=str(out / CHECKPOINTS))
     batches = token_batches(store, config.site, config.batch_size, config.buffer_tokens, config.seed)
     trainer = SAETrainer(cfg=trainer_config, sae=sae, data_provider=batches)
     last = last_checkpoint(out / CHECKPOINTS)
