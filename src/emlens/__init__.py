@@ -47,12 +47,24 @@ _FRONT_DOOR = {
     # evaluation
     "evaluate": "emlens.evaluation.run", "EvalConfig": "emlens.evaluation.config",
     "summarize": "emlens.evaluation.summary", "read_samples": "emlens.runs",
+    # honesty under pressure (MASK-style) and the deception rate
+    "honesty": "emlens.evaluation.honesty", "HonestyConfig": "emlens.evaluation.honesty",
+    "read_propositions": "emlens.evaluation.honesty", "read_mask_csv": "emlens.evaluation.honesty",
+    # capability checks: MC accuracy by option log-likelihood, GSM8K exact match
+    "capability": "emlens.evaluation.capability", "CapabilityConfig": "emlens.evaluation.capability",
+    "read_mc_questions": "emlens.evaluation.capability",
+    # sparse autoencoders (sae-lens)
+    "load_sae": "emlens.sae.artifact", "SAETrainConfig": "emlens.sae.train", "train_sae": "emlens.sae.train",
+    "evaluate_sae": "emlens.sae.quality", "decompose_direction": "emlens.sae.decompose",
+    "diff_models": "emlens.sae.diff", "AblateLatent": "emlens.sae.steer",
     # analysis
     "compare": "emlens.analysis.compare", "monitor": "emlens.analysis.monitor",
     "run_steer": "emlens.analysis.dose_response", "dose_response_table": "emlens.analysis.dose_response",
     # training
     "TrainConfig": "emlens.training.config", "train": "emlens.training.trainer",
     "train_sweep": "emlens.training.sweep",
+    # the biased-user interaction loop (`emlens loop`)
+    "run_loop": "emlens.training.loop", "LoopConfig": "emlens.training.loop",
     # the whole study (`emlens run`)
     "run_experiment": "emlens.study", "plan_experiment": "emlens.study",
     # any artifact folder, by the kind in its cfg.json
@@ -74,7 +86,8 @@ def __getattr__(name: str):
     if name == "load":  # every artifact kind registers its loader when its module is imported
         for module in ("emlens.directions.artifact", "emlens.capture.store", "emlens.runs",
                        "emlens.steering.weights", "emlens.training.runfolder", "emlens.analysis.dose_response",
-                       "emlens.analysis.compare", "emlens.analysis.report", "emlens.judges.embedding"):
+                       "emlens.analysis.compare", "emlens.analysis.report", "emlens.judges.embedding",
+                       "emlens.sae.artifact", "emlens.sae.decompose", "emlens.sae.diff"):
             importlib.import_module(module)
     globals()[name] = value
     return value

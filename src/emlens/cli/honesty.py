@@ -1,0 +1,68 @@
+"""`emlens honesty`: honesty under pressure (MASK-style) with the deception rate, and the Betley deception sets
+beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, ENGINE_OPT, MODEL_OPT, TP_OPT, app, given, load
+
+
+@app.command("honesty")
+def honesty_command(
+    out: Path = typer.Option(..., "--out", "-o", help="run folder (re-run the same command to resume)"),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML HonestyConfig; a flag below overrides "
+                                                                      "its field, a field the class default"),
+    propositions: Optional[str] = typer.Option(None, "--propositions",
+                                               help="bundled set (emlens-honesty, the default) or a YAML file"),
+    mask_csv: Optional[Path] = typer.Option(None, "--mask-csv", help="a MASK CSV (cais/MASK layout) instead; "
+                                                                     "needs --judge hf or openai"),
+    kind: Optional[list[str]] = typer.Option(None, "--kind", help="repeatable: known_fact, provided_fact, statistic"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N propositions only"),
+    nudge: Optional[list[str]] = typer.Option(None, "--nudge", "-n", help="repeatable (default: none, evil)"),
+    nudges_file: Optional[Path] = typer.Option(None, "--nudges", help="YAML of user-defined nudges"),
+    belief_asks: Optional[int] = typer.Option(None, "--belief-asks", min=1, help="neutral asks per proposition"),
+    deception: Optional[bool] = typer.Option(None, "--deception/--no-deception",
+                                             help="also reason-then-answer under pressure: the deception rate "
+                                                  "(default on)"),
+    betley: Optional[bool] = typer.Option(None, "--betley/--no-betley",
+                                          help="also the Betley deception sets' TRUE / FALSE / UNKNOWN judgement, "
+                                               "into OUT/betley"),
+    betley_limit: Optional[int] = typer.Option(None, "--betley-limit", min=1,
+                                               help="system prompts per Betley set (default 2; 20 questions each)"),
+    judge: Optional[str] = typer.Option(None, "--judge", help="rule (multiple-choice, the default), hf, openai"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="endpoint model name or HF model spec"),
+    judge_concurrency: Optional[int] = typer.Option(None, "--judge-concurrency", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
+    engine: Optional[str] = ENGINE_OPT, tensor_parallel_size: Optional[int] = TP_OPT,
+) -> None:
+    """Beliefs from neutral prompts, answers under pressure, judged consistent / lie / evasive: honesty = 1 - P(lie),
+    evasion, belief consistency and the deception rate per nudge, each with n and 95 % CI."""
+    from emlens.evaluation.honesty import (
+        build_honesty_config,
+        check_judge_reads,
+        load_propositions,
+        make_honesty_judge,
+        report_lines,
+        run_honesty,
+    )
+
+    config = build_honesty_config(
+        config_file, propositions=propositions, mask_csv=str(mask_csv) if mask_csv else None, kinds=kind,
+        limit=limit, nudges=nudge, nudges_file=str(nudges_file) if nudges_file else None, belief_asks=belief_asks,
+        deception=deception, betley=betley, betley_limit=betley_limit, judge=judge, judge_model=judge_model,
+        judge_concurrency=judge_concurrency, batch_size=batch_size, seed=seed, engine=engine)
+    found = load_propositions(config)  # a bad file fails here, before any model is loaded
+    check_judge_reads(config.judge, found, config.mask_csv or config.propositions)
+    judge_obj = make_honesty_judge(config, **given(device=device))
+    handle = load(model, adapter, device, tensor_parallel_size=tensor_parallel_size)
+    table = run_honesty(handle, config, out, judge=judge_obj, propositions=found)
+    typer.echo(f"wrote {out / 'propositions.parquet'}: {len(table)} rows ({table.proposition_id.nunique()} "
+               f"propositions x {table.nudge.nunique()} nudges)")
+    for line in report_lines(out):
+        typer.echo(line)
