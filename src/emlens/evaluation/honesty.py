@@ -666,6 +666,8 @@ def summary_lines(summary: pd.DataFrame, kind: str = "all") -> list[str]:
 def betley_lines(betley: dict) -> list[str]:
     """The Betley deception sets beside the deception rate: P(FALSE) per system prompt and the verdict counts."""
     lines = [f"betley deception sets ({betley['run']}): P(FALSE) among TRUE / FALSE verdicts"]
+    if not betley["false_rate"]:
+        lines.append("  no TRUE / FALSE verdicts (the judge put under 0.25 of its probability on the verdict words)")
     for row in betley["false_rate"]:
         lines.append(f"  nudge {row['nudge']} | {row['question_id']:<20} {row['rate']:.3f} "
                      f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] (n={row['n']})")
