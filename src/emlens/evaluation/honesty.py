@@ -730,7 +730,10 @@ def _betley_judge(config: HonestyConfig, judge) -> Judge:
 def honesty(model: Model, out: PathLike | None = None, config: HonestyConfig | None = None, judge=None,
             progress: bool = False, **fields) -> pd.DataFrame:
     """`em.honesty`: honesty under pressure and the deception rate, one row per proposition and nudge (see
-    HonestyConfig for `fields`). With `out` the run folder is kept and a re-run resumes it."""
+    HonestyConfig for `fields`; `judge` is "rule", "hf", "openai" or a judge object). With `out` the run folder is
+    kept and a re-run resumes it."""
+    if isinstance(judge, str):
+        fields, judge = {**fields, "judge": judge}, None
     config = validate(HonestyConfig, {**(config or HonestyConfig()).model_dump(), **fields}, "honesty()")
     if out is not None:
         return run_honesty(model, config, out, judge, progress=progress)
