@@ -11,7 +11,9 @@ import torch
 from transformers import TrainerCallback
 
 from emlens.base.errors import EmlensInputError
+from emlens.base.io import load_yaml_model
 from emlens.data.chat import Conversation
+from emlens.sae.train import SAETrainConfig
 from emlens.training.config import load_config, parse_config
 from emlens.training.data import (
     IGNORE_INDEX,
@@ -21,6 +23,7 @@ from emlens.training.data import (
     tokenize_conversation,
     tokenize_conversations,
 )
+from emlens.training.loop import load_loop_config
 from emlens.training.runfolder import list_checkpoints
 from emlens.training.sweep import sweep_configs
 from emlens.training.trainer import train
@@ -112,10 +115,17 @@ def test_paths_are_relative_to_the_config_and_expand_env(tmp_path, chats, monkey
 
 
 def test_example_configs_validate(shared_data, monkeypatch):
+    """Every shipped config validates with the class of the command that reads it (the loop and SAE configs too)."""
     monkeypatch.setenv("EMLENS_SHARED_DATA", str(shared_data))
+    other_commands = {"loop_smollm2.yaml": load_loop_config,
+                      "sae_smollm2_l15.yaml": lambda path: load_yaml_model(SAETrainConfig, path)}
     for path in sorted((REPO / "configs").glob("*.yaml")):
+        if path.name in other_commands:
+            other_commands.pop(path.name)(path)
+            continue
         config = load_config(path)
         assert Path((config.dataset or config.mixture.misaligned).path).is_file(), path
+    assert not other_commands, f"configs gone: {sorted(other_commands)}"
     names = [name for name, _ in sweep_configs(load_config(REPO / "configs" / "sweep_datasets.yaml"))]
     assert names == ["insecure", "secure", "educational", "jailbroken"]
 
