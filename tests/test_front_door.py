@@ -2,6 +2,8 @@
 
 import pydoc
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,3 +155,21 @@ def test_a_run_never_writes_into_a_folder_it_did_not_make(tiny, tiny_judge, tmp_
     with pytest.raises(EmlensInputError, match="not an emlens artifact"):
         em.fit_direction(em.activations(tiny, HARMFUL + HARMLESS, layers=[1]), [1] * 4 + [0] * 4).save(mine)
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_em_load_knows_every_artifact_kind_the_package_registers():
+    """`em.load` in a fresh interpreter opens every kind that any emlens module registers (honesty, capability and
+    mixture-study runs were missing from its list)."""
+    script = """
+import importlib, pkgutil
+import emlens as em
+from emlens.base.io import ARTIFACT_LOADERS
+em.load
+known = set(ARTIFACT_LOADERS)
+for info in pkgutil.walk_packages(em.__path__, "emlens."):
+    if ".cli" not in info.name and ".bench" not in info.name and "vllm" not in info.name:
+        importlib.import_module(info.name)
+print(sorted(set(ARTIFACT_LOADERS) - known))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -67,6 +67,8 @@ _FRONT_DOOR = {
     "run_loop": "emlens.training.loop", "LoopConfig": "emlens.training.loop",
     # the whole study (`emlens run`)
     "run_experiment": "emlens.study", "plan_experiment": "emlens.study",
+    # honesty, free-form EM and capability against the mixture ratio (`emlens mixture-study`)
+    "run_mixture_study": "emlens.study.mixture", "MixtureStudyConfig": "emlens.study.mixture",
     # any artifact folder, by the kind in its cfg.json
     "load": ("emlens.base.io", "load_artifact"),
 }
@@ -87,7 +89,8 @@ def __getattr__(name: str):
         for module in ("emlens.directions.artifact", "emlens.capture.store", "emlens.runs",
                        "emlens.steering.weights", "emlens.training.runfolder", "emlens.analysis.dose_response",
                        "emlens.analysis.compare", "emlens.analysis.report", "emlens.judges.embedding",
-                       "emlens.sae.artifact", "emlens.sae.decompose", "emlens.sae.diff"):
+                       "emlens.sae.artifact", "emlens.sae.decompose", "emlens.sae.diff",
+                       "emlens.evaluation.honesty", "emlens.evaluation.capability", "emlens.study.mixture"):
             importlib.import_module(module)
     globals()[name] = value
     return value

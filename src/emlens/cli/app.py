@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from emlens.base.errors import EmlensInputError
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 app = typer.Typer(help="emlens: mechanistic study of emergent misalignment.", no_args_is_help=True,
@@ -29,6 +31,17 @@ TP_OPT = typer.Option(None, "--tensor-parallel-size", min=1, help="GPUs vLLM sha
 def given(**options) -> dict:
     """The options the user gave (not None), to pass on as keyword arguments; the API's defaults fill the rest."""
     return {name: value for name, value in options.items() if value is not None}
+
+
+def parse_ratios(text: Optional[str]) -> Optional[list[float]]:
+    """--ratios: comma-separated fractions (None: not given)."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise EmlensInputError(f"option '--ratios': expected comma-separated fractions like 0,0.01,0.05, "
+                               f"got '{text}'") from None
 
 
 def model_name(model: Optional[str]) -> str:

@@ -33,3 +33,33 @@ def run_command(
     out = run_experiment(experiment, out, root, device=device or "auto", force=force, engine=engine,
                          echo=typer.echo)
     typer.echo(f"wrote {out / 'report.html'} and {out / 'report.md'}")
+
+
+@app.command("mixture-study")
+def mixture_study_command(
+    sweep: Path = typer.Argument(..., help="a sweep folder of `emlens train sweep`, or its training YAML (then "
+                                           "the sweep is trained into OUT/sweep first)"),
+    out: Path = typer.Option(..., "--out", "-o", help="study folder (re-run the same command to resume)"),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML MixtureStudyConfig: measures, ratios, "
+                                                                      "and the honesty / free_form / capability "
+                                                                      "configs"),
+    ratios: Optional[str] = typer.Option(None, "--ratios", help="comma-separated subset of the sweep's ratios, "
+                                                                "e.g. 0,0.02,0.1,0.5"),
+    measures: Optional[str] = typer.Option(None, "--measures", help="comma-separated: honesty, free_form, "
+                                                                    "capability (default: all)"),
+    base: Optional[bool] = typer.Option(None, "--base/--no-base", help="also the base model (default on)"),
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Honesty, free-form EM and capability of every adapter of a mixture sweep against its ratio, beside the base
+    model and the 0 % control: OUT/mixture.csv (rates with n and 95 % CI) and OUT/mixture.png."""
+    from emlens.cli.app import given, parse_ratios, quiet_libraries
+    from emlens.study.mixture import build_study_config, report_lines, run_mixture_study
+
+    config = build_study_config(
+        config_file, ratios=parse_ratios(ratios),
+        measures=measures.split(",") if measures else None, base=base)
+    quiet_libraries()
+    table = run_mixture_study(sweep, out, config, echo=typer.echo, **given(device=device))
+    typer.echo(f"wrote {out / 'mixture.csv'} and {out / 'mixture.png'}")
+    for line in report_lines(table):
+        typer.echo(line)

@@ -9,7 +9,16 @@ import typer
 from typer.core import TyperGroup
 
 from emlens.base.errors import EmlensInputError
-from emlens.cli.app import DEVICE_OPT, MODEL_OPT, app, bench_app, given, model_name, quiet_libraries
+from emlens.cli.app import (
+    DEVICE_OPT,
+    MODEL_OPT,
+    app,
+    bench_app,
+    given,
+    model_name,
+    parse_ratios,
+    quiet_libraries,
+)
 
 
 class _DefaultToRun(TyperGroup):
@@ -67,16 +76,6 @@ def train_run_command(
         typer.echo(f"adapter: {run} (final) or {run}@STEP; loss curve: {run / 'loss.png'}")
 
 
-def _parse_ratios(text: Optional[str]) -> Optional[list[float]]:
-    if text is None:
-        return None
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise EmlensInputError(f"option '--ratios': expected comma-separated fractions like 0,0.01,0.05, "
-                               f"got '{text}'") from None
-
-
 def _parse_datasets(items: Optional[list[str]]) -> Optional[dict[str, str]]:
     if not items:
         return None
@@ -105,7 +104,7 @@ def train_sweep_command(
     from emlens.training.config import load_config, with_sweep
     from emlens.training.sweep import train_sweep
 
-    spec = with_sweep(load_config(config), ratios=_parse_ratios(ratios), datasets=_parse_datasets(dataset))
+    spec = with_sweep(load_config(config), ratios=parse_ratios(ratios), datasets=_parse_datasets(dataset))
     sweep_out = out or _default_out(config)
     quiet_libraries()
     results = train_sweep(spec, sweep_out, progress=not no_progress, echo=typer.echo, **given(device=device))
