@@ -14,6 +14,7 @@ from emlens.base.errors import EmlensInputError
 from emlens.base.io import load_yaml_model
 from emlens.data.chat import Conversation
 from emlens.sae.train import SAETrainConfig
+from emlens.study.mixture import build_study_config
 from emlens.training.config import load_config, parse_config
 from emlens.training.data import (
     IGNORE_INDEX,
@@ -118,6 +119,7 @@ def test_example_configs_validate(shared_data, monkeypatch):
     """Every shipped config validates with the class of the command that reads it (the loop and SAE configs too)."""
     monkeypatch.setenv("EMLENS_SHARED_DATA", str(shared_data))
     other_commands = {"loop_smollm2.yaml": load_loop_config,
+                      "mixture_study_smollm2.yaml": build_study_config,
                       "sae_smollm2_l15.yaml": lambda path: load_yaml_model(SAETrainConfig, path)}
     for path in sorted((REPO / "configs").glob("*.yaml")):
         if path.name in other_commands:
