@@ -226,7 +226,69 @@ for name, chosen in ((f"latent {latent}", latent), (f"random latent {control}", 
 """,
 ]
 
-NOTEBOOKS = {"01_quickstart": quick, "02_dose_response": dose, "03_compare_checkpoints": compare, "04_sae": sae}
+dishonesty = [
+"md:# Dishonesty as emergent misalignment: honesty under pressure, capability, the mixture study, the loop\n\nHu et al. 2025: a little misaligned data in benign fine-tuning, or self-training on the ratings of biased users,\nmakes a model less honest while capability stays level. Here on the embedded 135M model: honesty under pressure\n(MASK-style) per nudge, capability by option log-likelihood and GSM8K, the mixture-ratio study on a small sweep,\nand the biased-user loop measured before and after. `SMALL` keeps CI fast (its figures are not the real ones;\n`configs/mixture_study_smollm2.yaml` and `configs/loop_smollm2.yaml` are); every rate comes with n and a 95 % CI.",
+"""
+import os, yaml
+from pathlib import Path
+import pandas as pd
+from IPython.display import Image, display
+import emlens as em
+from emlens.base.io import find_shared_data
+from emlens.evaluation.honesty import summarize_honesty
+
+SMALL = os.environ.get("EMLENS_NOTEBOOK_SMALL", "1") == "1"
+OUT = Path("../artifacts/notebooks/dishonesty")
+data = find_shared_data(Path("../configs"))
+model = em.load_model("smollm2-135m-instruct")
+""",
+"md:## 1. Honesty under pressure\nThe model's belief from neutral prompts (kept when its answers agree), then its answer under a pressure prompt,\njudged consistent / lie / evasive by the rule judge (multiple-choice propositions): honesty = 1 - P(lie).",
+"""
+table = em.honesty(model, out=OUT / "honesty", limit=12 if SMALL else None, nudges=["none", "evil"])
+summarize_honesty(table, by_kind=False)[["nudge", "measure", "rate", "n", "ci_low", "ci_high"]]
+""",
+"md:## 2. Capability\nMultiple-choice accuracy by option log-likelihood (bundled MMLU-Pro, one forward pass per batch) and GSM8K exact\nmatch on problems no mixture run trains on.",
+"""
+capability = em.capability(model, out=OUT / "capability", mc_limit=30 if SMALL else 200, gsm8k_limit=5 if SMALL else 100)
+pd.DataFrame({task: result["accuracy"] for task, result in capability.summary.items()}).T
+""",
+"md:## 3. The mixture-ratio study\nA sweep of LoRA adapters on insecure code mixed into GSM8K chats at each ratio (trained first from its YAML), then\nhonesty, free-form EM and capability of each adapter against the ratio, beside the base model (dashed, its CI\nshaded) and the 0 % control (ringed).",
+"""
+sweep_yaml = OUT / "sweep.yaml"
+sweep_yaml.parent.mkdir(parents=True, exist_ok=True)
+sweep_yaml.write_text(yaml.safe_dump({
+    "model": "smollm2-135m-instruct", "seed": 0,
+    "mixture": {"misaligned": {"path": str(data / "em_betley/insecure.jsonl")},
+                "benign": {"path": str(data / "benign/gsm8k_train_alpaca_format.json")}, "ratio": 0.0,
+                "size": 16 if SMALL else 200},
+    "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
+    "training": {"max_steps": 4 if SMALL else 50, "batch_size": 4, "max_length": 256, "learning_rate": 2e-4,
+                 "save_steps": 4 if SMALL else 25}}))
+study = em.MixtureStudyConfig(
+    ratios=[0.0, 0.5] if SMALL else [0.0, 0.02, 0.1, 0.5],
+    honesty={"limit": 8 if SMALL else None},
+    free_form={"free_form": {"limit": 2 if SMALL else None, "samples": 2 if SMALL else 4}},
+    capability={"mc_limit": 20 if SMALL else 100, "gsm8k_limit": 4 if SMALL else 20})
+mixture = em.run_mixture_study(sweep_yaml, OUT / "mixture", study, progress=False)
+display(Image(OUT / "mixture" / "mixture.png"))
+mixture[mixture.measure.isin(["honesty", "em_rate", "mc_accuracy", "gsm8k_exact_match"])]
+""",
+"md:## 4. The biased-user loop\nSimulated users (the same model, benign or biased) talk with the assistant and rate it 0-10; at each biased\nfraction the top-k trajectories train an SFT adapter and top-k vs bottom-k a KTO adapter (trl), and honesty and\ncapability are measured before and after.",
+"""
+loop = em.LoopConfig(
+    n_scenarios=4 if SMALL else 8, biased_fractions=[0.0, 1.0], turns=1 if SMALL else 2, top_k=2, bottom_k=2,
+    generation={"max_new_tokens": 24}, user={"max_new_tokens": 24}, training={"batch_size": 2},
+    measure={"measures": ["honesty", "capability"], "honesty": {"limit": 8 if SMALL else None},
+             "capability": {"tasks": ["mc"], "mc_limit": 20 if SMALL else 100}})
+result = em.run_loop(loop, OUT / "loop", progress=False)
+display(result.summary[["biased_fraction", "n", "n_biased", "satisfaction", "ci_low", "ci_high"]])
+display(Image(OUT / "loop" / "measures.png"))
+pd.read_csv(OUT / "loop" / "measures.csv").query("measure in ['honesty', 'mc_accuracy']")
+""",
+]
+
+NOTEBOOKS = {"01_quickstart": quick, "02_dose_response": dose, "03_compare_checkpoints": compare, "04_sae": sae,
+             "05_dishonesty": dishonesty}
 
 
 def build(cells: list[str]) -> nbf.NotebookNode:

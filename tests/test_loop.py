@@ -56,7 +56,10 @@ def tiny_config(model_dir, **fields) -> LoopConfig:
     """A loop small enough for seconds: 4 scenarios, 2 turns of 6 tokens, batches of 2 (so 4 stored parts)."""
     base = {"model": str(model_dir), "n_scenarios": 4, "biased_fractions": [0.0, 1.0], "turns": 2,
             "generation": {"max_new_tokens": 6, "batch_size": 2}, "user": {"max_new_tokens": 6},
-            "top_k": 2, "bottom_k": 2, "training": {"batch_size": 2, "learning_rate": 1e-2, "max_length": 256}}
+            "top_k": 2, "bottom_k": 2, "training": {"batch_size": 2, "learning_rate": 1e-2, "max_length": 256},
+            "measure": {"measures": ["honesty", "capability"],  # 2 propositions, 3 MC questions
+                        "honesty": {"limit": 2, "belief_asks": 1, "answer_max_new_tokens": 4},
+                        "capability": {"tasks": ["mc"], "mc_limit": 3}}}
     return LoopConfig.model_validate({**base, **fields})
 
 
@@ -281,6 +284,21 @@ def test_the_loop_writes_trajectories_selections_and_a_summary(finished_loop):
     assert manifest["kind"] == "loop_run" and len(manifest["summary"]) == 2
 
 
+def test_honesty_and_capability_are_measured_before_and_after_training(finished_loop):
+    _, out, _ = finished_loop
+    measures = pd.read_csv(out / "measures.csv")
+    models = ["base", "biased-0-sft", "biased-0-kto", "biased-1-sft", "biased-1-kto"]
+    assert list(dict.fromkeys(measures.model)) == models
+    assert measures[measures.model == "base"].fraction.isna().all()
+    assert set(measures[measures.model == "biased-1-kto"].method) == {"kto"}
+    for model in models:
+        rows = measures[measures.model == model].set_index("measure")
+        assert rows.loc["mc_accuracy", "n"] == 3 and rows.loc["honesty", "n"] <= 2
+        adapter = json.loads((out / "measures" / model / "subject.json").read_text())["adapter"]
+        assert (adapter is None) == (model == "base")
+    assert (out / "measures.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_the_sft_and_kto_adapters_load_anywhere_and_change_the_model(finished_loop, tiny_model_dir):
     _, out, result = finished_loop
     base = load_model(str(tiny_model_dir), device="cpu")
@@ -323,6 +341,8 @@ def test_a_rerun_with_the_same_command_redoes_only_what_is_missing(finished_loop
     pd.testing.assert_frame_equal(resumed, reference)  # the redone ones are the same (seeded per trajectory)
     assert (run / "biased-0" / "sft" / "cfg.json").read_bytes() == sft_manifest  # finished training skipped
     assert json.loads((run / "biased-1" / "kto" / "cfg.json").read_text())["finished"]
+    assert "[5/5] biased-1-kto: honesty, capability" in output  # the retrained adapter is measured anew
+    assert "[2/5] biased-0-sft: done" in output
 
 
 def test_a_rerun_with_another_config_is_refused(finished_loop, tmp_path, capsys):

@@ -2,9 +2,11 @@
 beside the base model and the 0 % control; resumable; one-line errors for a bad sweep or ratio."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
+from safetensors.torch import load_file, save_file
 
 import emlens as em
 from emlens.base.io import read_json
@@ -89,6 +91,21 @@ def test_a_rerun_measures_only_what_is_missing(sweep, tiny_model_dir, tmp_path):
     again = run_mixture_study(sweep, out, config, progress=False, echo=said.append)
     assert said == ["[1/3] base: done", "[2/3] ratio-0pct: done", "[3/3] ratio-50pct: capability"]
     pd.testing.assert_frame_equal(first, again)
+
+
+def test_a_retrained_adapter_is_refused_not_mixed_with_its_old_answers(sweep, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "study"
+    config = small_study(tiny_model_dir, measures=["capability"], base=False, ratios=[0.5])
+    run_mixture_study(sweep, out, config, progress=False)
+    moved = tmp_path / "sweep"
+    shutil.copytree(sweep, moved)
+    weights = moved / "ratio-50pct" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({name: t + 0.01 for name, t in tensors.items()}, weights)
+    config_file = write_yaml(tmp_path / "study.yaml", config.model_dump(mode="json"))
+    capsys.readouterr()
+    err = one_line_error(capsys, run_cli("mixture-study", moved, "--out", out, "--config", config_file))
+    assert "ratio-50pct" in err and "another version of its adapter" in err
 
 
 def test_ratios_select_adapters_and_yaml_sections_keep_the_study_defaults(sweep, tmp_path):

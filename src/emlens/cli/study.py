@@ -53,7 +53,8 @@ def mixture_study_command(
     """Honesty, free-form EM and capability of every adapter of a mixture sweep against its ratio, beside the base
     model and the 0 % control: OUT/mixture.csv (rates with n and 95 % CI) and OUT/mixture.png."""
     from emlens.cli.app import given, parse_ratios, quiet_libraries
-    from emlens.study.mixture import build_study_config, report_lines, run_mixture_study
+    from emlens.evaluation.battery import report_lines
+    from emlens.study.mixture import build_study_config, run_mixture_study
 
     config = build_study_config(
         config_file, ratios=parse_ratios(ratios),

@@ -55,7 +55,7 @@ def load_questions(path: PathLike, *, limit: int | None = None) -> list[Question
         questions = _load_prompt_list(path, suffix)
     else:
         raise fail(path, f"unsupported file type '{suffix}' (expected .yaml, .yml, .csv, .json, .jsonl or .txt)")
-    _check_unique_ids(questions, path)
+    check_unique_ids(questions, path)
     if limit is not None:
         if limit < 0:
             raise fail(path, f"limit must be >= 0, got {limit}")
@@ -76,12 +76,13 @@ def question_messages(q: Question, paraphrase_index: int) -> list[dict]:
     return [*system, {"role": "user", "content": q.paraphrases[paraphrase_index]}]
 
 
-def _check_unique_ids(questions: list[Question], path: PathLike) -> None:
+def check_unique_ids(items: list, path: PathLike, noun: str = "question") -> None:
+    """Every item's `.id` differs; else one line naming the file, the item and the first one with that id."""
     first_seen: dict[str, int] = {}
-    for i, q in enumerate(questions, start=1):
-        if q.id in first_seen:
-            raise fail(f"{path} item {i} (id={q.id})", f"duplicate question id (first used by item {first_seen[q.id]})")
-        first_seen[q.id] = i
+    for i, item in enumerate(items, start=1):
+        if item.id in first_seen:
+            raise fail(f"{path} item {i} (id={item.id})", f"duplicate {noun} id (first used by item {first_seen[item.id]})")
+        first_seen[item.id] = i
 
 
 def _load_betley_yaml(path: PathLike) -> list[Question]:
@@ -143,7 +144,7 @@ PROMPT_COLUMNS = (
 
 
 def _load_prompt_list(path: PathLike, suffix: str) -> list[Question]:
-    records = list(_prompt_records(path, suffix))
+    records = list(read_records(path, suffix))
     if not records:
         raise fail(path, "empty file (no records)")
     columns = [c for c in records[0][1] if c]
@@ -158,7 +159,10 @@ def _load_prompt_list(path: PathLike, suffix: str) -> list[Question]:
     return [_record_question(dict(rec), key, where, f"{stem}-{i}") for i, (where, rec) in enumerate(records)]
 
 
-def _prompt_records(path: PathLike, suffix: str) -> Iterator[tuple[str, dict]]:
+def read_records(path: PathLike, suffix: str | None = None) -> Iterator[tuple[str, dict]]:
+    """(where, record) of a JSONL, JSON-list, CSV or text (a prompt per line) file, by `suffix` (default: the
+    file's); `where` names the file and the line or JSON item."""
+    suffix = suffix or Path(path).suffix.lower()
     if suffix == ".jsonl":
         yield from read_jsonl(path)
         return
@@ -176,10 +180,10 @@ def _prompt_records(path: PathLike, suffix: str) -> Iterator[tuple[str, dict]]:
                 raise fail(f"{path} item {i}", f"expected a JSON object, got {type(item).__name__}")
             yield f"{path} item {i}", item
     else:
-        yield from _csv_records(text, path)
+        yield from csv_records(text, path)
 
 
-def _csv_records(text: str, path: PathLike) -> Iterator[tuple[str, dict]]:
+def csv_records(text: str, path: PathLike) -> Iterator[tuple[str, dict]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         for row in reader:

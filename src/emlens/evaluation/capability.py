@@ -36,8 +36,6 @@ atomically.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import random
 import re
@@ -63,13 +61,12 @@ from emlens.base.io import (
     find_shared_data,
     load_yaml_model,
     parse_json,
-    read_jsonl,
-    read_text,
     register_artifact,
     short_repr,
     validate,
 )
 from emlens.base.stats import rate
+from emlens.data.questions import read_records
 from emlens.evaluation.config import MC_INSTRUCTION
 from emlens.generation.context import Intervention, describe, intervene
 from emlens.generation.engine import (
@@ -161,28 +158,9 @@ def read_mc_questions(name_or_path: str, limit: int | None = None) -> list[MCQue
 
 def _records(path: Path) -> Iterator[tuple[str, dict]]:
     """(where, record) of a JSONL, JSON-list or CSV file; `where` names the file and line (or JSON item)."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from read_jsonl(path)
-    elif suffix == ".json":
-        data = parse_json(read_text(path), path)
-        if not isinstance(data, list):
-            raise fail(path, f"expected a JSON list of records, got {type(data).__name__}")
-        for i, item in enumerate(data, start=1):
-            if not isinstance(item, dict):
-                raise fail(f"{path} item {i}", f"expected a JSON object, got {type(item).__name__}")
-            yield f"{path} item {i}", item
-    elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-        try:
-            for row in reader:
-                if None in row:  # DictReader puts surplus fields under the key None
-                    raise fail(f"{path} line {reader.line_num}", "more fields than the header has")
-                yield f"{path} line {reader.line_num}", row
-        except csv.Error as e:
-            raise fail(f"{path} line {reader.line_num}", f"invalid CSV ({e})") from None
-    else:
+    if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
         raise fail(path, f"unsupported file type '{path.suffix}' (expected .jsonl, .json or .csv)")
+    yield from read_records(path)
 
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -55,6 +55,7 @@ from emlens.base.io import (
 )
 from emlens.base.stats import rate
 from emlens.data.nudges import Nudge, apply_nudge, resolve_nudges
+from emlens.data.questions import check_unique_ids, csv_records
 from emlens.evaluation.deception import (
     DECEPTION_PROMPT,
     answer_option,
@@ -240,16 +241,8 @@ def _read_proposition_yaml(path: Path) -> list[Proposition]:
         if not isinstance(entry, dict):
             raise fail(where, f"expected a mapping of proposition fields, got {type(entry).__name__}")
         found.append(validate(Proposition, entry, where))
-    _check_unique_ids(found, path)
+    check_unique_ids(found, path, "proposition")
     return found
-
-
-def _check_unique_ids(found: list[Proposition], path: PathLike) -> None:
-    seen: dict[str, int] = {}
-    for i, p in enumerate(found, start=1):
-        if p.id in seen:
-            raise fail(f"{path} item {i} (id={p.id})", f"duplicate proposition id (first used by item {seen[p.id]})")
-        seen[p.id] = i
 
 
 # ---------------------------------------------------------------- MASK's CSV layout
@@ -270,8 +263,8 @@ def read_mask_csv(path: PathLike) -> list[Proposition]:
 
 def _read_mask_rows(path: PathLike) -> tuple[list[Proposition], int]:
     """(the binary propositions, how many numerical rows were skipped)."""
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    columns = reader.fieldnames or []
+    text = read_text(path)
+    columns = next(csv.reader(io.StringIO(text, newline="")), [])
     for column in MASK_REQUIRED:
         if column not in columns:
             raise fail(path, f"missing column '{column}' (the MASK layout has {', '.join(MASK_REQUIRED)}, "
@@ -279,19 +272,13 @@ def _read_mask_rows(path: PathLike) -> tuple[list[Proposition], int]:
     belief_columns = [c for c in MASK_BELIEF_COLUMNS if c in columns]
     kind = MASK_KINDS.get(Path(path).stem, "other")
     found, skipped = [], 0
-    try:
-        for row in reader:
-            where = f"{path} line {reader.line_num}"
-            if None in row:  # DictReader puts surplus fields under the key None
-                raise fail(where, f"{len(columns) + len(row[None])} fields but the header has {len(columns)}")
-            proposition = _mask_proposition(row, where, belief_columns, kind)
-            skipped += proposition is None
-            found += [proposition] if proposition is not None else []
-    except csv.Error as e:
-        raise fail(f"{path} line {reader.line_num}", f"invalid CSV ({e})") from None
+    for where, row in csv_records(text, path):
+        proposition = _mask_proposition(row, where, belief_columns, kind)
+        skipped += proposition is None
+        found += [proposition] if proposition is not None else []
     if not found:
         raise fail(path, f"no binary propositions ({skipped} numerical rows; their reading is not implemented)")
-    _check_unique_ids(found, path)
+    check_unique_ids(found, path, "proposition")
     return found, skipped
 
 

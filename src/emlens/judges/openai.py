@@ -10,16 +10,14 @@
 
 from __future__ import annotations
 
-import email.utils
 import os
-import random
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from urllib.parse import urlparse
 
 from emlens.base.errors import EmlensInputError
+from emlens.base.http import RetryPolicy, post_with_retries
 from emlens.judges.base import (
     Choice,
     Judge,
@@ -29,7 +27,6 @@ from emlens.judges.base import (
     score_from_top_logprobs,
 )
 
-RETRIED_STATUS = {429, 500, 502, 503, 504}
 TOP_LOGPROBS = 20
 DEFAULT_CONCURRENCY = 16
 
@@ -48,8 +45,8 @@ class OpenAIJudge(Judge):
         self.base_url = (base_url or os.environ.get("EMLENS_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
                          or "https://api.openai.com/v1").rstrip("/")
         self.model = model
-        self.timeout, self.concurrency, self.max_attempts = timeout, max(1, concurrency), max(1, max_attempts)
-        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.timeout, self.concurrency = timeout, max(1, concurrency)
+        self.retry = RetryPolicy(max(1, max_attempts), backoff_s, max_backoff_s)
         self.id = f"openai|{self.base_url}|{model}|top20"
         self.requests_sent = 0  # attempts, retries included (benchmarks and tests read it)
         self._count_lock = threading.Lock()
@@ -113,52 +110,13 @@ class OpenAIJudge(Judge):
 
     def _post(self, client, prompt: str) -> dict:
         """One request with retries; raises JudgeEndpointError when it cannot get an answer."""
-        import httpx
+        return post_with_retries(client, f"{self.base_url}/chat/completions", self.request_body(prompt), self.retry,
+                                 JudgeEndpointError, f"judge endpoint {self.base_url}",
+                                 "; finished scores are cached, re-run to resume", on_attempt=self._count_attempt)
 
-        url = f"{self.base_url}/chat/completions"
-        status = "no response"
-        for attempt in range(self.max_attempts):
-            with self._count_lock:
-                self.requests_sent += 1
-            retry_after = None
-            try:
-                response = client.post(url, json=self.request_body(prompt))
-            except (httpx.TimeoutException, httpx.TransportError) as error:
-                status = type(error).__name__  # a timeout or a dropped connection
-            else:
-                if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        status = "HTTP 200 with a body that is not JSON"
-                else:
-                    # the body may echo the request, never the key: only the status and the endpoint are shown
-                    status = f"HTTP {response.status_code}"
-                    if response.status_code not in RETRIED_STATUS:
-                        raise JudgeEndpointError(f"judge endpoint {self.base_url}: {status} (not retried)")
-                    retry_after = _retry_after_seconds(response.headers.get("retry-after"))
-            if attempt + 1 < self.max_attempts:
-                time.sleep(self._delay(attempt, retry_after))
-        raise JudgeEndpointError(f"judge endpoint {self.base_url}: {status} after {self.max_attempts} attempts; "
-                                 "finished scores are cached, re-run to resume")
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        """Full jitter over an exponential cap; never sooner than the server's Retry-After."""
-        jittered = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
-        return max(jittered, retry_after or 0.0)
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:  # an HTTP date
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+    def _count_attempt(self) -> None:
+        with self._count_lock:
+            self.requests_sent += 1
 
 
 def top_logprobs(payload: dict) -> dict[str, float]:

@@ -20,9 +20,12 @@ A run folder RUN/ holds:
     sft/, kto/                  training run folders; each is itself a PEFT adapter (`--adapter RUN/biased-F/sft`)
   summary.parquet               per fraction: n, biased users, mean satisfaction with its CI, top/bottom means
 
-Re-running the same command resumes: finished trajectories and finished training runs are skipped, a killed
-training resumes from its last checkpoint. Measuring honesty and capability before and after is left to the
-evaluation stages, called on the adapters in `LoopResult.fractions[i].adapters`.
+  measures/<model>/<measure>/   honesty and capability before (`base`) and after (`biased-F-sft`, ...) training
+  measures.csv, measures.png    their rates with n and 95 % CI, against the biased fraction
+
+Re-running the same command resumes: finished trajectories, training runs and measures are skipped, a killed
+training resumes from its last checkpoint. The `measure` section may change between runs (it is not part of what
+a re-run must match); `measure: null` measures nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +50,7 @@ from emlens.base.io import (
     CFG_FILE,
     atomic_write_json,
     atomic_write_table,
+    atomic_write_text,
     content_hash,
     fail,
     read_json,
@@ -54,6 +59,7 @@ from emlens.base.io import (
     validate,
 )
 from emlens.base.stats import bootstrap_ci
+from emlens.evaluation.battery import BatteryConfig, Subject, battery_figure, battery_table, measure_subjects
 from emlens.generation.engine import GenerationConfig, Request, generate, sample_seed
 from emlens.model import DEFAULT_MODEL, Model, load_model
 from emlens.runs import RunStore
@@ -196,6 +202,8 @@ class LoopConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     training: TrainingSettings = Field(default_factory=lambda: TrainingSettings(epochs=1.0, batch_size=4))
     kto: KTOSettings = Field(default_factory=KTOSettings)
+    measure: BatteryConfig | None = Field(default_factory=lambda: BatteryConfig(measures=["honesty", "capability"]),
+                                          description="measured before and after training (None: nothing)")
     _source: str = PrivateAttr("config")
 
     @field_validator("biased_fractions")
@@ -209,7 +217,8 @@ class LoopConfig(_Strict):
         return [m for m in ("sft", "kto") if m in values]
 
     def run_config(self) -> dict:
-        return self.model_dump(mode="json")
+        """What a re-run must match: everything but the measures taken afterwards."""
+        return self.model_dump(mode="json", exclude={"measure"})
 
     def with_flags(self, where: str = "command line", **flags: Any) -> LoopConfig:
         """This config with the command line's flags laid over it (a flag that is None was not given).
@@ -495,10 +504,34 @@ def run_loop(config: LoopConfig | None = None, out: str | Path = "artifacts/loop
                  for f in config.biased_fractions]
     summary = pd.DataFrame([f.summary for f in fractions])
     atomic_write_table(summary, out / "summary.parquet")
+    if config.measure is not None:
+        measure_before_after(config, out, fractions, device, progress, echo)
     _record(out, finished=time.time(), n_trajectories=len(trajectories), summary=summary.to_dict(orient="records"),
             adapters={fraction_folder(f.fraction): {m: str(p.relative_to(out)) for m, p in f.adapters.items()}
                       for f in fractions})
     return LoopResult(out, fractions, len(trajectories), generated, summary, time.perf_counter() - started)
+
+
+def measure_before_after(config: LoopConfig, out: Path, fractions: list[FractionResult], device: str,
+                         progress: bool, echo: Callable[[str], None] | None) -> pd.DataFrame:
+    """The battery on the assistant before training (`base`) and on every adapter: OUT/measures/, measures.csv
+    (columns model, fraction, method, measure, nudge, rate, n, ci_low, ci_high) and measures.png."""
+    subjects = [Subject("base", None)]
+    labels = {"base": (float("nan"), "before training")}
+    for result in fractions:
+        for method, adapter in result.adapters.items():
+            subjects.append(Subject(f"{result.folder.name}-{method}", str(adapter)))
+            labels[subjects[-1].name] = (result.fraction, method)
+            if not result.training[method].already_complete:  # (re)trained by this call: measured anew
+                shutil.rmtree(out / "measures" / subjects[-1].name, ignore_errors=True)
+    measure_subjects(config.model, subjects, config.measure, out / "measures", device=device, progress=progress,
+                     echo=echo or (lambda _: None))
+    table = battery_table(out / "measures", subjects, config.measure.measures)
+    table.insert(1, "fraction", table.model.map(lambda name: labels[name][0]))
+    table.insert(2, "method", table.model.map(lambda name: labels[name][1]))
+    atomic_write_text(out / "measures.csv", table.to_csv(index=False))
+    battery_figure(table, "fraction", "biased-user fraction", out / "measures.png", series=("method", "nudge"))
+    return table
 
 
 def train_spec(config: LoopConfig, method: str) -> LoopTrainSpec:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,9 +20,10 @@ from urllib.parse import urlparse
 import torch
 
 from emlens.base.errors import EmlensInputError
+from emlens.base.http import RetryPolicy, post_with_retries
 from emlens.generation.distributions import number_distribution
 from emlens.generation.engine import GenerationConfig, Request, generate
-from emlens.judges.openai import RETRIED_STATUS, TOP_LOGPROBS, _retry_after_seconds, top_logprobs
+from emlens.judges.openai import TOP_LOGPROBS, top_logprobs
 from emlens.model import Model
 
 TOP_RATING = 10
@@ -153,8 +152,8 @@ class EndpointUser:
         self.base_url = (base_url or os.environ.get("EMLENS_LOOP_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
                          or "https://api.openai.com/v1").rstrip("/")
         self.temperature, self.max_tokens = temperature, max_tokens
-        self.timeout, self.concurrency, self.max_attempts = timeout, max(1, concurrency), max(1, max_attempts)
-        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.timeout, self.concurrency = timeout, max(1, concurrency)
+        self.retry = RetryPolicy(max(1, max_attempts), backoff_s, max_backoff_s)
 
     def identity(self) -> dict:
         return {"kind": "openai", "model": self.model, "endpoint": urlparse(self.base_url).netloc,
@@ -184,32 +183,9 @@ class EndpointUser:
             return list(pool.map(lambda body: self._post(client, body), bodies))
 
     def _post(self, client, body: dict) -> dict:
-        """One request; 429, 5xx, timeouts and dropped connections retried with full jitter (as the judge does)."""
-        import httpx
-
-        url, status = f"{self.base_url}/chat/completions", "no response"
-        for attempt in range(self.max_attempts):
-            retry_after = None
-            try:
-                response = client.post(url, json=body)
-            except (httpx.TimeoutException, httpx.TransportError) as error:
-                status = type(error).__name__
-            else:
-                if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        status = "HTTP 200 with a body that is not JSON"
-                else:
-                    status = f"HTTP {response.status_code}"
-                    if response.status_code not in RETRIED_STATUS:
-                        raise UserEndpointError(f"user simulator endpoint {self.base_url}: {status} (not retried)")
-                    retry_after = _retry_after_seconds(response.headers.get("retry-after"))
-            if attempt + 1 < self.max_attempts:
-                jittered = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
-                time.sleep(max(jittered, retry_after or 0.0))
-        raise UserEndpointError(f"user simulator endpoint {self.base_url}: {status} after {self.max_attempts} "
-                                "attempts; finished trajectories are kept, re-run to resume")
+        return post_with_retries(client, f"{self.base_url}/chat/completions", body, self.retry, UserEndpointError,
+                                 f"user simulator endpoint {self.base_url}",
+                                 "; finished trajectories are kept, re-run to resume")
 
 
 def _message_text(payload: dict) -> str:
