@@ -385,10 +385,13 @@ def test_too_few_users_for_top_and_bottom_k_is_refused_before_anything_runs(tiny
 @pytest.mark.slow
 def test_a_minimal_loop_on_the_embedded_model(tmp_path):
     config = LoopConfig(n_scenarios=2, biased_fractions=[0.0, 1.0], turns=1, top_k=1, bottom_k=1,
-                        generation={"max_new_tokens": 16}, user={"max_new_tokens": 16}, training={"batch_size": 2})
+                        generation={"max_new_tokens": 16}, user={"max_new_tokens": 16}, training={"batch_size": 2},
+                        measure={"measures": ["capability"], "capability": {"tasks": ["mc"], "mc_limit": 5}})
     result = run_loop(config, tmp_path / "run", device="cpu", progress=False)
     trajectories = pd.read_parquet(tmp_path / "run" / "trajectories.parquet")
     assert len(trajectories) == 4 and trajectories.satisfaction.between(0, 10).all()
     assert trajectories.rating_mass.min() > 0.25  # the rating prefix makes the model answer with a number
     assert all((f.folder / m / "adapter_model.safetensors").exists() for f in result.fractions for m in ("sft", "kto"))
     assert Path(result.fractions[1].adapters["sft"]).name == "sft"
+    measures = pd.read_csv(tmp_path / "run" / "measures.csv")
+    assert len(measures) == 5 and (measures.n == 5).all()  # MC accuracy before and after, each adapter
