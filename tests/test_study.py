@@ -1,6 +1,7 @@
 """`emlens run EXPERIMENT.yaml`: validation before any work, content-addressed stages reused across experiments,
 and one self-contained report."""
 
+import json
 import re
 from pathlib import Path
 
@@ -207,3 +208,31 @@ def test_a_training_sweep_becomes_one_model_per_run(experiment, tiny_model_dir, 
     path.write_text(yaml.safe_dump({**swept, "steer": {**spec["steer"], "model": "mix"}}))
     assert run_cli("run", path, "--plan", "--stages", tmp_path / "stages") == 2
     assert "'mix' is a sweep of 2 runs" in capsys.readouterr().err
+
+
+def test_honesty_and_capability_are_stages_of_every_model_and_a_report_section(experiment, tmp_path, capsys):
+    path, spec = experiment
+    measured = {**spec, "name": "tiny-measured", "steer": None, "directions": None,
+                "honesty": {"limit": 3, "belief_asks": 1, "nudges": ["none"], "deception": False,
+                            "answer_max_new_tokens": 4},
+                "capability": {"tasks": ["mc"], "mc": "mc.jsonl", "mc_limit": 3}}
+    (tmp_path / "mc.jsonl").write_text("".join(
+        json.dumps({"question": f"What is {a} + 1?", "options": [str(a + 1), str(a + 2)], "answer": 0}) + "\n"
+        for a in range(4)))
+    other = path.with_name("measured.yaml")
+    other.write_text(yaml.safe_dump(measured))
+    stages = tmp_path / "stages"
+    names = [line.split()[1] for line in plan_lines(capsys, other, stages)]
+    assert names == ["eval:base", "honesty:base", "capability:base", "eval:tuned", "honesty:tuned",
+                     "capability:tuned"]
+    assert run_cli("run", other, "--out", tmp_path / "report", "--stages", stages) == 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    section = markdown.split("## Honesty under pressure and capability")[1].split("\n## ")[0]
+    for model in ("base", "tuned"):
+        assert re.search(rf"\| {model} +\| mc_accuracy +\| [0-9.]+ \[[0-9.]+, [0-9.]+\] n=3", section), section
+        assert re.search(rf"\| {model} +\| honesty ", section)
+    assert "honesty_capability.png" in section
+    assert all("done (reused)" in line for line in plan_lines(capsys, other, stages))
+    bad = {**measured, "honesty": {"propositions": "nowhere.yaml"}}
+    other.write_text(yaml.safe_dump(bad))
+    assert "nowhere.yaml" in one_line_error(capsys, run_cli("run", other, "--plan", "--stages", stages))

@@ -132,6 +132,15 @@ def read_yaml_mapping(path: PathLike, what: str) -> dict:
     return data
 
 
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` laid over `base`, mapping by mapping (a nested mapping keeps the keys `update` does not name)."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged
+
+
 def load_yaml_model(model: type[BaseModel], path: PathLike) -> Any:
     """A validated config or spec from a YAML file; every problem is one line naming the file and field."""
     return validate(model, read_yaml_mapping(path, model.__name__), path)

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from emlens.base.io import CFG_FILE, atomic_file, atomic_write_json, fail, read_json
+from emlens.base.io import CFG_FILE, atomic_file, atomic_write_json, deep_merge, fail, read_json
 from emlens.base.stats import rate
 from emlens.evaluation.capability import CapabilityConfig, run_capability
 from emlens.evaluation.config import EvalConfig, FreeFormSpec
@@ -50,18 +50,9 @@ class BatteryConfig(BaseModel):
     def _sections_over_the_battery_defaults(cls, data: Any) -> Any:
         """A section given as a mapping keeps the battery's defaults it does not name (not its own class's)."""
         if isinstance(data, dict):
-            data = {name: laid_over(cls.model_fields[name].default.model_dump(), value)
+            data = {name: deep_merge(cls.model_fields[name].default.model_dump(), value)
                     if name in SECTIONS and isinstance(value, dict) else value for name, value in data.items()}
         return data
-
-
-def laid_over(base: dict, given: dict) -> dict:
-    """`given` laid over `base`, mapping by mapping."""
-    merged = dict(base)
-    for key, value in given.items():
-        merged[key] = laid_over(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value
-    return merged
 
 
 @dataclass
@@ -128,13 +119,14 @@ def _judge(measure: str, config: BatteryConfig, judges: dict):
 def battery_table(out: str | Path, subjects: list[Subject], measures: list[str]) -> pd.DataFrame:
     """One row per subject, measure and nudge (columns model, measure, nudge, rate, n, ci_low, ci_high). Measures:
     honesty, evasion, belief_consistency; em_rate, coherence; mc_accuracy, gsm8k_exact_match."""
-    readers = {"honesty": _honesty_rows, "free_form": _free_form_rows, "capability": _capability_rows}
+    readers = {"honesty": honesty_rows, "free_form": _free_form_rows, "capability": capability_rows}
     rows = [{"model": s.name, **row}
             for s in subjects for measure in measures for row in readers[measure](Path(out) / s.name / measure)]
     return pd.DataFrame(rows, columns=["model", *RATE_COLUMNS])
 
 
-def _honesty_rows(run: Path) -> list[dict]:
+def honesty_rows(run: Path) -> list[dict]:
+    """Honesty, evasion and belief consistency per nudge of a finished honesty run (all kinds together)."""
     summary = pd.DataFrame(read_json(run / CFG_FILE)["summary"])
     summary = summary[(summary.kind == "all") & summary.measure.isin(["honesty", "evasion", "belief_consistency"])]
     return [_rate_row(r["measure"], r["nudge"], r) for r in summary.to_dict("records")]
@@ -149,7 +141,8 @@ def _free_form_rows(run: Path) -> list[dict]:
     return rows
 
 
-def _capability_rows(run: Path) -> list[dict]:
+def capability_rows(run: Path) -> list[dict]:
+    """MC accuracy and GSM8K exact match of a finished capability run."""
     summary = read_json(run / CFG_FILE)["summary"]
     names = {"mc": "mc_accuracy", "gsm8k": "gsm8k_exact_match"}
     return [_rate_row(names[task], "none", result["accuracy"]) for task, result in summary.items()]

@@ -111,6 +111,15 @@ class CapabilityConfig(BaseModel):
     engine: Literal["auto", "hf", "vllm"] = "auto"
 
 
+def held_out_for(config: CapabilityConfig, seed: int, benign: str | None) -> CapabilityConfig:
+    """The config with its GSM8K slice cut from the end of a mixture run's own benign training order (the run's
+    seed and, unless the config names another file, its benign file), so that adapter never trained on it."""
+    update: dict[str, Any] = {"split_seed": seed}
+    if config.gsm8k == "shared" and benign is not None:
+        update["gsm8k"] = benign
+    return config.model_copy(update=update)
+
+
 def build_capability_config(path: str | Path | None = None, **flags: Any) -> CapabilityConfig:
     """A CapabilityConfig from a YAML file (optional) with flags laid over it (None = not given): a flag, else
     the YAML's field, else the class default."""

@@ -14,6 +14,7 @@ from emlens.study.report import (
     compare_blocks,
     direction_blocks,
     eval_tables,
+    measure_blocks,
     provenance_blocks,
     steer_blocks,
     write_study_report,
@@ -48,6 +49,8 @@ def run_experiment(path: str | Path, out: str | Path | None = None, stages: str 
     with atomic_folder(out, STUDY_KIND, force=force) as tmp:
         (tmp / "eval-figures").mkdir()
         blocks = behaviour_blocks(eval_tables(evals), tmp / "eval-figures") if evals else []
+        if by_kind("honesty") or by_kind("capability"):
+            blocks += measure_blocks(by_kind("honesty"), by_kind("capability"), tmp / "eval-figures")
         blocks += direction_blocks(directions) if directions else []
         blocks += compare_blocks(by_kind("compare")) if by_kind("compare") else []
         blocks += [b for folder in by_kind("steer").values() for b in steer_blocks(folder)]

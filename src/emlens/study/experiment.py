@@ -9,6 +9,8 @@
     directions: {specs: [../probes/refusal.yaml], limit: 24}              # probe specs, fitted on every model
     steer: {model: base, direction: refusal, layer: 15, scales: [0, 2.0]} # a dose-response with its control
     compare: true                                                          # each direction across the models
+    honesty: {nudges: [none, evil], limit: 30}                            # HonestyConfig, on every model
+    capability: {mc_limit: 100, gsm8k_limit: 20}                          # CapabilityConfig, on every model
 
 Paths are relative to the experiment file. The whole file is validated (unknown fields, bad values, missing
 files, a steer section naming an unknown model or direction) before any stage runs; each problem is one line.
@@ -22,9 +24,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import fail, load_yaml_model, read_yaml_mapping
+from emlens.base.io import deep_merge, fail, load_yaml_model, read_yaml_mapping, validate
 from emlens.directions.specs import ProbeSpec, load_spec
+from emlens.evaluation.capability import CapabilityConfig, load_capability_data
 from emlens.evaluation.config import EvalConfig
+from emlens.evaluation.honesty import HonestyConfig, check_judge_reads, load_propositions
 from emlens.model import DEFAULT_MODEL
 from emlens.training.config import TrainConfig, parse_config
 from emlens.training.sweep import sweep_configs
@@ -89,6 +93,8 @@ class Experiment(BaseModel):
     directions: DirectionsSection | None = None
     steer: SteerSection | None = None
     compare: bool = True
+    honesty: HonestyConfig | None = None  # honesty under pressure on every model
+    capability: CapabilityConfig | None = None  # capability on every model (GSM8K held out of a mixture's order)
 
     @model_validator(mode="after")
     def _names_refer(self):
@@ -133,10 +139,40 @@ class LoadedExperiment:
             spec_path = self.resolve(relative, f"directions.specs.{i}")
             probe = load_spec(spec_path)
             self.probe_specs[probe.name] = (spec_path, probe)
+        self._measures_read_relative_to_the_file()
+        self.propositions = load_propositions(self.spec.honesty) if self.spec.honesty is not None else None
+        if self.spec.honesty is not None:
+            check_judge_reads(self.spec.honesty.judge, self.propositions, self.spec.honesty.propositions)
+        if self.spec.capability is not None:
+            load_capability_data(self.spec.capability)  # a bad MC or GSM8K file fails here, before any stage
+        self.measure_costs = self._measure_costs()
         steer = self.spec.steer
         if steer is not None and steer.direction not in self.probe_specs:
             raise fail(self.path, f"field 'steer.direction': no probe spec named '{steer.direction}' "
                                   f"(directions: {', '.join(self.probe_specs)})")
+
+    def _measures_read_relative_to_the_file(self) -> None:
+        """Files the honesty and capability sections name (not bundled set names) are read beside the experiment."""
+        update = {}
+        for section, fields in (("honesty", ("propositions", "mask_csv")), ("capability", ("mc", "gsm8k"))):
+            config = getattr(self.spec, section)
+            if config is None:
+                continue
+            beside = {name: str(self.base / value) for name in fields
+                      if isinstance(value := getattr(config, name), str) and not Path(value).is_absolute()
+                      and (self.base / value).is_file()}
+            update[section] = config.model_copy(update=beside)
+        self.spec = self.spec.model_copy(update=update)
+
+    def _measure_costs(self) -> dict[str, str]:
+        costs = {}
+        if self.spec.honesty is not None:
+            costs["honesty"] = f"{len(self.propositions)} propositions x {len(self.spec.honesty.nudges)} nudges"
+        if self.spec.capability is not None:
+            config = self.spec.capability
+            limits = {"mc": config.mc_limit, "gsm8k": config.gsm8k_limit}
+            costs["capability"] = " + ".join(f"{limits[t] or 'all'} {t}" for t in config.tasks)
+        return costs
 
     def resolve(self, relative: str, field: str) -> Path:
         path = Path(relative).expanduser()
@@ -170,7 +206,7 @@ class LoadedExperiment:
     def _train_config(self, entry: ModelEntry) -> TrainConfig:
         where = f"models.{self.spec.models.index(entry)}.train"
         config_path = self.resolve(entry.train.config, f"{where}.config")
-        data = _deep_merge(read_yaml_mapping(config_path, "TrainConfig"), entry.train.overrides())
+        data = deep_merge(read_yaml_mapping(config_path, "TrainConfig"), entry.train.overrides())
         return parse_config(data, where=f"{self.path} field '{where}'", base_dir=config_path.resolve().parent)
 
 
@@ -182,12 +218,9 @@ def _with_engine(spec: Experiment, engine: str, path: Path) -> Experiment:
     if spec.steer is not None:
         evaluated = spec.steer.eval.with_flags(engine=engine, where=f"{path} (--engine)")
         update["steer"] = spec.steer.model_copy(update={"eval": evaluated})
+    for section in ("honesty", "capability"):
+        if getattr(spec, section) is not None:
+            update[section] = validate(type(getattr(spec, section)),
+                                       {**getattr(spec, section).model_dump(), "engine": engine}, f"{path} (--engine)")
     return spec.model_copy(update=update)
 
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
-            merged.get(key), dict) else value
-    return merged

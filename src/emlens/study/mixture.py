@@ -29,7 +29,7 @@ from emlens.base.io import (
     validate,
 )
 from emlens.evaluation.battery import BatteryConfig, Subject, battery_figure, battery_table, measure_subjects
-from emlens.evaluation.capability import CapabilityConfig
+from emlens.evaluation.capability import held_out_for
 from emlens.training.config import load_config
 from emlens.training.runfolder import SWEEP_KIND
 from emlens.training.sweep import train_sweep
@@ -93,14 +93,6 @@ def _run_folder(sweep: Path, run: dict) -> Path:
     return inside if (inside / CFG_FILE).is_file() else Path(run["path"])
 
 
-def capability_for(config: CapabilityConfig, sweep: Sweep) -> CapabilityConfig:
-    """GSM8K problems come from the end of the sweep's own benign training order, so no adapter trained on them."""
-    update = {"split_seed": sweep.seed}
-    if config.gsm8k == "shared" and sweep.benign is not None:
-        update["gsm8k"] = sweep.benign
-    return config.model_copy(update=update)
-
-
 # ---------------------------------------------------------------- running
 
 
@@ -120,7 +112,7 @@ def run_mixture_study(sweep: PathLike, out: PathLike, config: MixtureStudyConfig
         train_sweep(train_config, out / "sweep", ratios=config.ratios, device=device, progress=progress, echo=echo)
         sweep_path = out / "sweep"
     found = read_sweep(sweep_path, config.ratios, config.base)
-    capability = capability_for(config.capability, found)
+    capability = held_out_for(config.capability, found.seed, found.benign)
     manifest.update(sweep=str(sweep_path), model=found.model, capability_config=capability.model_dump(mode="json"),
                     models=[vars(m) for m in found.models])
     atomic_write_json(out / CFG_FILE, manifest)

@@ -19,6 +19,7 @@ import pandas as pd
 from emlens.analysis.report import write_report_files
 from emlens.base.io import atomic_write_text, read_json, versions
 from emlens.directions.artifact import Direction
+from emlens.evaluation.battery import battery_figure, capability_rows, honesty_rows
 from emlens.evaluation.summary import summarize
 from emlens.runs import read_samples
 
@@ -67,6 +68,22 @@ def behaviour_blocks(eval_tables: dict[str, pd.DataFrame], figures: Path) -> lis
     written = write_report_files(stacked, summary, figures)
     blocks += [Block("figure", path) for path in written if path.suffix == ".png"]
     return blocks
+
+
+def measure_blocks(honesty: dict[str, Path], capability: dict[str, Path], figures: Path) -> list[Block]:
+    """Honesty under pressure and capability per model: a table of rates (per nudge) and one panel per measure."""
+    frame = pd.DataFrame([{"model_name": name, **row} for folders, rows in ((honesty, honesty_rows),
+                                                                            (capability, capability_rows))
+                          for name, folder in folders.items() for row in rows(folder)])
+    order = list(dict.fromkeys([*honesty, *capability]))
+    path = figures / "honesty_capability.png"
+    battery_figure(frame.assign(model_index=frame.model_name.map(order.index)), "model_index", "model", path,
+                   x_format=lambda i: order[int(i)])
+    return [Block("heading", "Honesty under pressure and capability"),
+            Block("text", "honesty = 1 - P(lie) over the propositions whose belief was kept (the neutral answers "
+                          "agreed); evasion over the same; MC accuracy by option log-likelihood; GSM8K exact match on "
+                          "problems the model's training never drew. Each cell: the rate, its bootstrap 95 % CI, n."),
+            Block("table", _wide(frame, "rate", order)), Block("figure", path)]
 
 
 def direction_blocks(directions: dict[str, dict[str, Path]]) -> list[Block]:

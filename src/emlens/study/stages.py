@@ -21,7 +21,9 @@ from emlens.analysis.compare import compare_directions
 from emlens.analysis.dose_response import SteerSpec, run_steer
 from emlens.base.io import artifact_kind, atomic_write_json, content_hash, file_sha256, read_json
 from emlens.directions.probe import fit_probe
+from emlens.evaluation.capability import CapabilityConfig, held_out_for, run_capability
 from emlens.evaluation.config import EvalConfig
+from emlens.evaluation.honesty import HonestyConfig, make_honesty_judge, run_honesty
 from emlens.evaluation.run import run_eval
 from emlens.evaluation.settings import sample_count
 from emlens.judges import make_judge
@@ -39,7 +41,7 @@ FINISHED_KINDS = ("direction", "linear_probe", "regression_probe", "comparison")
 
 @dataclass
 class Stage:
-    kind: str  # train | eval | direction | steer | compare
+    kind: str  # train | eval | honesty | capability | direction | steer | compare
     name: str  # e.g. eval:base, direction:refusal@insecure
     inputs: dict  # what the key hashes
     cost: str  # what running it will take, in samples / steps / prompts
@@ -89,6 +91,11 @@ def plan(study: LoadedExperiment) -> list[Stage]:
             stages.append(Stage("eval", f"eval:{entry.name}", {"config": spec.eval.model_dump(mode="json"),
                                                                 "model": identity[entry.name]},
                                 f"{sample_count(spec.eval)} samples", entry.name, upstream))
+        for kind, config in (("honesty", spec.honesty), ("capability", spec.capability)):
+            if config is not None:
+                stages.append(Stage(kind, f"{kind}:{entry.name}", {"config": config.model_dump(mode="json"),
+                                                                   "model": identity[entry.name]},
+                                    study.measure_costs[kind], entry.name, upstream))
         if entry in spec.direction_models():
             for probe_name in study.probe_specs:
                 stage = _direction_stage(study, probe_name, entry.name, identity[entry.name], upstream)
@@ -233,6 +240,21 @@ def _judge(judges: dict, config: EvalConfig):
     return judges[key]
 
 
+def _honesty_judge(judges: dict, config: HonestyConfig):
+    key = ("honesty", config.judge, config.judge_model)
+    if key not in judges:
+        judges[key] = make_honesty_judge(config)
+    return judges[key]
+
+
+def _held_out(study: LoadedExperiment, model: str) -> CapabilityConfig:
+    """A model trained on a mixture is asked GSM8K problems from the end of its own benign order."""
+    trained = study.train_configs.get(model)
+    if trained is None or trained.mixture is None:
+        return study.spec.capability
+    return held_out_for(study.spec.capability, trained.seed, trained.mixture.benign.path)
+
+
 def _run_stage(study: LoadedExperiment, stage: Stage, folder: Path, models: _Models, judges: dict,
                progress: bool) -> None:
     spec = study.spec
@@ -240,6 +262,11 @@ def _run_stage(study: LoadedExperiment, stage: Stage, folder: Path, models: _Mod
         train(study.train_configs[stage.model], folder, device=models.device, progress=progress)
     elif stage.kind == "eval":
         run_eval(models.get(stage.model), spec.eval, folder, judge=_judge(judges, spec.eval), progress=progress)
+    elif stage.kind == "honesty":
+        run_honesty(models.get(stage.model), spec.honesty, folder, judge=_honesty_judge(judges, spec.honesty),
+                    propositions=study.propositions, progress=progress)
+    elif stage.kind == "capability":
+        run_capability(models.get(stage.model), _held_out(study, stage.model), folder, progress=progress)
     elif stage.kind == "direction":
         probe_name = stage.name.split(":", 1)[1].split("@")[0]
         fit_probe(study.probe_specs[probe_name][0], models.get(stage.model, stage.checkpoint), out=folder,
