@@ -261,6 +261,7 @@ def test_bench_ends_with_key_value_pairs(tiny_model_dir, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     pairs = dict(pair.split("=", 1) for pair in last.split())
     assert float(pairs["questions_per_s"]) > 0 and float(pairs["vs_generate"]) > 0
+    assert float(pairs["vs_generate_per_question"]) > 0
     assert pairs["questions"] == "4"
 
 
