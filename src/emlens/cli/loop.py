@@ -77,6 +77,14 @@ def loop_command(
     for fraction in result.fractions:
         typer.echo(_describe_fraction(fraction))
     typer.echo(f"summary: {run / 'summary.parquet'}; trajectories: {run / 'trajectories.parquet'}")
+    if spec.measure is not None:
+        import pandas as pd
+
+        from emlens.evaluation.battery import report_lines
+
+        typer.echo(f"before and after training: {run / 'measures.csv'}, {run / 'measures.png'}")
+        for line in report_lines(pd.read_csv(run / "measures.csv")):
+            typer.echo(line)
 
 
 @bench_app.command("loop")
