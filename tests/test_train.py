@@ -424,6 +424,10 @@ def test_cli_train_checkpoints_and_sweep(tiny_model_dir, tmp_path, chats, capsys
     assert f"{out / 'ratio-50pct'}@2" in capsys.readouterr().out
     assert run_cli("train", "sweep", sweep, "--out", out, "--ratios", "0,0.5", "--no-progress") == 0
     assert capsys.readouterr().out.count("already complete") == 2
+    assert run_cli("train", "sweep", sweep, "--out", out, "--ratios", "0.25", "--no-progress") == 0
+    index = json.loads((out / "cfg.json").read_text())  # a later ratio adds to the sweep, it does not replace it
+    assert [r["name"] for r in index["runs"]] == ["ratio-0pct", "ratio-50pct", "ratio-25pct"]
+    assert all(r["final_step"] == 2 for r in index["runs"])
     assert run_cli("train", "sweep", sweep, "--ratios", "5") == 2
     assert "ratios" in capsys.readouterr().err
 

@@ -9,7 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import CFG_FILE, FORMAT_VERSION, artifact_kind, atomic_write_json, check_writable_folder
+from emlens.base.io import (
+    CFG_FILE,
+    FORMAT_VERSION,
+    artifact_kind,
+    atomic_write_json,
+    check_writable_folder,
+    read_json,
+)
 from emlens.training.config import (
     DEFAULT_RATIOS,
     SweepSettings,
@@ -79,6 +86,7 @@ def train_sweep(config: TrainConfig, out: str | Path, *, ratios: list[float] | N
              "versions": package_versions()}
     if main:
         check_writable_folder(out, SWEEP_KIND)
+        index["runs"] = _earlier_runs(out, {name for name, _ in runs}) + index["runs"]
         atomic_write_json(out / CFG_FILE, index)
     results = []
     for i, (name, run_config) in enumerate(runs, start=1):
@@ -87,9 +95,17 @@ def train_sweep(config: TrainConfig, out: str | Path, *, ratios: list[float] | N
         result = train(run_config, out / name, device=device, progress=progress, echo=echo, cache=cache)
         results.append(result)
         if main:
-            index["runs"][i - 1].update(final_step=result.final_step, final_loss=result.final_loss)
+            entry = next(r for r in index["runs"] if r["name"] == name)
+            entry.update(final_step=result.final_step, final_loss=result.final_loss)
             atomic_write_json(out / CFG_FILE, index)
     return results
+
+
+def _earlier_runs(out: Path, names: set[str]) -> list[dict]:
+    """The runs an earlier call indexed in this folder (other ratios or datasets), still listed: a sweep grows."""
+    if artifact_kind(out) != SWEEP_KIND:
+        return []
+    return [run for run in read_json(out / CFG_FILE)["runs"] if run["name"] not in names]
 
 
 def is_main_process() -> bool:
