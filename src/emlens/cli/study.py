@@ -7,7 +7,16 @@ from typing import Optional
 
 import typer
 
-from emlens.cli.app import DEVICE_OPT, ENGINE_OPT, TP_OPT, app, use_vllm_options
+from emlens.cli.app import (
+    DEVICE_OPT,
+    ENGINE_OPT,
+    TP_OPT,
+    app,
+    given,
+    parse_ratios,
+    quiet_libraries,
+    use_vllm_options,
+)
 
 
 @app.command("run")
@@ -52,7 +61,6 @@ def mixture_study_command(
 ) -> None:
     """Honesty, free-form EM and capability of every adapter of a mixture sweep against its ratio, beside the base
     model and the 0 % control: OUT/mixture.csv (rates with n and 95 % CI) and OUT/mixture.png."""
-    from emlens.cli.app import given, parse_ratios, quiet_libraries
     from emlens.evaluation.battery import report_lines
     from emlens.study.mixture import build_study_config, run_mixture_study
 
