@@ -47,7 +47,6 @@ class RunStore:
         """
         path = self.folder / CFG_FILE
         check_writable_folder(self.folder, manifest["kind"])
-        self.parts.mkdir(parents=True, exist_ok=True)
         if path.exists():
             old = read_json(path)
             if old.get("config") != manifest.get("config"):
@@ -55,9 +54,10 @@ class RunStore:
                                  if old.get("config", {}).get(k) != manifest.get("config", {}).get(k))
                 raise EmlensInputError(f"{path}: run folder holds a different run (changed: {', '.join(changed)}); "
                                        "use a new --out folder")
-            return
-        atomic_write_json(path, {**manifest, "format_version": FORMAT_VERSION, "versions": versions(),
-                                 "created": time.time()})
+        else:  # cfg.json first: a run killed right after would otherwise leave a folder no re-run may write into
+            atomic_write_json(path, {**manifest, "format_version": FORMAT_VERSION, "versions": versions(),
+                                     "created": time.time()})
+        self.parts.mkdir(parents=True, exist_ok=True)
 
     def read_parts(self) -> pd.DataFrame:
         files = sorted(self.parts.glob("part-*.parquet")) if self.parts.exists() else []
