@@ -33,14 +33,15 @@ def given(**options) -> dict:
     return {name: value for name, value in options.items() if value is not None}
 
 
-def parse_ratios(text: Optional[str]) -> Optional[list[float]]:
-    """--ratios: comma-separated fractions (None: not given)."""
+def parse_fractions(text: Optional[str], option: str = "--ratios", example: str = "0,0.01,0.05"
+                    ) -> Optional[list[float]]:
+    """A comma-separated list of fractions given to `option` (None: not given)."""
     if text is None:
         return None
     try:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise EmlensInputError(f"option '--ratios': expected comma-separated fractions like 0,0.01,0.05, "
+        raise EmlensInputError(f"option '{option}': expected comma-separated fractions like {example}, "
                                f"got '{text}'") from None
 
 

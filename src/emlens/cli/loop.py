@@ -7,18 +7,16 @@ from typing import Optional
 
 import typer
 
-from emlens.base.errors import EmlensInputError
-from emlens.cli.app import DEVICE_OPT, MODEL_OPT, app, bench_app, given, model_name, quiet_libraries
-
-
-def _parse_fractions(text: Optional[str]) -> Optional[list[float]]:
-    if text is None:
-        return None
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise EmlensInputError(f"option '--fractions': expected comma-separated fractions like 0,0.5,1, "
-                               f"got '{text}'") from None
+from emlens.cli.app import (
+    DEVICE_OPT,
+    MODEL_OPT,
+    app,
+    bench_app,
+    given,
+    model_name,
+    parse_fractions,
+    quiet_libraries,
+)
 
 
 def _parse_methods(text: Optional[str]) -> Optional[list[str]]:
@@ -65,7 +63,7 @@ def loop_command(
 
     base = load_loop_config(config) if config is not None else LoopConfig()
     spec = base.with_flags(model=model, scenarios=str(scenarios) if scenarios else None, n_scenarios=n_scenarios,
-                           samples_per_scenario=samples, biased_fractions=_parse_fractions(fractions), turns=turns,
+                           samples_per_scenario=samples, biased_fractions=parse_fractions(fractions, "--fractions", "0,0.5,1"), turns=turns,
                            max_new_tokens=max_new_tokens, top_k=top_k, bottom_k=bottom_k,
                            methods=_parse_methods(methods), user_model=user_model, user_endpoint=user_endpoint,
                            seed=seed)

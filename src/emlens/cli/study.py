@@ -13,7 +13,7 @@ from emlens.cli.app import (
     TP_OPT,
     app,
     given,
-    parse_ratios,
+    parse_fractions,
     quiet_libraries,
     use_vllm_options,
 )
@@ -65,7 +65,7 @@ def mixture_study_command(
     from emlens.study.mixture import build_study_config, run_mixture_study
 
     config = build_study_config(
-        config_file, ratios=parse_ratios(ratios),
+        config_file, ratios=parse_fractions(ratios),
         measures=measures.split(",") if measures else None, base=base)
     quiet_libraries()
     table = run_mixture_study(sweep, out, config, echo=typer.echo, **given(device=device))

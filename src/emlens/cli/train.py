@@ -16,7 +16,7 @@ from emlens.cli.app import (
     bench_app,
     given,
     model_name,
-    parse_ratios,
+    parse_fractions,
     quiet_libraries,
 )
 
@@ -104,7 +104,7 @@ def train_sweep_command(
     from emlens.training.config import load_config, with_sweep
     from emlens.training.sweep import train_sweep
 
-    spec = with_sweep(load_config(config), ratios=parse_ratios(ratios), datasets=_parse_datasets(dataset))
+    spec = with_sweep(load_config(config), ratios=parse_fractions(ratios), datasets=_parse_datasets(dataset))
     sweep_out = out or _default_out(config)
     quiet_libraries()
     results = train_sweep(spec, sweep_out, progress=not no_progress, echo=typer.echo, **given(device=device))
