@@ -26,6 +26,7 @@ from emlens.base.io import (
     read_json,
     register_artifact,
     versions,
+    write_manifest,
 )
 
 RUN_KINDS = ("eval_run", "generate_run")
@@ -54,9 +55,9 @@ class RunStore:
                                  if old.get("config", {}).get(k) != manifest.get("config", {}).get(k))
                 raise EmlensInputError(f"{path}: run folder holds a different run (changed: {', '.join(changed)}); "
                                        "use a new --out folder")
-        else:  # cfg.json first: a run killed right after would otherwise leave a folder no re-run may write into
-            atomic_write_json(path, {**manifest, "format_version": FORMAT_VERSION, "versions": versions(),
-                                     "created": time.time()})
+        else:
+            write_manifest(self.folder, {**manifest, "format_version": FORMAT_VERSION, "versions": versions(),
+                                         "created": time.time()})
         self.parts.mkdir(parents=True, exist_ok=True)
 
     def read_parts(self) -> pd.DataFrame:

@@ -26,9 +26,9 @@ from emlens.base.errors import EmlensInputError
 from emlens.base.io import (
     CFG_FILE,
     FORMAT_VERSION,
+    atomic_folder,
     atomic_write_json,
     atomic_write_table,
-    check_writable_folder,
     read_table,
     register_artifact,
 )
@@ -235,22 +235,22 @@ def compare_directions(paths: Sequence[str | Path], out: str | Path, stores: Seq
     names = artifact_names(paths)
     check_comparable(directions, names, force)
     opened = [(artifact_names([Path(s)])[0], ActivationStore(s)) for s in stores]
-    out = check_writable_folder(out, COMPARISON_KIND)
-    out.mkdir(parents=True, exist_ok=True)
     tables = {"cosine": cosine_table(directions, names), "drift": drift_table(directions, names)}
     if opened:
         tables["projection"] = projection_table(opened, directions, names)
-    for name, table in tables.items():
-        atomic_write_table(table, out / f"{name}.parquet")
-    plot_cosines(directions, names, tables["cosine"], out / "compare.png")
-    plot_drift(tables["drift"], directions[0].best_layer, out / "drift.png")
     best = directions[0].best_layer
     at_best = tables["cosine"][tables["cosine"].layer == best]
-    summary = {"kind": COMPARISON_KIND, "format_version": FORMAT_VERSION, "directions": [str(p) for p in paths], "names": names, "d_model": directions[0].d_model,
+    summary = {"kind": COMPARISON_KIND, "format_version": FORMAT_VERSION, "directions": [str(p) for p in paths],
+               "names": names, "d_model": directions[0].d_model,
                "random_p95": random_cosine_quantile(directions[0].d_model), "reference_best_layer": best,
                "cosine_at_best_layer": at_best[["a", "b", "cosine"]].to_dict("records"),
                "stores": [str(s) for s in stores], "created": time.time()}
-    atomic_write_json(out / CFG_FILE, summary)
+    with atomic_folder(out, COMPARISON_KIND) as tmp:  # written whole: a kill leaves the old comparison or none
+        for name, table in tables.items():
+            atomic_write_table(table, tmp / f"{name}.parquet")
+        plot_cosines(directions, names, tables["cosine"], tmp / "compare.png")
+        plot_drift(tables["drift"], best, tmp / "drift.png")
+        atomic_write_json(tmp / CFG_FILE, summary)
     return tables
 
 

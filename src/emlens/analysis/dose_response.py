@@ -37,6 +37,7 @@ from emlens.base.io import (
     short_repr,
     validate,
     versions,
+    write_manifest,
 )
 from emlens.base.stats import bootstrap_ci, rate
 from emlens.directions.artifact import Direction
@@ -217,7 +218,7 @@ def _open_experiment(out: Path, spec: SteerSpec, target: SteerTarget) -> dict:
            "created": time.time()}
     if (out / CFG_FILE).exists() and read_json(out / CFG_FILE).get("spec") != cfg["spec"]:
         raise fail(out, "holds a steering experiment with another spec; use a new --out folder")
-    atomic_write_json(out / CFG_FILE, cfg)
+    write_manifest(out, cfg)
     return cfg
 
 

@@ -292,6 +292,24 @@ def swap_in(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_manifest(folder: PathLike, manifest: dict, first_files: dict[str, str] | None = None) -> None:
+    """Write FOLDER/cfg.json. A folder without one yet (absent, or empty) appears with it, and with `first_files`,
+    in one rename: a run killed at any moment leaves no folder or one its re-run recognises, never a folder of
+    files without a cfg.json that every later run would refuse as not an emlens artifact."""
+    folder = Path(folder)
+    if (folder / CFG_FILE).exists():
+        atomic_write_json(folder / CFG_FILE, manifest)
+        return
+    tmp = folder_beside(folder)
+    try:
+        for name, text in {**(first_files or {}), CFG_FILE: json.dumps(manifest, indent=2, default=str) + "\n"}.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        swap_in(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 # ---------------------------------------------------------------- provenance and paths
 
 

@@ -34,6 +34,7 @@ from emlens.base.io import (
     read_json,
     swap_in,
     versions,
+    write_manifest,
 )
 from emlens.capture.store import ActivationStore
 from emlens.sae.artifact import SAE_FOLDER, SAE_KIND
@@ -192,7 +193,7 @@ def _open_run(out: Path, config: SAETrainConfig, store: ActivationStore) -> dict
         if earlier.get("config") != cfg["config"]:
             raise EmlensInputError(f"{out}: holds an SAE trained with another config; use a new --out folder")
         return earlier
-    atomic_write_json(out / CFG_FILE, cfg)
+    write_manifest(out, cfg)
     return cfg
 
 

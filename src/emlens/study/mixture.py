@@ -27,6 +27,7 @@ from emlens.base.io import (
     read_json,
     register_artifact,
     validate,
+    write_manifest,
 )
 from emlens.evaluation.battery import BatteryConfig, Subject, battery_figure, battery_table, measure_subjects
 from emlens.evaluation.capability import held_out_for
@@ -108,14 +109,14 @@ def run_mixture_study(sweep: PathLike, out: PathLike, config: MixtureStudyConfig
     sweep_path = Path(sweep)
     if sweep_path.is_file():  # a training config: its sweep first (resumable, finished runs skipped)
         train_config = load_config(sweep_path)  # a bad config fails before OUT is written
-        atomic_write_json(out / CFG_FILE, {**manifest, "training_config": str(sweep_path)})
+        write_manifest(out, {**manifest, "training_config": str(sweep_path)})
         train_sweep(train_config, out / "sweep", ratios=config.ratios, device=device, progress=progress, echo=echo)
         sweep_path = out / "sweep"
     found = read_sweep(sweep_path, config.ratios, config.base)
     capability = held_out_for(config.capability, found.seed, found.benign)
     manifest.update(sweep=str(sweep_path), model=found.model, capability_config=capability.model_dump(mode="json"),
                     models=[vars(m) for m in found.models])
-    atomic_write_json(out / CFG_FILE, manifest)
+    write_manifest(out, manifest)
     battery = config.model_copy(update={"capability": capability})
     measure_subjects(found.model, found.models, battery, out, device=device, progress=progress, echo=echo)
     table = battery_table(out, found.models, config.measures)

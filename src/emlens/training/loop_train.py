@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import CFG_FILE, FORMAT_VERSION, atomic_write_json, atomic_write_text, check_writable_folder
+from emlens.base.io import FORMAT_VERSION, atomic_write_text, check_writable_folder, write_manifest
 from emlens.data.chat import Conversation
 from emlens.model import load_model
 from emlens.training.config import LoraSettings, TrainingSettings
@@ -265,7 +265,5 @@ def _check_same_run(existing: dict, spec: LoopTrainSpec, data_sha: str, run: Pat
 
 def _start_run(run: Path, data_text: str, run_info: dict) -> None:
     check_writable_folder(run, RUN_KIND)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "data.jsonl", data_text)
-    atomic_write_json(run / CFG_FILE, {"kind": RUN_KIND, "format_version": FORMAT_VERSION, **run_info,
-                                       "out": str(run), "created": time.time(), "finished": False, "sessions": []})
+    write_manifest(run, {"kind": RUN_KIND, "format_version": FORMAT_VERSION, **run_info, "out": str(run),
+                         "created": time.time(), "finished": False, "sessions": []}, {"data.jsonl": data_text})

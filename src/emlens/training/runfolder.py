@@ -17,11 +17,11 @@ from emlens.base.io import (
     atomic_folder,
     atomic_write_json,
     atomic_write_table,
-    atomic_write_text,
     check_writable_folder,
     read_json,
     register_artifact,
     versions,
+    write_manifest,
 )
 from emlens.training.config import TrainConfig
 from emlens.training.data import TokenizedData, TrainingData
@@ -131,15 +131,13 @@ def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def _start_run(run: Path, data: TrainingData, run_info: dict, tokenized: TokenizedData):
     check_writable_folder(run, RUN_KIND)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "data.jsonl", data.jsonl())
     record = {"kind": RUN_KIND, "format_version": FORMAT_VERSION, **run_info, "out": str(run), "tokens": {"n_examples": len(tokenized.input_ids),
                                                       "n_tokens": tokenized.n_tokens,
                                                       "n_trained_tokens": tokenized.n_trained_tokens,
                                                       "n_truncated": tokenized.n_truncated,
                                                       "n_dropped": tokenized.n_dropped},
               "created": time.time(), "finished": False, "sessions": []}
-    atomic_write_json(run / CFG_FILE, record)
+    write_manifest(run, record, {"data.jsonl": data.jsonl()})
 
 
 def _update_run(run: Path, **fields) -> dict:

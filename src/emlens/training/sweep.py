@@ -16,6 +16,7 @@ from emlens.base.io import (
     atomic_write_json,
     check_writable_folder,
     read_json,
+    write_manifest,
 )
 from emlens.training.config import (
     DEFAULT_RATIOS,
@@ -87,7 +88,7 @@ def train_sweep(config: TrainConfig, out: str | Path, *, ratios: list[float] | N
     if main:
         check_writable_folder(out, SWEEP_KIND)
         index["runs"] = _earlier_runs(out, {name for name, _ in runs}) + index["runs"]
-        atomic_write_json(out / CFG_FILE, index)
+        write_manifest(out, index)
     results = []
     for i, (name, run_config) in enumerate(runs, start=1):
         if main:
