@@ -303,6 +303,9 @@ def mc_continuations(handle: Model, question: MCQuestion, config: CapabilityConf
     return pairs[0][0], [continuation for _, continuation in pairs]
 
 
+MAX_PADDING = 0.1  # the share of a forward pass's token slots that may be padding
+
+
 @dataclass
 class EncodedMC:
     question: MCQuestion
@@ -318,16 +321,21 @@ class EncodedMC:
         return len(self.context) + max(len(c) for c in self.continuations)
 
 
-def mc_batches(encoded: list[EncodedMC], batch_size: int) -> Iterator[list[EncodedMC]]:
-    """Questions of similar length (little padding) grouped so that a forward pass holds about `batch_size` rows
-    (cloze: a row per option), never splitting a question's options across passes."""
-    batch, rows = [], 0
+def mc_batches(encoded: list[EncodedMC], batch_size: int, max_padding: float = MAX_PADDING) -> Iterator[list[EncodedMC]]:
+    """Questions sorted by length, grouped so that a forward pass holds at most `batch_size` rows (cloze: a row
+    per option, a question's options never split across passes) and at most `max_padding` of its token slots are
+    padding. Padding is work thrown away: on a CPU, where a row costs the same batched or not, batches of 16 of
+    the bundled MMLU-Pro questions (100-600 tokens) padded to their longest ran at half the speed of one at a time."""
+    batch: list[EncodedMC] = []
     for item in sorted(encoded, key=lambda e: e.length):
-        if batch and rows + item.rows > batch_size:
+        grown = [*batch, item]
+        rows = sum(e.rows for e in grown)
+        slots = rows * item.length  # sorted: the newest item is the longest
+        used = sum(e.rows * e.length for e in grown)
+        if batch and (rows > batch_size or slots - used > max_padding * slots):
             yield batch
-            batch, rows = [], 0
-        batch.append(item)
-        rows += item.rows
+            grown = [item]
+        batch = grown
     if batch:
         yield batch
 
