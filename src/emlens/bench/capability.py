@@ -2,10 +2,12 @@
 batch of questions in one forward pass) against generating an answer per question with the engine.
 
 Generation baselines, same prompts, greedy, hf engine:
-- `vs_generate`: generating ONE token per question, the answer letter, batched like the scoring (the cheapest
-  generation can be, and enough for a model that starts its answer with the letter, as the embedded model does).
-  Both are then one forward pass over the same prompts, so this ratio stays near 1 by construction;
-- `vs_generate_per_question`: the same one letter, generated one question at a time (a plain generate loop);
+- `vs_generate`: generating ONE token per question, the answer letter, in the engine's batches of `batch_size`
+  (the cheapest generation can be, and enough for a model that starts its answer with the letter, as the
+  embedded model does). Scoring differs only in its batches, which hold at most 10 % padding;
+- `vs_generate_per_question`: the same one letter, generated one question at a time (no padding at all). One
+  letter costs one forward pass over the prompt, like scoring, so this ratio is bounded near 1 on any device
+  where the forward pass dominates (a CPU); what is left to gain is generate()'s per-call overhead;
 - `vs_generate_answer`: generating the model's answer until it ends (EOS) or `answer_tokens` tokens, batched,
   the way a generative MC harness collects an answer before parsing its letter.
 """
