@@ -26,6 +26,9 @@ DEVICE_OPT = typer.Option(None, "--device", help="auto (the default: CUDA if pre
 ENGINE_OPT = typer.Option(None, "--engine", help="who samples: auto (vLLM for a model on a GPU where it is "
                                                  "installed, else hf), hf, vllm")
 TP_OPT = typer.Option(None, "--tensor-parallel-size", min=1, help="GPUs vLLM shards the model across")
+JUDGE_MODEL_OPT = typer.Option(None, "--judge-model", help="endpoint model name or HF model spec")
+JUDGE_CONCURRENCY_OPT = typer.Option(None, "--judge-concurrency", min=1,
+                                     help="requests in flight to an openai judge (default 16)")
 
 
 def given(**options) -> dict:

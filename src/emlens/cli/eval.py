@@ -7,7 +7,19 @@ from typing import Optional
 
 import typer
 
-from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, ENGINE_OPT, MODEL_OPT, TP_OPT, app, bench_app, given, load
+from emlens.cli.app import (
+    ADAPTER_OPT,
+    DEVICE_OPT,
+    ENGINE_OPT,
+    JUDGE_CONCURRENCY_OPT,
+    JUDGE_MODEL_OPT,
+    MODEL_OPT,
+    TP_OPT,
+    app,
+    bench_app,
+    given,
+    load,
+)
 
 eval_app = typer.Typer(help="Behavioural evaluation under nudges: `emlens eval --out RUN ...`; `emlens eval report RUN...`.")
 judge_app = typer.Typer(help="Judges: validate against GPT-4o-judged responses, refit the offline judge.",
@@ -33,9 +45,8 @@ def eval_run_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="first N questions of every setting"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="free-form answer length"),
     judge: Optional[str] = typer.Option(None, "--judge", help="default (offline), openai, hf"),
-    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="endpoint model name or HF model spec"),
-    judge_concurrency: Optional[int] = typer.Option(None, "--judge-concurrency", min=1,
-                                                    help="requests in flight to an openai judge (default 16)"),
+    judge_model: Optional[str] = JUDGE_MODEL_OPT,
+    judge_concurrency: Optional[int] = JUDGE_CONCURRENCY_OPT,
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,

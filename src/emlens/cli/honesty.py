@@ -8,7 +8,18 @@ from typing import Optional
 
 import typer
 
-from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, ENGINE_OPT, MODEL_OPT, TP_OPT, app, given, load
+from emlens.cli.app import (
+    ADAPTER_OPT,
+    DEVICE_OPT,
+    ENGINE_OPT,
+    JUDGE_CONCURRENCY_OPT,
+    JUDGE_MODEL_OPT,
+    MODEL_OPT,
+    TP_OPT,
+    app,
+    given,
+    load,
+)
 
 
 @app.command("honesty")
@@ -34,8 +45,8 @@ def honesty_command(
     betley_limit: Optional[int] = typer.Option(None, "--betley-limit", min=1,
                                                help="system prompts per Betley set (default 2; 20 questions each)"),
     judge: Optional[str] = typer.Option(None, "--judge", help="rule (multiple-choice, the default), hf, openai"),
-    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="endpoint model name or HF model spec"),
-    judge_concurrency: Optional[int] = typer.Option(None, "--judge-concurrency", min=1),
+    judge_model: Optional[str] = JUDGE_MODEL_OPT,
+    judge_concurrency: Optional[int] = JUDGE_CONCURRENCY_OPT,
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
