@@ -22,16 +22,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import FORMAT_VERSION, atomic_write_text, check_writable_folder, write_manifest
+from emlens.base.io import atomic_write_text
 from emlens.data.chat import Conversation
 from emlens.model import load_model
 from emlens.training.config import LoraSettings, TrainingSettings
 from emlens.training.data import tokenize_conversations
 from emlens.training.runfolder import (
-    RUN_KIND,
-    _changed_fields,
+    _check_same_run,
     _export_pending,
     _finish_run,
+    _start_run,
     checkpoint_step,
     latest_trainer_checkpoint,
     package_versions,
@@ -213,7 +213,7 @@ def _train_in_run_folder(records: list[dict], spec: LoopTrainSpec, run: Path, bu
     data_sha = hashlib.sha256(data_text.encode()).hexdigest()
     existing = read_run(run)
     if existing is not None:
-        _check_same_run(existing, spec, data_sha, run)
+        _check_same_run(existing, spec.run_config(), data_sha, run)
         if existing.get("finished"):
             return TrainResult(run, existing["final_step"], existing["checkpoints"], already_complete=True,
                                final_loss=existing.get("final_loss"))
@@ -224,7 +224,7 @@ def _train_in_run_folder(records: list[dict], spec: LoopTrainSpec, run: Path, bu
                     "base_model": spec.model, "base_fingerprint": handle.base_fingerprint,
                     "versions": _versions(spec.method)}
         if existing is None:
-            _start_run(run, data_text, run_info)
+            _start_run(run, run_info, data_text)
         _export_pending(run, run_info)
         resume = latest_trainer_checkpoint(run)
         clock = session_callback()
@@ -251,19 +251,3 @@ def _versions(method: str) -> dict:
 
         found["trl"] = trl.__version__
     return found
-
-
-def _check_same_run(existing: dict, spec: LoopTrainSpec, data_sha: str, run: Path) -> None:
-    old, new = existing.get("config", {}), spec.run_config()
-    if old != new:
-        raise EmlensInputError(f"{run}: the folder holds a run with another config (changed: "
-                               f"{', '.join(sorted(_changed_fields(old, new)))}); use another --out folder")
-    if existing.get("data", {}).get("sha256") != data_sha:
-        raise EmlensInputError(f"{run}: the training data changed since the run started (data hash differs); "
-                               "use another --out folder")
-
-
-def _start_run(run: Path, data_text: str, run_info: dict) -> None:
-    check_writable_folder(run, RUN_KIND)
-    write_manifest(run, {"kind": RUN_KIND, "format_version": FORMAT_VERSION, **run_info, "out": str(run),
-                         "created": time.time(), "finished": False, "sessions": []}, {"data.jsonl": data_text})

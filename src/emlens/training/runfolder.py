@@ -23,8 +23,6 @@ from emlens.base.io import (
     versions,
     write_manifest,
 )
-from emlens.training.config import TrainConfig
-from emlens.training.data import TokenizedData, TrainingData
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -111,13 +109,14 @@ def read_run(run: Path) -> dict | None:
     return read_json(Path(run) / CFG_FILE) if artifact_kind(run) == RUN_KIND else None
 
 
-def _check_same_run(existing: dict, config: TrainConfig, data: TrainingData, run: Path) -> None:
-    old, new = existing.get("config", {}), config.run_config()
+def _check_same_run(existing: dict, new: dict, data_sha: str, run: Path) -> None:
+    """A resumed run must have the config (`run_config()`) and the data it started with."""
+    old = existing.get("config", {})
     if old != new:
         changed = sorted(_changed_fields(old, new))
         raise EmlensInputError(f"{run}: the folder holds a run with another config (changed: "
                                f"{', '.join(changed)}); use another --out folder")
-    if existing.get("data", {}).get("sha256") != data.sha256:
+    if existing.get("data", {}).get("sha256") != data_sha:
         raise EmlensInputError(f"{run}: the training data changed since the run started (data hash differs); "
                                "use another --out folder")
 
@@ -129,15 +128,11 @@ def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if old != new else []
 
 
-def _start_run(run: Path, data: TrainingData, run_info: dict, tokenized: TokenizedData):
+def _start_run(run: Path, run_info: dict, data_jsonl: str, **fields) -> None:
+    """RUN/ with its cfg.json (the run's identity, `fields`, no sessions yet) and the exact training data."""
     check_writable_folder(run, RUN_KIND)
-    record = {"kind": RUN_KIND, "format_version": FORMAT_VERSION, **run_info, "out": str(run), "tokens": {"n_examples": len(tokenized.input_ids),
-                                                      "n_tokens": tokenized.n_tokens,
-                                                      "n_trained_tokens": tokenized.n_trained_tokens,
-                                                      "n_truncated": tokenized.n_truncated,
-                                                      "n_dropped": tokenized.n_dropped},
-              "created": time.time(), "finished": False, "sessions": []}
-    write_manifest(run, record, {"data.jsonl": data.jsonl()})
+    write_manifest(run, {"kind": RUN_KIND, "format_version": FORMAT_VERSION, **run_info, **fields, "out": str(run),
+                         "created": time.time(), "finished": False, "sessions": []}, {"data.jsonl": data_jsonl})
 
 
 def _update_run(run: Path, **fields) -> dict:

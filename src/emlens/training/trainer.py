@@ -253,7 +253,7 @@ def train(config: TrainConfig, out: str | Path, *, device: str = "auto", progres
         data = build_training_data(config, cache)
     existing = read_run(run)
     if existing is not None:
-        _check_same_run(existing, config, data, run)
+        _check_same_run(existing, config.run_config(), data.sha256, run)
         if existing.get("finished"):
             return TrainResult(run, existing["final_step"], existing["checkpoints"], already_complete=True,
                                final_loss=existing.get("final_loss"))
@@ -264,7 +264,10 @@ def train(config: TrainConfig, out: str | Path, *, device: str = "auto", progres
     with args.main_process_first(local=False, desc="prepare the run folder"):
         if args.should_save:
             if existing is None:
-                _start_run(run, data, run_info, tokenized)
+                _start_run(run, run_info, data.jsonl(), tokens={
+                    "n_examples": len(tokenized.input_ids), "n_tokens": tokenized.n_tokens,
+                    "n_trained_tokens": tokenized.n_trained_tokens, "n_truncated": tokenized.n_truncated,
+                    "n_dropped": tokenized.n_dropped})
             _export_pending(run, run_info)
     resume = latest_trainer_checkpoint(run)
     clock = session_callback()
