@@ -4,13 +4,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from emlens.base.errors import EmlensInputError
 from emlens.evaluation.config import EvalConfig, build_eval_config
 from emlens.evaluation.run import run_eval
 from emlens.evaluation.settings import extract_answer, is_correct
 from emlens.evaluation.summary import summarize
 from emlens.generation.sampling import SAMPLE_KEY
 from emlens.judges.base import Choice, Judge, Score, refusal_phrase
+from emlens.model import load_model
 from emlens.runs import RunStore
+from tests.test_compare import lora_adapter  # noqa: F401  (fixture)
 
 
 def small_config(**overrides) -> EvalConfig:
@@ -90,9 +93,18 @@ def test_eval_resumes_after_a_kill(tiny, tiny_judge, tmp_path):
     assert np.allclose(merged.aligned.astype(float), merged.aligned_r.astype(float), equal_nan=True)
 
 
-def test_eval_config_errors_name_the_field(tmp_path):
-    from emlens.base.errors import EmlensInputError
+def test_a_run_folder_refuses_to_resume_with_another_model(tiny_model_dir, lora_adapter, tiny_judge, tmp_path):  # noqa: F811
+    config, out = small_config(settings=["factual"]), tmp_path / "run"
+    run_eval(load_model(str(tiny_model_dir), device="cpu"), config, out, judge=tiny_judge, progress=False)
+    for part in sorted((out / "parts").glob("part-*.parquet"))[1:]:  # as if killed after the first batch
+        part.unlink()
+    tuned = load_model(str(tiny_model_dir), adapter=str(lora_adapter), device="cpu")
+    with pytest.raises(EmlensInputError, match=r"run/cfg.json: run folder holds answers of another model \(.* \+ "):
+        run_eval(tuned, config, out, judge=tiny_judge, progress=False)
+    assert len(list((out / "parts").glob("part-*.parquet"))) == 1  # nothing written
 
+
+def test_eval_config_errors_name_the_field(tmp_path):
     bad = tmp_path / "eval.yaml"
     bad.write_text("free_form:\n  samplez: 3\n")
     with pytest.raises(EmlensInputError, match=r"eval.yaml: unknown field 'free_form.samplez'"):

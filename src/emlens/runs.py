@@ -55,6 +55,7 @@ class RunStore:
                                  if old.get("config", {}).get(k) != manifest.get("config", {}).get(k))
                 raise EmlensInputError(f"{path}: run folder holds a different run (changed: {', '.join(changed)}); "
                                        "use a new --out folder")
+            _check_same_model(path, old.get("model") or {}, manifest.get("model") or {})
         else:
             write_manifest(self.folder, {**manifest, "format_version": FORMAT_VERSION, "versions": versions(),
                                          "created": time.time()})
@@ -90,6 +91,15 @@ class RunStore:
         manifest.update({"finished": time.time(), "n_rows": len(frame), **(extra_manifest or {})})
         atomic_write_json(path, manifest)
         return frame
+
+
+def _check_same_model(path: Path, old: dict, new: dict) -> None:
+    """A resumed run must measure the weights it started with: answers of two models never mix in one table."""
+    if old.get("fingerprint") and new.get("fingerprint") and old["fingerprint"] != new["fingerprint"]:
+        def name(model: dict) -> str:
+            return model.get("model", "?") + (f" + {model['adapter']}" if model.get("adapter") else "")
+        raise EmlensInputError(f"{path}: run folder holds answers of another model ({name(old)}, fingerprint "
+                               f"{old['fingerprint']}; now {name(new)}, {new['fingerprint']}); use a new --out folder")
 
 
 def read_rows(path: str | Path) -> pd.DataFrame:
