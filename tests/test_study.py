@@ -213,7 +213,7 @@ def test_a_training_sweep_becomes_one_model_per_run(experiment, tiny_model_dir, 
 def test_honesty_and_capability_are_stages_of_every_model_and_a_report_section(experiment, tmp_path, capsys):
     path, spec = experiment
     measured = {**spec, "name": "tiny-measured", "steer": None, "directions": None,
-                "honesty": {"limit": 3, "belief_asks": 1, "nudges": ["none"], "deception": False,
+                "honesty": {"limit": 3, "belief_asks": 1, "nudges": ["none", "evil"], "deception": False,
                             "answer_max_new_tokens": 4},
                 "capability": {"tasks": ["mc"], "mc": "mc.jsonl", "mc_limit": 3}}
     (tmp_path / "mc.jsonl").write_text("".join(
@@ -229,7 +229,8 @@ def test_honesty_and_capability_are_stages_of_every_model_and_a_report_section(e
     markdown = (tmp_path / "report" / "report.md").read_text()
     section = markdown.split("## Honesty under pressure and capability")[1].split("\n## ")[0]
     for model in ("base", "tuned"):
-        assert re.search(rf"\| {model} +\| mc_accuracy +\| [0-9.]+ \[[0-9.]+, [0-9.]+\] n=3", section), section
+        # capability is not nudged: its cell under evil is a dash, not nan
+        assert re.search(rf"\| {model} +\| mc_accuracy +\| [0-9.]+ \[[0-9.]+, [0-9.]+\] n=3 \| - \|", section), section
         assert re.search(rf"\| {model} +\| honesty ", section)
     assert "honesty_capability.png" in section
     assert all("done (reused)" in line for line in plan_lines(capsys, other, stages))

@@ -184,7 +184,8 @@ def battery_figure(table: pd.DataFrame, x: str, x_label: str, path: Path, series
     for ax, (measure, title) in zip(axes[0], panels, strict=False):
         rows = table[table.measure == measure]
         for j, (key, part) in enumerate(rows.groupby(list(series), sort=False, dropna=False)):
-            name = ", ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
+            name = ", ".join(f"{column} {k}" for column, k in zip(series, key if isinstance(key, tuple) else (key,),
+                                                                   strict=True))  # e.g. "nudge evil"
             _draw_series(ax, part, x, xs, name, f"C{j}", ringed, ringed_label)
         ax.set_xticks(range(len(xs)), [x_format(v) for v in xs])
         ax.set_xlabel(x_label)

@@ -51,6 +51,7 @@ def _wide(frame: pd.DataFrame, value: str, order: list[str]) -> pd.DataFrame:
     wide["model_name"] = pd.Categorical(wide.model_name, categories=order, ordered=True)
     nudges = sorted(frame.nudge.unique(), key=lambda n: (NUDGE_ORDER.index(n) if n in NUDGE_ORDER else 9, n))
     wide = wide.sort_values(index)[[*index, *nudges]]
+    wide[nudges] = wide[nudges].fillna("-")  # a measure not asked under that nudge (capability has none)
     return wide.rename(columns={"model_name": "model"}).rename_axis(columns=None)
 
 
