@@ -107,3 +107,9 @@ def test_compare_refuses_incompatible_directions(tmp_path):
     with pytest.raises(EmlensInputError, match="width 32"):
         compare_directions([a, narrow], tmp_path / "out", force=True)
     assert run_cli("compare", a, tmp_path / "missing", "--out", tmp_path / "o2") == 2
+    mine = tmp_path / "mine"  # a user's folder: refused, left as it was
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(EmlensInputError, match="not an emlens artifact"):
+        compare_directions([a, save_direction(tmp_path / "a2", torch.randn(3, 64))], mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -96,10 +96,13 @@ class RunStore:
 def _check_same_model(path: Path, old: dict, new: dict) -> None:
     """A resumed run must measure the weights it started with: answers of two models never mix in one table."""
     if old.get("fingerprint") and new.get("fingerprint") and old["fingerprint"] != new["fingerprint"]:
-        def name(model: dict) -> str:
-            return model.get("model", "?") + (f" + {model['adapter']}" if model.get("adapter") else "")
-        raise EmlensInputError(f"{path}: run folder holds answers of another model ({name(old)}, fingerprint "
-                               f"{old['fingerprint']}; now {name(new)}, {new['fingerprint']}); use a new --out folder")
+        raise EmlensInputError(f"{path}: run folder holds answers of another model ({_model_name(old)}, fingerprint "
+                               f"{old['fingerprint']}; now {_model_name(new)}, {new['fingerprint']}); "
+                               "use a new --out folder")
+
+
+def _model_name(model: dict) -> str:
+    return model.get("model", "?") + (f" + {model['adapter']}" if model.get("adapter") else "")
 
 
 def read_rows(path: str | Path) -> pd.DataFrame:

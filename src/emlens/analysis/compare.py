@@ -29,6 +29,7 @@ from emlens.base.io import (
     atomic_folder,
     atomic_write_json,
     atomic_write_table,
+    check_writable_folder,
     read_table,
     register_artifact,
 )
@@ -235,6 +236,7 @@ def compare_directions(paths: Sequence[str | Path], out: str | Path, stores: Seq
     names = artifact_names(paths)
     check_comparable(directions, names, force)
     opened = [(artifact_names([Path(s)])[0], ActivationStore(s)) for s in stores]
+    check_writable_folder(out, COMPARISON_KIND)  # before the projections, which read whole stores
     tables = {"cosine": cosine_table(directions, names), "drift": drift_table(directions, names)}
     if opened:
         tables["projection"] = projection_table(opened, directions, names)
