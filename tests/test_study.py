@@ -94,6 +94,8 @@ def test_shipped_experiments_validate_and_plan(name, shared_data, tmp_path, caps
     kinds = [line.split()[1].split(":")[0] for line in lines]
     assert kinds.count("train") == 2 and kinds.count("eval") == 3 and "steer" in kinds and "compare" in kinds
     assert all(re.search(r" [0-9a-f]{12}  to run ", line) for line in lines)
+    costs = {line.split()[1]: line.split("to run")[1].strip() for line in lines}
+    assert costs["capability:base"] == {"quickstart": "40 mc + 8 gsm8k", "em_qwen7b": "200 mc + 500 gsm8k"}[name]
 
 
 def _run_subprocess(path, out, stages):

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import deep_merge, fail, load_yaml_model, read_yaml_mapping, validate
 from emlens.directions.specs import ProbeSpec, load_spec
-from emlens.evaluation.capability import CapabilityConfig, load_capability_data
+from emlens.evaluation.capability import CapabilityConfig, CapabilityData, load_capability_data
 from emlens.evaluation.config import EvalConfig
 from emlens.evaluation.honesty import HonestyConfig, check_judge_reads, load_propositions
 from emlens.model import DEFAULT_MODEL
@@ -143,9 +143,9 @@ class LoadedExperiment:
         self.propositions = load_propositions(self.spec.honesty) if self.spec.honesty is not None else None
         if self.spec.honesty is not None:
             check_judge_reads(self.spec.honesty.judge, self.propositions, self.spec.honesty.propositions)
-        if self.spec.capability is not None:
-            load_capability_data(self.spec.capability)  # a bad MC or GSM8K file fails here, before any stage
-        self.measure_costs = self._measure_costs()
+        # a bad MC or GSM8K file fails here, before any stage
+        capability = load_capability_data(self.spec.capability) if self.spec.capability is not None else None
+        self.measure_costs = self._measure_costs(capability)
         steer = self.spec.steer
         if steer is not None and steer.direction not in self.probe_specs:
             raise fail(self.path, f"field 'steer.direction': no probe spec named '{steer.direction}' "
@@ -164,14 +164,13 @@ class LoadedExperiment:
             update[section] = config.model_copy(update=beside)
         self.spec = self.spec.model_copy(update=update)
 
-    def _measure_costs(self) -> dict[str, str]:
+    def _measure_costs(self, capability: CapabilityData | None) -> dict[str, str]:
         costs = {}
         if self.spec.honesty is not None:
             costs["honesty"] = f"{len(self.propositions)} propositions x {len(self.spec.honesty.nudges)} nudges"
-        if self.spec.capability is not None:
-            config = self.spec.capability
-            limits = {"mc": config.mc_limit, "gsm8k": config.gsm8k_limit}
-            costs["capability"] = " + ".join(f"{limits[t] or 'all'} {t}" for t in config.tasks)
+        if capability is not None:
+            counts = {"mc": len(capability.mc), "gsm8k": len(capability.gsm8k.problems)}
+            costs["capability"] = " + ".join(f"{counts[t]} {t}" for t in self.spec.capability.tasks)
         return costs
 
     def resolve(self, relative: str, field: str) -> Path:
