@@ -66,3 +66,14 @@ def test_a_comparison_killed_while_plotting_is_redone(tmp_path):
     assert not out.exists()
     compare_directions(paths, out)
     assert read_json(out / CFG_FILE)["kind"] == "comparison" and (out / "drift.png").exists()
+
+
+def test_a_run_into_a_linked_empty_folder_writes_through_the_link(tmp_path):
+    """A folder the user made (here a link to another disk) is written in place, never replaced by a new one."""
+    disk = tmp_path / "big-disk" / "runs"
+    disk.mkdir(parents=True)
+    (tmp_path / "run").symlink_to(disk)
+    store = RunStore(tmp_path / "run", ["id"])
+    store.open({"kind": "eval_run", "config": {}})
+    store.append([{"id": 1}])
+    assert (tmp_path / "run").is_symlink() and artifact_kind(disk) == "eval_run" and list((disk / "parts").iterdir())

@@ -293,11 +293,15 @@ def swap_in(tmp: Path, target: Path) -> None:
 
 
 def write_manifest(folder: PathLike, manifest: dict, first_files: dict[str, str] | None = None) -> None:
-    """Write FOLDER/cfg.json. A folder without one yet (absent, or empty) appears with it, and with `first_files`,
-    in one rename: a run killed at any moment leaves no folder or one its re-run recognises, never a folder of
-    files without a cfg.json that every later run would refuse as not an emlens artifact."""
+    """Write FOLDER/cfg.json. A folder that does not exist yet appears with it, and with `first_files`, in one
+    rename: a run killed at any moment leaves no folder or one its re-run recognises, never a folder of files
+    without a cfg.json that every later run would refuse as not an emlens artifact. A folder the user made
+    (empty: a mount point, a link to another disk) is written in place, never replaced."""
     folder = Path(folder)
-    if (folder / CFG_FILE).exists():
+    if folder.exists():
+        if not (folder / CFG_FILE).exists():
+            for name, text in (first_files or {}).items():
+                atomic_write_text(folder / name, text)
         atomic_write_json(folder / CFG_FILE, manifest)
         return
     tmp = folder_beside(folder)
