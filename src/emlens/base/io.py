@@ -221,8 +221,13 @@ def atomic_write_text(path: PathLike, text: str) -> None:
             os.fsync(f.fileno())
 
 
+def json_text(value: Any) -> str:
+    """How emlens writes JSON files (cfg.json and the rest)."""
+    return json.dumps(value, indent=2, default=str) + "\n"
+
+
 def atomic_write_json(path: PathLike, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, default=str) + "\n")
+    atomic_write_text(path, json_text(value))
 
 
 def atomic_write_table(frame: pd.DataFrame, path: PathLike) -> None:
@@ -306,7 +311,7 @@ def write_manifest(folder: PathLike, manifest: dict, first_files: dict[str, str]
         return
     tmp = folder_beside(folder)
     try:
-        for name, text in {**(first_files or {}), CFG_FILE: json.dumps(manifest, indent=2, default=str) + "\n"}.items():
+        for name, text in {**(first_files or {}), CFG_FILE: json_text(manifest)}.items():
             (tmp / name).write_text(text, encoding="utf-8")
         swap_in(tmp, folder)
     except BaseException:

@@ -63,7 +63,8 @@ def loop_command(
 
     base = load_loop_config(config) if config is not None else LoopConfig()
     spec = base.with_flags(model=model, scenarios=str(scenarios) if scenarios else None, n_scenarios=n_scenarios,
-                           samples_per_scenario=samples, biased_fractions=parse_fractions(fractions, "--fractions", "0,0.5,1"), turns=turns,
+                           samples_per_scenario=samples, turns=turns,
+                           biased_fractions=parse_fractions(fractions, "--fractions", "0,0.5,1"),
                            max_new_tokens=max_new_tokens, top_k=top_k, bottom_k=bottom_k,
                            methods=_parse_methods(methods), user_model=user_model, user_endpoint=user_endpoint,
                            seed=seed)
