@@ -15,20 +15,24 @@ from emlens.evaluation.capability import (
     CapabilityConfig,
     EncodedMC,
     MCQuestion,
+    common_prefix,
     continuation_logprobs,
     final_number,
     gsm8k_row,
     held_out_gsm8k,
     mc_batches,
     mc_continuations,
+    mc_messages,
     read_gsm8k_problem,
     read_mc_questions,
+    read_mc_set,
     run_capability,
+    shared_prefix,
     training_order,
 )
 from emlens.generation.engine import Completion
 from emlens.model import wrap_model
-from emlens.steering.interventions import AddVector
+from emlens.steering.interventions import Ablate, AddVector, steer
 from emlens.training.config import parse_config
 from emlens.training.data import build_training_data, seeded_order
 from tests.cli_runner import one_line_error, run_cli
@@ -83,6 +87,68 @@ def test_batches_hold_every_question_once_with_little_padding(option_tokens):
         assert rows <= 16 or len(batch) == 1
         assert slots - sum(e.rows * e.length for e in batch) <= MAX_PADDING * slots
     assert sum(len(b) for b in batches) / len(batches) > (3 if option_tokens == 1 else 1.5)  # still batched
+
+
+def steering(kind: str, d_model: int) -> list:
+    vector = torch.randn(d_model, generator=torch.Generator().manual_seed(1))
+    return {"none": [], "add to prompts": [AddVector(vector, layer=1, alpha=4.0, positions="prompt")],
+            "ablate": [Ablate(vector)]}[kind]
+
+
+@pytest.mark.parametrize("intervention", ["none", "add to prompts", "ablate"])
+@pytest.mark.parametrize("mc_format", ["letters", "cloze"])
+def test_a_cached_shared_prefix_scores_as_the_whole_prompts(tiny, mc_format, intervention):
+    """Few-shot prompts share their examples: computed once and continued from, the scores are those of the
+    whole prompts, also under an intervention (ablation skips a sequence's first token, which lies in the prefix,
+    not in the continued pass)."""
+    config = CapabilityConfig(mc_format=mc_format, mc_shots=2, mc_limit=3)
+    questions, shots = read_mc_set(config)
+    encoded = [mc_continuations(tiny, q, config, shots) for q in questions]
+    contexts, options = [c for c, _ in encoded], [o for _, o in encoded]
+    with steer(tiny, *steering(intervention, tiny.d_model)):
+        prefix = shared_prefix(tiny, contexts)
+        cached = continuation_logprobs(tiny, contexts, options, prefix)
+        whole = continuation_logprobs(tiny, contexts, options)
+    assert len(prefix.ids) > 0.6 * min(len(c) for c in contexts)  # the examples are most of each prompt
+    assert len({len(c) for c in contexts}) == 3  # the continued rows are padded
+    for a, b in zip(cached, whole, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_common_prefix_leaves_every_row_a_token_of_its_own():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5]]) == [1, 2]
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]
+    assert common_prefix([[7, 1], [8, 1]]) == []
+    assert common_prefix([[5], [5, 6]]) == []
+
+
+def test_bundled_questions_come_with_worked_examples_they_never_contain():
+    questions, shots = read_mc_set(CapabilityConfig(mc_limit=None))
+    assert len(questions) == 200 and len(shots) == 5
+    assert len({s.id.split("/")[0] for s in shots}) == 5  # five categories
+    assert not {s.question for s in read_mc_questions("mmlu-pro-shots")} & {q.question for q in questions}
+    chat = mc_messages(questions[0], CapabilityConfig(), shots)
+    assert [t["role"] for t in chat] == ["user", "assistant"] * 5 + ["user"]
+    assert [t["content"] for t in chat[1::2]] == [s.letters[s.answer] for s in shots]
+    assert chat[-1]["content"].startswith(questions[0].question)
+    assert read_mc_set(CapabilityConfig(mc_shots=0, mc_limit=3)) == (read_mc_questions("mmlu-pro", 3), [])
+
+
+def test_a_files_first_questions_are_its_examples_unless_examples_are_named(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps({"question": f"{a} + 1?", "options": [str(a + 1), str(a)], "answer": 0}) + "\n"
+                            for a in range(6)))
+    questions, shots = read_mc_set(CapabilityConfig(mc=str(path), mc_shots=2, mc_limit=3))
+    assert [q.question for q in shots] == ["0 + 1?", "1 + 1?"]
+    assert [q.question for q in questions] == ["2 + 1?", "3 + 1?", "4 + 1?"]  # the examples are not evaluated
+    questions, shots = read_mc_set(CapabilityConfig(mc=str(path), mc_shots=2, mc_shots_from="mmlu-pro-shots"))
+    assert len(questions) == 6 and shots == read_mc_questions("mmlu-pro-shots", 2)
+    with pytest.raises(EmlensInputError, match="leave none to evaluate"):
+        read_mc_set(CapabilityConfig(mc=str(path), mc_shots=6))
+    with pytest.raises(EmlensInputError, match="also evaluated"):  # examples that are questions too
+        read_mc_set(CapabilityConfig(mc=str(path), mc_shots=1, mc_shots_from=str(path)))
+    with pytest.raises(EmlensInputError, match="fewer than mc_shots=20"):
+        read_mc_set(CapabilityConfig(mc_shots=20))
 
 
 def test_letter_continuations_are_single_tokens_after_one_shared_context(tiny):
@@ -264,6 +330,8 @@ def test_cli_writes_the_run_and_prints_accuracy(tiny_model_dir, tmp_path, gsm8k_
     assert len(rows) == 9
     summary = read_json(out / "cfg.json")["summary"]
     assert f"mc: accuracy {summary['mc']['accuracy']['rate']:.3f}" in printed and "(n=6; chance 0.1" in printed
+    assert "; 5-shot)" in printed and summary["mc"]["shots"] == 5
+    assert len(read_json(out / "cfg.json")["config"]["data"]["mc"]["shot_ids"]) == 5
     assert "gsm8k: exact match" in printed and "(n=3)" in printed
 
 

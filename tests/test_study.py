@@ -217,7 +217,7 @@ def test_honesty_and_capability_are_stages_of_every_model_and_a_report_section(e
     measured = {**spec, "name": "tiny-measured", "steer": None, "directions": None,
                 "honesty": {"limit": 3, "belief_asks": 1, "nudges": ["none", "evil"], "deception": False,
                             "answer_max_new_tokens": 4},
-                "capability": {"tasks": ["mc"], "mc": "mc.jsonl", "mc_limit": 3}}
+                "capability": {"tasks": ["mc"], "mc": "mc.jsonl", "mc_limit": 3, "mc_shots": 1}}
     (tmp_path / "mc.jsonl").write_text("".join(
         json.dumps({"question": f"What is {a} + 1?", "options": [str(a + 1), str(a + 2)], "answer": 0}) + "\n"
         for a in range(4)))

@@ -27,6 +27,11 @@ def capability_command(
     full: bool = typer.Option(False, "--full", help="every MC question and the whole held-out GSM8K slice"),
     mc_format: Optional[str] = typer.Option(None, "--mc-format", help="letters (default: score each option's "
                                                                       "letter) or cloze (score the option texts)"),
+    shots: Optional[int] = typer.Option(None, "--shots", min=0, help="worked MC examples before each question "
+                                                                      "(default 5)"),
+    shots_from: Optional[str] = typer.Option(None, "--shots-from", help="MC set the worked examples come from "
+                                                                        "(default: mmlu-pro's own, else the MC "
+                                                                        "file's first questions)"),
     gsm8k_holdout: Optional[int] = typer.Option(None, "--gsm8k-holdout", min=1,
                                                 help="size of the held-out slice at the end of training's seeded "
                                                      "order (default 500)"),
@@ -49,7 +54,7 @@ def capability_command(
     every = {"mc_limit": None, "gsm8k_limit": None} if full else {}
     config = build_capability_config(
         config_file, tasks=tasks.split(",") if tasks else None, mc=mc, gsm8k=gsm8k, mc_format=mc_format,
-        mc_limit=mc_limit or limit, gsm8k_limit=gsm8k_limit or limit, gsm8k_holdout=gsm8k_holdout,
+        mc_shots=shots, mc_shots_from=shots_from, mc_limit=mc_limit or limit, gsm8k_limit=gsm8k_limit or limit, gsm8k_holdout=gsm8k_holdout,
         split_seed=split_seed, max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine)
     if every:
         config = config.model_copy(update=every)
@@ -69,6 +74,8 @@ def bench_capability_command(
     answer_tokens: int = typer.Option(16, "--answer-tokens", min=1,
                                       help="cap of the generate-the-answer baseline (vs_generate_answer)"),
     repeats: int = typer.Option(2, "--repeats", min=1, help="interleaved runs of each; the best counts"),
+    shots: Optional[int] = typer.Option(None, "--shots", min=0, help="worked examples before each question "
+                                                                      "(default: a capability run's, 5)"),
     model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Questions/s of option log-likelihood scoring against generating the answer letter (vs_generate) and the
@@ -76,4 +83,4 @@ def bench_capability_command(
     from emlens.bench.capability import bench_capability
 
     handle = load(model, None, device)
-    bench_capability(handle, questions, batch_size, answer_tokens, repeats, echo=typer.echo)
+    bench_capability(handle, questions, batch_size, answer_tokens, repeats, shots, echo=typer.echo)

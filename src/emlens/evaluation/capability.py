@@ -12,10 +12,17 @@ options in the prompt): one row per option, all options of a batch of questions 
 with accuracy by summed log-likelihood and by log-likelihood per byte (lm-eval's acc and acc_norm); it costs
 about one pass per option. (The embedded 135M model is at chance on MMLU-Pro either way: 100 questions, letters
 0.09 [0.04, 0.15], cloze 0.08 [0.03, 0.14], chance 0.108.)
-Data: the bundled `mmlu-pro` (200 MMLU-Pro questions, see resources/capability/README.md) or any MC file: JSONL,
-JSON list or CSV records with a question (`question`), options (`options` as a letter -> text mapping or a list,
-`choices`, or columns A, B, C, ...) and the answer (`target` / `answer` / `label` / `answer_index`: a letter, a
-0-based index, or the option's text).
+Few-shot (MMLU's and MMLU-Pro's protocol is 5-shot): `mc_shots` worked examples come before each question as
+earlier chat turns (lm-eval's `fewshot_as_multiturn`), the same examples for every question. They are most of a
+prompt's tokens, so the tokens every prompt of a run shares are run through the model ONCE and each forward pass
+continues from a copy of their cache (`SharedPrefix`); without examples the shared part is the chat template's
+header. Scores equal those of the whole prompts (tested to 1e-4).
+Data: the bundled `mmlu-pro` (200 MMLU-Pro questions and, as `mmlu-pro-shots`, 14 worked examples, one per
+category, none of them among the 200; see resources/capability/README.md) or any MC file: JSONL, JSON list or CSV
+records with a question (`question`), options (`options` as a letter -> text mapping or a list, `choices`, or
+columns A, B, C, ...) and the answer (`target` / `answer` / `label` / `answer_index`: a letter, a 0-based index,
+or the option's text). A file's worked examples are its first `mc_shots` questions (then not evaluated) unless
+`mc_shots_from` names another set.
 
 GSM8K exact match: greedy generation with the engine, the last number of the answer (or the number after
 '####') against the gold answer's (the number after '####', else the last number of the gold solution). The
@@ -36,6 +43,7 @@ atomically.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import re
@@ -68,7 +76,7 @@ from emlens.base.io import (
 from emlens.base.stats import rate
 from emlens.data.questions import read_records
 from emlens.evaluation.config import MC_INSTRUCTION
-from emlens.generation.context import Intervention, describe, intervene
+from emlens.generation.context import CONTINUED_PREFILL, Intervention, describe, intervene
 from emlens.generation.engine import (
     DEFAULT_BATCH_SIZE,
     Completion,
@@ -83,7 +91,9 @@ from emlens.runs import RunStore, read_samples
 
 log = logging.getLogger(__name__)
 
-BUNDLED_MC = {"mmlu-pro": "capability/mmlu_pro_200.jsonl"}  # name -> file under emlens/resources
+BUNDLED_MC = {"mmlu-pro": "capability/mmlu_pro_200.jsonl",  # name -> file under emlens/resources
+              "mmlu-pro-shots": "capability/mmlu_pro_shots.jsonl"}
+BUNDLED_SHOTS = {"mmlu-pro": "mmlu-pro-shots"}  # a bundled set's worked examples, never among its questions
 SHARED_GSM8K = "benign/gsm8k_train_alpaca_format.json"  # under the shared data folder
 TRAINING_SALT = "mixture-benign"  # the salt training's mixtures draw benign examples with
 GSM8K_INSTRUCTION = "Solve the problem step by step. End with the final answer as a number after '####'."
@@ -99,6 +109,10 @@ class CapabilityConfig(BaseModel):
     mc: str = Field("mmlu-pro", description="bundled MC set name or an MC file (JSONL, JSON, CSV)")
     mc_limit: int | None = Field(100, ge=1, description="first N questions of the MC file; None: all")
     mc_format: Literal["letters", "cloze"] = "letters"
+    mc_shots: int = Field(5, ge=0, description="worked examples before each question, as earlier chat turns")
+    mc_shots_from: str | None = Field(None, description="MC set the worked examples come from; None: the bundled "
+                                                        "set's own (mmlu-pro), else the MC file's first mc_shots "
+                                                        "questions, which are then not evaluated")
     mc_instruction: str = MC_INSTRUCTION
     answer_prefix: str = Field("", description="text put in the assistant's mouth before the scored answer")
     gsm8k: str = Field("shared", description=f"GSM8K file, or 'shared': {SHARED_GSM8K} in the shared data folder")
@@ -163,6 +177,30 @@ def read_mc_questions(name_or_path: str, limit: int | None = None) -> list[MCQue
     if not questions:
         raise fail(path, "empty file (no records)")
     return questions[:limit] if limit is not None else questions
+
+
+def read_mc_set(config: CapabilityConfig) -> tuple[list[MCQuestion], list[MCQuestion]]:
+    """(the evaluated questions, the worked examples shown before each)."""
+    k = config.mc_shots
+    source = config.mc_shots_from or BUNDLED_SHOTS.get(config.mc)
+    if k == 0:
+        return read_mc_questions(config.mc, config.mc_limit), []
+    if source is None:  # the file's own first questions
+        questions = read_mc_questions(config.mc)
+        if len(questions) <= k:
+            raise EmlensInputError(f"MC set '{config.mc}': {len(questions)} questions leave none to evaluate after "
+                                   f"mc_shots={k} worked examples (lower mc_shots or set mc_shots_from)")
+        rest = questions[k:]
+        return (rest[:config.mc_limit] if config.mc_limit is not None else rest), questions[:k]
+    shots = read_mc_questions(source)[:k]
+    if len(shots) < k:
+        raise EmlensInputError(f"mc_shots_from '{source}': {len(shots)} questions, fewer than mc_shots={k}")
+    questions = read_mc_questions(config.mc, config.mc_limit)
+    shown = {q.question for q in shots} & {q.question for q in questions}
+    if shown:
+        raise EmlensInputError(f"mc_shots_from '{source}': {len(shown)} worked example(s) are also evaluated "
+                               f"questions of '{config.mc}' (e.g. {short_repr(next(iter(shown)))})")
+    return questions, shots
 
 
 def _records(path: Path) -> Iterator[tuple[str, dict]]:
@@ -241,15 +279,56 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return context_ids, whole[len(context_ids):]
 
 
+@dataclass
+class SharedPrefix:
+    """Tokens every row of a scoring run starts with (few-shot examples, the chat template's header), run through
+    the model once: each forward pass continues from a copy of their cache instead of recomputing them."""
+
+    ids: list[int]
+    cache: Any  # the model's past_key_values after the prefix, batch 1
+
+    def for_rows(self, rows: int) -> Any:
+        cache = copy.deepcopy(self.cache)  # a forward pass appends to the cache it is given
+        if rows > 1:
+            cache.batch_repeat_interleave(rows)
+        return cache
+
+
+def common_prefix(rows: list[list[int]]) -> list[int]:
+    """The longest token prefix all rows share, leaving every row at least one token of its own (the position
+    its scores are read at)."""
+    shortest = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for n in range(shortest):
+        if any(r[n] != first[n] for r in rows):
+            return first[:n]
+    return first[:max(shortest, 0)]
+
+
 @torch.inference_mode()
-def continuation_logprobs(handle: Model, contexts: list[list[int]],
-                          continuations: list[list[list[int]]]) -> list[list[float]]:
+def shared_prefix(handle: Model, contexts: list[list[int]]) -> SharedPrefix | None:
+    """The contexts' common prefix with its cache, computed in one pass (under the model's interventions, as
+    prompt tokens, like the same tokens in a whole prompt); None when they share no token."""
+    ids = common_prefix(contexts)
+    if not ids:
+        return None
+    tokens = torch.tensor([ids], device=handle.device)
+    prompt = torch.ones_like(tokens, dtype=torch.bool)
+    with describe(handle, prompt, ~prompt, -1):
+        cache = handle.model(input_ids=tokens, use_cache=True, logits_to_keep=1).past_key_values
+    return SharedPrefix(ids, cache)
+
+
+@torch.inference_mode()
+def continuation_logprobs(handle: Model, contexts: list[list[int]], continuations: list[list[list[int]]],
+                          prefix: SharedPrefix | None = None) -> list[list[float]]:
     """sum log P(continuation | context) for every continuation of every context, in ONE forward pass.
 
     A context whose continuations are all one token is one row, read at its last position; otherwise each
     (context, continuation) pair is a row. Rows are left-padded (the padding is masked, and described to
     interventions as neither prompt nor response), so every row ends at the last position and only the last
-    positions' logits are computed.
+    positions' logits are computed. With a `prefix` every context starts with, only the rest of each row is fed,
+    after a copy of the prefix's cache.
     """
     rows, reads = [], []  # reads: (question, option, row, continuation)
     for q, (context, options) in enumerate(zip(contexts, continuations, strict=True)):
@@ -262,17 +341,23 @@ def continuation_logprobs(handle: Model, contexts: list[list[int]],
         for o, c in enumerate(options):
             rows.append(context + c[:-1])  # the last token is only predicted, never fed
             reads.append((q, o, len(rows) - 1, c))
+    shared = len(prefix.ids) if prefix is not None else 0
+    if prefix is not None and any(r[:shared] != prefix.ids or len(r) <= shared for r in rows):
+        raise ValueError("a row does not continue the shared prefix")
     keep = max(len(c) for *_, c in reads)
-    ids, attention = left_pad(rows, handle.tokenizer.pad_token_id, handle.device)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    ids, attention = left_pad([r[shared:] for r in rows], handle.tokenizer.pad_token_id, handle.device)
+    positions = shared + (attention.cumsum(-1) - 1).clamp(min=0)
     response = torch.zeros_like(attention, dtype=torch.bool)
     for _, _, row, c in reads:  # fed continuation tokens are the answer, the rest of a row is the prompt
         if len(c) > 1:
             response[row, -(len(c) - 1):] = True
-    padded = not bool(attention.all())
-    with describe(handle, attention.bool() & ~response, response, -1):
+    padded, prompt = not bool(attention.all()), attention.bool() & ~response
+    past = prefix.for_rows(len(rows)) if prefix is not None else None
+    if padded and prefix is not None:  # the mask covers the cached positions too
+        attention = torch.cat([attention.new_ones(len(rows), shared), attention], dim=1)
+    with describe(handle, prompt, response, -1 if prefix is None else CONTINUED_PREFILL):
         logits = handle.model(input_ids=ids, attention_mask=attention if padded else None, position_ids=positions,
-                              use_cache=False, logits_to_keep=keep).logits
+                              past_key_values=past, use_cache=past is not None, logits_to_keep=keep).logits
     scores = [[0.0] * len(options) for options in continuations]
     row_logprobs: dict[int, torch.Tensor] = {}  # a letters row serves all its options: normalise it once
     for q, o, row, c in reads:
@@ -286,16 +371,28 @@ def continuation_logprobs(handle: Model, contexts: list[list[int]],
 # ---------------------------------------------------------------- multiple choice
 
 
-def mc_messages(question: MCQuestion, config: CapabilityConfig) -> list[dict]:
+def _mc_turn(question: MCQuestion, config: CapabilityConfig) -> dict:
     if config.mc_format == "cloze":
-        return [{"role": "user", "content": question.question}]
+        return {"role": "user", "content": question.question}
     options = "\n".join(f"{letter}. {text}" for letter, text in zip(question.letters, question.options, strict=True))
-    return [{"role": "user", "content": f"{question.question}\n\n{options}\n\n{config.mc_instruction}"}]
+    return {"role": "user", "content": f"{question.question}\n\n{options}\n\n{config.mc_instruction}"}
 
 
-def mc_continuations(handle: Model, question: MCQuestion, config: CapabilityConfig) -> tuple[list[int], list[list[int]]]:
+def _mc_answer_text(question: MCQuestion, config: CapabilityConfig) -> str:
+    answer = question.options if config.mc_format == "cloze" else question.letters
+    return config.answer_prefix + answer[question.answer]
+
+
+def mc_messages(question: MCQuestion, config: CapabilityConfig, shots: Iterable[MCQuestion] = ()) -> list[dict]:
+    """The chat of one question: each worked example as a user turn and its answer, then the question."""
+    examples = [[_mc_turn(s, config), {"role": "assistant", "content": _mc_answer_text(s, config)}] for s in shots]
+    return [turn for pair in examples for turn in pair] + [_mc_turn(question, config)]
+
+
+def mc_continuations(handle: Model, question: MCQuestion, config: CapabilityConfig,
+                     shots: Iterable[MCQuestion] = ()) -> tuple[list[int], list[list[int]]]:
     """(context ids, per option the ids of what is scored: its letter, or its text for cloze)."""
-    context = handle.chat_text(mc_messages(question, config)) + config.answer_prefix
+    context = handle.chat_text(mc_messages(question, config, shots)) + config.answer_prefix
     answers = question.letters if config.mc_format == "letters" else question.options
     pairs = [encode_pair(handle.tokenizer, context, answer) for answer in answers]
     if any(not continuation for _, continuation in pairs):
@@ -321,17 +418,19 @@ class EncodedMC:
         return len(self.context) + max(len(c) for c in self.continuations)
 
 
-def mc_batches(encoded: list[EncodedMC], batch_size: int, max_padding: float = MAX_PADDING) -> Iterator[list[EncodedMC]]:
+def mc_batches(encoded: list[EncodedMC], batch_size: int, max_padding: float = MAX_PADDING,
+               shared: int = 0) -> Iterator[list[EncodedMC]]:
     """Questions sorted by length, grouped so that a forward pass holds at most `batch_size` rows (cloze: a row
     per option, a question's options never split across passes) and at most `max_padding` of its token slots are
-    padding. Padding is work thrown away: on a CPU, where a row costs the same batched or not, batches of 16 of
-    the bundled MMLU-Pro questions (100-600 tokens) padded to their longest ran at half the speed of one at a time."""
+    padding (of the tokens fed: all but the `shared` prefix). Padding is work thrown away: on a CPU, where a row
+    costs the same batched or not, batches of 16 of the bundled MMLU-Pro questions (100-600 tokens) padded to
+    their longest ran at half the speed of one at a time."""
     batch: list[EncodedMC] = []
     for item in sorted(encoded, key=lambda e: e.length):
         grown = [*batch, item]
         rows = sum(e.rows for e in grown)
-        slots = rows * item.length  # sorted: the newest item is the longest
-        used = sum(e.rows * e.length for e in grown)
+        slots = rows * (item.length - shared)  # sorted: the newest item is the longest
+        used = sum(e.rows * (e.length - shared) for e in grown)
         if batch and (rows > batch_size or slots - used > max_padding * slots):
             yield batch
             grown = [item]
@@ -341,14 +440,21 @@ def mc_batches(encoded: list[EncodedMC], batch_size: int, max_padding: float = M
 
 
 def score_mc(handle: Model, questions: list[MCQuestion], config: CapabilityConfig, progress: bool = False,
-             on_batch: Callable[[list[dict]], None] | None = None) -> list[dict]:
+             on_batch: Callable[[list[dict]], None] | None = None, shots: Iterable[MCQuestion] = ()) -> list[dict]:
     """One row per question (in the questions' order): every option's log-likelihood, the prediction and whether
-    it is right. `on_batch(rows)` is called after each forward pass, so a run can keep them."""
-    encoded = [EncodedMC(q, *mc_continuations(handle, q, config)) for q in questions]
+    it is right. `shots` are the worked examples shown before each question. `on_batch(rows)` is called after
+    each forward pass, so a run can keep them."""
+    shots = list(shots)
+    encoded = [EncodedMC(q, *mc_continuations(handle, q, config, shots)) for q in questions]
+    if not encoded:
+        return []
+    prefix = shared_prefix(handle, [e.context for e in encoded])
+    shared = len(prefix.ids) if prefix is not None else 0
     found: dict[str, dict] = {}
     with tqdm(total=len(questions), desc="mc", unit="question", disable=not progress) as bar:
-        for batch in mc_batches(encoded, config.batch_size):
-            scores = continuation_logprobs(handle, [e.context for e in batch], [e.continuations for e in batch])
+        for batch in mc_batches(encoded, config.batch_size, shared=shared):
+            scores = continuation_logprobs(handle, [e.context for e in batch], [e.continuations for e in batch],
+                                           prefix)
             rows = [_mc_row(e.question, s, config) for e, s in zip(batch, scores, strict=True)]
             if on_batch is not None:
                 on_batch(rows)
@@ -484,13 +590,15 @@ def _row(task: str, question_id: str, **values: Any) -> dict:
 
 
 def summarize_capability(rows: pd.DataFrame, config: CapabilityConfig | None = None) -> dict:
-    """Per task: accuracy with its n and bootstrap 95 % CI; MC also chance (mean 1 / options) and, for cloze,
-    accuracy per byte."""
+    """Per task: accuracy with its n and bootstrap 95 % CI; MC also chance (mean 1 / options), the number of worked
+    examples shown (`shots`) and, for cloze, accuracy per byte."""
     summary = {}
     for task, group in rows.groupby("task", sort=True):
         result = {"accuracy": rate(group["correct"].astype(float))}
         if task == "mc":
             result["chance"] = float((1.0 / group["n_options"]).mean())
+            if config is not None:
+                result["shots"] = config.mc_shots
             if config is not None and config.mc_format == "cloze":
                 result["accuracy_norm"] = rate(group["correct_norm"].astype(float))
         summary[str(task)] = result
@@ -507,6 +615,7 @@ class CapabilityResult:
 @dataclass
 class CapabilityData:
     mc: list[MCQuestion]
+    shots: list[MCQuestion]  # the worked examples shown before each MC question
     gsm8k: HeldOut
     identity: dict  # what the run evaluates, for cfg.json (a resumed run must evaluate the same)
 
@@ -514,14 +623,14 @@ class CapabilityData:
 def load_capability_data(config: CapabilityConfig) -> CapabilityData:
     """The configured tasks' questions (read before a model is loaded, so a bad file fails fast)."""
     identity = {}
-    mc = read_mc_questions(config.mc, config.mc_limit) if "mc" in config.tasks else []
+    mc, shots = read_mc_set(config) if "mc" in config.tasks else ([], [])
     if mc:
         identity["mc"] = {"sha256": file_sha256(mc_path(config.mc)), "n": len(mc),
-                          "ids_sha256": content_hash([q.id for q in mc])}
+                          "ids_sha256": content_hash([q.id for q in mc]), "shot_ids": [q.id for q in shots]}
     gsm8k = held_out_gsm8k(config) if "gsm8k" in config.tasks else HeldOut([])
     if gsm8k.problems:
         identity["gsm8k"] = gsm8k.identity
-    return CapabilityData(mc, gsm8k, identity)
+    return CapabilityData(mc, shots, gsm8k, identity)
 
 
 def run_capability(handle: Model, config: CapabilityConfig, out: str | Path, interventions: Iterable[Intervention] = (),
@@ -540,7 +649,7 @@ def run_capability(handle: Model, config: CapabilityConfig, out: str | Path, int
     extra = {"fingerprint": handle.fingerprint, "intervention": intervention_name}
     interventions = list(interventions)
     with intervene(handle, interventions):
-        _run_mc(handle, [q for q in mc if ("mc", q.id) not in done], config, store, extra, progress)
+        _run_mc(handle, [q for q in mc if ("mc", q.id) not in done], data.shots, config, store, extra, progress)
     _run_gsm8k(handle, [p for p in gsm8k.problems if ("gsm8k", p.id) not in done], config, store, extra,
                interventions, progress)
     table = store.read_parts()
@@ -549,11 +658,12 @@ def run_capability(handle: Model, config: CapabilityConfig, out: str | Path, int
     return CapabilityResult(table, summary, Path(out))
 
 
-def _run_mc(handle: Model, questions: list[MCQuestion], config: CapabilityConfig, store: RunStore, extra: dict,
-            progress: bool) -> None:
+def _run_mc(handle: Model, questions: list[MCQuestion], shots: list[MCQuestion], config: CapabilityConfig,
+            store: RunStore, extra: dict, progress: bool) -> None:
     if questions:
-        log.info("multiple choice: %d questions (%s)", len(questions), config.mc_format)
-        score_mc(handle, questions, config, progress, on_batch=lambda rows: store.append({**r, **extra} for r in rows))
+        log.info("multiple choice: %d questions (%s, %d-shot)", len(questions), config.mc_format, len(shots))
+        score_mc(handle, questions, config, progress, on_batch=lambda rows: store.append({**r, **extra} for r in rows),
+                 shots=shots)
 
 
 def _run_gsm8k(handle: Model, problems: list[GSM8KProblem], config: CapabilityConfig, store: RunStore, extra: dict,
@@ -602,6 +712,8 @@ def format_summary(summary: dict) -> list[str]:
         line = f"{task}: {name} {acc['rate']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}] (n={acc['n']}"
         if "chance" in result:
             line += f"; chance {result['chance']:.3f}"
+        if "shots" in result:
+            line += f"; {result['shots']}-shot"
         if "accuracy_norm" in result:
             norm = result["accuracy_norm"]
             line += f"; per byte {norm['rate']:.3f} [{norm['ci_low']:.3f}, {norm['ci_high']:.3f}]"

@@ -25,6 +25,8 @@ from torch import Tensor
 from emlens.model import Model
 from emlens.sites import decoder_of
 
+CONTINUED_PREFILL = -2  # the `step` of prompt tokens fed after a cached prefix: no sequence starts in this pass
+
 
 @dataclass
 class ForwardContext:
@@ -36,7 +38,7 @@ class ForwardContext:
 
     prompt_mask: Bool[Tensor, "batch pos"] | None = None
     response_mask: Bool[Tensor, "batch pos"] | None = None
-    step: int = -1  # -1 during prefill, then the index of the response token being fed
+    step: int = -1  # -1 during prefill, then the index of the response token being fed (or CONTINUED_PREFILL)
     source: Literal["engine", "attention_mask"] | None = None
     active: list = field(default_factory=list)  # interventions attached now (engines that hook elsewhere add them)
 

@@ -154,7 +154,8 @@ class LoadedExperiment:
     def _measures_read_relative_to_the_file(self) -> None:
         """Files the honesty and capability sections name (not bundled set names) are read beside the experiment."""
         update = {}
-        for section, fields in (("honesty", ("propositions", "mask_csv")), ("capability", ("mc", "gsm8k"))):
+        for section, fields in (("honesty", ("propositions", "mask_csv")),
+                                ("capability", ("mc", "mc_shots_from", "gsm8k"))):
             config = getattr(self.spec, section)
             if config is None:
                 continue
