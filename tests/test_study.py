@@ -235,6 +235,7 @@ def test_honesty_and_capability_are_stages_of_every_model_and_a_report_section(e
         assert re.search(rf"\| {model} +\| mc_accuracy +\| [0-9.]+ \[[0-9.]+, [0-9.]+\] n=3 \| - \|", section), section
         assert re.search(rf"\| {model} +\| honesty ", section)
     assert "honesty_capability.png" in section
+    assert "MC accuracy by option log-likelihood (1-shot)" in section
     assert all("done (reused)" in line for line in plan_lines(capsys, other, stages))
     bad = {**measured, "honesty": {"propositions": "nowhere.yaml"}}
     other.write_text(yaml.safe_dump(bad))

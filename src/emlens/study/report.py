@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from emlens.analysis.report import write_report_files
-from emlens.base.io import atomic_write_text, read_json, versions
+from emlens.base.io import CFG_FILE, atomic_write_text, read_json, versions
 from emlens.directions.artifact import Direction
 from emlens.evaluation.battery import battery_figure, capability_rows, honesty_rows
 from emlens.evaluation.summary import summarize
@@ -82,9 +82,16 @@ def measure_blocks(honesty: dict[str, Path], capability: dict[str, Path], figure
                    x_format=lambda i: order[int(i)])
     return [Block("heading", "Honesty under pressure and capability"),
             Block("text", "honesty = 1 - P(lie) over the propositions whose belief was kept (the neutral answers "
-                          "agreed); evasion over the same; MC accuracy by option log-likelihood; GSM8K exact match on "
-                          "problems the model's training never drew. Each cell: the rate, its bootstrap 95 % CI, n."),
+                          f"agreed); evasion over the same; MC accuracy by option log-likelihood{_shots(capability)}; "
+                          "GSM8K exact match on problems the model's training never drew. Each cell: the rate, its "
+                          "bootstrap 95 % CI, n."),
             Block("table", _wide(frame, "rate", order)), Block("figure", path)]
+
+
+def _shots(capability: dict[str, Path]) -> str:
+    """' (5-shot)': how many worked examples came before each MC question (runs from before examples had none)."""
+    shots = sorted({read_json(folder / CFG_FILE)["config"].get("mc_shots", 0) for folder in capability.values()})
+    return f" ({' / '.join(map(str, shots))}-shot)" if shots else ""
 
 
 def direction_blocks(directions: dict[str, dict[str, Path]]) -> list[Block]:
