@@ -108,6 +108,22 @@ def test_a_retrained_adapter_is_refused_not_mixed_with_its_old_answers(sweep, ti
     assert "ratio-50pct" in err and "another version of its adapter" in err
 
 
+def test_a_finished_measure_with_other_settings_is_refused_not_passed_off(sweep, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "study"
+    config = small_study(tiny_model_dir, measures=["capability", "honesty"], base=False, ratios=[0.5])
+    run_mixture_study(sweep, out, config, progress=False)
+    said = []
+    run_mixture_study(sweep, out, config, progress=False, echo=said.append)  # the same settings: reused
+    assert said == ["[1/1] ratio-50pct: done"]
+    changed = config.model_copy(update={"capability": config.capability.model_copy(update={"mc_limit": 4,
+                                                                                            "mc_shots": 0})})
+    config_file = write_yaml(tmp_path / "study.yaml", changed.model_dump(mode="json"))
+    capsys.readouterr()
+    err = one_line_error(capsys, run_cli("mixture-study", sweep, "--out", out, "--config", config_file))
+    assert str(out / "ratio-50pct" / "capability") in err and "changed: mc_limit, mc_shots" in err
+    assert (out / "ratio-50pct" / "capability" / "samples.parquet").is_file()  # left as it was
+
+
 def test_ratios_select_adapters_and_yaml_sections_keep_the_study_defaults(sweep, tmp_path):
     assert [m.name for m in read_sweep(sweep, [0.5], base=False).models] == ["ratio-50pct"]
     path = write_yaml(tmp_path / "study.yaml", {"honesty": {"limit": 5}, "ratios": [0.5]})

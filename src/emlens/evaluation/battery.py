@@ -67,8 +67,11 @@ def measure_subjects(model: str, subjects: list[Subject], config: BatteryConfig,
     measures is unfinished, and each measure's run folder resumes what it had done."""
     out = Path(out)
     judges: dict[str, object] = {}
-    for i, subject in enumerate(subjects, start=1):
+    for subject in subjects:  # every refusal before any model loads
         check_same_subject(out / subject.name, subject)
+        for measure in config.measures:
+            check_same_settings(out / subject.name / measure, getattr(config, measure))
+    for i, subject in enumerate(subjects, start=1):
         todo = [m for m in config.measures if not finished(out / subject.name / m)]
         echo(f"[{i}/{len(subjects)}] {subject.name}: " + (", ".join(todo) if todo else "done"))
         if not todo:
@@ -89,6 +92,20 @@ def check_same_subject(folder: Path, subject: Subject) -> None:
                            "to measure it again, or use a new output folder")
     if not path.is_file():
         atomic_write_json(path, identity)
+
+
+def check_same_settings(run: Path, config: BaseModel) -> None:
+    """A finished measure is reused only when it ran with these settings; one that ran with others is refused,
+    never passed off as measured with the new ones. Settings a run does not record (a judge's concurrency) and an
+    engine left to `auto` (recorded as resolved) are not compared."""
+    if not finished(run):
+        return
+    recorded, wanted = read_json(run / CFG_FILE)["config"], config.model_dump(mode="json")
+    changed = [name for name, value in wanted.items() if name in recorded and recorded[name] != value
+               and not (name == "engine" and value == "auto")]
+    if changed:
+        raise fail(run, f"was measured with other settings (changed: {', '.join(changed)}); remove the folder to "
+                        "measure again, or use a new output folder")
 
 
 def finished(run: Path) -> bool:

@@ -25,7 +25,8 @@ A run folder RUN/ holds:
 
 Re-running the same command resumes: finished trajectories, training runs and measures are skipped, a killed
 training resumes from its last checkpoint. The `measure` section may change between runs (it is not part of what
-a re-run must match); `measure: null` measures nothing.
+a re-run must match): a measure added is taken, a finished one whose settings changed is refused (remove its
+folder under measures/ to measure it again); `measure: null` measures nothing.
 """
 
 from __future__ import annotations
