@@ -19,8 +19,8 @@ from emlens.base.io import CFG_FILE, atomic_file, atomic_write_json, deep_merge,
 from emlens.base.stats import rate
 from emlens.evaluation.capability import CapabilityConfig, run_capability
 from emlens.evaluation.config import EvalConfig, FreeFormSpec
-from emlens.evaluation.honesty import HonestyConfig, make_honesty_judge, run_honesty
-from emlens.evaluation.run import run_eval
+from emlens.evaluation.honesty import JUDGING_FIELDS, HonestyConfig, make_honesty_judge, run_honesty
+from emlens.evaluation.run import UNRECORDED_FIELDS, run_eval
 from emlens.evaluation.summary import summarize
 from emlens.judges import make_judge
 from emlens.model import folder_fingerprint, load_model, resolve_adapter
@@ -28,6 +28,8 @@ from emlens.runs import read_samples
 
 Measure = Literal["honesty", "free_form", "capability"]
 SECTIONS = ("honesty", "free_form", "capability")  # each measure's own config
+MISSING = object()  # a setting the run's emlens did not have
+UNRECORDED = {"honesty": JUDGING_FIELDS, "free_form": UNRECORDED_FIELDS, "capability": set()}  # not in cfg.json
 SUBJECT_FILE = "subject.json"  # which adapter (and its fingerprint) a subject's folder measured
 RATE_COLUMNS = ["measure", "nudge", "rate", "n", "ci_low", "ci_high"]
 # (measure, panel title) of the figures, in order; a table without a measure leaves its panel out
@@ -70,7 +72,7 @@ def measure_subjects(model: str, subjects: list[Subject], config: BatteryConfig,
     for subject in subjects:  # every refusal before any model loads
         check_same_subject(out / subject.name, subject)
         for measure in config.measures:
-            check_same_settings(out / subject.name / measure, getattr(config, measure))
+            check_same_settings(out / subject.name / measure, getattr(config, measure), UNRECORDED[measure])
     for i, subject in enumerate(subjects, start=1):
         todo = [m for m in config.measures if not finished(out / subject.name / m)]
         echo(f"[{i}/{len(subjects)}] {subject.name}: " + (", ".join(todo) if todo else "done"))
@@ -94,14 +96,15 @@ def check_same_subject(folder: Path, subject: Subject) -> None:
         atomic_write_json(path, identity)
 
 
-def check_same_settings(run: Path, config: BaseModel) -> None:
-    """A finished measure is reused only when it ran with these settings; one that ran with others is refused,
-    never passed off as measured with the new ones. Settings a run does not record (a judge's concurrency) and an
-    engine left to `auto` (recorded as resolved) are not compared."""
+def check_same_settings(run: Path, config: BaseModel, unrecorded: set[str]) -> None:
+    """A finished measure is reused only when it ran with these settings; one that ran with others (or before a
+    setting existed) is refused, never passed off as measured with the new ones. Settings a run does not record
+    (its judge: honesty re-judges the same answers) and an engine left to `auto` (recorded as resolved) are not
+    compared."""
     if not finished(run):
         return
-    recorded, wanted = read_json(run / CFG_FILE)["config"], config.model_dump(mode="json")
-    changed = [name for name, value in wanted.items() if name in recorded and recorded[name] != value
+    recorded, wanted = read_json(run / CFG_FILE)["config"], config.model_dump(mode="json", exclude=unrecorded)
+    changed = [name for name, value in wanted.items() if recorded.get(name, MISSING) != value
                and not (name == "engine" and value == "auto")]
     if changed:
         raise fail(run, f"was measured with other settings (changed: {', '.join(changed)}); remove the folder to "

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- running
 
 
+UNRECORDED_FIELDS = {"judge_concurrency"}  # changes no result: a re-run may change it and still resume
+
+
 def run_eval(handle: Model, config: EvalConfig, out: str | Path, judge: Judge | None = None,
              interventions=(), intervention_name: str = "none", progress: bool = True,
              extra_manifest: dict | None = None) -> pd.DataFrame:
@@ -34,8 +37,7 @@ def run_eval(handle: Model, config: EvalConfig, out: str | Path, judge: Judge | 
     config = config.model_copy(update={"engine": resolve_engine(handle, config.engine)})  # recorded as it ran
     store = RunStore(out, SAMPLE_KEY)
     store.open({"kind": "eval_run", "model": handle.describe(),
-                # how many judge requests are in flight changes no result: a re-run may change it and still resume
-                "config": {**config.model_dump(exclude={"judge_concurrency"}), "intervention": intervention_name,
+                "config": {**config.model_dump(exclude=UNRECORDED_FIELDS), "intervention": intervention_name,
                            **(extra_manifest or {})}})
     templates: dict[str, dict[str, str]] = {}
     for setting in config.settings:
