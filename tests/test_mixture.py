@@ -124,6 +124,20 @@ def test_a_finished_measure_with_other_settings_is_refused_not_passed_off(sweep,
     assert (out / "ratio-50pct" / "capability" / "samples.parquet").is_file()  # left as it was
 
 
+def test_a_finished_honesty_run_is_judged_again_when_its_judge_changes(sweep, tiny_model_dir, tmp_path):
+    out = tmp_path / "study"
+    config = small_study(tiny_model_dir, measures=["honesty"], base=False, ratios=[0.5])
+    run_mixture_study(sweep, out, config, progress=False)
+    manifest = out / "ratio-50pct" / "honesty" / "cfg.json"
+    assert read_json(manifest)["judge"]["kind"] == "rule"
+    said = []
+    rejudged = config.model_copy(update={"honesty": config.honesty.model_copy(
+        update={"judge": "hf", "judge_model": str(tiny_model_dir)})})
+    run_mixture_study(sweep, out, rejudged, progress=False, echo=said.append)
+    assert said == ["[1/1] ratio-50pct: honesty"]
+    assert read_json(manifest)["judge"].get("kind") != "rule"
+
+
 def test_ratios_select_adapters_and_yaml_sections_keep_the_study_defaults(sweep, tmp_path):
     assert [m.name for m in read_sweep(sweep, [0.5], base=False).models] == ["ratio-50pct"]
     path = write_yaml(tmp_path / "study.yaml", {"honesty": {"limit": 5}, "ratios": [0.5]})

@@ -74,7 +74,7 @@ def measure_subjects(model: str, subjects: list[Subject], config: BatteryConfig,
         for measure in config.measures:
             check_same_settings(out / subject.name / measure, getattr(config, measure), UNRECORDED[measure])
     for i, subject in enumerate(subjects, start=1):
-        todo = [m for m in config.measures if not finished(out / subject.name / m)]
+        todo = [m for m in config.measures if not up_to_date(out / subject.name / m, m, config)]
         echo(f"[{i}/{len(subjects)}] {subject.name}: " + (", ".join(todo) if todo else "done"))
         if not todo:
             continue
@@ -109,6 +109,15 @@ def check_same_settings(run: Path, config: BaseModel, unrecorded: set[str]) -> N
     if changed:
         raise fail(run, f"was measured with other settings (changed: {', '.join(changed)}); remove the folder to "
                         "measure again, or use a new output folder")
+
+
+def up_to_date(run: Path, measure: str, config: BatteryConfig) -> bool:
+    """Finished and, for honesty, judged as configured now: a new judge re-reads the kept answers."""
+    if not finished(run) or measure != "honesty":
+        return finished(run)
+    judged = read_json(run / CFG_FILE).get("honesty_config", {})
+    wanted = config.honesty.model_dump(mode="json", include=JUDGING_FIELDS - {"judge_concurrency"})
+    return all(judged.get(name, MISSING) == value for name, value in wanted.items())
 
 
 def finished(run: Path) -> bool:
