@@ -74,7 +74,8 @@ def bench_capability(handle: Model, n_questions: int = 32, batch_size: int = 16,
          f"{rates['generate']:.2f}/s (one question at a time {rates['generate_per_question']:.2f}/s); generating the "
          f"answer until EOS or {answer_tokens} tokens {rates['generate_answer']:.2f}/s")
     summary = {"questions": len(questions), "shots": len(examples), "batch": batch_size,
-               "mean_prompt_tokens": round(sum(prompt_tokens) / len(prompt_tokens)), "questions_per_s": round(rates["loglik"], 3),
+               "mean_prompt_tokens": round(sum(prompt_tokens) / len(prompt_tokens)),
+               "questions_per_s": round(rates["loglik"], 3),
                "generate_questions_per_s": round(rates["generate"], 3),
                "generate_answer_questions_per_s": round(rates["generate_answer"], 3),
                "vs_generate": round(rates["loglik"] / rates["generate"], 2),
