@@ -22,6 +22,7 @@ from emlens.base.io import (
     SAMPLES_FILE,
     atomic_write_json,
     atomic_write_table,
+    changed_fields,
     check_writable_folder,
     read_json,
     register_artifact,
@@ -51,8 +52,7 @@ class RunStore:
         if path.exists():
             old = read_json(path)
             if old.get("config") != manifest.get("config"):
-                changed = sorted(k for k in set(old.get("config", {})) | set(manifest.get("config", {}))
-                                 if old.get("config", {}).get(k) != manifest.get("config", {}).get(k))
+                changed = changed_fields(old.get("config", {}), manifest.get("config", {}))
                 raise EmlensInputError(f"{path}: run folder holds a different run (changed: {', '.join(changed)}); "
                                        "use a new --out folder")
             _check_same_model(path, old.get("model") or {}, manifest.get("model") or {})

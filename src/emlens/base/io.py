@@ -183,6 +183,15 @@ def file_sha256(path: PathLike) -> str:
     return digest.hexdigest()
 
 
+def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted names of the settings two configs (nested mappings) differ in, sorted; a setting one of them
+    lacks counts as None there."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return sorted(name for key in set(old) | set(new)
+                      for name in changed_fields(old.get(key), new.get(key), f"{prefix}{key}."))
+    return [prefix.rstrip(".")] if old != new else []
+
+
 def content_hash(value: Any, length: int = 16) -> str:
     """sha256 of a JSON-serialisable value (keys sorted), shortened."""
     text = json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from emlens.base.io import CFG_FILE, atomic_file, atomic_write_json, deep_merge, fail, read_json
+from emlens.base.io import CFG_FILE, atomic_file, atomic_write_json, changed_fields, deep_merge, fail, read_json
 from emlens.base.stats import rate
 from emlens.evaluation.capability import CapabilityConfig, run_capability
 from emlens.evaluation.config import EvalConfig, FreeFormSpec
@@ -28,7 +28,6 @@ from emlens.runs import read_samples
 
 Measure = Literal["honesty", "free_form", "capability"]
 SECTIONS = ("honesty", "free_form", "capability")  # each measure's own config
-MISSING = object()  # a setting the run's emlens did not have
 UNRECORDED = {"honesty": JUDGING_FIELDS, "free_form": UNRECORDED_FIELDS, "capability": set()}  # not in cfg.json
 SUBJECT_FILE = "subject.json"  # which adapter (and its fingerprint) a subject's folder measured
 RATE_COLUMNS = ["measure", "nudge", "rate", "n", "ci_low", "ci_high"]
@@ -98,14 +97,13 @@ def check_same_subject(folder: Path, subject: Subject) -> None:
 
 def check_same_settings(run: Path, config: BaseModel, unrecorded: set[str]) -> None:
     """A finished measure is reused only when it ran with these settings; one that ran with others (or before a
-    setting existed) is refused, never passed off as measured with the new ones. Settings a run does not record
-    (its judge: honesty re-judges the same answers) and an engine left to `auto` (recorded as resolved) are not
-    compared."""
+    setting existed, unless it is None now) is refused, never passed off as measured with the new ones. Settings a
+    run does not record (its judge: honesty re-judges the same answers) and an engine left to `auto` (recorded as
+    resolved) are not compared."""
     if not finished(run):
         return
-    recorded, wanted = read_json(run / CFG_FILE)["config"], config.model_dump(mode="json", exclude=unrecorded)
-    changed = [name for name, value in wanted.items() if recorded.get(name, MISSING) != value
-               and not (name == "engine" and value == "auto")]
+    wanted = config.model_dump(mode="json", exclude=unrecorded | ({"engine"} if config.engine == "auto" else set()))
+    changed = changed_fields(_recorded(run, "config", wanted), wanted)
     if changed:
         raise fail(run, f"was measured with other settings (changed: {', '.join(changed)}); remove the folder to "
                         "measure again, or use a new output folder")
@@ -115,9 +113,14 @@ def up_to_date(run: Path, measure: str, config: BatteryConfig) -> bool:
     """Finished and, for honesty, judged as configured now: a new judge re-reads the kept answers."""
     if not finished(run) or measure != "honesty":
         return finished(run)
-    judged = read_json(run / CFG_FILE).get("honesty_config", {})
     wanted = config.honesty.model_dump(mode="json", include=JUDGING_FIELDS - {"judge_concurrency"})
-    return all(judged.get(name, MISSING) == value for name, value in wanted.items())
+    return not changed_fields(_recorded(run, "honesty_config", wanted), wanted)
+
+
+def _recorded(run: Path, section: str, wanted: dict) -> dict:
+    """The settings named in `wanted` as the run's cfg.json records them under `section`."""
+    recorded = read_json(run / CFG_FILE).get(section, {})
+    return {name: recorded.get(name) for name in wanted}
 
 
 def finished(run: Path) -> bool:

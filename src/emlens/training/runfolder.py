@@ -6,7 +6,6 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import (
@@ -17,6 +16,7 @@ from emlens.base.io import (
     atomic_folder,
     atomic_write_json,
     atomic_write_table,
+    changed_fields,
     check_writable_folder,
     read_json,
     register_artifact,
@@ -113,19 +113,11 @@ def _check_same_run(existing: dict, new: dict, data_sha: str, run: Path) -> None
     """A resumed run must have the config (`run_config()`) and the data it started with."""
     old = existing.get("config", {})
     if old != new:
-        changed = sorted(_changed_fields(old, new))
         raise EmlensInputError(f"{run}: the folder holds a run with another config (changed: "
-                               f"{', '.join(changed)}); use another --out folder")
+                               f"{', '.join(changed_fields(old, new))}); use another --out folder")
     if existing.get("data", {}).get("sha256") != data_sha:
         raise EmlensInputError(f"{run}: the training data changed since the run started (data hash differs); "
                                "use another --out folder")
-
-
-def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [f for key in set(old) | set(new)
-                for f in _changed_fields(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [prefix.rstrip(".")] if old != new else []
 
 
 def _start_run(run: Path, run_info: dict, data_jsonl: str, **fields) -> None:
