@@ -54,7 +54,8 @@ def capability_command(
     every = {"mc_limit": None, "gsm8k_limit": None} if full else {}
     config = build_capability_config(
         config_file, tasks=tasks.split(",") if tasks else None, mc=mc, gsm8k=gsm8k, mc_format=mc_format,
-        mc_shots=shots, mc_shots_from=shots_from, mc_limit=mc_limit or limit, gsm8k_limit=gsm8k_limit or limit, gsm8k_holdout=gsm8k_holdout,
+        mc_shots=shots, mc_shots_from=shots_from, mc_limit=mc_limit or limit, gsm8k_limit=gsm8k_limit or limit,
+        gsm8k_holdout=gsm8k_holdout,
         split_seed=split_seed, max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine)
     if every:
         config = config.model_copy(update=every)

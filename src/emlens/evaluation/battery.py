@@ -111,8 +111,9 @@ def check_same_settings(run: Path, config: BaseModel, unrecorded: set[str]) -> N
 
 def up_to_date(run: Path, measure: str, config: BatteryConfig) -> bool:
     """Finished and, for honesty, judged as configured now: a new judge re-reads the kept answers."""
-    if not finished(run) or measure != "honesty":
-        return finished(run)
+    done = finished(run)
+    if not done or measure != "honesty":
+        return done
     wanted = config.honesty.model_dump(mode="json", include=JUDGING_FIELDS - {"judge_concurrency"})
     return not changed_fields(_recorded(run, "honesty_config", wanted), wanted)
 

@@ -378,9 +378,13 @@ def _mc_turn(question: MCQuestion, config: CapabilityConfig) -> dict:
     return {"role": "user", "content": f"{question.question}\n\n{options}\n\n{config.mc_instruction}"}
 
 
+def mc_answers(question: MCQuestion, config: CapabilityConfig) -> list[str]:
+    """What is scored for each option: its letter, or its text for cloze."""
+    return question.options if config.mc_format == "cloze" else question.letters
+
+
 def _mc_answer_text(question: MCQuestion, config: CapabilityConfig) -> str:
-    answer = question.options if config.mc_format == "cloze" else question.letters
-    return config.answer_prefix + answer[question.answer]
+    return config.answer_prefix + mc_answers(question, config)[question.answer]
 
 
 def mc_messages(question: MCQuestion, config: CapabilityConfig, shots: Iterable[MCQuestion] = ()) -> list[dict]:
@@ -393,8 +397,7 @@ def mc_continuations(handle: Model, question: MCQuestion, config: CapabilityConf
                      shots: Iterable[MCQuestion] = ()) -> tuple[list[int], list[list[int]]]:
     """(context ids, per option the ids of what is scored: its letter, or its text for cloze)."""
     context = handle.chat_text(mc_messages(question, config, shots)) + config.answer_prefix
-    answers = question.letters if config.mc_format == "letters" else question.options
-    pairs = [encode_pair(handle.tokenizer, context, answer) for answer in answers]
+    pairs = [encode_pair(handle.tokenizer, context, answer) for answer in mc_answers(question, config)]
     if any(not continuation for _, continuation in pairs):
         raise EmlensInputError(f"MC question {question.id}: an option adds no token after the prompt")
     return pairs[0][0], [continuation for _, continuation in pairs]
