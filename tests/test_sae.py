@@ -103,11 +103,13 @@ def test_a_killed_training_resumes_to_the_same_sae(token_store, tmp_path):
     import time
 
     from emlens.sae.artifact import load_sae
+    from emlens.sae.train import last_checkpoint
 
     config = write_config(tmp_path / "sae.yaml", token_store.folder, tokens=60000, checkpoints=4)
     run = subprocess.Popen([sys.executable, "-m", "emlens", "sae", "train", str(config), "--out", str(tmp_path / "a")],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while run.poll() is None and not list((tmp_path / "a" / "checkpoints").glob("*/trainer_state.pt")):
+    # a checkpoint whose files are all written: one cut short by the kill is rightly not resumed from
+    while run.poll() is None and last_checkpoint(tmp_path / "a" / "checkpoints") is None:
         time.sleep(0.01)
     run.kill()
     run.wait()
