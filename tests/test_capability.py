@@ -343,16 +343,6 @@ def test_cli_bad_mc_file_is_exit_2_and_one_line(tiny_model_dir, tmp_path, capsys
     assert not (tmp_path / "run" / "samples.parquet").exists()
 
 
-def test_bench_ends_with_key_value_pairs(tiny_model_dir, capsys):
-    assert run_cli("bench", "capability", "--model", tiny_model_dir, "--questions", 4, "--batch-size", 4,
-                   "--repeats", 1, "--device", "cpu") == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    pairs = dict(pair.split("=", 1) for pair in last.split())
-    assert float(pairs["questions_per_s"]) > 0 and float(pairs["vs_generate"]) > 0
-    assert float(pairs["vs_generate_per_question"]) > 0
-    assert pairs["questions"] == "4"
-
-
 # ---------------------------------------------------------------- the embedded model
 
 

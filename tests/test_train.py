@@ -432,14 +432,6 @@ def test_cli_train_checkpoints_and_sweep(tiny_model_dir, tmp_path, chats, capsys
     assert "ratios" in capsys.readouterr().err
 
 
-def test_bench_train_prints_the_ratio(tiny_model_dir, chats, capsys):
-    assert run_cli("bench", "train", "--model", tiny_model_dir, "--data", chats, "--steps", 2, "--batch-size", 2,
-                   "--max-length", 64, "--repeats", 1) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    pairs = dict(item.split("=") for item in last.split())
-    assert float(pairs["vs_trainer"]) > 0 and float(pairs["trainer_tok_s"]) > 0
-
-
 def test_accelerate_launch_config_on_cpu(tiny_model_dir, tmp_path, chats):
     """`accelerate launch --config_file configs/accelerate/cpu.yaml -m emlens train CONFIG` (the README command)."""
     config = write_yaml(tmp_path / "tiny.yaml", tiny_config(tiny_model_dir, chats))

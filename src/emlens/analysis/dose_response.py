@@ -50,6 +50,9 @@ from emlens.sae.steer import AblateLatent, check_latent, natural_scale, random_l
 from emlens.sites import SITE_KINDS
 from emlens.steering.interventions import Ablate, AddVector, compose, random_like
 
+# bump when a change alters what a steering experiment holds: `emlens run` then redoes its finished stages
+RESULTS_VERSION = 1
+
 log = logging.getLogger(__name__)
 
 SiteKind = Literal[SITE_KINDS]

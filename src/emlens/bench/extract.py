@@ -140,7 +140,7 @@ def memory_child(model: str, adapter: str | None, device: str, prompts: int, tok
 
 def measure_memory(handle: Model, prompts: int, tokens: int, batch_size: int, shard_mb: float, backend: str) -> dict:
     args = [handle.spec, handle.adapter, str(handle.device), prompts, tokens, batch_size, shard_mb, backend]
-    code = f"from emlens.extract_bench import memory_child; memory_child(*{args!r})"
+    code = f"from emlens.bench.extract import memory_child; memory_child(*{args!r})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"memory run failed: {done.stderr.strip().splitlines()[-1:]}")

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from emlens.base.errors import EmlensInputError
+from emlens.base.servers import exit_status, last_log_line, register_local_server, unregister_local_server
 from emlens.judges.openai import OpenAIJudge
 from emlens.model import embedded_checkpoint, embedded_gguf_path
 
@@ -58,26 +59,42 @@ def vllm_server(log_path: Path, startup_s: float = 600.0) -> Iterator[str]:
 
 @contextlib.contextmanager
 def _serving(command: list[str], port: int, log_path: Path, startup_s: float) -> Iterator[str]:
-    import httpx
-
+    """`command` serving on loopback `port` (its output in `log_path`); yields the base URL. The process is
+    registered while it serves, so a client that loses it says at once that it died, and how."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     with open(log_path, "wb") as log:  # a pipe would fill up and block the server
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        register_local_server(port, proc, log_path)
         try:
-            deadline = time.time() + startup_s
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline or proc.poll() is not None:
-                    raise EmlensInputError(f"{command[2]} did not start (log: {log_path})")
-                time.sleep(0.5)
+            _wait_until_serving(proc, port, log_path, startup_s)
             yield f"http://127.0.0.1:{port}/v1"
         finally:
+            unregister_local_server(port)
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def _wait_until_serving(proc: subprocess.Popen, port: int, log_path: Path, startup_s: float) -> None:
+    import httpx
+
+    deadline = time.time() + startup_s
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise EmlensInputError(f"{server_name(proc.args)} did not start ({exit_status(proc.returncode)}); "
+                                   f"last log line: {last_log_line(log_path)!r} (log: {log_path})")
+        if time.time() > deadline:
+            raise EmlensInputError(f"{server_name(proc.args)} did not answer in {startup_s:g} s (log: {log_path})")
+        time.sleep(0.5)
+
+
+def server_name(command: list[str]) -> str:
+    """`llama_cpp.server` for `python -m llama_cpp.server ...`, else the program's name."""
+    return str(command[2]) if len(command) > 2 and command[1] == "-m" else Path(command[0]).name
 
 
 def bench_prompts(n: int, tag: str) -> list[str]:

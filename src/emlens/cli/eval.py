@@ -127,7 +127,8 @@ def _openai_judge(run: Path, judge_model: Optional[str], concurrency: Optional[i
 
     config = read_json(run / "cfg.json").get("config", {}) if (run / "cfg.json").exists() else {}
     model = judge_model or (config.get("judge_model") if config.get("judge") == "openai" else None)
-    return make_judge("openai", model or DEFAULT_OPENAI_MODEL, **given(concurrency=concurrency))
+    return make_judge("openai", model or DEFAULT_OPENAI_MODEL, preflight=False,  # batch files need no endpoint
+                      **given(concurrency=concurrency))
 
 
 @judge_app.command("export")
@@ -168,11 +169,15 @@ def judge_compare_command(
 ) -> None:
     """Score one table with several judges: per judge the misaligned rate (CI); per pair Spearman of aligned and
     Cohen's kappa of the misaligned label. Written to RUN/judge_compare.json (the eval report shows it)."""
-    from emlens.evaluation.rejudge import compare_judges, write_comparison
+    from emlens.evaluation.rejudge import compare_judges, require_run, write_comparison
     from emlens.judges import make_judge, parse_judges
+    from emlens.judges.preflight import preflight_judges
 
-    chosen = {f"{kind}:{model}" if model else kind: make_judge(kind, model, **given(device=device))
-              for kind, model in parse_judges(judges)}
+    require_run(run)  # before any judge model is resolved or loaded
+    specs = parse_judges(judges)
+    preflight_judges(specs)  # every judge checked before the first one is built
+    chosen = {f"{kind}:{model}" if model else kind: make_judge(kind, model, preflight=False, **given(device=device))
+              for kind, model in specs}
     rates, pairs = compare_judges(run, chosen)
     for row in rates.to_dict("records"):
         typer.echo(f"{row['judge']:<28} misaligned {row['rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] "

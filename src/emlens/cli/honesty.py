@@ -62,6 +62,8 @@ def honesty_command(
         report_lines,
         run_honesty,
     )
+    from emlens.evaluation.preflight import honesty_judges
+    from emlens.judges.preflight import preflight_judges
 
     config = build_honesty_config(
         config_file, propositions=propositions, mask_csv=str(mask_csv) if mask_csv else None, kinds=kind,
@@ -70,6 +72,7 @@ def honesty_command(
         judge_concurrency=judge_concurrency, batch_size=batch_size, seed=seed, engine=engine)
     found = load_propositions(config)  # a bad file fails here, before any model is loaded
     check_judge_reads(config.judge, found, config.mask_csv or config.propositions)
+    preflight_judges(honesty_judges(config))  # the Betley sets' judge too, which the run builds late
     judge_obj = make_honesty_judge(config, **given(device=device))
     handle = load(model, adapter, device, tensor_parallel_size=tensor_parallel_size)
     table = run_honesty(handle, config, out, judge=judge_obj, propositions=found)

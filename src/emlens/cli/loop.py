@@ -32,6 +32,18 @@ def _describe_fraction(result) -> str:
             f"bottom-k {s['satisfaction_bottom']:.2f}; adapters " + ", ".join(str(p) for p in result.adapters.values()))
 
 
+def _preflight(spec) -> None:
+    """The endpoint user and the measures' judges, checked before the first conversation (not hours in)."""
+    from emlens.evaluation.preflight import battery_judges
+    from emlens.judges.preflight import preflight_judges
+    from emlens.training.loop_users import EndpointUser
+
+    if spec.user.kind == "openai":
+        EndpointUser(spec.user.model, spec.user.base_url).preflight()
+    if spec.measure is not None:
+        preflight_judges(battery_judges(spec.measure))
+
+
 @app.command("loop")
 def loop_command(
     config: Optional[Path] = typer.Argument(None, help="loop config YAML (see configs/loop_smollm2.yaml); a flag "
@@ -69,6 +81,7 @@ def loop_command(
                            methods=_parse_methods(methods), user_model=user_model, user_endpoint=user_endpoint,
                            seed=seed)
     run = out or Path("artifacts") / "loop" / (config.stem if config else "default")
+    _preflight(spec)
     quiet_libraries()
     result = run_loop(spec, run, progress=not no_progress, echo=typer.echo, **given(device=device))
     resumed = "nothing new to generate" if result.generated == 0 else f"{result.generated} generated"

@@ -24,9 +24,11 @@ def steer_command(
 ) -> None:
     """Re-run an eval setting under each intervention (direction x scales, random control): table + figure."""
     from emlens.analysis.dose_response import load_spec, print_steer, run_steer
+    from emlens.judges.preflight import preflight_judge
 
     steer_spec, base = load_spec(spec, {"model": model, "adapter": adapter, "direction": direction},
                                  limit=limit, samples=samples, engine=engine)
+    preflight_judge(steer_spec.eval.judge, steer_spec.eval.judge_model)  # before the model is loaded
     handle = load(steer_spec.model, steer_spec.adapter, device, tensor_parallel_size=tensor_parallel_size)
     run_steer(steer_spec, base, out, handle=handle, echo=typer.echo)
     print_steer(out, echo=typer.echo)

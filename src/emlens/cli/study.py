@@ -35,7 +35,7 @@ def run_command(
 
     root = stages or DEFAULT_STAGES
     if plan_only:
-        for line in plan_experiment(experiment, root, engine=engine):
+        for line in plan_experiment(experiment, root, engine=engine, device=device or "auto"):
             typer.echo(line)
         return
     use_vllm_options(tensor_parallel_size)
@@ -62,11 +62,14 @@ def mixture_study_command(
     """Honesty, free-form EM and capability of every adapter of a mixture sweep against its ratio, beside the base
     model and the 0 % control: OUT/mixture.csv (rates with n and 95 % CI) and OUT/mixture.png."""
     from emlens.evaluation.battery import report_lines
+    from emlens.evaluation.preflight import battery_judges
+    from emlens.judges.preflight import preflight_judges
     from emlens.study.mixture import build_study_config, run_mixture_study
 
     config = build_study_config(
         config_file, ratios=parse_fractions(ratios),
         measures=measures.split(",") if measures else None, base=base)
+    preflight_judges(battery_judges(config))  # before the sweep is trained or measured
     quiet_libraries()
     table = run_mixture_study(sweep, out, config, echo=typer.echo, **given(device=device))
     typer.echo(f"wrote {out / 'mixture.csv'} and {out / 'mixture.png'}")

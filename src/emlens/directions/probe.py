@@ -29,6 +29,9 @@ from emlens.directions.specs import Contrast, ProbeSpec, SpecContext, load_spec
 from emlens.model import Model
 from emlens.sites import resolve_sites
 
+# bump when a change alters what a fitted direction or probe holds: `emlens run` then redoes its finished stages
+RESULTS_VERSION = 1
+
 
 def fit_store(store: ActivationStore, data: ProbeData, spec: ProbeSpec, sites: list, progress: bool = True
               ) -> tuple[dict[str, np.ndarray], pd.DataFrame]:

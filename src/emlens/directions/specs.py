@@ -196,3 +196,23 @@ class SpecContext:
         if not path.exists():
             raise EmlensInputError(f"{self.spec_file} field '{field_name}': no such file {path}")
         return path
+
+
+def spec_input_files(spec: ProbeSpec, ctx: SpecContext) -> dict[str, Path]:
+    """Every data file the spec reads, by field: what a fitted direction's content depends on (besides the model)."""
+    files: dict[str, Path] = {}
+
+    def add(value: str | list[str] | None, field_name: str) -> None:
+        for i, item in enumerate([value] if isinstance(value, str) else value or []):
+            path = ctx.resolve(item, field_name)
+            files[f"{field_name}.{i}"] = path / "samples.parquet" if path.is_dir() else path  # a run folder's table
+
+    for side in ("positive", "negative") if spec.contrast else ():
+        for j, source in enumerate(spec.contrast.side(side)):
+            where = f"contrast.{side}.{j}"
+            for name in ("questions", "persona", "table", "nudges_file"):
+                add(getattr(source, name), f"{where}.{name}")
+    if spec.score is not None:
+        add(spec.score.table, "score.table")
+        add(spec.score.rate.questions if spec.score.rate else None, "score.rate.questions")
+    return files

@@ -89,6 +89,8 @@ from emlens.generation.engine import (
 from emlens.model import Model
 from emlens.runs import RunStore, read_samples
 
+RESULTS_VERSION = 1  # bump when a change alters what a capability run holds: `emlens run` then redoes finished stages
+
 log = logging.getLogger(__name__)
 
 BUNDLED_MC = {"mmlu-pro": "capability/mmlu_pro_200.jsonl",  # name -> file under emlens/resources
@@ -621,6 +623,19 @@ class CapabilityData:
     shots: list[MCQuestion]  # the worked examples shown before each MC question
     gsm8k: HeldOut
     identity: dict  # what the run evaluates, for cfg.json (a resumed run must evaluate the same)
+
+
+def capability_input_files(config: CapabilityConfig) -> dict[str, Path]:
+    """Every data file a capability run reads, by field: what a finished run's content depends on."""
+    files = {}
+    if "mc" in config.tasks:
+        files["mc"] = mc_path(config.mc)
+        shots = config.mc_shots_from or BUNDLED_SHOTS.get(config.mc)
+        if config.mc_shots and shots is not None:
+            files["mc_shots_from"] = mc_path(shots)
+    if "gsm8k" in config.tasks:
+        files["gsm8k"] = gsm8k_path(config.gsm8k)
+    return files
 
 
 def load_capability_data(config: CapabilityConfig) -> CapabilityData:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from emlens.base.io import load_yaml_model, validate
+from emlens.data.questions import questions_path
 from emlens.generation.engine import DEFAULT_BATCH_SIZE
 
 Setting = Literal["free_form", "deception", "refusal", "factual", "harm_perception"]
@@ -81,6 +82,19 @@ class EvalConfig(BaseModel):
     top_p: float = 1.0
     seed: int = 0
     engine: Literal["auto", "hf", "vllm"] = "auto"  # who samples (see emlens.generation.engine)
+
+    def input_files(self) -> dict[str, Path]:
+        """Every data file the configured settings read, by field: what a finished run's content depends on."""
+        sources = {"free_form": {"free_form.questions": [self.free_form.questions]},
+                   "deception": {"deception.questions_sets": self.deception.questions_sets},
+                   "refusal": {"refusal.harmful": self.refusal.harmful, "refusal.harmless": self.refusal.harmless},
+                   "factual": {"factual.questions": [self.factual.questions]},
+                   "harm_perception": {"harm_perception.questions": [self.harm_perception.questions]}}
+        files = {f"{name}.{i}": questions_path(value) for setting in self.settings
+                 for name, values in sources[setting].items() for i, value in enumerate(values)}
+        if self.nudges_file is not None:
+            files["nudges_file"] = Path(self.nudges_file)
+        return files
 
     def with_flags(self, settings: str | None = None, nudges: list[str] | None = None,
                    nudges_file: str | Path | None = None, samples: int | None = None, questions: str | None = None,

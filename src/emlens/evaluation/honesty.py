@@ -56,6 +56,7 @@ from emlens.base.io import (
 from emlens.base.stats import rate
 from emlens.data.nudges import Nudge, apply_nudge, resolve_nudges
 from emlens.data.questions import check_unique_ids, csv_records
+from emlens.evaluation.config import EvalConfig
 from emlens.evaluation.deception import (
     DECEPTION_PROMPT,
     answer_option,
@@ -76,6 +77,8 @@ from emlens.judges import make_judge
 from emlens.judges.base import Judge
 from emlens.model import Model
 from emlens.runs import RunStore
+
+RESULTS_VERSION = 1  # bump when a change alters what an honesty run holds: `emlens run` then redoes finished stages
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +215,18 @@ def propositions_path(name_or_path: str) -> Path:
         raise EmlensInputError(f"propositions '{name_or_path}': no such file (bundled: "
                                f"{', '.join(BUNDLED_PROPOSITIONS)})")
     return path
+
+
+def honesty_input_files(config: HonestyConfig) -> dict[str, Path]:
+    """Every data file an honesty run reads, by field: what a finished run's content depends on."""
+    files = ({"mask_csv": propositions_path(config.mask_csv)} if config.mask_csv is not None
+             else {"propositions": propositions_path(config.propositions)})
+    if config.nudges_file is not None:
+        files["nudges_file"] = Path(config.nudges_file)
+    if config.betley:  # the eval's deception sets, run as that setting
+        deception = EvalConfig(settings=["deception"]).input_files()
+        files.update({f"betley.{name}": path for name, path in deception.items()})
+    return files
 
 
 def read_propositions(name_or_path: str = "emlens-honesty", limit: int | None = None,

@@ -28,6 +28,15 @@ from emlens.runs import SAMPLES_FILE, read_samples
 BATCH_URL = "/v1/chat/completions"
 
 
+def require_run(run: str | Path) -> Path:
+    """The folder of a finished eval run (its samples table), else one line."""
+    run = Path(run)
+    if not (run / SAMPLES_FILE).is_file():
+        problem = "no such folder" if not run.exists() else f"not an eval run folder (no {SAMPLES_FILE})"
+        raise EmlensInputError(f"{run}: {problem}")
+    return run
+
+
 def run_templates(run: Path) -> dict[str, dict[str, str]]:
     """The judge prompts of the run's questions (by question id); a run written before they were saved has none,
     so its questions are judged with the default prompts."""
@@ -136,7 +145,7 @@ def relabel(run: Path, judge: Judge) -> pd.DataFrame:
 def compare_judges(run: str | Path, judges: dict[str, Judge]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The run's table scored by each judge: (misaligned rate per judge with n and CI; per pair, Spearman of
     `aligned` and Cohen's kappa of the misaligned label over the rows both judged)."""
-    run = Path(run)
+    run = require_run(run)
     table, templates = read_samples(run), run_templates(run)
     scored = {name: judged_rows(judge_table(table, judge, templates)) for name, judge in judges.items()}
     rates = pd.DataFrame([{"judge": name, **rate(frame.misaligned.astype(float))} for name, frame in scored.items()])

@@ -21,6 +21,8 @@ from emlens.judges.base import Judge
 from emlens.model import Model
 from emlens.runs import RunStore
 
+RESULTS_VERSION = 1  # bump when a change alters what an eval run holds: `emlens run` then redoes finished stages
+
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- running
@@ -34,6 +36,8 @@ def run_eval(handle: Model, config: EvalConfig, out: str | Path, judge: Judge | 
              extra_manifest: dict | None = None) -> pd.DataFrame:
     """Run every configured setting (resumable), judge the rows, and write RUN/samples.parquet."""
     nudges = resolve_nudges(config.nudges, config.nudges_file)
+    if judge is None:  # before any sampling: a judge that cannot run fails here, not after the generation
+        judge = make_judge(config.judge, config.judge_model, concurrency=config.judge_concurrency)
     config = config.model_copy(update={"engine": resolve_engine(handle, config.engine)})  # recorded as it ran
     store = RunStore(out, SAMPLE_KEY)
     store.open({"kind": "eval_run", "model": handle.describe(),
@@ -44,8 +48,6 @@ def run_eval(handle: Model, config: EvalConfig, out: str | Path, judge: Judge | 
         log.info("setting %s", setting)
         questions = RUNNERS[setting](handle, config, nudges, store, interventions, intervention_name, progress)
         templates.update({q.id: q.judge_prompts for q in questions or []})
-    if judge is None:
-        judge = make_judge(config.judge, config.judge_model, concurrency=config.judge_concurrency)
     atomic_write_json(Path(out) / TEMPLATES_FILE, templates)  # `emlens judge export / compare` judge the run again
     table = judge_table(store.read_parts(), judge, templates)
     return store.finish({"judge": judge.id, "judge_identity": {**judge.identity(),

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+import torch
+
 from emlens.base.errors import EmlensInputError
 from emlens.generation import vllm_engine
 from emlens.generation.context import Intervention, context_of
@@ -42,6 +44,15 @@ def resolve_engine(handle: Model, engine: str = "auto") -> str:
         if reason is not None:
             raise EmlensInputError(f"engine vllm: {reason}")
     return engine
+
+
+def planned_engine(engine: str, device: str = "auto") -> str:
+    """The engine `resolve_engine` will pick for a model on disk loaded on `device`, known before it is loaded
+    (so a finished result made by one engine is never reused as another's)."""
+    if engine != "auto":
+        return engine
+    cuda = device.startswith("cuda") or (device in ("auto", "shard") and torch.cuda.is_available())
+    return "vllm" if cuda and vllm_engine.vllm_installed() else "hf"
 
 
 def generate(handle: Model, requests: Sequence[Request], config: GenerationConfig | None = None,

@@ -10,7 +10,8 @@ probable choice, the probabilities normalised over the choices and their total m
 - `default`: offline, fitted on GPT-4o-judged responses; sentence embeddings + linear heads shipped in the
   package (see `emlens.judges.fit` for the command that refits them).
 
-Results are cached by a content hash of (judge identity, prompt), so a re-run never pays twice.
+Results are cached by a content hash of (judge identity, prompt), so a re-run never pays twice. `make_judge`
+checks that a judge can run before it returns (see `emlens.judges.preflight`), so a command fails before its work.
 """
 
 from __future__ import annotations
@@ -20,21 +21,26 @@ from emlens.judges.base import Judge, default_cache
 from emlens.judges.embedding import EmbeddingJudge
 from emlens.judges.hf import HFJudge
 from emlens.judges.openai import DEFAULT_CONCURRENCY, OpenAIJudge
+from emlens.judges.preflight import DEFAULT_OPENAI_MODEL, check_model_spec
 from emlens.model import DEFAULT_MODEL, load_model
-
-DEFAULT_OPENAI_MODEL = "gpt-4o-2024-08-06"
 
 
 def make_judge(kind: str, model: str | None = None, device: str = "auto", cache: bool = True,
-               concurrency: int = DEFAULT_CONCURRENCY) -> Judge:
+               concurrency: int = DEFAULT_CONCURRENCY, preflight: bool = True) -> Judge:
     """`default` (offline embedding judge), `openai` (model = endpoint model name; `concurrency` requests in
-    flight), `hf` (model = spec)."""
+    flight), `hf` (model = spec). With `preflight` a judge that cannot run is one line here (no key, endpoint
+    unreachable, a model spec that resolves to nothing); without, an openai judge is built offline (batch files)."""
     store = default_cache() if cache else None
     if kind == "default":
         return EmbeddingJudge.load_default(cache=store)
     if kind == "openai":
-        return OpenAIJudge(model=model or DEFAULT_OPENAI_MODEL, cache=store, concurrency=concurrency)
+        judge = OpenAIJudge(model=model or DEFAULT_OPENAI_MODEL, cache=store, concurrency=concurrency)
+        if preflight:
+            judge.preflight()
+        return judge
     if kind == "hf":
+        if preflight:
+            check_model_spec(model or DEFAULT_MODEL)
         return HFJudge(load_model(model or DEFAULT_MODEL, device=device), cache=store)
     raise EmlensInputError(f"judge '{kind}': unknown kind (expected default, openai or hf)")
 

@@ -195,6 +195,9 @@ class Judge:
     def choice_id(self, choices: Sequence[str]) -> str:
         return f"{self.id}|choices:{'/'.join(choices)}"
 
+    def preflight(self) -> None:
+        """Raise one line now when this judge cannot work (checked before the work whose output it judges)."""
+
     def identity(self) -> dict:
         """What makes this judge's numbers what they are (kind, model, endpoint, decoding): into every run."""
         return {"id": self.id}

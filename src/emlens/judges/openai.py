@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from urllib.parse import urlparse
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.http import RetryPolicy, post_with_retries
+from emlens.base.http import RetryPolicy, check_endpoint, post_with_retries
 from emlens.judges.base import (
     Choice,
     Judge,
@@ -29,6 +29,7 @@ from emlens.judges.base import (
 
 TOP_LOGPROBS = 20
 DEFAULT_CONCURRENCY = 16
+KEY_HINT = "set EMLENS_JUDGE_API_KEY or OPENAI_API_KEY, or EMLENS_JUDGE_BASE_URL for another endpoint"
 
 
 class JudgeEndpointError(EmlensInputError):
@@ -59,8 +60,13 @@ class OpenAIJudge(Judge):
         return {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
                 "temperature": 0, "logprobs": True, "top_logprobs": TOP_LOGPROBS, "seed": 0}
 
+    def preflight(self) -> None:
+        """One line, before any work, when the endpoint cannot answer (no key for OpenAI's API, unreachable, key
+        refused)."""
+        check_endpoint(self.base_url, _api_key(), "judge openai", KEY_HINT)
+
     def _headers(self) -> dict:
-        key = os.environ.get("EMLENS_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        key = _api_key()
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _score_results(self, prompts: list[str]) -> Iterator[tuple[int, Score]]:
@@ -117,6 +123,10 @@ class OpenAIJudge(Judge):
     def _count_attempt(self) -> None:
         with self._count_lock:
             self.requests_sent += 1
+
+
+def _api_key() -> str | None:
+    return os.environ.get("EMLENS_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
 def top_logprobs(payload: dict) -> dict[str, float]:

@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 STUDY_KIND = "study"
 
 
-def plan_experiment(path: str | Path, stages: str | Path = DEFAULT_STAGES, engine: str | None = None) -> list[str]:
-    """`emlens run --plan`: one line per stage: its key, whether it is done, and what it will cost."""
-    return describe_plan(plan(LoadedExperiment(path, engine=engine)), Path(stages))
+def plan_experiment(path: str | Path, stages: str | Path = DEFAULT_STAGES, engine: str | None = None,
+                    device: str = "auto") -> list[str]:
+    """`emlens run --plan`: one line per stage: its key, whether it is done, and what it will cost. `device` as for
+    `run_experiment` (it decides what engine `auto` means, and so the keys)."""
+    return describe_plan(plan(LoadedExperiment(path, engine=engine), device), Path(stages))
 
 
 def run_experiment(path: str | Path, out: str | Path | None = None, stages: str | Path = DEFAULT_STAGES,

@@ -2,7 +2,10 @@
 
 Each stage's output folder is named by a hash of everything it depends on: its config section, the identity of
 the model it reads (base weights' fingerprint, adapter fingerprint, or the key of the train stage that made the
-adapter), its data (probe spec file, training data hash) and the keys of the stages it reads. Stages live in a
+adapter), the content of every data file it reads (question sets, probe spec and the files it names, MC / GSM8K /
+proposition files, training data), the judge's identity (offline weights, endpoint and model, local judge
+weights), the engine that will sample (`auto` resolved), the code version (emlens's and the measure's own
+RESULTS_VERSION) and the keys of the stages it reads. Stages live in a
 shared folder (default `artifacts/stages`), so re-running an experiment, or another experiment that shares a
 stage, reuses the finished folder. A stage is finished when its artifact's cfg.json says so; an unfinished one
 resumes (eval and steer runs keep their finished samples, training resumes from its last checkpoint).
@@ -17,18 +20,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emlens.analysis import compare, dose_response
 from emlens.analysis.compare import compare_directions
 from emlens.analysis.dose_response import SteerSpec, run_steer
 from emlens.base.io import artifact_kind, atomic_write_json, content_hash, file_sha256, read_json
+from emlens.base.version import __version__
+from emlens.directions import probe
 from emlens.directions.probe import fit_probe
-from emlens.evaluation.capability import CapabilityConfig, held_out_for, run_capability
+from emlens.directions.specs import SpecContext, spec_input_files
+from emlens.evaluation import capability, honesty
+from emlens.evaluation import run as eval_run
+from emlens.evaluation.capability import CapabilityConfig, capability_input_files, held_out_for, run_capability
 from emlens.evaluation.config import EvalConfig
-from emlens.evaluation.honesty import HonestyConfig, make_honesty_judge, run_honesty
+from emlens.evaluation.honesty import HonestyConfig, honesty_input_files, make_honesty_judge, run_honesty
 from emlens.evaluation.run import run_eval
 from emlens.evaluation.settings import sample_count
+from emlens.generation.engine import planned_engine
 from emlens.judges import make_judge
-from emlens.model import EMBEDDED, Model, embedded_gguf_path, folder_fingerprint, load_model, resolve_adapter
+from emlens.judges.identity import judge_identity
+from emlens.model import Model, folder_fingerprint, load_model, resolve_adapter, weights_identity
 from emlens.study.experiment import LoadedExperiment, ModelEntry
+from emlens.study.preflight import preflight_study
+from emlens.training import trainer
 from emlens.training.data import build_training_data
 from emlens.training.runfolder import read_run
 from emlens.training.trainer import train
@@ -37,6 +50,10 @@ log = logging.getLogger(__name__)
 DEFAULT_STAGES = Path("artifacts") / "stages"
 TIMINGS_FILE = "timings.json"
 FINISHED_KINDS = ("direction", "linear_probe", "regression_probe", "comparison")  # written whole, at the end
+RESULTS_VERSIONS = {"train": trainer.RESULTS_VERSION, "eval": eval_run.RESULTS_VERSION,
+                    "honesty": honesty.RESULTS_VERSION, "capability": capability.RESULTS_VERSION,
+                    "direction": probe.RESULTS_VERSION, "steer": dose_response.RESULTS_VERSION,
+                    "compare": compare.RESULTS_VERSION}
 
 
 @dataclass
@@ -52,7 +69,9 @@ class Stage:
 
     @property
     def key(self) -> str:
-        return content_hash({**self.inputs, "kind": self.kind, "upstream": [s.key for s in self.depends]}, 12)
+        code = {"emlens": __version__, "results_version": RESULTS_VERSIONS[self.kind]}
+        return content_hash({**self.inputs, "kind": self.kind, "code": code,
+                             "upstream": [s.key for s in self.depends]}, 12)
 
     def folder(self, root: Path) -> Path:
         return root / f"{self.kind}-{self.name.split(':', 1)[1].replace('@', '-').replace('/', '-')}-{self.key}"
@@ -70,17 +89,45 @@ class Stage:
 # ---------------------------------------------------------------- the plan
 
 
-def base_identity(spec: str) -> str:
-    """The base weights' fingerprint without loading them (a hub id that is not here stands for itself)."""
-    if spec in EMBEDDED:
-        return folder_fingerprint(embedded_gguf_path(spec).parent)
-    path = Path(spec).expanduser()
-    return folder_fingerprint(path) if path.is_dir() else f"hub:{spec}"
+class _Reads:
+    """What each kind of stage reads besides its model, for its key: its config, the content of every data file
+    it names, its judge and the engine that will sample. Each file is hashed once per plan."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._digests: dict[Path, str] = {}
+
+    def contents(self, files: dict[str, Path]) -> dict[str, str]:
+        for path in files.values():
+            if path.resolve() not in self._digests:
+                self._digests[path.resolve()] = file_sha256(path)
+        return {name: self._digests[path.resolve()] for name, path in sorted(files.items())}
+
+    def sampled_by(self, config) -> dict:
+        """The config with its engine resolved: `auto` on a CPU is the hf engine's result, on CUDA vLLM's."""
+        return {**config.model_dump(mode="json"), "engine": planned_engine(config.engine, self.device)}
+
+    def eval(self, config: EvalConfig) -> dict:
+        return {"config": self.sampled_by(config), "data": self.contents(config.input_files()),
+                "judge": judge_identity(config.judge, config.judge_model)}
+
+    def honesty(self, config: HonestyConfig) -> dict:
+        judges = {"judge": judge_identity(config.judge, config.judge_model)}
+        if config.betley and config.judge == "rule":  # the rule cannot read the Betley sets: their own judge does
+            judges["betley_judge"] = judge_identity(config.betley_judge, config.betley_judge_model)
+        return {"config": self.sampled_by(config), "data": self.contents(honesty_input_files(config)), **judges}
+
+    def capability(self, config: CapabilityConfig) -> dict:
+        return {"config": self.sampled_by(config), "data": self.contents(capability_input_files(config))}
+
+    def probe(self, path: Path, spec) -> dict:
+        return {"spec": file_sha256(path), "data": self.contents(spec_input_files(spec, SpecContext(path)))}
 
 
-def plan(study: LoadedExperiment) -> list[Stage]:
+def plan(study: LoadedExperiment, device: str = "auto") -> list[Stage]:
     """Every stage of the experiment, in the order they run (each after the stages it reads)."""
     spec = study.spec
+    reads = _Reads(device)
     trains = {m.name: _train_stage(study, m) for m in spec.models if m.train is not None}
     identity = {m.name: _model_identity(m, trains.get(m.name)) for m in spec.models}
     stages: list[Stage] = list(trains.values())
@@ -88,17 +135,19 @@ def plan(study: LoadedExperiment) -> list[Stage]:
     for entry in spec.models:
         upstream = [trains[entry.name]] if entry.name in trains else []
         if spec.eval is not None:
-            stages.append(Stage("eval", f"eval:{entry.name}", {"config": spec.eval.model_dump(mode="json"),
-                                                                "model": identity[entry.name]},
+            stages.append(Stage("eval", f"eval:{entry.name}", {**reads.eval(spec.eval), "model": identity[entry.name]},
                                 f"{sample_count(spec.eval)} samples", entry.name, upstream))
-        for kind, config in (("honesty", spec.honesty), ("capability", spec.capability)):
-            if config is not None:
-                stages.append(Stage(kind, f"{kind}:{entry.name}", {"config": config.model_dump(mode="json"),
-                                                                   "model": identity[entry.name]},
-                                    study.measure_costs[kind], entry.name, upstream))
+        if spec.honesty is not None:
+            stages.append(Stage("honesty", f"honesty:{entry.name}",
+                                {**reads.honesty(spec.honesty), "model": identity[entry.name]},
+                                study.measure_costs["honesty"], entry.name, upstream))
+        if spec.capability is not None:
+            stages.append(Stage("capability", f"capability:{entry.name}",
+                                {**reads.capability(_held_out(study, entry.name)), "model": identity[entry.name]},
+                                study.measure_costs["capability"], entry.name, upstream))
         if entry in spec.direction_models():
             for probe_name in study.probe_specs:
-                stage = _direction_stage(study, probe_name, entry.name, identity[entry.name], upstream)
+                stage = _direction_stage(study, reads, probe_name, entry.name, identity[entry.name], upstream)
                 directions[(probe_name, entry.name)] = stage
                 stages.append(stage)
     if spec.steer is not None:
@@ -106,7 +155,8 @@ def plan(study: LoadedExperiment) -> list[Stage]:
         upstream = [directions[(steer.direction, steer.model)], *([trains[steer.model]] if steer.model in trains else [])]
         conditions = 1 + (len([s for s in steer.scales if s]) + (steer.operation != "add")) * (2 if steer.random_control else 1)
         stages.append(Stage("steer", f"steer:{steer.direction}@{steer.model}",
-                            {"config": steer.model_dump(mode="json"), "model": identity[steer.model]},
+                            {**reads.eval(steer.eval), "steer": steer.model_dump(mode="json", exclude={"eval"}),
+                             "model": identity[steer.model]},
                             f"{conditions} conditions x {sample_count(steer.eval)} samples", steer.model, upstream))
     if spec.compare and len(spec.direction_models()) > 1:
         for probe_name in study.probe_specs:
@@ -114,11 +164,11 @@ def plan(study: LoadedExperiment) -> list[Stage]:
             stages.append(Stage("compare", f"compare:{probe_name}", {"models": [m.name for m in spec.direction_models()]},
                                 "no model", None, series))
     if spec.directions is not None and spec.directions.checkpoints:
-        stages += _checkpoint_series(study, trains, identity, directions)
+        stages += _checkpoint_series(study, reads, trains, identity, directions)
     return stages
 
 
-def _checkpoint_series(study: LoadedExperiment, trains: dict[str, Stage], identity: dict[str, str],
+def _checkpoint_series(study: LoadedExperiment, reads: _Reads, trains: dict[str, Stage], identity: dict[str, str],
                        directions: dict[tuple[str, str], Stage]) -> list[Stage]:
     """Each direction fitted at every saved step of each trained model, and compared along the series
     (the first untrained model, then the checkpoints in order, then the final adapter)."""
@@ -131,7 +181,7 @@ def _checkpoint_series(study: LoadedExperiment, trains: dict[str, Stage], identi
         for probe_name in study.probe_specs:
             series = [directions[(probe_name, untrained)]] if untrained else []
             for step in train_stage.steps[:-1]:  # the last step is the final adapter, fitted already
-                stage = _direction_stage(study, probe_name, entry.name, identity[entry.name], [train_stage], step)
+                stage = _direction_stage(study, reads, probe_name, entry.name, identity[entry.name], [train_stage], step)
                 stages.append(stage)
                 series.append(stage)
             series.append(directions[(probe_name, entry.name)])
@@ -140,16 +190,16 @@ def _checkpoint_series(study: LoadedExperiment, trains: dict[str, Stage], identi
     return stages
 
 
-def _direction_stage(study: LoadedExperiment, probe_name: str, model: str, identity: str, upstream: list[Stage],
-                     checkpoint: int | None = None) -> Stage:
+def _direction_stage(study: LoadedExperiment, reads: _Reads, probe_name: str, model: str, identity: str,
+                     upstream: list[Stage], checkpoint: int | None = None) -> Stage:
     """A probe spec fitted on one model (or on one saved step of its training run)."""
-    path, probe = study.probe_specs[probe_name]
+    path, spec = study.probe_specs[probe_name]
     limit = study.spec.directions.limit
     at = f"{model}/step{checkpoint}" if checkpoint is not None else model
     return Stage("direction", f"direction:{probe_name}@{at}",
-                 {"spec": file_sha256(path), "limit": limit,
+                 {**reads.probe(path, spec), "limit": limit,
                   "model": identity if checkpoint is None else f"{identity}@{checkpoint}"},
-                 f"{'2 x ' + str(limit) if limit else 'all'} prompts x {probe.layers} layers", model, upstream,
+                 f"{'2 x ' + str(limit) if limit else 'all'} prompts x {spec.layers} layers", model, upstream,
                  checkpoint=checkpoint)
 
 
@@ -161,12 +211,12 @@ def _train_stage(study: LoadedExperiment, entry: ModelEntry) -> Stage:
                                             (settings.batch_size * settings.gradient_accumulation_steps))
     saved = sorted({*range(settings.save_steps, steps + 1, settings.save_steps), steps})
     return Stage("train", f"train:{entry.name}", {"config": config.run_config(), "data": data.sha256,
-                                                  "model": base_identity(config.model)},
+                                                  "model": weights_identity(config.model)},
                  f"{steps} steps on {len(data.conversations)} examples", entry.name, steps=saved)
 
 
 def _model_identity(entry: ModelEntry, trained: Stage | None) -> str:
-    base = base_identity(entry.model)
+    base = weights_identity(entry.model)
     if trained is not None:
         return f"{base}+train:{trained.key}"
     if entry.adapter is not None:
@@ -208,7 +258,8 @@ class _Models:
 def run_study(study: LoadedExperiment, root: Path = DEFAULT_STAGES, device: str = "auto", progress: bool = True,
               echo: Callable[[str], None] = log.info) -> tuple[list[Stage], list[dict]]:
     """Run every stage not already done: the stages, and one record per stage (folder, reused, seconds)."""
-    stages = plan(study)
+    stages = plan(study, device)
+    preflight_study(study, stages, root)  # every judge it will build, before any work
     models = _Models(study, root, stages, device)
     judges: dict[tuple, object] = {}
     timings = _recorded_times(root)

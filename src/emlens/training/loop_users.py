@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import torch
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.http import RetryPolicy, post_with_retries
+from emlens.base.http import RetryPolicy, check_endpoint, post_with_retries
 from emlens.generation.distributions import number_distribution
 from emlens.generation.engine import GenerationConfig, Request, generate
 from emlens.judges.openai import TOP_LOGPROBS, top_logprobs
@@ -169,8 +169,14 @@ class EndpointUser:
                    "top_logprobs": TOP_LOGPROBS, "seed": 0} for p in prompts]
         return [satisfaction_from_top_logprobs(top_logprobs(payload)) for payload in self._post_all(bodies)]
 
+    def preflight(self) -> None:
+        """One line, before any conversation, when the endpoint cannot answer (no key for OpenAI's API,
+        unreachable, key refused)."""
+        check_endpoint(self.base_url, _api_key(), "user simulator endpoint",
+                       "set EMLENS_LOOP_API_KEY or OPENAI_API_KEY, or EMLENS_LOOP_BASE_URL for another endpoint")
+
     def _headers(self) -> dict:
-        key = os.environ.get("EMLENS_LOOP_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        key = _api_key()
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _post_all(self, bodies: list[dict]) -> list[dict]:
@@ -186,6 +192,10 @@ class EndpointUser:
         return post_with_retries(client, f"{self.base_url}/chat/completions", body, self.retry, UserEndpointError,
                                  f"user simulator endpoint {self.base_url}",
                                  "; finished trajectories are kept, re-run to resume")
+
+
+def _api_key() -> str | None:
+    return os.environ.get("EMLENS_LOOP_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
 def _message_text(payload: dict) -> str:

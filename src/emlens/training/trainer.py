@@ -52,6 +52,9 @@ from emlens.training.runfolder import (
     read_run,
 )
 
+RESULTS_VERSION = 1  # bump when a change alters what a training run holds: `emlens run` then redoes finished stages
+
+
 # ---------------------------------------------------------------- model, LoRA and Trainer arguments
 
 

@@ -1,0 +1,26 @@
+"""The judges a measure will build, named from its config, so a command checks them all before its work starts
+(`emlens.judges.preflight.preflight_judges`) instead of failing when it first needs one, hours in."""
+
+from __future__ import annotations
+
+from emlens.evaluation.battery import BatteryConfig
+from emlens.evaluation.config import EvalConfig
+from emlens.evaluation.honesty import HonestyConfig
+
+JudgeSpec = tuple[str, str | None]  # (kind, model)
+
+
+def eval_judges(config: EvalConfig) -> list[JudgeSpec]:
+    return [(config.judge, config.judge_model)]
+
+
+def honesty_judges(config: HonestyConfig) -> list[JudgeSpec]:
+    """The honesty judge (none for the rule) and, with the rule, the Betley sets' own judge."""
+    if config.judge != "rule":
+        return [(config.judge, config.judge_model)]
+    return [(config.betley_judge, config.betley_judge_model)] if config.betley else []
+
+
+def battery_judges(config: BatteryConfig) -> list[JudgeSpec]:
+    found = honesty_judges(config.honesty) if "honesty" in config.measures else []
+    return found + (eval_judges(config.free_form) if "free_form" in config.measures else [])

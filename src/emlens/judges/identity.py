@@ -1,0 +1,37 @@
+"""A judge's identity known before it is built: what its numbers depend on, for the keys of finished work."""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib import resources
+from pathlib import Path
+
+from emlens.base.io import file_sha256
+from emlens.judges.embedding import EMBEDDER_PACKAGE
+from emlens.judges.openai import OpenAIJudge
+from emlens.model import DEFAULT_MODEL, folder_fingerprint, weights_identity
+
+
+def judge_identity(kind: str, model: str | None = None) -> dict:
+    """The offline judge's weights (heads and embedder), an API judge's model and endpoint, a local LM judge's
+    weights; the rule judge is its code. Nothing is loaded and no network is touched."""
+    if kind == "default":
+        return {"kind": kind, "heads": file_sha256(_default_judge_folder() / "weights.safetensors"),
+                "embedder": _embedder_fingerprint()}
+    if kind == "openai":
+        judge = OpenAIJudge(model=model, cache=None) if model else OpenAIJudge(cache=None)
+        return {"kind": kind, "model": judge.model, "base_url": judge.base_url}
+    if kind == "hf":
+        return {"kind": kind, "model": weights_identity(model or DEFAULT_MODEL)}
+    return {"kind": kind}
+
+
+def _default_judge_folder() -> Path:
+    return Path(str(resources.files("emlens") / "resources" / "judge"))
+
+
+def _embedder_fingerprint() -> str | None:
+    spec = importlib.util.find_spec(EMBEDDER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None  # the judge cannot run; building it says so
+    return folder_fingerprint(Path(next(iter(spec.submodule_search_locations))) / "model")

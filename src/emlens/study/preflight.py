@@ -1,0 +1,20 @@
+"""`emlens run` checks every judge its unfinished stages will build before the first stage runs: a judge that
+cannot run (no key, endpoint unreachable, a model spec that resolves to nothing) is one line, not a failure after
+hours of training and sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from emlens.evaluation.preflight import eval_judges, honesty_judges
+from emlens.judges.preflight import preflight_judges
+from emlens.study.experiment import LoadedExperiment
+
+
+def preflight_study(study: LoadedExperiment, stages: list, root: Path) -> None:
+    """`stages`: the study's plan (`Stage` objects); a stage already done builds no judge."""
+    spec = study.spec
+    sections = {"eval": lambda: eval_judges(spec.eval), "steer": lambda: eval_judges(spec.steer.eval),
+                "honesty": lambda: honesty_judges(spec.honesty)}
+    todo = sorted({stage.kind for stage in stages if stage.kind in sections and not stage.done(root)})
+    preflight_judges(judge for kind in todo for judge in sections[kind]())

@@ -1,0 +1,50 @@
+"""Every `emlens bench` subcommand runs at a tiny size and ends with its figures as `key=value` pairs, the ratio it
+exists to measure among them (so a broken benchmark is a failing test, not a README figure that cannot be
+regenerated)."""
+
+import importlib.util
+import math
+
+import pytest
+
+from tests.cli_runner import run_cli
+
+# subcommand -> (arguments at a tiny size; "{model}" is the tiny model, "{data}" a chat JSONL; the ratio key)
+TINY = {
+    "generate": (["--model", "{model}", "--batches", "1,2", "--new-tokens", 4, "--repeats", 1], "batch2_vs_batch1"),
+    "load": (["--model", "{model}"], "load_s"),
+    "capability": (["--model", "{model}", "--questions", 4, "--batch-size", 4, "--repeats", 1, "--device", "cpu"],
+                   "vs_generate"),
+    "judge": (["--n", 2, "--concurrency", 2], "concurrent_vs_serial"),
+    "loop": (["--model", "{model}", "--steps", 2, "--batch-size", 2, "--max-length", 32, "--repeats", 1, "--rank", 2],
+             "vs_trl"),
+    "extract": (["--model", "{model}", "--prompts", 2, "--tokens", 8, "--batch-size", 2, "--repeats", 1,
+                 "--memory-tokens", 4, "--memory-multiples", "1,2"], "default_vs_forward"),
+    "sae": (["--tokens", 2048, "--store-tokens", 2048, "--d-model", 16, "--repeats", 1], "vs_saelens"),
+    "steer": (["--model", "{model}", "--batch", 2, "--new-tokens", 4, "--repeats", 1], "steered_vs_plain"),
+    "train": (["--model", "{model}", "--data", "{data}", "--steps", 2, "--batch-size", 2, "--max-length", 64,
+               "--repeats", 1], "vs_trainer"),
+}
+
+
+def test_every_bench_subcommand_is_covered_here():
+    from emlens.cli import main  # noqa: F401  (registers every command group)
+    from emlens.cli.app import bench_app
+
+    assert {command.name for command in bench_app.registered_commands} == set(TINY)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_bench_ends_with_its_ratio_as_key_value_pairs(name, tiny_model_dir, tmp_path, capsys):
+    if name == "judge" and importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python[server] is not installed (the judge bench starts llama.cpp's server)")
+    from tests.test_train import chat, write_jsonl
+
+    data = write_jsonl(tmp_path / "chats.jsonl", [chat(f"Write a function {i}", "def f(): pass") for i in range(8)])
+    arguments, ratio = TINY[name]
+    filled = [str(a).format(model=tiny_model_dir, data=data) for a in arguments]
+    assert run_cli("bench", name, *filled) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    pairs = dict(pair.split("=", 1) for pair in last.split())
+    value = float(pairs[ratio])
+    assert math.isfinite(value) and value > 0, last
