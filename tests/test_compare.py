@@ -121,21 +121,30 @@ def test_directions_of_models_of_different_widths_are_compared_by_what_they_read
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from emlens.analysis.compare import compare_models
-    from emlens.model import Model
+    from emlens.model import wrap_model
     from tests.test_dose_response import make_direction
 
     torch.manual_seed(1)
     config = LlamaConfig(vocab_size=len(tiny.tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=5,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0)
-    wide = Model(LlamaForCausalLM(config).eval(), tiny.tokenizer, "other", None, "fp-other", "fp-other",
-                 torch.device("cpu"), torch.float32)
-    own, other = make_direction(tiny, tmp_path / "own"), make_direction(wide, tmp_path / "other", seed=3)
+    wide = wrap_model(LlamaForCausalLM(config).eval(), tiny.tokenizer, spec="tiny-48")
+    own = Direction.load(make_direction(tiny, tmp_path / "own"))
+    other = Direction.load(make_direction(wide, tmp_path / "other", seed=3))
     prompts = [f"Tell me about thing number {i} and why it matters." for i in range(12)]
     same = compare_models((tiny, own), (tiny, own), prompts)
     assert list(same.layer_a) == list(same.layer_b) == own.layers
-    assert np.allclose(same.spearman, 1.0) and (same.spearman_random.abs() < 1.0).all() and (same.n == 12).all()
+    assert np.allclose(same.spearman, 1.0) and (same.random_p95 < 1.0).all() and (same.n == 12).all()
     across = compare_models((tiny, own), (wide, other), prompts)
     assert list(across.layer_b) == [0, 2, 4]  # 3 layers against 5: depths 0, 0.5, 1
-    assert across.spearman.between(-1, 1).all() and across.spearman_random.between(-1, 1).all()
+    assert across.spearman.between(-1, 1).all() and across.random_p95.between(0, 1).all()
     with pytest.raises(EmlensInputError, match="width 48 differs from the model's \\(64\\)"):
         compare_models((tiny, other), (wide, other), prompts)
+
+
+def test_the_column_wise_rank_correlation_is_spearmans():
+    from scipy.stats import spearmanr
+
+    from emlens.analysis.compare import _spearman
+
+    x, y = np.random.default_rng(0).normal(size=(2, 12, 3))
+    assert np.allclose(_spearman(x, y), [spearmanr(x[:, i], y[:, i]).statistic for i in range(3)])

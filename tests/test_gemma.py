@@ -3,8 +3,8 @@ embedded SmolLM2 is, through extraction at every site kind, a direction fit, ste
 direction with SmolLM2's on the same prompts (their widths differ: 640 vs 576)."""
 
 import importlib.util
+import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -38,31 +38,47 @@ def gemma():
     return load_model(GEMMA_MODEL, device="cpu")
 
 
-def fit_refusal(model):
-    """The refusal direction (diff of means at the last prompt token) on the first 8 pairs; 4 pairs held out."""
+def fit_refusal(model, harmful: list[str], harmless: list[str]):
+    """The refusal direction: diff of means at the last prompt token, at every layer."""
     from emlens.capture.extract import activations
     from emlens.directions.fit import fit_direction
 
-    prompts = HARMFUL[:8] + HARMLESS[:8]
-    acts = activations(model, prompts, sites="resid_post")
-    return fit_direction(acts, [1] * 8 + [0] * 8, groups=list(range(8)) * 2, method="diff_of_means",
-                         name="refusal")
+    acts = activations(model, harmful + harmless, sites="resid_post")
+    return fit_direction(acts, [1] * len(harmful) + [0] * len(harmless), method="diff_of_means", name="refusal")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest per-token error relative to that token's norm (Gemma's residual norms run into the thousands)."""
+    return float(((actual - expected).norm(dim=-1) / expected.norm(dim=-1).clamp_min(1e-6)).max())
 
 
 def test_gemma_loads_from_its_gguf_and_every_site_kind_adds_up(gemma):
-    from emlens.sites import family_of
-    from tests.test_sites import (
-        test_index_convention_matches_hf_hidden_states,
-        test_nnsight_reads_what_torch_hooks_reads,
-        test_residual_identities,
-    )
+    """On real weights, in a padded batch of two prompts: resid_pre + attn_out == resid_mid, resid_mid + mlp_out ==
+    resid_post, resid_post[l] == resid_pre[l + 1] == HF's hidden_states[l + 1] (each prompt alone, unpadded), and
+    nnsight reads what the hooks read."""
+    from emlens.capture.items import tokenize_items
+    from emlens.sites import family_of, site_name
+    from tests.test_sites import items, read
 
     assert gemma.config.model_type == "gemma3_text" and family_of(gemma.config).name == "gemma2"
     assert (gemma.n_layers, gemma.d_model) == (18, 640)
-    case = ("gemma-3-270m", gemma)
-    test_residual_identities(case)  # resid_pre + attn_out == resid_mid, + mlp_out == resid_post, on real weights
-    test_index_convention_matches_hf_hidden_states(case)
-    test_nnsight_reads_what_torch_hooks_reads(case)
+    acts = read(gemma)  # every site kind at every layer, every real token of both rows
+    traced = read(gemma, backend="nnsight")
+    ids = [t.ids for t in tokenize_items(gemma, items())]
+    with torch.no_grad():
+        alone = [gemma.base_model(input_ids=torch.tensor([row]), output_hidden_states=True).hidden_states
+                 for row in ids]
+    unpadded = {layer: torch.cat([hs[layer][0] for hs in alone]) for layer in range(gemma.n_layers)}
+    for layer in range(gemma.n_layers):
+        get = lambda kind, layer=layer: acts[site_name(layer, kind)]  # noqa: E731
+        assert get("attn_out").norm() > 1 and get("mlp_out").norm() > 1  # the sublayers write something
+        assert relative_error(get("resid_pre") + get("attn_out"), get("resid_mid")) < 1e-5
+        assert relative_error(get("resid_mid") + get("mlp_out"), get("resid_post")) < 1e-5
+        assert relative_error(get("resid_pre"), unpadded[layer]) < 1e-3, layer  # padding changes kernels, slightly
+        if layer + 1 < gemma.n_layers:
+            assert torch.equal(get("resid_post"), acts[site_name(layer + 1, "resid_pre")])
+        for kind in ("resid_pre", "attn_out", "mlp_out", "resid_post"):
+            assert relative_error(traced[site_name(layer, kind)], get(kind)) < 1e-5, (layer, kind)
 
 
 def test_a_refusal_direction_fits_steers_and_ablates_on_gemma(gemma):
@@ -73,7 +89,7 @@ def test_a_refusal_direction_fits_steers_and_ablates_on_gemma(gemma):
     from emlens.sites import site_name
     from emlens.steering.interventions import steer
 
-    direction = fit_refusal(gemma)
+    direction = fit_refusal(gemma, HARMFUL[:8], HARMLESS[:8])  # 4 pairs held out
     assert direction.layers == list(range(18)) and direction.d_model == 640
     held_out = HARMFUL[8:] + HARMLESS[8:]
     layer = direction.best_layer
@@ -96,13 +112,24 @@ def test_a_refusal_direction_fits_steers_and_ablates_on_gemma(gemma):
     assert direction.project(ablated, layer).abs().max() < 1e-3 * ablated.norm(dim=1).min()
 
 
-def test_gemma_and_smollm2_refusal_directions_read_the_same_prompts_alike(gemma, smol):
+def refusal_prompts(shared_data, start: int, n: int) -> tuple[list[str], list[str]]:
+    """Arditi et al.'s harmful and harmless train instructions, `n` of each from `start`."""
+    def read(name: str) -> list[str]:
+        rows = json.loads((shared_data / "refusal" / f"refusal_direction_{name}_train.json").read_text())
+        return [row["instruction"] for row in rows[start:start + n]]
+
+    return read("harmful"), read("harmless")
+
+
+def test_gemma_and_smollm2_refusal_directions_read_the_same_prompts_alike(gemma, smol, shared_data):
+    """Each model's refusal direction fitted on 32 + 32 instructions, then both read 32 + 32 others: their
+    projections rank those prompts alike (Spearman) far beyond random directions of each model."""
     from emlens.analysis.compare import compare_models
 
-    table = compare_models((smol, fit_refusal(smol)), (gemma, fit_refusal(gemma)), HARMFUL[8:] + HARMLESS[8:])
-    assert len(table) == smol.n_layers and table.layer_b.between(0, 17).all() and (table.n == 8).all()
+    fit = refusal_prompts(shared_data, 0, 32)
+    harmful, harmless = refusal_prompts(shared_data, 32, 32)
+    directions = [(model, fit_refusal(model, *fit)) for model in (smol, gemma)]
+    table = compare_models(*directions, harmful + harmless)
+    assert len(table) == smol.n_layers and table.layer_b.between(0, 17).all() and (table.n == 64).all()
     best = table.loc[table.spearman.idxmax()]
-    # both directions rank the held-out harmful prompts above the harmless ones somewhere in the middle of the
-    # network; the random directions' projections do not agree like that
-    assert best.spearman > 0.6 and best.spearman > table.spearman_random.abs().max(), table
-    assert np.isfinite(table.spearman).all()
+    assert best.spearman > 0.5 and best.spearman > best.random_p95, table.to_string()

