@@ -33,6 +33,7 @@ from emlens.base.io import (
     read_table,
     register_artifact,
 )
+from emlens.capture.extract import activations
 from emlens.capture.store import ActivationStore
 from emlens.directions.artifact import Direction
 from emlens.model import Model
@@ -314,8 +315,6 @@ def _projections(model: Model, direction: Direction, prompts: Sequence, controls
                  ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Per layer, the prompts' projections on the direction (n,) and on `controls` seeded random unit vectors
     (n, controls)."""
-    from emlens.capture.extract import activations
-
     if direction.d_model != model.d_model:
         raise EmlensInputError(f"{direction.path or direction.name}: width {direction.d_model} differs from the "
                                f"model's ({model.d_model})")

@@ -5,9 +5,8 @@ the model it reads (base weights' fingerprint, adapter fingerprint, or the key o
 adapter), the content of every data file it reads (question sets, probe spec and the files it names, MC / GSM8K /
 proposition files, training data), the judge's identity (offline weights, endpoint and model, local judge
 weights), the engine that will sample (`auto` resolved), the code version (emlens's and the measure's own
-RESULTS_VERSION) and the keys of the stages it reads. Stages live in a
-shared folder (default `artifacts/stages`), so re-running an experiment, or another experiment that shares a
-stage, reuses the finished folder. A stage is finished when its artifact's cfg.json says so; an unfinished one
+RESULTS_VERSION) and the keys of the stages it reads. Stages live in a shared folder (default `artifacts/stages`),
+so re-running an experiment, or another experiment that shares a stage, reuses the finished folder. A stage is finished when its artifact's cfg.json says so; an unfinished one
 resumes (eval and steer runs keep their finished samples, training resumes from its last checkpoint).
 """
 
