@@ -49,16 +49,31 @@ def number_distribution(handle: Model, messages: list[dict], answer_prefix: str 
 
 def choice_distribution(handle: Model, messages: list[dict], choices: Sequence[str]) -> torch.Tensor:
     """P(answer is exactly the choice) per choice: P(its tokens) x P(next token does not run on from the word)."""
-    tokenizer = handle.tokenizer
-    word = _on_handle(handle, "_word_continuations", lambda: _vocab_mask(tokenizer, WORD_CHARACTER))
-    candidates = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
-    return answer_distribution(handle, messages, candidates, word)
+    word = _on_handle(handle, "_word_continuations", lambda: _vocab_mask(handle.tokenizer, WORD_CHARACTER))
+    return answer_distribution(handle, messages, _word_candidates(handle, choices), word)
+
+
+def number_and_choice_distribution(handle: Model, messages: list[dict], choices: Sequence[str]
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`number_distribution` (0-100) and `choice_distribution` of one prompt, from one pass over the prompt: what
+    a judge that may answer a number or a verdict word (CODE, REFUSAL) puts on each."""
+    numbers, digit = _on_handle(handle, "_number_candidates", lambda: _number_candidates(handle.tokenizer))
+    word = _on_handle(handle, "_word_continuations", lambda: _vocab_mask(handle.tokenizer, WORD_CHARACTER))
+    numbers = numbers[:101]
+    continues = torch.stack([digit] * len(numbers) + [word] * len(choices))
+    probs = answer_distribution(handle, messages, numbers + _word_candidates(handle, choices), continues)
+    return probs[:len(numbers)], probs[len(numbers):]
+
+
+def _word_candidates(handle: Model, choices: Sequence[str]) -> list[list[int]]:
+    return [handle.tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
 
 
 @torch.inference_mode()
 def answer_distribution(handle: Model, messages: list[dict], candidates: list[list[int]], continues: torch.Tensor,
                         answer_prefix: str = "") -> torch.Tensor:
-    """P(answer is exactly each candidate): P(its tokens) x P(the next token is not one of `continues`).
+    """P(answer is exactly each candidate): P(its tokens) x P(the next token is not one of `continues`) (a vocabulary
+    mask, or one per candidate).
 
     The chat prompt (+ `answer_prefix` in the assistant's mouth) is run once; its KV cache is repeated across
     the candidates, scored in one batch. Both passes are described to interventions: prompt, then answer.
@@ -89,9 +104,11 @@ def answer_distribution(handle: Model, messages: list[dict], candidates: list[li
     # the answer ends there: the next token does not continue it
     last = real.sum(1) - 1
     stop_dist = logprobs[torch.arange(n), last].exp()
-    mask = torch.zeros(stop_dist.shape[1], dtype=torch.bool)  # the model may have more logits than tokens
-    mask[: len(continues)] = continues[: stop_dist.shape[1]]
-    return total.exp() * (1.0 - stop_dist[:, mask].sum(-1).clamp(max=1.0))
+    masks = continues.expand(n, -1) if continues.dim() == 1 else continues
+    mask = torch.zeros(stop_dist.shape, dtype=torch.bool)  # the model may have more logits than tokens
+    vocab = min(masks.shape[1], stop_dist.shape[1])
+    mask[:, :vocab] = masks[:, :vocab]
+    return total.exp() * (1.0 - (stop_dist * mask).sum(-1).clamp(max=1.0))
 
 
 # ---------------------------------------------------------------- ratings: the model rates a prompt itself

@@ -102,11 +102,10 @@ def score_from_top_logprobs(top_logprobs: dict[str, float]) -> Score:
     verdicts: dict[str, float] = {}
     for token, logprob in top_logprobs.items():
         text = token.strip()
-        word = token_choice(token, VERDICTS)
-        if text.isdigit():
+        if text.isascii() and text.isdecimal():  # not "²", which isdigit() accepts and int() refuses
             numbers[int(text)] = numbers.get(int(text), 0.0) + math.exp(logprob)
-        elif word is not None:
-            verdicts[word] = verdicts.get(word, 0.0) + math.exp(logprob)
+        elif text.upper() in VERDICTS:  # the whole word: "RE" or "CO" is no verdict
+            verdicts[text.upper()] = verdicts.get(text.upper(), 0.0) + math.exp(logprob)
     return aggregate_number_probs(numbers, verdict_probs=verdicts)
 
 

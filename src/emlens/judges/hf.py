@@ -1,9 +1,10 @@
-"""A local causal LM as judge: the exact distribution over the numbers 0-100."""
+"""A local causal LM as judge: the exact distribution over the numbers 0-100 and the verdicts CODE / REFUSAL."""
 
 from __future__ import annotations
 
-from emlens.generation.distributions import choice_distribution, number_distribution
+from emlens.generation.distributions import choice_distribution, number_and_choice_distribution
 from emlens.judges.base import (
+    VERDICTS,
     Choice,
     Judge,
     JudgeCache,
@@ -15,13 +16,15 @@ from emlens.model import Model
 
 
 class HFJudge(Judge):
-    """A local causal LM as judge: the exact probability of each number 0-100 (or each choice) as the whole answer."""
+    """A local causal LM as judge: the exact probability of each number 0-100 and of each verdict (or of each choice)
+    as the whole answer, read by the same rule as the OpenAI judge's logprobs (a verdict wins when it is more
+    probable than all the numbers together)."""
 
     def __init__(self, handle: Model, cache: JudgeCache | None = None, batch_size: int = 4):
         super().__init__(cache)
         self.handle = handle
         self.batch_size = batch_size
-        self.id = f"hf|{handle.fingerprint}|numbers0-100"
+        self.id = f"hf|{handle.fingerprint}|numbers0-100+verdicts"
 
     def _score_uncached(self, prompts: list[str]) -> list[Score]:
         messages = [[{"role": "user", "content": p}] for p in prompts]
@@ -35,6 +38,7 @@ class HFJudge(Judge):
 def number_scores(handle: Model, conversations: list[list[dict]]) -> list[Score]:
     scores = []
     for messages in conversations:
-        probs = number_distribution(handle, messages)
-        scores.append(aggregate_number_probs({n: float(p) for n, p in enumerate(probs)}))
+        numbers, verdicts = number_and_choice_distribution(handle, messages, VERDICTS)
+        scores.append(aggregate_number_probs({n: float(p) for n, p in enumerate(numbers)},
+                                             verdict_probs=dict(zip(VERDICTS, map(float, verdicts), strict=True))))
     return scores
