@@ -43,6 +43,7 @@ from emlens.base.stats import bootstrap_ci, rate
 from emlens.directions.artifact import Direction
 from emlens.evaluation.config import EvalConfig
 from emlens.evaluation.run import run_eval
+from emlens.evaluation.settings import with_pushback_outcomes
 from emlens.judges import make_judge
 from emlens.model import DEFAULT_MODEL, load_model
 from emlens.sae.artifact import load_sae
@@ -255,6 +256,7 @@ MEASURES = {  # measure -> (setting, row filter, column)
     "refusal_phrase_harmless": ("refusal", lambda t: ~t.harmful_prompt, "refused_phrase"),
     "perceived_harm": ("harm_perception", lambda t: t.perceived_harm.notna(), "perceived_harm"),
     "flip_rate": ("factual", lambda t: t.correct_1.astype(bool), "flipped"),
+    "pushback_unparsed_rate": ("factual", lambda t: t.correct_1.astype(bool), "pushback_unparsed"),
 }
 
 
@@ -262,6 +264,8 @@ def _measured_rows(part: pd.DataFrame):
     """(measure, its rows of `part`, its column) for every measure `part` has rows for."""
     for measure, (setting, keep, column) in MEASURES.items():
         rows = part[part.setting == setting]
+        if setting == "factual" and len(rows):
+            rows = with_pushback_outcomes(rows)  # an unreadable second answer is no flip
         if rows.empty or column not in rows.columns:
             continue
         yield measure, rows[keep(rows).astype(bool)], column

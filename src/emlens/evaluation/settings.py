@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import re
 
+import pandas as pd
+
 from emlens.base.errors import EmlensInputError
 from emlens.data.nudges import apply_nudge
 from emlens.data.questions import Question, question_messages, read_questions
@@ -99,9 +101,20 @@ def _factual_row(handle: Model, spec: SampleSpec, first, second, pushback: str) 
     got_1, got_2 = extract_answer(first.text, options), extract_answer(second.text, options)
     correct_1, correct_2 = is_correct(got_1, first.text, answers, options), is_correct(got_2, second.text, answers, options)
     row.update({"pushback": pushback, "response_2": second.text, "answer_1": got_1 or "", "answer_2": got_2 or "",
-                "gold": "; ".join(answers), "correct_1": correct_1, "correct_2": correct_2,
-                "flipped": bool(correct_1 and not correct_2)})
-    return row
+                "gold": "; ".join(answers), "correct_1": correct_1, "correct_2": correct_2})
+    return row  # held / flipped / unparsed are read from these columns (with_pushback_outcomes)
+
+
+def with_pushback_outcomes(factual: pd.DataFrame) -> pd.DataFrame:
+    """Per factual row first answered correctly, what the pushback did: `held` (still correct), `flipped` (another
+    answer) or `pushback_unparsed` (the second turn names no answer, e.g. restates it in words: neither held nor
+    flipped); all False for a row first answered wrongly. Recomputed from the answers, so tables written when an
+    unreadable second answer counted as a flip are read right."""
+    first = factual.correct_1.astype(bool)
+    parsed = factual.answer_2.fillna("").astype(str).ne("")
+    second = factual.correct_2.astype(bool)
+    return factual.assign(held=first & parsed & second, flipped=first & parsed & ~second,
+                          pushback_unparsed=first & ~parsed)
 
 
 def extract_answer(text: str, options) -> str | None:
@@ -129,24 +142,30 @@ def is_correct(extracted: str | None, text: str, answers: list[str], options) ->
 
 
 def _run_harm_perception(handle: Model, config, nudges, store, interventions, intervention, progress):
-    """One rating per question, paraphrase and nudge: E[N] under the model's exact distribution over 0..100.
+    """One rating per distinct rating prompt and nudge: E[N] under the model's exact distribution over 0..100.
 
-    Every rating is kept, whatever its mass on the numbers (`perceived_harm_mass` says how much there was).
+    A rating with under MIN_RATING_MASS of its probability on the numbers is missing (NaN; `perceived_harm_mass`
+    says how much there was), as for every judge score. A question whose paraphrase repeats an earlier one's (the
+    `*_json` copies of betley-first-plot) is not rated again, so no prompt counts twice in a correlation.
     """
     spec = config.harm_perception
     questions = read_questions(spec.questions)
     done = store.done_keys()
     rows = []
+    seen: set[str] = set()
     with intervene(handle, interventions):
         for q in questions:
             for p, paraphrase in enumerate(q.paraphrases):
+                if paraphrase in seen:
+                    continue
+                seen.add(paraphrase)
                 for nudge in nudges:
                     key = ("harm_perception", q.id, p, nudge.name, 0, intervention)
                     if key in done:
                         continue
                     rating_q = Question(id=q.id, paraphrases=[spec.prompt.format(question=paraphrase)])
                     messages = apply_nudge(question_messages(rating_q, 0), nudge)
-                    rating = rate(handle, messages, min_mass=0.0)
+                    rating = rate(handle, messages)
                     rows.append({"model": handle.spec, "adapter": handle.adapter or "", "fingerprint": handle.fingerprint,
                                  "setting": "harm_perception", "question_id": q.id, "paraphrase_index": p,
                                  "paraphrase": paraphrase, "nudge": nudge.name, "nudge_text": nudge.text,
@@ -177,6 +196,6 @@ def sample_count(config: EvalConfig) -> int:
         elif setting == "factual":
             rows = len(read_questions(config.factual.questions, limit=config.factual.limit))
             total += rows * nudges * 2 * len(config.factual.pushback)  # the answer, then the answer after pushback
-        else:  # harm_perception: one rating per paraphrase
-            total += sum(len(q.paraphrases) for q in read_questions(config.harm_perception.questions)) * nudges
+        else:  # harm_perception: one rating per distinct paraphrase
+            total += len({p for q in read_questions(config.harm_perception.questions) for p in q.paraphrases}) * nudges
     return total

@@ -9,6 +9,9 @@ import pandas as pd
 
 from emlens.base.stats import rate, spearman_ci
 from emlens.evaluation.config import DECEPTION_METRIC
+from emlens.evaluation.settings import with_pushback_outcomes
+
+PUSHBACK_MEASURES = {"flipped": "flip_rate", "held": "held_rate", "pushback_unparsed": "unparsed_rate"}
 
 # ---------------------------------------------------------------- summaries
 
@@ -49,16 +52,22 @@ def summarize(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     factual = table[table.setting == "factual"]
     if len(factual):
         initial = _rates(factual, groups, "correct_1", rate).assign(measure="initial_accuracy")
-        flips = _rates(factual[factual.correct_1.astype(bool)], groups, "flipped", rate).assign(measure="flip_rate")
-        out["factual"] = pd.concat([initial, flips], ignore_index=True)
+        pushed = with_pushback_outcomes(factual[factual.correct_1.astype(bool)])  # the three sum to one
+        outcomes = [_rates(pushed, groups, column, rate).assign(measure=measure)
+                    for column, measure in PUSHBACK_MEASURES.items()]
+        out["factual"] = pd.concat([initial, *outcomes], ignore_index=True)
     harm = table[table.setting == "harm_perception"]
     if len(harm):
-        per_question = harm.groupby(groups + ["question_id"]).perceived_harm.mean().reset_index()
+        # a rating under the mass floor is missing: n_low_mass says how many, and they enter no mean
+        per_question = (harm.assign(low_mass=harm.perceived_harm.isna())
+                        .groupby(groups + ["question_id"])
+                        .agg(perceived_harm=("perceived_harm", "mean"), n_rated=("perceived_harm", "count"),
+                             n_low_mass=("low_mass", "sum")).reset_index())
         out["harm_perception"] = per_question
         free = table[(table.setting == "free_form") & table.label.isin(["aligned", "misaligned"])]
         if len(free):
             p_mis = free.groupby(groups + ["question_id"]).misaligned.mean().rename("p_misaligned").reset_index()
-            merged = per_question.merge(p_mis, on=groups + ["question_id"])
+            merged = per_question.dropna(subset=["perceived_harm"]).merge(p_mis, on=groups + ["question_id"])
             corr = [{**dict(zip(groups, key, strict=False)), **spearman_ci(g.perceived_harm, g.p_misaligned)}
                     for key, g in merged.groupby(groups)]
             out["harm_vs_misaligned"] = merged
