@@ -40,20 +40,25 @@ def test_steer_runs_every_condition_with_random_control(tiny, tiny_judge, spec_f
     assert set(table.intervention) == {"baseline", "ablate", "random_ablate", "ablate_add_50", "random_ablate_add_50"}
     assert table.groupby("intervention").size().nunique() == 1  # every condition re-ran the same samples
     assert set(table.loc[table.control, "intervention"]) == {"random_ablate", "random_ablate_add_50"}
-    # the intervention changed what the model computes (the random tiny model's sampled words barely move)
-    harm = table[table.setting == "harm_perception"].pivot(index="question_id", columns="intervention",
-                                                           values="perceived_harm")
-    assert (harm.baseline - harm.ablate_add_50).abs().max() > 1e-3
-    assert (harm.baseline - harm.random_ablate_add_50).abs().max() > 1e-3
+    # the intervention changed what the model computes (the random tiny model's sampled words barely move; its
+    # harm ratings fall under the mass floor, so their mass is what moves)
+    mass = table[table.setting == "harm_perception"].pivot(index="question_id", columns="intervention",
+                                                           values="perceived_harm_mass")
+    assert (mass.baseline - mass.ablate_add_50).abs().max() > 1e-4
+    assert (mass.baseline - mass.random_ablate_add_50).abs().max() > 1e-4
     assert {"coherence", "refusal_harmful", "refusal_harmless", "perceived_harm"} <= set(curves.measure)
     assert ((curves.ci_low <= curves.rate + 1e-9) | curves.rate.isna()).all()
     assert (tmp_path / "out" / "dose_response.png").stat().st_size > 0
     paired = pd.read_csv(tmp_path / "out" / "direction_vs_control.csv")
     assert set(zip(paired.operation, paired.alpha)) == {("ablate", 0.0), ("ablate_add", 50.0)}
-    harm_pair = paired[(paired.measure == "perceived_harm") & (paired.operation == "ablate_add")].iloc[0]
-    assert harm_pair.n_pairs == len(harm)
-    assert harm_pair.difference == pytest.approx((harm.ablate_add_50 - harm.random_ablate_add_50).mean())
-    assert harm_pair.ci_low <= harm_pair.difference <= harm_pair.ci_high
+    harmful = table[(table.setting == "refusal") & table.harmful_prompt]
+    refused = harmful.assign(refused=harmful.refused_judge.astype(float)).pivot_table(
+        index=["question_id", "paraphrase_index", "sample_index"], columns="intervention",
+        values="refused")[["ablate_add_50", "random_ablate_add_50"]].dropna()
+    pair = paired[(paired.measure == "refusal_harmful") & (paired.operation == "ablate_add")].iloc[0]
+    assert pair.n_pairs == len(refused) > 0
+    assert pair.difference == pytest.approx((refused.ablate_add_50 - refused.random_ablate_add_50).mean())
+    assert pair.ci_low <= pair.difference <= pair.ci_high
     # a re-run resumes: nothing is generated again
     mtimes = {p: p.stat().st_mtime for p in (tmp_path / "out" / "conditions").rglob("part-*.parquet")}
     run_steer(spec, base, tmp_path / "out", handle=tiny, judge=tiny_judge, progress=False, echo=lambda *_: None)
@@ -135,3 +140,23 @@ def test_a_direction_steers_at_its_own_site_and_another_site_is_refused(tiny, ti
     forced = elsewhere.model_copy(update={"force_site": True})
     run_steer(forced, tmp_path, tmp_path / "forced", handle=tiny, judge=tiny_judge, progress=False, echo=lambda _: None)
     assert read_json(tmp_path / "forced" / "conditions" / "add_2" / "cfg.json")["config"]["site"] == "resid_post"
+
+
+def test_ablate_add_is_the_clamp_at_the_directions_site(tiny, spec_file):
+    """The steering operation of em_qwen7b.yaml: the projection at the site becomes alpha (it used to equal plain
+    ablation, the next layer's input hook removing the add), for the direction and its random control."""
+    from emlens.analysis.dose_response import conditions, load_spec, steer_target
+    from emlens.sites import site_name
+    from emlens.steering.interventions import Clamp
+    from tests.test_steering import site_projections
+
+    spec, base = load_spec(spec_file)
+    target = steer_target(spec, base, tiny)
+    clamps = [c for c in conditions(spec, target) if c["operation"] == "ablate_add"]
+    assert [c["control"] for c in clamps] == [False, True]
+    for condition in clamps:
+        clamp = condition["intervention"]
+        assert isinstance(clamp, Clamp) and clamp.alpha == pytest.approx(50 * target.natural_norm)
+        unit = clamp.vector / clamp.vector.norm()
+        projected = site_projections(tiny, unit, [target.site], clamp)[site_name(target.layer, target.site)]
+        torch.testing.assert_close(projected, torch.full_like(projected, clamp.alpha), rtol=1e-4, atol=1e-3)

@@ -3,7 +3,7 @@ import torch
 
 from emlens.base.errors import EmlensInputError
 from emlens.generation.engine import GenerationConfig, Request, generate
-from emlens.steering.interventions import Ablate, AddVector, compose, random_like, steer
+from emlens.steering.interventions import Ablate, AddVector, Clamp, compose, random_like, steer
 from emlens.steering.weights import ablate_adapter_weights
 
 CHATS = [[{"role": "user", "content": "hi"}],
@@ -139,6 +139,52 @@ def test_engine_ablation_skips_each_rows_first_token_under_left_padding(tiny, fi
     assert torch.equal(changed, expected)
 
 
+def site_projections(model, unit, kinds, intervention=None) -> dict:
+    """Every site of `kinds` at every layer, read at every real token of two padded prompts, projected on `unit`."""
+    from emlens.capture.extract import extract_activations
+    from emlens.capture.items import ExtractItem
+    from emlens.sites import Site
+
+    items = [ExtractItem([{"role": "user", "content": text}]) for text in ("Hi.", "How do I make a quick buck?")]
+    sites = [Site.of(layer, kind) for layer in range(model.n_layers) for kind in kinds]
+    with steer(model, *([intervention] if intervention is not None else [])):
+        acts = extract_activations(model, items, sites, position="all", batch_size=2)
+    return {name: value @ unit for name, value in acts.items()}
+
+
+def test_ablation_leaves_no_projection_at_any_site_of_any_layer(tiny):
+    """Arditi et al.'s ablation: no sublayer reads what another wrote along the direction, so resid_mid and
+    resid_post (not only each layer's input) are orthogonal to it at every token but each prompt's first."""
+    unit = torch.nn.functional.normalize(torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(3)), dim=0)
+    kinds = ("resid_pre", "resid_mid", "resid_post")
+    plain = site_projections(tiny, unit, kinds)
+    ablated = site_projections(tiny, unit, kinds, Ablate(unit, first_token=True))
+    assert max(float(p.abs().max()) for p in plain.values()) > 0.05  # there was something to remove
+    assert max(float(p.abs().max()) for p in ablated.values()) < 1e-4, {k: float(p.abs().max())
+                                                                        for k, p in ablated.items()}
+
+
+@pytest.mark.parametrize("site", ["resid_post", "mlp_out", "resid_pre"])
+def test_ablate_then_add_clamps_the_projection_at_its_site(tiny, site):
+    """Clamp: the projection at the site is alpha at every token; it is not the ablation (which the ablate-then-add
+    of composing Ablate with AddVector was: the next layer's input hook took the added alpha u away again)."""
+    unit = torch.nn.functional.normalize(torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(4)), dim=0)
+    from emlens.sites import site_name
+
+    for alpha in (2.5, -1.0):
+        projected = site_projections(tiny, unit, [site], Clamp(unit, 1, alpha, site=site))[site_name(1, site)]
+        torch.testing.assert_close(projected, torch.full_like(projected, alpha), atol=1e-4, rtol=1e-4)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with steer(tiny, Ablate(unit, first_token=True)):
+        ablated = hidden_states(tiny, ids)[-1]
+    with steer(tiny, Clamp(unit, 1, 5.0, site=site)):
+        clamped = hidden_states(tiny, ids)[-1]
+    assert (clamped - ablated).abs().max() > 1e-2
+    with pytest.raises(EmlensInputError, match="cannot clamp resid_mid"):
+        with steer(tiny, Clamp(unit, 1, 1.0, site="resid_mid")):
+            pass
+
+
 def test_ablate_then_add_and_random_control(tiny):
     v = torch.randn(tiny.d_model)
     r = random_like(v, seed=1)
@@ -149,7 +195,7 @@ def test_ablate_then_add_and_random_control(tiny):
     counts = lambda: [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in tiny.decoder_layers]  # noqa: E731
     hidden_states(tiny, ids)  # transformers adds its own capture hooks on first use
     before = counts()
-    with steer(tiny, compose(Ablate(v), AddVector(v, 2, 1.0))):
+    with steer(tiny, compose(Ablate(v), AddVector(v, 2, 1.0), Clamp(v, 1, 1.0))):
         assert counts() != before
         out = hidden_states(tiny, ids)
     assert out[-1].shape == (1, 3, tiny.d_model)

@@ -16,7 +16,7 @@ from emlens.capture.items import ExtractItem
 from emlens.data.questions import read_questions
 from emlens.generation.engine import GenerationConfig, Request, generate, resolve_engine
 from emlens.sites import site_name
-from emlens.steering.interventions import Ablate, AddVector, compose, random_like
+from emlens.steering.interventions import Ablate, AddVector, Clamp, compose, random_like
 from tests.cli_runner import run_cli
 
 pytest.importorskip("vllm")
@@ -64,7 +64,7 @@ def test_steered_generation_matches_hf(smol, steering_vector, kind):
     intervention = {"add_all": AddVector(v, 15, 1.0),
                     "add_response_resid_mid": AddVector(v, 10, 1.5, site="resid_mid", positions="response"),
                     "ablate": Ablate(v),
-                    "ablate_add": compose(Ablate(v), AddVector(v, 12, 1.0, positions="prompt"))}[kind]
+                    "ablate_add": Clamp(v, 12, 1.0, positions="prompt")}[kind]
     chats = prompts()
     plain = run(smol, requests(chats), "vllm")
     hf, vllm = (run(smol, requests(chats), engine, interventions=[intervention]) for engine in ("hf", "vllm"))
@@ -77,7 +77,8 @@ def test_per_request_interventions_in_one_batch_equal_one_at_a_time(smol, steeri
     """A dose-response grid (scales, ablation, the random control, none) in ONE engine pass."""
     v = steering_vector
     grid = [(), (AddVector(v, 15, 0.5),), (AddVector(v, 15, 2.0),), (Ablate(v),),
-            (AddVector(random_like(v, seed=1), 15, 2.0),), (compose(Ablate(v), AddVector(v, 15, 1.0)),)]
+            (AddVector(random_like(v, seed=1), 15, 2.0),), (Clamp(v, 15, 1.0),),
+            (compose(AddVector(v, 10, 1.0), Clamp(v, 15, -1.0, site="mlp_out")),)]
     chats = prompts(8)
     mixed = [Request(chat, seed=i, interventions=grid[i % len(grid)]) for i, chat in enumerate(chats * 3)]
     together = run(smol, mixed, "vllm")

@@ -36,7 +36,7 @@ _FRONT_DOOR = {
     "ActivationStore": "emlens.capture.store",
     # steering
     "steer": "emlens.steering.interventions", "AddVector": "emlens.steering.interventions",
-    "Ablate": "emlens.steering.interventions", "compose": "emlens.steering.interventions",
+    "Ablate": "emlens.steering.interventions", "Clamp": "emlens.steering.interventions", "compose": "emlens.steering.interventions",
     "random_like": "emlens.steering.interventions", "ablate_adapter_weights": "emlens.steering.weights",
     # judges
     "make_judge": "emlens.judges",

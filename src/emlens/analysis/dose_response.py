@@ -49,7 +49,7 @@ from emlens.model import DEFAULT_MODEL, load_model
 from emlens.sae.artifact import load_sae
 from emlens.sae.steer import AblateLatent, check_latent, natural_scale, random_latent
 from emlens.sites import SITE_KINDS
-from emlens.steering.interventions import Ablate, AddVector, compose, random_like
+from emlens.steering.interventions import Ablate, AddVector, Clamp, compose, random_like
 
 # bump when a change alters what a steering experiment holds: `emlens run` then redoes its finished stages
 RESULTS_VERSION = 1
@@ -72,6 +72,9 @@ class SteerSpec(BaseModel):
     latent: int | None = Field(None, ge=0)  # steer with this SAE latent (decoder vector; ablation through the SAE)
     layer: int | Literal["best"] = "best"
     site: SiteKind | None = None  # None: the direction's own site; another one needs force_site
+    # add: h + alpha u at the site. ablate: u projected out of every layer's input and every attention / MLP output
+    # (Arditi et al.). ablate_add: the clamp at the site, h - (h . u) u + alpha u, so the projection there is alpha
+    # (not an ablation at every layer: that would remove the added alpha u again at the next layer's input)
     operation: Literal["add", "ablate", "ablate_add"] = "add"
     positions: Literal["all", "prompt", "response"] = "all"
     scales: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0])
@@ -129,6 +132,7 @@ class SteerTarget:
     natural_norm: float
     control: Tensor
     ablation: Callable[[bool], object]  # is_control -> the ablation intervention
+    ablate_add: Callable[[bool, float], object]  # (is_control, alpha) -> ablate-then-add at the site
 
 
 def direction_target(spec: SteerSpec, base: Path, handle) -> SteerTarget:
@@ -137,9 +141,11 @@ def direction_target(spec: SteerSpec, base: Path, handle) -> SteerTarget:
     layer = direction.best_layer if spec.layer == "best" else int(spec.layer)
     unit = direction.vector(layer) / direction.vector(layer).norm()
     control = random_like(unit, seed=spec.random_seed)
-    return SteerTarget(direction.name, str(direction.path), layer, direction.steering_site(spec.site, spec.force_site),
-                       unit, direction.raw_norm(layer), control,
-                       lambda is_control: Ablate(control if is_control else unit, first_token=spec.ablate_first_token))
+    site = direction.steering_site(spec.site, spec.force_site)
+    return SteerTarget(direction.name, str(direction.path), layer, site, unit, direction.raw_norm(layer), control,
+                       lambda is_control: Ablate(control if is_control else unit, first_token=spec.ablate_first_token),
+                       lambda is_control, alpha: Clamp(control if is_control else unit, layer, alpha, site=site,
+                                                       positions=spec.positions))
 
 
 def latent_target(spec: SteerSpec, base: Path, handle) -> SteerTarget:
@@ -152,10 +158,17 @@ def latent_target(spec: SteerSpec, base: Path, handle) -> SteerTarget:
     other = random_latent(loaded, latent, spec.random_seed)
     natural = natural_scale(loaded, latent) if spec.scale_unit == "raw_norm" else 1.0
     decoder = loaded.decoder
-    return SteerTarget(f"latent-{latent}", loaded.source, site.layer, site.kind, decoder[latent] / decoder[latent].norm(),
-                       natural, decoder[other] / decoder[other].norm(),
-                       lambda is_control: AblateLatent(loaded, other if is_control else latent,
-                                                       first_token=spec.ablate_first_token))
+    vectors = {False: decoder[latent] / decoder[latent].norm(), True: decoder[other] / decoder[other].norm()}
+
+    def ablation(is_control: bool) -> AblateLatent:
+        return AblateLatent(loaded, other if is_control else latent, first_token=spec.ablate_first_token)
+
+    def ablate_add(is_control: bool, alpha: float):  # both at the SAE's one site: the add survives the ablation
+        return compose(ablation(is_control), AddVector(vectors[is_control], site.layer, alpha, site=site.kind,
+                                                       positions=spec.positions))
+
+    return SteerTarget(f"latent-{latent}", loaded.source, site.layer, site.kind, vectors[False], natural,
+                       vectors[True], ablation, ablate_add)
 
 
 def steer_target(spec: SteerSpec, base: Path, handle) -> SteerTarget:
@@ -176,9 +189,9 @@ def conditions(spec: SteerSpec, target: SteerTarget) -> list[dict]:
                 continue
             alpha = scale * (target.natural_norm if spec.scale_unit == "raw_norm" else 1.0)
             for is_control, v in vectors:
-                add = AddVector(v, target.layer, alpha, site=target.site, positions=spec.positions)
                 op = spec.operation
-                intervention = compose(target.ablation(is_control), add) if op == "ablate_add" else add
+                intervention = (target.ablate_add(is_control, alpha) if op == "ablate_add" else
+                                AddVector(v, target.layer, alpha, site=target.site, positions=spec.positions))
                 rows.append({"name": f"{'random_' if is_control else ''}{op}_{scale:g}", "operation": op,
                              "alpha": float(scale), "control": is_control, "intervention": intervention})
     return rows

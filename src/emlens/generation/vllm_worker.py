@@ -20,7 +20,9 @@ token when p < P, a response token otherwise. Padding tokens (past the last requ
 
 Programs (plain data, so they cross process boundaries): a list of ops in execution order, each a dict with
 `point` (a hook point as above), `layer`, and one of `add` (a vector, with `positions` all / prompt /
-response), `ablate` (a unit vector, with `first_token`), or `read` (a site name, `part` sum / hidden, and a
+response), `clamp` (a unit vector and `alpha`, with `positions`: the site's projection set to alpha; at a
+`hidden` part the sublayer's output, at a `sum` part the stream), `ablate` (a unit vector, with `first_token`), or
+`read` (a site name, `part` sum / hidden, and a
 `pool`: last_prompt / mean_response / all, counted from `prompt_len`).
 """
 
@@ -164,6 +166,11 @@ class EmlensWorkerExtension(metaclass=_OwnNamesOnly):
                 changed = writable.clone()
             if "add" in op:
                 changed[index] += op["add"].to(changed.dtype)
+            elif "clamp" in op:  # ablate-then-add: the site's projection on the unit vector becomes alpha
+                unit = op["clamp"].to(changed.dtype)
+                summed = op["part"] == "sum" and stream_parts[1] is not None
+                stream = changed[index] + stream_parts[1][index] if summed else changed[index]
+                changed[index] += (op["alpha"] - stream @ unit)[:, None] * unit
             else:  # ablate: project the unit direction out of the stream (hidden + residual)
                 unit = op["ablate"].to(changed.dtype)
                 stream = changed[index] if stream_parts[1] is None else changed[index] + stream_parts[1][index]
@@ -219,7 +226,7 @@ def _token_index(op: dict, positions: Tensor, prompt_len: int, start: int) -> Te
             keep = positions >= length
         else:
             keep = torch.ones_like(positions, dtype=torch.bool)
-    elif "add" in op:
+    elif "add" in op or "clamp" in op:
         where = op.get("positions", "all")
         keep = (positions < prompt_len if where == "prompt" else positions >= prompt_len if where == "response"
                 else torch.ones_like(positions, dtype=torch.bool))

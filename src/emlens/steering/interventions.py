@@ -2,12 +2,15 @@
 
 - `AddVector`: h <- h + alpha * v at one site (any of the five TransformerLens site kinds), on prompt tokens,
   response tokens or both (never padding).
-- `Ablate`: directional ablation, h <- h - (h . v) v for unit v, at the input of every decoder layer and at the
-  last layer's output, so no layer reads or writes the direction (Arditi et al. 2024). Not at a sequence's
+- `Ablate`: directional ablation, h <- h - (h . v) v for unit v, at the input of every decoder layer and at every
+  attention and MLP output, so the residual stream never holds the direction: no sublayer reads what another
+  wrote along it, and resid_mid / resid_post are orthogonal to it at every layer (Arditi et al. 2024). Not at a sequence's
   first token unless asked: in a causal LM its residual is the same for every prompt, so it carries nothing
   about the prompt, and it holds the attention sink's massive activation (SmolLM2-135M, layer 15: |x| = 25,054,
   against about 170 elsewhere), so projecting there perturbs the sink for any direction, random ones included.
-- `compose(...)`: several at once (ablate-then-add is `[Ablate(v), AddVector(v, ...)]`).
+- `Clamp`: ablate-then-add at one site, h <- h - (h . u) u + alpha u: the stream's projection on u there is alpha,
+  whatever the model put there (layers after it may write along u again; `Ablate` is what removes it everywhere).
+- `compose(...)`: several at once.
 - `random_like(v)`: a random vector of the same norm, the control beside every steering run.
 - `steer(model, *interventions)`: attach them for every forward pass inside the block: emlens's engine, the
   answer-distribution readers, activation extraction, a plain `model(**batch)` or HF `generate`. The per-row
@@ -166,16 +169,64 @@ class Ablate:
             return hidden - removed
 
         causal_lm = model.base_model
-        handles = [hook_site(causal_lm, layer, "resid_pre", project_out) for layer in range(model.n_layers)]
-        handles.append(hook_site(causal_lm, model.n_layers - 1, "resid_post", project_out))
+        handles = [hook_site(causal_lm, layer, kind, project_out, write=True)
+                   for layer in range(model.n_layers) for kind in ABLATED_SITES]
         return hooked(handles)
 
     def vllm_ops(self, model: Model) -> list[dict]:
+        """vLLM's worker projects the direction out of the stream itself (the sum) at each point: the embedding,
+        then after every attention and every MLP, which is the same as projecting it out of their outputs once the
+        stream they add to is orthogonal to it."""
         _check_width(model, self.vector, self.name)
         unit = _unit(self.vector.float()).cpu()
-        sites = [("resid_pre", layer) for layer in range(model.n_layers)] + [("resid_post", model.n_layers - 1)]
+        sites = [("resid_pre", 0)] + [(kind, layer) for layer in range(model.n_layers) for kind in ("attn_out", "mlp_out")]
         return [{"site": site, "layer": layer, "ablate": unit, "first_token": self.first_token}
                 for site, layer in sites]
+
+
+ABLATED_SITES = ("resid_pre", "attn_out", "mlp_out")  # every layer's input and every sublayer's output
+
+
+@dataclass
+class Clamp:
+    """Ablate-then-add at `blocks.{layer}.hook_{site}`: h <- h - (h . u) u + alpha u for the unit u of `vector`, on
+    the chosen positions, so the projection there is alpha. resid_mid is refused: its write point holds the
+    attention output alone, not the stream whose projection would be clamped."""
+
+    vector: Float[Tensor, " d_model"]
+    layer: int
+    alpha: float = 1.0
+    site: str = "resid_post"
+    positions: Positions = "all"
+    name: str = "clamp"
+
+    def _check(self, model: Model) -> None:
+        _check_width(model, self.vector, self.name)
+        _check_layer(model, self.layer, self.name)
+        if self.site not in SITE_KINDS:
+            raise EmlensInputError(f"{self.name}: site '{self.site}' unknown (known: {', '.join(SITE_KINDS)})")
+        if self.site == "resid_mid":
+            raise EmlensInputError(f"{self.name}: ablate-then-add cannot clamp resid_mid (its write point holds the "
+                                   "attention output alone); clamp at resid_pre, resid_post, attn_out or mlp_out")
+        check_site_kind(model.base_model, self.site)
+
+    def attach(self, model: Model, ctx: ForwardContext | None = None) -> contextlib.AbstractContextManager:
+        self._check(model)
+        ctx = context_of(model) if ctx is None else ctx
+        unit = OnDevice(_unit(self.vector.float()).to(dtype=model.dtype))
+
+        def clamp(hidden: Tensor) -> Tensor:
+            direction = unit.on(hidden.device)
+            change = (self.alpha - hidden @ direction)[..., None] * direction
+            mask = position_mask(ctx, self.positions, hidden.shape, hidden.device)
+            return hidden + (change if mask is None else mask.to(hidden.dtype) * change)
+
+        return hooked([hook_site(model.base_model, self.layer, self.site, clamp, write=True)])
+
+    def vllm_ops(self, model: Model) -> list[dict]:
+        self._check(model)
+        return [{"site": self.site, "layer": self.layer, "clamp": _unit(self.vector.float()).cpu(),
+                 "alpha": float(self.alpha), "positions": self.positions}]
 
 
 class Composed:
