@@ -39,7 +39,7 @@ from emlens.base.io import (
     versions,
     write_manifest,
 )
-from emlens.base.stats import bootstrap_ci, rate
+from emlens.base.stats import benjamini_hochberg, bootstrap_ci, bootstrap_p, rate
 from emlens.directions.artifact import Direction
 from emlens.evaluation.config import EvalConfig
 from emlens.evaluation.run import run_eval
@@ -255,7 +255,8 @@ def print_steer(out: str | Path, echo: Callable[[str], None] = print) -> None:
              f"{row['rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] n={row['n']}")
     for row in pd.read_csv(out / "direction_vs_control.csv").to_dict("records"):
         echo(f"direction - control {row['operation']}@{row['alpha']:g} {row['nudge']:<6} {row['measure']:<24} "
-             f"{row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] pairs={row['n_pairs']}")
+             f"{row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] pairs={row['n_pairs']} "
+             f"p_bh={row.get('p_bh', float('nan')):.3g}")
     echo(f"wrote {out / 'samples.parquet'}, {out / 'dose_response.csv'}, {out / 'direction_vs_control.csv'}, "
          f"{out / 'dose_response.png'}")
 
@@ -291,13 +292,13 @@ def dose_response_table(table: pd.DataFrame) -> pd.DataFrame:
     for (name, operation, alpha, control, nudge), part in table.groupby(
             ["intervention", "operation", "alpha", "control", "nudge"]):
         for measure, rows, column in _measured_rows(part):
-            values = rows[column].astype(float)
+            values, questions = rows[column].astype(float), rows.question_id.to_numpy()
             if measure in ("coherence", "perceived_harm"):
-                low, high = bootstrap_ci(values)
+                low, high = bootstrap_ci(values, clusters=questions)
                 stat = {"rate": float(values.mean()) if len(values) else np.nan, "n": len(values),
                         "ci_low": low, "ci_high": high}
             else:
-                stat = rate(values)
+                stat = rate(values, clusters=questions)
             records.append({"intervention": name, "operation": operation, "alpha": alpha, "control": control,
                             "nudge": nudge, "measure": measure, **stat})
     return pd.DataFrame(records)
@@ -310,7 +311,8 @@ def direction_vs_control(table: pd.DataFrame) -> pd.DataFrame:
     """Direction minus random control, paired by sample, at each operation x alpha x nudge x measure.
 
     Both conditions run the same prompts with the same seeds, so the per-sample difference removes the
-    between-prompt variance they share; the CI is a bootstrap over those pairs.
+    between-prompt variance they share; the CI and the two-sided p-value are a bootstrap over questions (over pairs
+    where each question has one), and `p_bh` is Benjamini-Hochberg adjusted over every row of the table.
     """
 
     records = []
@@ -322,11 +324,13 @@ def direction_vs_control(table: pd.DataFrame) -> pd.DataFrame:
                      .pivot_table(index=PAIR_KEY, columns="control", values="value", aggfunc="first")
                      .reindex(columns=[False, True]).dropna())
             difference = pairs[False] - pairs[True]
-            low, high = bootstrap_ci(difference)
+            questions = pairs.index.get_level_values("question_id").to_numpy()
+            low, high = bootstrap_ci(difference, clusters=questions)
             records.append((operation, alpha, nudge, measure, pairs[False].mean(), pairs[True].mean(),
-                            difference.mean(), low, high, len(pairs)))
-    return pd.DataFrame(records, columns=["operation", "alpha", "nudge", "measure", "direction", "control",
-                                          "difference", "ci_low", "ci_high", "n_pairs"])
+                            difference.mean(), low, high, len(pairs), bootstrap_p(difference, clusters=questions)))
+    frame = pd.DataFrame(records, columns=["operation", "alpha", "nudge", "measure", "direction", "control",
+                                           "difference", "ci_low", "ci_high", "n_pairs", "p"])
+    return frame.assign(p_bh=benjamini_hochberg(frame.p) if len(frame) else [])
 
 
 def _x_label(operation: str, alpha: float) -> str:

@@ -1,4 +1,5 @@
-"""The rates of the studies, each with n and a bootstrap 95 % CI."""
+"""The rates of the studies, each with n and a 95 % CI (Wilson, or a bootstrap over questions where they hold
+several samples: see `emlens.base.stats.rate`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def model_name(row) -> str:
 
 
 def summarize(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The rates of the studies, each with n and a bootstrap 95 % CI."""
+    """The rates of the studies, each with n and a 95 % CI."""
 
     table = table.copy()
     table["model_name"] = table.apply(model_name, axis=1)
@@ -86,5 +87,11 @@ def _deception_false_rate(table: pd.DataFrame, groups: list[str], rate) -> pd.Da
 
 
 def _rates(rows: pd.DataFrame, groups: list[str], column: str, rate) -> pd.DataFrame:
-    records = [{**dict(zip(groups, key, strict=False)), **rate(part[column].astype(float))} for key, part in rows.groupby(groups)]
+    """`rate` per group, its CI clustered by question where a question has several samples."""
+    records = [{**dict(zip(groups, key, strict=False)), **rate(part[column].astype(float), clusters=_questions(part))}
+               for key, part in rows.groupby(groups)]
     return pd.DataFrame(records)
+
+
+def _questions(part: pd.DataFrame):
+    return part.question_id.to_numpy() if "question_id" in part.columns else None

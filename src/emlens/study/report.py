@@ -131,14 +131,18 @@ def steer_blocks(folder: Path) -> list[Block]:
     paired = pd.read_csv(folder / "direction_vs_control.csv")
     paired["95 % CI"] = paired.apply(lambda r: f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]",
                                      axis=1)
-    paired["verdict"] = [("beyond the random control" if lo > 0 or hi < 0 else "not distinguishable from the control")
-                         for lo, hi in zip(paired.ci_low, paired.ci_high)]
+    # a verdict per row only after the correction for the many rows tested at once (Benjamini-Hochberg); a table
+    # written before p-values were kept has none to correct, so no row of it is called beyond the control
+    adjusted = paired.p_bh if "p_bh" in paired else pd.Series(1.0, index=paired.index)
+    paired["verdict"] = ["beyond the random control" if p < 0.05 else "not distinguishable from the control"
+                         for p in adjusted]
     cfg = read_json(folder / "cfg.json")
     return [Block("heading", "Steering: dose-response beside the random control"),
             Block("text", f"Direction {Path(cfg['direction']).name} at layer {cfg['layer']} ({cfg['site']}). Each "
                           "steered condition minus the same condition with a random vector of the same norm, paired "
-                          "by prompt and seed."),
-            Block("table", paired[["operation", "alpha", "nudge", "measure", "95 % CI", "n_pairs", "verdict"]]),
+                          "by prompt and seed; 95 % CI and p from a bootstrap over questions, the verdict at a Benjamini-Hochberg "
+                          "false discovery rate of 0.05 over the rows of this table."),
+            Block("table", paired[["operation", "alpha", "nudge", "measure", "95 % CI", "n_pairs", *(["p_bh"] if "p_bh" in paired else []), "verdict"]]),
             Block("figure", folder / "dose_response.png")]
 
 
