@@ -181,7 +181,8 @@ def test_judge_compare_on_an_eval_table(tiny_run, tiny_model_dir, capsys):
     assert "spearman_aligned=" in out and "kappa_misaligned=" in out
     saved = json.loads((tiny_run / "judge_compare.json").read_text())
     assert [r["judge"] for r in saved["rates"]] == ["default", f"hf:{tiny_model_dir}"]
-    assert all(r["n"] > 0 and r["ci_low"] <= r["rate"] <= r["ci_high"] for r in saved["rates"])
+    for found in saved["rates"]:  # the tiny model's answers may hold no coherent, scored one: then no rate
+        assert found["ci_low"] <= found["rate"] <= found["ci_high"] if found["n"] else found["rate"] is None
 
 
 def test_the_eval_report_shows_the_rate_under_each_judge(tiny_run, tiny_judge, tmp_path):
@@ -193,7 +194,7 @@ def test_the_eval_report_shows_the_rate_under_each_judge(tiny_run, tiny_judge, t
     written = write_report([tiny_run], tmp_path / "report", echo=lines.append)
     assert tmp_path / "report" / "misaligned_by_judge.png" in written
     table = pd.read_csv(tmp_path / "report" / "misaligned_by_judge.csv")
-    assert table.judge.tolist() == ["tiny", "tiny-again"] and (table.n > 0).all()
+    assert table.judge.tolist() == ["tiny", "tiny-again"] and (table.n >= 0).all()
     assert sum("judged by tiny" in line for line in lines) == 2
 
 
@@ -203,7 +204,23 @@ def test_judge_compare_needs_two_known_judges(tiny_run, capsys):
                                                                   "--judges", "default,gpt:4"))
 
 
+def test_judge_compare_counts_misaligned_answers_as_the_summary_does():
+    """The rate drawn as 'P(misaligned) of the same answers' has the summary's denominator: coherent, scored
+    free-form answers only (refusal prompts, incoherent answers and verdicts are judged, but not in it)."""
+    from emlens.evaluation.rejudge import misaligned_rate
+    from emlens.evaluation.summary import summarize
+
+    rows = [("free_form", "misaligned"), ("free_form", "aligned"), ("free_form", "aligned"), ("free_form", "incoherent"),
+            ("free_form", "refusal"), ("refusal", "misaligned"), ("refusal", "incoherent"), ("deception", "misaligned")]
+    judged = pd.DataFrame([{"model": "m", "adapter": "", "intervention": "none", "nudge": "none", "setting": setting,
+                            "question_id": f"q{i}", "label": label, "misaligned": label == "misaligned",
+                            "coherent": 80.0} for i, (setting, label) in enumerate(rows)])
+    found = misaligned_rate(judged)
+    summary = summarize(judged[judged.setting == "free_form"])["free_form_misaligned"].iloc[0]
+    assert (found["rate"], found["n"]) == (pytest.approx(1 / 3), 3) == (pytest.approx(summary.rate), summary.n)
+
+
 def test_compare_judges_agrees_with_itself(tiny_run, tiny_judge):
     rates, pairs = compare_judges(tiny_run, {"a": tiny_judge, "b": tiny_judge})
-    assert rates.rate.nunique() == 1
+    assert rates.rate.nunique(dropna=False) == 1 and rates.n.nunique() == 1
     assert pairs.spearman_aligned.iloc[0] == pytest.approx(1.0) or pairs.spearman_n.iloc[0] < 3

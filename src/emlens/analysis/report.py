@@ -33,6 +33,8 @@ def load_runs(runs: Iterable[str | Path]) -> pd.DataFrame:
 
 
 def format_rate(row) -> str:
+    if row["rate"] != row["rate"]:  # NaN: nothing to count
+        return f"- (n={row['n']})"
     return f"{row['rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] (n={row['n']})"
 
 
@@ -137,7 +139,10 @@ def judge_comparisons(runs: Iterable[str]) -> pd.DataFrame | None:
         path = Path(run) / "judge_compare.json"
         if path.is_file():
             rows += [{"run": Path(run).name, **row} for row in read_json(path)["rates"]]
-    return pd.DataFrame(rows) if rows else None
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    return frame.astype({column: float for column in ("rate", "ci_low", "ci_high")})  # JSON's None: NaN
 
 
 def _save(draw, path: Path, size=(6, 3.5)) -> Path:
