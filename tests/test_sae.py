@@ -269,3 +269,21 @@ def test_a_latent_steers_like_a_direction_with_a_random_latent_control(tiny, tin
     assert set(table.intervention) == {"baseline", "ablate", "random_ablate", "ablate_add_4", "random_ablate_add_4"}
     harm = table.pivot(index="question_id", columns="intervention", values="perceived_harm")
     assert (harm.baseline - harm.ablate_add_4).abs().max() > 1e-4
+
+
+def test_a_resid_mid_sae_is_refused_for_latent_ablation(tiny, trained_sae):
+    """The write point of resid_mid holds the attention output alone: encoding it with a resid_mid SAE would read
+    something the SAE never saw. Refused in one line."""
+    import dataclasses
+
+    import emlens as em
+    from emlens.base.errors import EmlensInputError
+    from emlens.sae.artifact import load_sae
+    from emlens.sae.steer import AblateLatent
+
+    at_mid = dataclasses.replace(load_sae(trained_sae), site_name="blocks.1.hook_resid_mid")
+    with pytest.raises(EmlensInputError, match="SAE on resid_mid cannot be ablated through") as caught:
+        with em.steer(tiny, AblateLatent(at_mid, 0)):
+            pass
+    assert "\n" not in str(caught.value)
+

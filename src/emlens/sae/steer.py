@@ -46,6 +46,10 @@ class AblateLatent:
 
     def attach(self, model: Model, ctx: ForwardContext | None = None) -> contextlib.AbstractContextManager:
         site = self.loaded.check_fits(model)
+        if site.kind == "resid_mid":  # its write point holds the attention output alone, not what the SAE reads
+            raise EmlensInputError(f"{self.loaded.source}: an SAE on resid_mid cannot be ablated through (the stream "
+                                   "there is not where its write goes); ablate latents of a resid_pre, resid_post, "
+                                   "attn_out or mlp_out SAE")
         latent = check_latent(self.loaded, self.latent)
         ctx = context_of(model) if ctx is None else ctx
         on_device: dict[torch.device, object] = {}
