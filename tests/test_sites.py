@@ -14,15 +14,29 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    OlmoConfig,
+    OlmoForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 from emlens.base.errors import EmlensInputError
@@ -39,10 +53,17 @@ SHAPE = dict(hidden_size=D_MODEL, intermediate_size=64, num_hidden_layers=N_LAYE
              max_position_embeddings=256, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 GQA = dict(num_key_value_heads=2, head_dim=8)
 
-# id -> (config class, causal LM class, extra config fields, expected family name)
+# id -> (config class, causal LM class, extra config fields, expected family name): every model type in the table
 CASES = {
     "llama": (LlamaConfig, LlamaForCausalLM, GQA, "llama"),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, GQA, "llama"),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, GQA, "llama"),
+    "gemma": (GemmaConfig, GemmaForCausalLM, GQA, "llama"),
+    "olmo": (OlmoConfig, OlmoForCausalLM, GQA, "llama"),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"num_key_value_heads": 2}, "llama"),
+    "smollm3": (SmolLM3Config, SmolLM3ForCausalLM, GQA, "llama"),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM, GQA, "olmo2"),
+    "granite": (GraniteConfig, GraniteForCausalLM, {**GQA, "residual_multiplier": 0.22}, "granite"),
     "mistral": (MistralConfig, MistralForCausalLM, {**GQA, "sliding_window": 8}, "llama"),
     "gemma2": (Gemma2Config, Gemma2ForCausalLM, {**GQA, "sliding_window": 8}, "gemma2"),
     "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM, {**GQA, "sliding_window": 8}, "gemma2"),
@@ -78,7 +99,9 @@ def parallel(model) -> bool:
 
 
 def kinds_of(model) -> list[str]:
-    return [k for k in SITE_KINDS if not (k == "resid_mid" and parallel(model))]
+    """The site kinds the table serves for this model (Granite: resid_pre and resid_post only)."""
+    served = family_of(model.config).read
+    return [k for k in SITE_KINDS if k in served and not (k == "resid_mid" and parallel(model))]
 
 
 def items() -> list[ExtractItem]:
@@ -151,7 +174,9 @@ def check_identities(model, acts, name: str, written: Site | None = None) -> Non
 
     for layer in range(model.n_layers):
         get = lambda kind, layer=layer: acts[site_name(layer, kind)]  # noqa: E731
-        if parallel(model):
+        if "attn_out" not in kinds_of(model):
+            pass  # only the stream between layers is served
+        elif parallel(model):
             if not skip(layer, "resid_post"):
                 close(get("resid_pre") + get("attn_out") + get("mlp_out"), get("resid_post"), msg=f"{name} {layer}")
         else:
@@ -168,6 +193,8 @@ def test_residual_identities(case):
     acts = read(model)
     for layer in range(model.n_layers):
         get = lambda kind, layer=layer: acts[site_name(layer, kind)]  # noqa: E731
+        if "attn_out" not in kinds_of(model):
+            continue
         for kind in ("attn_out", "mlp_out"):  # the sublayers write something, so the sums mean something
             assert get(kind).abs().max() > 1e-2, (name, layer, kind)
         assert (get("attn_out") - get("mlp_out")).abs().max() > 1e-2
@@ -177,7 +204,8 @@ def test_residual_identities(case):
 def test_parallel_residual_has_no_resid_mid(case):
     name, model = case
     if not parallel(model):
-        check_site_kind(model.base_model, "resid_mid")  # no error
+        if "resid_mid" in kinds_of(model):
+            check_site_kind(model.base_model, "resid_mid")  # no error
         return
     with pytest.raises(EmlensInputError, match="resid_mid") as info:
         extract_activations(model, items(), [site_name(1, "resid_mid")], position="all")
@@ -237,6 +265,12 @@ def _unit(seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("kind", SITE_KINDS)
 def test_add_vector_moves_its_site_by_alpha_v(case, kind):
     name, model = case
+    if kind not in family_of(model.config).read:  # Granite's sublayer sites: refused in one line
+        with pytest.raises(EmlensInputError, match=f"site kind '{kind}': not served for granite") as info:
+            with steer(model, AddVector(_unit(1), 1, 3.0, site=kind)):
+                pass
+        assert "\n" not in str(info.value)
+        return
     if kind not in kinds_of(model):
         pytest.skip("no resid_mid under the parallel residual (tested above)")
     layer, alpha, v = 1, 3.0, _unit(1)
@@ -297,12 +331,19 @@ def test_add_vector_spares_padding(case):
     assert moved[~real].abs().max() == 0
 
 
-def test_ablate_leaves_resid_pre_orthogonal(case):
+def test_ablate_leaves_every_site_of_the_stream_orthogonal(case):
+    """resid_pre, resid_mid and resid_post at every layer, every token but each row's first (the attention sink)."""
     name, model = case
     v = _unit(3) * 7.0  # not unit: Ablate normalizes
     unit = v / v.norm()
+    if "attn_out" not in kinds_of(model):  # Granite: the sublayer outputs it would project cannot be reached
+        with pytest.raises(EmlensInputError, match="not served for granite"):
+            with steer(model, Ablate(v)):
+                pass
+        return
+    stream = [k for k in ("resid_pre", "resid_mid", "resid_post") if k in kinds_of(model)]
     with steer(model, Ablate(v)):
-        acts = read(model, ["resid_pre", "resid_post"])
+        acts = read(model, stream)
     starts = torch.tensor([0, *row_lengths(model)[:-1]]).cumsum(0)  # first real token of each row in "all"
     first = torch.zeros(next(iter(acts.values())).shape[0], dtype=torch.bool)
     first[starts] = True
@@ -310,16 +351,17 @@ def test_ablate_leaves_resid_pre_orthogonal(case):
         along = acts[site_name(layer, "resid_pre")] @ unit
         assert along[~first].abs().max() < 1e-4, f"{name}: resid_pre {layer} keeps the direction"
         assert along[first].abs().min() > 1e-4, f"{name}: the first token was ablated at layer {layer}"
-    along = acts[site_name(model.n_layers - 1, "resid_post")] @ unit
-    assert along[~first].abs().max() < 1e-4
+        for kind in stream[1:]:
+            along_kind = acts[site_name(layer, kind)] @ unit
+            assert along_kind[~first].abs().max() < 1e-4, f"{name}: {kind} {layer} keeps the direction"
 
 
 def test_hooks_sharing_a_module_run_in_site_order(case):
     """An addition to resid_mid sits on the module attn_out is read from; attn_out never sees it, whichever hook
     was placed first, and every hook comes off (a second remove does nothing)."""
     name, model = case
-    if parallel(model):
-        pytest.skip("no resid_mid under the parallel residual")
+    if "resid_mid" not in kinds_of(model):
+        pytest.skip("no resid_mid (parallel residual, or not served)")
     lm, v = model.base_model, _unit(5)
     ids = torch.tensor([tokenize_items(model, items())[1].ids])
     seen: dict[str, torch.Tensor] = {}

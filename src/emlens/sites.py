@@ -143,6 +143,7 @@ class Family:
     read: dict[str, Hook]
     write: dict[str, Hook]
     model_types: tuple[str, ...]
+    refused: str = ""  # why the site kinds missing from `read` cannot be served (one line)
 
 
 _PRE, _POST = Hook("", "input"), Hook("", "output")
@@ -151,7 +152,19 @@ LLAMA = Family(
     read={"resid_pre": _PRE, "attn_out": Hook("self_attn", "output"),
           "resid_mid": Hook("post_attention_layernorm", "input"), "mlp_out": Hook("mlp", "output"), "resid_post": _POST},
     write={"resid_mid": Hook("self_attn", "output")},
-    model_types=("llama", "qwen2", "qwen3", "mistral", "gemma", "olmo", "olmo2", "phi3", "smollm3", "granite"),
+    model_types=("llama", "qwen2", "qwen3", "mistral", "gemma", "olmo", "phi3", "smollm3"),
+)
+OLMO2 = Family(  # OLMo-2 norms each sublayer's output (no norm before it): the MLP reads resid_mid itself
+    "olmo2", "model",
+    read={"resid_pre": _PRE, "attn_out": Hook("post_attention_layernorm", "output"), "resid_mid": Hook("mlp", "input"),
+          "mlp_out": Hook("post_feedforward_layernorm", "output"), "resid_post": _POST},
+    write={"resid_mid": Hook("post_attention_layernorm", "output")},
+    model_types=("olmo2",),
+)
+GRANITE = Family(  # the stream gets residual_multiplier x each sublayer's output, which no module returns
+    "granite", "model", read={"resid_pre": _PRE, "resid_post": _POST}, write={}, model_types=("granite",),
+    refused="Granite adds residual_multiplier x the attention and MLP outputs, which no module returns; read or "
+            "steer resid_pre or resid_post",
 )
 GEMMA2 = Family(  # Gemma-2/3 norm each sublayer's output before adding it to the residual
     "gemma2", "model",
@@ -170,7 +183,7 @@ GPT_NEOX = Family(  # resid_mid exists only without the parallel residual (Pythi
     write={"resid_mid": Hook("post_attention_dropout", "output")},
     model_types=("gpt_neox",),
 )
-FAMILIES = (LLAMA, GEMMA2, GEMMA3_MULTIMODAL, GPT_NEOX)
+FAMILIES = (LLAMA, OLMO2, GRANITE, GEMMA2, GEMMA3_MULTIMODAL, GPT_NEOX)
 
 
 def family_of(config) -> Family:
@@ -206,6 +219,9 @@ def check_site_kind(causal_lm, kind: str) -> None:
     if kind == "resid_mid" and getattr(config, "use_parallel_residual", False):
         raise EmlensInputError(f"site kind 'resid_mid': {config.model_type} with a parallel residual has no "
                                "resid_mid (attention and MLP both read resid_pre)")
+    family = family_of(config)
+    if kind not in family.read:
+        raise EmlensInputError(f"site kind '{kind}': not served for {config.model_type} ({family.refused})")
 
 
 def hook_site(causal_lm, layer: int, kind: str, change: Callable[[Tensor], Tensor | None], write: bool = False):
