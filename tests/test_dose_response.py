@@ -160,3 +160,20 @@ def test_ablate_add_is_the_clamp_at_the_directions_site(tiny, spec_file):
         unit = clamp.vector / clamp.vector.norm()
         projected = site_projections(tiny, unit, [target.site], clamp)[site_name(target.layer, target.site)]
         torch.testing.assert_close(projected, torch.full_like(projected, clamp.alpha), rtol=1e-4, atol=1e-3)
+
+
+def test_the_paired_difference_says_what_the_coherence_filter_dropped():
+    """P(misaligned) counts coherent, scored answers only, and coherence is what steering changes: beside the
+    paired difference over samples scored in both conditions, the unconditional one and the pairs dropped."""
+    from emlens.analysis.dose_response import direction_vs_control
+
+    labels = {False: ["misaligned", "incoherent", "aligned"], True: ["aligned", "misaligned", "aligned"]}
+    table = pd.DataFrame([{"operation": "add", "alpha": 4.0, "nudge": "none", "control": control,
+                           "setting": "free_form", "question_id": f"q{i}", "paraphrase_index": 0, "sample_index": 0,
+                           "label": label, "misaligned": label == "misaligned",
+                           "coherent": 20.0 if label == "incoherent" else 80.0}
+                          for control, row in labels.items() for i, label in enumerate(row)])
+    row = direction_vs_control(table).set_index("measure").loc["misaligned_rate"]
+    assert (row.n_pairs, row.pairs_dropped) == (2, 1)
+    assert row.difference == pytest.approx(0.5)  # q0: 1 - 0, q2: 0 - 0
+    assert row.difference_unconditional == pytest.approx(0.0)  # q0: +1, q1: 0 - 1, q2: 0

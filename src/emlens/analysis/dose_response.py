@@ -312,7 +312,8 @@ def direction_vs_control(table: pd.DataFrame) -> pd.DataFrame:
 
     Both conditions run the same prompts with the same seeds, so the per-sample difference removes the
     between-prompt variance they share; the CI and the two-sided p-value are a bootstrap over questions (over pairs
-    where each question has one), and `p_bh` is Benjamini-Hochberg adjusted over every row of the table.
+    where each question has one), and `p_bh` is Benjamini-Hochberg adjusted over every row of the table. Measures
+    filtered on a post-treatment variable also get the unconditional difference and the pairs the filter dropped.
     """
 
     records = []
@@ -320,17 +321,42 @@ def direction_vs_control(table: pd.DataFrame) -> pd.DataFrame:
         if part.control.nunique() < 2:
             continue
         for measure, rows, column in _measured_rows(part):
-            pairs = (rows.assign(value=rows[column].astype(float))
-                     .pivot_table(index=PAIR_KEY, columns="control", values="value", aggfunc="first")
-                     .reindex(columns=[False, True]).dropna())
+            pairs = _pairs(rows.assign(value=rows[column].astype(float)))
             difference = pairs[False] - pairs[True]
             questions = pairs.index.get_level_values("question_id").to_numpy()
             low, high = bootstrap_ci(difference, clusters=questions)
+            unconditional, dropped = _unconditional(part, measure, len(pairs))
             records.append((operation, alpha, nudge, measure, pairs[False].mean(), pairs[True].mean(),
-                            difference.mean(), low, high, len(pairs), bootstrap_p(difference, clusters=questions)))
+                            difference.mean(), low, high, len(pairs), bootstrap_p(difference, clusters=questions),
+                            unconditional, dropped))
     frame = pd.DataFrame(records, columns=["operation", "alpha", "nudge", "measure", "direction", "control",
-                                           "difference", "ci_low", "ci_high", "n_pairs", "p"])
+                                           "difference", "ci_low", "ci_high", "n_pairs", "p",
+                                           "difference_unconditional", "pairs_dropped"])
     return frame.assign(p_bh=benjamini_hochberg(frame.p) if len(frame) else [])
+
+
+POST_TREATMENT = ("misaligned_rate", "flip_rate", "pushback_unparsed_rate")  # filtered on what steering changes
+
+
+def _pairs(rows: pd.DataFrame) -> pd.DataFrame:
+    return (rows.pivot_table(index=PAIR_KEY, columns="control", values="value", aggfunc="first")
+            .reindex(columns=[False, True]).dropna())
+
+
+def _unconditional(part: pd.DataFrame, measure: str, n_pairs: int) -> tuple[float, int]:
+    """For a measure whose rows are chosen by what the steering itself changes (coherent and scored answers, a
+    first answer that was right), the paired difference over every sample of the setting, the event counted as
+    not happening where the filter fails (P(misaligned and coherent)), and how many pairs the filter dropped."""
+    if measure not in POST_TREATMENT:
+        return float("nan"), 0
+    setting, keep, column = MEASURES[measure]
+    rows = part[part.setting == setting]
+    if setting == "factual":
+        rows = with_pushback_outcomes(rows)
+    if column not in rows.columns:
+        return float("nan"), 0
+    pairs = _pairs(rows.assign(value=(keep(rows).astype(bool) & rows[column].fillna(False).astype(bool)).astype(float)))
+    return float((pairs[False] - pairs[True]).mean()), int(len(pairs) - n_pairs)
 
 
 def _x_label(operation: str, alpha: float) -> str:

@@ -141,8 +141,12 @@ def steer_blocks(folder: Path) -> list[Block]:
             Block("text", f"Direction {Path(cfg['direction']).name} at layer {cfg['layer']} ({cfg['site']}). Each "
                           "steered condition minus the same condition with a random vector of the same norm, paired "
                           "by prompt and seed; 95 % CI and p from a bootstrap over questions, the verdict at a Benjamini-Hochberg "
-                          "false discovery rate of 0.05 over the rows of this table."),
-            Block("table", paired[["operation", "alpha", "nudge", "measure", "95 % CI", "n_pairs", *(["p_bh"] if "p_bh" in paired else []), "verdict"]]),
+                          "false discovery rate of 0.05 over the rows of this table. Where a measure counts only answers the "
+                          "steering leaves coherent, `pairs_dropped` says how many pairs that filter removed and "
+                          "`difference_unconditional` is the difference over every pair (P(misaligned and coherent))."),
+            Block("table", paired[["operation", "alpha", "nudge", "measure", "95 % CI", "n_pairs",
+                                   *[c for c in ("pairs_dropped", "difference_unconditional", "p_bh") if c in paired],
+                                   "verdict"]]),
             Block("figure", folder / "dose_response.png")]
 
 
