@@ -267,8 +267,9 @@ def test_a_latent_steers_like_a_direction_with_a_random_latent_control(tiny, tin
     run_steer(spec, base, tmp_path / "out", handle=tiny, judge=tiny_judge, progress=False, echo=lambda *_: None)
     table = pd.read_parquet(tmp_path / "out" / "samples.parquet")
     assert set(table.intervention) == {"baseline", "ablate", "random_ablate", "ablate_add_4", "random_ablate_add_4"}
-    harm = table.pivot(index="question_id", columns="intervention", values="perceived_harm")
-    assert (harm.baseline - harm.ablate_add_4).abs().max() > 1e-4
+    # the tiny model's harm ratings fall under the 0.25 mass floor (missing), so their mass is what moves
+    mass = table.pivot(index="question_id", columns="intervention", values="perceived_harm_mass")
+    assert (mass.baseline - mass.ablate_add_4).abs().max() > 1e-6
 
 
 def test_a_resid_mid_sae_is_refused_for_latent_ablation(tiny, trained_sae):
