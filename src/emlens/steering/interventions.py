@@ -96,6 +96,15 @@ def _check_width(model: Model, v: Tensor, what: str) -> None:
                                f"{model.d_model}")
 
 
+def _check_site_write(model: Model, vector: Tensor, layer: int, site: str, what: str) -> None:
+    """A vector written at `blocks.{layer}.hook_{site}`: its width, the layer and the site kind, one line each."""
+    _check_width(model, vector, what)
+    _check_layer(model, layer, what)
+    if site not in SITE_KINDS:
+        raise EmlensInputError(f"{what}: site '{site}' unknown (known: {', '.join(SITE_KINDS)})")
+    check_site_kind(model.base_model, site)
+
+
 def _check_layer(model: Model, layer: int, what: str) -> None:
     if not 0 <= layer < model.n_layers:
         raise EmlensInputError(f"{what}: layer {layer} out of range (model has {model.n_layers} layers)")
@@ -122,12 +131,8 @@ class AddVector:
     name: str = "add"
 
     def attach(self, model: Model, ctx: ForwardContext | None = None) -> contextlib.AbstractContextManager:
-        _check_width(model, self.vector, self.name)
-        _check_layer(model, self.layer, self.name)
+        _check_site_write(model, self.vector, self.layer, self.site, self.name)
         ctx = context_of(model) if ctx is None else ctx
-        if self.site not in SITE_KINDS:
-            raise EmlensInputError(f"{self.name}: site '{self.site}' unknown (known: {', '.join(SITE_KINDS)})")
-        check_site_kind(model.base_model, self.site)
         delta = OnDevice((self.alpha * self.vector).to(dtype=model.dtype))
 
         def add(hidden: Tensor) -> Tensor:
@@ -139,9 +144,7 @@ class AddVector:
 
     def vllm_ops(self, model: Model) -> list[dict]:
         """The same addition as plain data, for engines that hook elsewhere (vLLM's workers)."""
-        _check_width(model, self.vector, self.name)
-        _check_layer(model, self.layer, self.name)
-        check_site_kind(model.base_model, self.site)
+        _check_site_write(model, self.vector, self.layer, self.site, self.name)
         return [{"site": self.site, "layer": self.layer, "add": (self.alpha * self.vector).float().cpu(),
                  "positions": self.positions}]
 
@@ -201,14 +204,10 @@ class Clamp:
     name: str = "clamp"
 
     def _check(self, model: Model) -> None:
-        _check_width(model, self.vector, self.name)
-        _check_layer(model, self.layer, self.name)
-        if self.site not in SITE_KINDS:
-            raise EmlensInputError(f"{self.name}: site '{self.site}' unknown (known: {', '.join(SITE_KINDS)})")
         if self.site == "resid_mid":
             raise EmlensInputError(f"{self.name}: ablate-then-add cannot clamp resid_mid (its write point holds the "
                                    "attention output alone); clamp at resid_pre, resid_post, attn_out or mlp_out")
-        check_site_kind(model.base_model, self.site)
+        _check_site_write(model, self.vector, self.layer, self.site, self.name)
 
     def attach(self, model: Model, ctx: ForwardContext | None = None) -> contextlib.AbstractContextManager:
         self._check(model)
