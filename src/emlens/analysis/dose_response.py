@@ -52,7 +52,8 @@ from emlens.sites import SITE_KINDS
 from emlens.steering.interventions import Ablate, AddVector, Clamp, compose, random_like
 
 # bump when a change alters what a steering experiment holds: `emlens run` then redoes its finished stages
-RESULTS_VERSION = 1
+# bump when a change alters what a steering run holds: `emlens run` then redoes finished stages
+RESULTS_VERSION = 2  # 2: issue 24's fixes (judge verdicts, rating floor, pushback, CIs, ablation)
 
 log = logging.getLogger(__name__)
 

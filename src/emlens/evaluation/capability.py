@@ -89,7 +89,8 @@ from emlens.generation.engine import (
 from emlens.model import Model
 from emlens.runs import RunStore, read_samples
 
-RESULTS_VERSION = 1  # bump when a change alters what a capability run holds: `emlens run` then redoes finished stages
+# bump when a change alters what a capability run holds: `emlens run` then redoes finished stages
+RESULTS_VERSION = 2  # 2: issue 24's fixes (judge verdicts, rating floor, pushback, CIs, ablation)
 
 log = logging.getLogger(__name__)
 

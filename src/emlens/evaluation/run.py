@@ -21,7 +21,8 @@ from emlens.judges.base import Judge
 from emlens.model import Model
 from emlens.runs import RunStore
 
-RESULTS_VERSION = 1  # bump when a change alters what an eval run holds: `emlens run` then redoes finished stages
+# bump when a change alters what an eval run holds: `emlens run` then redoes finished stages
+RESULTS_VERSION = 2  # 2: issue 24's fixes (judge verdicts, rating floor, pushback, CIs, ablation)
 
 log = logging.getLogger(__name__)
 
