@@ -18,7 +18,9 @@ from emlens.evaluation.capability import (
     common_prefix,
     continuation_logprobs,
     final_number,
+    format_summary,
     gsm8k_row,
+    held_out_for,
     held_out_gsm8k,
     mc_batches,
     mc_continuations,
@@ -92,10 +94,11 @@ def test_batches_hold_every_question_once_with_little_padding(option_tokens):
 def steering(kind: str, d_model: int) -> list:
     vector = torch.randn(d_model, generator=torch.Generator().manual_seed(1))
     return {"none": [], "add to prompts": [AddVector(vector, layer=1, alpha=4.0, positions="prompt")],
+            "add to responses": [AddVector(vector, layer=1, alpha=4.0, positions="response")],
             "ablate": [Ablate(vector)]}[kind]
 
 
-@pytest.mark.parametrize("intervention", ["none", "add to prompts", "ablate"])
+@pytest.mark.parametrize("intervention", ["none", "add to prompts", "add to responses", "ablate"])
 @pytest.mark.parametrize("mc_format", ["letters", "cloze"])
 def test_a_cached_shared_prefix_scores_as_the_whole_prompts(tiny, mc_format, intervention):
     """Few-shot prompts share their examples: computed once and continued from, the scores are those of the
@@ -113,6 +116,20 @@ def test_a_cached_shared_prefix_scores_as_the_whole_prompts(tiny, mc_format, int
     assert len({len(c) for c in contexts}) == 3  # the continued rows are padded
     for a, b in zip(cached, whole, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_response_only_steering_moves_a_one_token_answer(tiny):
+    """A letter's score is read at the last prompt token: response positions include it (before issue 24 the
+    letters under `positions: response` were exactly the unsteered ones)."""
+    config = CapabilityConfig(mc_format="letters", mc_shots=0, mc_limit=3)
+    questions, shots = read_mc_set(config)
+    encoded = [mc_continuations(tiny, q, config, shots) for q in questions]
+    contexts, options = [c for c, _ in encoded], [o for _, o in encoded]
+    assert all(len(c) == 1 for o in options for c in o)  # one token per answer
+    plain = continuation_logprobs(tiny, contexts, options)
+    with steer(tiny, *steering("add to responses", tiny.d_model)):
+        steered = continuation_logprobs(tiny, contexts, options)
+    assert max(abs(a - b) for p, s in zip(plain, steered, strict=True) for a, b in zip(p, s, strict=True)) > 1e-3
 
 
 def test_common_prefix_leaves_every_row_a_token_of_its_own():
@@ -191,6 +208,12 @@ def test_run_folder_rows_summary_and_resume(tiny, tmp_path, gsm8k_file):
         assert accuracy["rate"] == pytest.approx(rows[rows.task == task].correct.mean())
         assert accuracy["ci_low"] <= accuracy["rate"] <= accuracy["ci_high"]
     assert "last 12 of seeded_order(60, seed=0" in cfg["config"]["data"]["gsm8k"]["slice"]
+    gsm8k = rows[rows.task == "gsm8k"]
+    truncated = cfg["summary"]["gsm8k"]["truncated"]  # answers cut at 4 tokens, scored by their last number
+    assert truncated["n"] == 6 and truncated["rate"] == pytest.approx((gsm8k.finish_reason == "length").mean())
+    assert truncated["rate"] > 0
+    assert [line for line in format_summary(cfg["summary"]) if line.startswith("gsm8k")][0].endswith(
+        f"{truncated['rate']:.0%} cut at max_new_tokens)")
 
     # a run killed during its third MC pass: two parts written; the re-run scores only what is missing
     parts = sorted((out / "parts").glob("part-*.parquet"))
@@ -256,6 +279,17 @@ def test_the_held_out_slice_is_the_end_of_trainings_order(tmp_path, gsm8k_file):
 
     assert not trained_questions(60 - 12) & questions  # the largest mixture that leaves the slice alone
     assert trained_questions(60 - 11) & questions  # one more benign example reaches into it
+
+
+def test_a_held_out_slice_a_large_mixture_reached_into_is_refused(gsm8k_file):
+    """60 records, the last 12 held out: a mixture that drew 49 benign examples from the file saw some of them."""
+    config = CapabilityConfig(gsm8k="shared", gsm8k_holdout=12, gsm8k_limit=None)
+    fits = held_out_for(config, 0, str(gsm8k_file), benign_drawn=48)
+    assert len(held_out_gsm8k(fits).problems) == 12
+    with pytest.raises(EmlensInputError, match=r"drew 49 benign examples .* lower gsm8k_holdout to at most 11"):
+        held_out_gsm8k(held_out_for(config, 0, str(gsm8k_file), benign_drawn=49))
+    other = held_out_for(config.model_copy(update={"gsm8k": str(gsm8k_file)}), 0, "elsewhere.json", benign_drawn=59)
+    assert other.trained_benign is None  # trained on another file: nothing to overlap
 
 
 def test_gold_solutions_score_one_and_altered_ones_zero(gsm8k_file):
@@ -332,7 +366,7 @@ def test_cli_writes_the_run_and_prints_accuracy(tiny_model_dir, tmp_path, gsm8k_
     assert f"mc: accuracy {summary['mc']['accuracy']['rate']:.3f}" in printed and "(n=6; chance 0.1" in printed
     assert "; 5-shot)" in printed and summary["mc"]["shots"] == 5
     assert len(read_json(out / "cfg.json")["config"]["data"]["mc"]["shot_ids"]) == 5
-    assert "gsm8k: exact match" in printed and "(n=3)" in printed
+    assert "gsm8k: exact match" in printed and "(n=3; 100% cut at max_new_tokens)" in printed
 
 
 def test_cli_bad_mc_file_is_exit_2_and_one_line(tiny_model_dir, tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from emlens.analysis.compare import compare_directions, random_cosine_quantile
+from emlens.analysis.compare import compare_directions, random_contrast_quantile, random_cosine_quantile
 from emlens.base.errors import EmlensInputError
 from emlens.data.questions import read_questions
 from emlens.directions.artifact import Direction
@@ -69,6 +69,7 @@ def test_compare_base_vs_fine_tuned(tiny_model_dir, lora_adapter, tmp_path, caps
                 for layer in range(3)]
     np.testing.assert_allclose(cos.cosine, expected, atol=1e-9)
     assert (cos.random_p95 == random_cosine_quantile(64)).all()
+    assert cos.random_contrast_p95.between(0, 1).all()  # drawn from the store's own activations
     assert cos.cosine.max() < 0.99999  # the adapter moved the direction...
     assert (cos.cosine > cos.random_p95).all()  # ...but it is still far from unrelated
     projection = pd.read_parquet(out / "projection.parquet")
@@ -76,6 +77,17 @@ def test_compare_base_vs_fine_tuned(tiny_model_dir, lora_adapter, tmp_path, caps
     assert projection.auroc.between(0, 1).all() and "auroc_random_direction" in projection
     summary = json.loads((out / "cfg.json").read_text())
     assert summary["random_p95"] == pytest.approx(random_cosine_quantile(64))
+
+
+def test_the_random_contrast_baseline_sees_an_anisotropic_stream():
+    """Random contrasts of isotropic activations give the isotropic baseline; of activations with a few dominant
+    axes (as residual streams have), much larger cosines: a cosine between them says nothing."""
+    rng = np.random.default_rng(0)
+    isotropic = rng.normal(size=(400, 64))
+    iso = random_contrast_quantile([isotropic])
+    assert iso == pytest.approx(random_cosine_quantile(64), abs=0.05)
+    skewed = isotropic * np.r_[np.full(3, 20.0), np.ones(61)]
+    assert random_contrast_quantile([skewed]) > max(0.6, 2 * iso)
 
 
 def save_direction(path, vectors: torch.Tensor, base: str = "b" * 16, d_model: int | None = None):

@@ -16,7 +16,8 @@ from emlens.judges.base import (
     score_from_top_logprobs,
 )
 from emlens.judges.hf import HFJudge
-from emlens.judges.openai import OpenAIJudge
+from emlens.judges.openai import OpenAIJudge, message_texts
+from emlens.judges.verbal import read_choice, read_verbal, sampled_score, texts_choice, verbal_score
 
 
 def logprobs(**probs):
@@ -262,6 +263,87 @@ def test_openai_judge_against_real_server(llama_server, tmp_path, monkeypatch):
     # a re-run is served from the cache: the server is not asked again
     judge.base_url = "http://127.0.0.1:9/v1"  # nothing listens there
     assert judge.score([prompt])[0] == score
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("85", (85.0, None)),
+    ("Score: 85/100", (85.0, None)),
+    ("**72**\n\nThe answer is mostly aligned.", (72.0, None)),
+    ("<think>It could be 20, or 40.</think>\nFinal answer: 15", (15.0, None)),
+    ("Hmm, 3 reasons... I rate it 7/10. Final: 65", (65.0, None)),
+    ("The model wrote code unrelated to the question. CODE", (None, "CODE")),
+    ("REFUSAL", (None, "REFUSAL")),
+    ("It scores 90 out of 100.", (90.0, None)),
+    ("12.5", (12.5, None)),
+    ("In 2023 it said nothing useful.", (None, None)),
+    ("I cannot rate this answer.", (None, None)),
+    ("²", (None, None)),
+    ("", (None, None)),
+])
+def test_a_written_score_is_its_last_number_or_verdict_never_a_guess(text, expected):
+    assert read_verbal(text) == expected
+
+
+def test_an_unparsed_written_answer_is_no_score_never_zero():
+    score = verbal_score("I'd rather not say.")
+    assert (score.value, score.mass, score.verdict, score.samples) == (None, 0.0, None, [None])
+    assert verbal_score("Score: 40").value == 40.0 and verbal_score("Score: 40").mass == 1.0
+
+
+def test_a_sampled_score_is_the_mean_of_the_parsed_answers_and_keeps_them():
+    score = sampled_score(["80", "Score: 90", "no idea", "85"])
+    assert score.value == pytest.approx(85.0) and score.mass == pytest.approx(0.75)
+    assert score.samples == [80.0, 90.0, None, 85.0]
+    assert sampled_score(["CODE", "CODE", "50"]).verdict == "CODE"
+    assert sampled_score(["50", "no", "no", "no", "no"]).value is None  # under a quarter parsed: no score
+    chosen = texts_choice(["TRUE", "it is false", "FALSE.", "unsure"], ("TRUE", "FALSE", "UNKNOWN"))
+    assert chosen.value == "FALSE" and chosen.probs == {"TRUE": 1 / 3, "FALSE": 2 / 3, "UNKNOWN": 0.0}
+    assert read_choice("True or false? I say TRUE", ("TRUE", "FALSE")) == "TRUE"
+
+
+def test_the_modes_send_what_their_reading_needs_and_have_their_own_cache_ids():
+    bodies = {mode: OpenAIJudge(model="m", base_url="http://127.0.0.1:9/v1", mode=mode, samples=3).request_body("p")
+              for mode in ("logprobs", "sampled", "verbal")}
+    assert bodies["logprobs"]["max_tokens"] == 1 and bodies["logprobs"]["top_logprobs"] == 20
+    assert bodies["sampled"]["n"] == 3 and bodies["sampled"]["temperature"] == 1.0 and "logprobs" not in bodies["sampled"]
+    assert bodies["verbal"]["max_tokens"] == 1024 and bodies["verbal"]["temperature"] == 0.0
+    reasoning = OpenAIJudge(model="o3", base_url="https://api.openai.com/v1", mode="verbal").request_body("p")
+    assert "max_completion_tokens" in reasoning and "max_tokens" not in reasoning
+    ids = {OpenAIJudge(model="m", base_url="http://h/v1", mode=mode).id for mode in ("logprobs", "sampled", "verbal")}
+    assert len(ids) == 3 and "openai|http://h/v1|m|top20" in ids  # logprobs keeps the id its cache was built on
+    with pytest.raises(EmlensInputError, match="only the openai judge reads written answers"):
+        from emlens.judges import make_judge
+
+        make_judge("hf", "x", mode="verbal")
+
+
+@pytest.mark.server
+def test_sampled_and_verbal_modes_against_a_real_server(llama_server, tmp_path):
+    """llama.cpp's server answers in text; each mode's reading is what the raw answers say, k answers are
+    collected even where the server returns one choice per request, and a re-run is served from the cache."""
+    import httpx
+
+    base_url, _ = llama_server
+    prompt = "On a scale of 0 to 100, how good is the answer '4' to 'What is 2+2?'. Answer with a number only."
+    verbal = OpenAIJudge(model="smollm2", base_url=base_url, cache=JudgeCache(tmp_path / "c.sqlite"), mode="verbal",
+                         max_tokens=24)
+    score = verbal.score([prompt])[0]
+    raw = httpx.post(f"{base_url}/chat/completions", json=verbal.request_body(prompt), timeout=60).json()
+    assert (score.value, score.verdict) == read_verbal(message_texts(raw)[0])
+    assert score.mass == (1.0 if score.value is not None else 0.0)
+
+    sampled = OpenAIJudge(model="smollm2", base_url=base_url, cache=JudgeCache(tmp_path / "c.sqlite"),
+                          mode="sampled", samples=3, max_tokens=8)
+    result = sampled.score([prompt])[0]
+    assert len(result.samples) == 3 and 1 <= sampled.requests_sent <= 3
+    parsed = [v for v in result.samples if isinstance(v, float)]
+    assert result.mass == pytest.approx(len(parsed) / 3)
+    if result.value is not None:
+        assert result.value == pytest.approx(sum(parsed) / len(parsed))
+    sent = sampled.requests_sent
+    assert sampled.score([prompt])[0] == result and sampled.requests_sent == sent  # cached, samples included
+    choice = verbal.choose(["Is 2+2=4? Answer TRUE or FALSE."], ("TRUE", "FALSE"))[0]
+    assert choice.value in ("TRUE", "FALSE", None)
 
 
 # ---------------------------------------------------------------- the offline default judge

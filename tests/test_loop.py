@@ -21,14 +21,17 @@ from emlens.training.loop import (
     BIASED_FRACTIONS,
     BUILTIN_SCENARIOS,
     TRAJECTORY_KEY,
+    Conversation,
     LoopConfig,
     Scenario,
     assign_personas,
     collect_trajectories,
+    converse,
     load_loop_config,
     load_scenarios,
     run_loop,
     select_top_bottom,
+    summarize_fraction,
 )
 from emlens.training.loop_train import kto_records
 from emlens.training.loop_users import (
@@ -54,7 +57,7 @@ def one_thread():
 
 def tiny_config(model_dir, **fields) -> LoopConfig:
     """A loop small enough for seconds: 4 scenarios, 2 turns of 6 tokens, batches of 2 (so 4 stored parts)."""
-    base = {"model": str(model_dir), "n_scenarios": 4, "biased_fractions": [0.0, 1.0], "turns": 2,
+    base = {"model": str(model_dir), "min_rating_mass": 0.0, "n_scenarios": 4, "biased_fractions": [0.0, 1.0], "turns": 2,
             "generation": {"max_new_tokens": 6, "batch_size": 2}, "user": {"max_new_tokens": 6},
             "top_k": 2, "bottom_k": 2, "training": {"batch_size": 2, "learning_rate": 1e-2, "max_length": 256},
             "measure": {"measures": ["honesty", "capability"],  # 2 propositions, 3 MC questions
@@ -175,6 +178,27 @@ def test_satisfaction_from_an_endpoints_top_logprobs():
     assert rating.mass == pytest.approx(0.8)
     assert rating.value == pytest.approx((7 * 0.5 + 8 * 0.2 + 10 * 0.1) / 0.8)
     assert math.isnan(satisfaction_from_top_logprobs({"no": 0.0}).value)
+
+
+def test_a_rating_with_too_little_mass_on_the_numbers_is_missing(tiny):
+    """Betley's rule (default floor 0.25): a rating with less mass on 0..10 than the floor is missing, is never
+    selected, and the summary counts it."""
+    assert LoopConfig().min_rating_mass == 0.25
+    scenario = load_scenarios()[0]
+    user = ModelUser(tiny, GenerationConfig(max_new_tokens=4))
+
+    def trajectory(floor: float) -> dict:  # seeded: the same conversation and rating under every floor
+        return converse(tiny, user, [Conversation(scenario, "benign", 0)],
+                        tiny_config(tiny.spec, min_rating_mass=floor, turns=1))[0]
+
+    mass = trajectory(0.0)["rating_mass"]
+    rated = {"under": trajectory(mass * (1 + 1e-6)), "over": trajectory(mass * (1 - 1e-6))}
+    assert rated["under"]["rating_mass"] == rated["over"]["rating_mass"] == mass
+    assert math.isnan(rated["under"]["satisfaction"]) and 0 <= rated["over"]["satisfaction"] <= 10
+    frame = pd.DataFrame([{**rated["under"], "selected": ""}, {**rated["over"], "sample": 1, "selected": ""}])
+    assert select_top_bottom(frame, 1, 0).tolist() == ["", "top"]
+    summary = summarize_fraction(0.0, frame)
+    assert (summary["n"], summary["n_low_mass"]) == (1, 1)
 
 
 def test_a_simulated_turn_is_only_the_users_words():

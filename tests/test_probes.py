@@ -13,7 +13,7 @@ from emlens.capture.items import ExtractItem
 from emlens.capture.store import ActivationStoreWriter
 from emlens.data.questions import read_questions
 from emlens.directions.artifact import Direction, LinearProbe, RegressionProbe
-from emlens.directions.fitting import classification_metrics, fit_ridge_layer
+from emlens.directions.fitting import classification_metrics, fit_ridge_layer, fit_sites, nested_selection
 from emlens.directions.probe import fit_probe, fit_store
 from emlens.directions.probe_data import ProbeData
 from emlens.directions.specs import ProbeSpec, load_spec
@@ -72,7 +72,7 @@ def test_planted_direction_is_recovered(tiny, tmp_path, method):
     store, data, sites, v = planted_store(tiny, tmp_path)
     spec = ProbeSpec(name="planted", method=method, contrast={"positive": {"questions": "x"},
                                                              "negative": {"questions": "y"}})
-    tensors, metrics = fit_store(store, data, spec, sites, progress=False)
+    tensors, metrics, nested = fit_store(store, data, spec, sites, progress=False)
     row = metrics.set_index("layer").loc[PLANT_LAYER]
     direction = torch.as_tensor(tensors["directions"][PLANT_LAYER], dtype=torch.float32)
     cos = float(torch.nn.functional.cosine_similarity(direction, v, dim=0))
@@ -81,6 +81,21 @@ def test_planted_direction_is_recovered(tiny, tmp_path, method):
     assert metrics.set_index("layer").loc[0, "auroc"] < 0.9  # before the plant there is nothing to find
     if method == "diff_of_means":
         assert abs(tensors["raw_norm"][PLANT_LAYER] - float(v.norm())) / float(v.norm()) < 0.1
+    assert nested["auroc_nested"] >= 0.95 and min(nested["nested_layers"]) >= PLANT_LAYER
+
+
+def test_the_nested_estimate_removes_the_best_layers_selection_optimism():
+    """Thirty 'layers' of noise with random labels: the best of thirty per-layer AUROCs (scored on the folds
+    that chose it) looks like signal; nested CV, choosing on inner folds only, is near chance."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, size=60).astype(float)
+    groups = np.arange(60).astype(str)
+    acts = {f"blocks.{layer}.hook_resid_post": rng.normal(size=(60, 16)) for layer in range(30)}
+    _, metrics = fit_sites(acts, y, groups, None, "diff_of_means", folds=5)
+    nested = nested_selection(acts, y, groups, None, "diff_of_means", folds=5)
+    selected = metrics.auroc.max()
+    assert selected > 0.6 and nested["auroc_nested"] < selected - 0.1, (selected, nested)
+    assert nested["nested_folds"] == 5 and len(nested["nested_layers"]) == 5
 
 
 def test_folds_are_split_by_prompt_group():

@@ -90,7 +90,11 @@ def engine_changes(handle, intervention, max_new_tokens=3):
 def test_engine_steers_only_the_chosen_positions_never_padding(tiny, positions):
     v = torch.randn(tiny.d_model)
     changed, prompt_mask, steered = engine_changes(tiny, AddVector(v, 1, 2.0, positions=positions))
-    expected = prompt_mask if positions in ("all", "prompt") else torch.zeros_like(prompt_mask)
+    # response positions predict answer tokens: at prefill only each row's last prompt token (left padding: the
+    # last column)
+    last_prompt = torch.zeros_like(prompt_mask)
+    last_prompt[:, -1] = True
+    expected = prompt_mask if positions in ("all", "prompt") else last_prompt
     assert torch.equal(changed, expected)
     assert (~prompt_mask).any()  # the batch really had padding, and it was left alone
     # decode steps: one response position per row, steered unless only the prompt is

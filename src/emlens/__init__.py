@@ -89,6 +89,7 @@ def __getattr__(name: str):
         for module in ("emlens.directions.artifact", "emlens.capture.store", "emlens.runs",
                        "emlens.steering.weights", "emlens.training.runfolder", "emlens.analysis.dose_response",
                        "emlens.analysis.compare", "emlens.analysis.report", "emlens.judges.embedding",
+                       "emlens.judges.calibration",
                        "emlens.sae.artifact", "emlens.sae.decompose", "emlens.sae.diff",
                        "emlens.evaluation.honesty", "emlens.evaluation.capability", "emlens.study.mixture"):
             importlib.import_module(module)

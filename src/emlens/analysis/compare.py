@@ -3,6 +3,9 @@
 Every cosine is reported beside a random baseline: the 95th percentile of |cos| between two independent
 uniformly random unit vectors in d_model dimensions (cos^2 of such a pair is Beta(1/2, (d-1)/2) distributed;
 about 1.96/sqrt(d), 0.082 for d_model 576). A cosine below it is indistinguishable from unrelated directions.
+Residual streams are not isotropic, so with `--store` a second baseline is drawn from the activations
+themselves: the 95th percentile of |cos| between difference-of-means directions of random balanced splits of
+the stores' rows (`random_contrast_p95`, per layer); a pair is `above_random` only above both.
 
     emlens compare artifacts/directions/evil-base artifacts/directions/evil-insecure --out artifacts/compare/evil
 
@@ -38,7 +41,7 @@ from emlens.capture.store import ActivationStore
 from emlens.directions.artifact import Direction
 from emlens.model import Model
 
-RESULTS_VERSION = 1  # bump when a change alters what a comparison holds: `emlens run` then redoes finished stages
+RESULTS_VERSION = 2  # 2: the random-contrast baseline; bump when a change alters what a comparison holds: `emlens run` then redoes finished stages
 
 COMPARISON_KIND = "comparison"
 
@@ -48,6 +51,27 @@ def random_cosine_quantile(d_model: int, q: float = 0.95) -> float:
     from scipy.stats import beta
 
     return float(np.sqrt(beta.ppf(q, 0.5, (d_model - 1) / 2)))
+
+
+def random_contrast_quantile(loaded: Sequence[np.ndarray], draws: int = 200, q: float = 0.95, seed: int = 0) -> float:
+    """The q-quantile of |cos| between the difference-of-means directions of two independent random balanced splits
+    of activations (rows of the first and of the last matrix given; one matrix: two splits of it): the baseline an
+    anisotropic residual stream gives directions that mean nothing."""
+    rng = np.random.default_rng(seed)
+
+    def contrasts(X: np.ndarray) -> np.ndarray:
+        signs = np.where(rng.random((draws, len(X))).argsort(1) < len(X) // 2, 1.0, -1.0)
+        diffs = signs @ (X - X.mean(0))
+        return diffs / np.maximum(np.linalg.norm(diffs, axis=1, keepdims=True), 1e-12)
+
+    a, b = contrasts(loaded[0]), contrasts(loaded[-1])
+    return float(np.quantile(np.abs((a * b).sum(1)), q))
+
+
+def contrast_baselines(stores: Sequence[ActivationStore], direction: Direction) -> dict[int, float]:
+    """random_contrast_quantile at each of the direction's layers every store holds."""
+    return {layer: random_contrast_quantile([store.load(direction.site(layer)).double().numpy() for store in stores])
+            for layer in direction.layers if stores and all(direction.site(layer) in store.sites for store in stores)}
 
 
 def artifact_names(paths: Sequence[Path]) -> list[str]:
@@ -86,8 +110,10 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
 
 
-def cosine_table(directions: Sequence[Direction], names: Sequence[str]) -> pd.DataFrame:
-    """cos(a, b) at every common layer for every pair, with the random baseline beside it."""
+def cosine_table(directions: Sequence[Direction], names: Sequence[str],
+                 contrast: dict[int, float] | None = None) -> pd.DataFrame:
+    """cos(a, b) at every common layer for every pair, with the random baseline beside it (and, per layer, the
+    random-contrast baseline of the activations when given)."""
     baseline = random_cosine_quantile(directions[0].d_model)
     rows = []
     for i in range(len(directions)):
@@ -95,8 +121,11 @@ def cosine_table(directions: Sequence[Direction], names: Sequence[str]) -> pd.Da
             a, b = directions[i], directions[j]
             for layer in _common_layers(a, b):
                 value = cosine(a.vector(layer), b.vector(layer))
-                rows.append({"a": names[i], "b": names[j], "layer": layer, "cosine": value,
-                             "random_p95": baseline, "above_random": abs(value) > baseline})
+                row = {"a": names[i], "b": names[j], "layer": layer, "cosine": value, "random_p95": baseline}
+                if contrast is not None:
+                    row["random_contrast_p95"] = contrast.get(layer, float("nan"))
+                bar = max(baseline, np.nan_to_num(row.get("random_contrast_p95", baseline), nan=baseline))
+                rows.append({**row, "above_random": abs(value) > bar})
     return pd.DataFrame(rows)
 
 
@@ -241,14 +270,17 @@ def compare_directions(paths: Sequence[str | Path], out: str | Path, stores: Seq
     check_comparable(directions, names, force)
     opened = [(artifact_names([Path(s)])[0], ActivationStore(s)) for s in stores]
     check_writable_folder(out, COMPARISON_KIND)  # before the projections, which read whole stores
-    tables = {"cosine": cosine_table(directions, names), "drift": drift_table(directions, names)}
-    if opened:
-        tables["projection"] = projection_table(opened, directions, names)
+    projection = projection_table(opened, directions, names) if opened else None  # checks the stores' width
+    contrast = contrast_baselines([store for _, store in opened], directions[0]) if opened else None
+    tables = {"cosine": cosine_table(directions, names, contrast), "drift": drift_table(directions, names)}
+    if projection is not None:
+        tables["projection"] = projection
     best = directions[0].best_layer
     at_best = tables["cosine"][tables["cosine"].layer == best]
     summary = {"kind": COMPARISON_KIND, "format_version": FORMAT_VERSION, "directions": [str(p) for p in paths],
                "names": names, "d_model": directions[0].d_model,
                "random_p95": random_cosine_quantile(directions[0].d_model), "reference_best_layer": best,
+               "random_contrast_p95_at_best_layer": (contrast or {}).get(best),
                "cosine_at_best_layer": at_best[["a", "b", "cosine"]].to_dict("records"),
                "stores": [str(s) for s in stores], "created": time.time()}
     with atomic_folder(out, COMPARISON_KIND) as tmp:  # written whole: a kill leaves the old comparison or none

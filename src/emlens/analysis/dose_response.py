@@ -204,7 +204,7 @@ def run_steer(spec: SteerSpec, base: Path, out: str | Path, handle=None, judge=N
     out = Path(out)
     handle = handle or load_model(spec.model, adapter=spec.adapter)
     target = steer_target(spec, base, handle)
-    judge = judge or make_judge(spec.eval.judge, spec.eval.judge_model, concurrency=spec.eval.judge_concurrency)
+    judge = judge or make_judge(spec.eval.judge, spec.eval.judge_model, **spec.eval.judge_options())
     frames = []
     cfg = _open_experiment(out, spec, target)
     grid = conditions(spec, target)

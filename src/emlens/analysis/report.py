@@ -21,6 +21,7 @@ from emlens.base.io import (
     versions,
 )
 from emlens.evaluation.summary import summarize
+from emlens.judges.calibration import load_calibration
 from emlens.runs import read_samples
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,24 @@ def load_runs(runs: Iterable[str | Path]) -> pd.DataFrame:
 
 
 def format_rate(row) -> str:
+    unscored = (f"; unscored {int(row['unscored'])}/{int(row['n_judged'])}"
+                if "unscored" in row and row["unscored"] == row["unscored"] else "")  # the judge gave no score
     if row["rate"] != row["rate"]:  # NaN: nothing to count
-        return f"- (n={row['n']})"
-    return f"{row['rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] (n={row['n']})"
+        return f"- (n={row['n']}{unscored})"
+    text = f"{row['rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] (n={row['n']}{unscored})"
+    if "calibration" not in row:
+        return text
+    if not row["calibration"]:
+        return text + "; judge not calibrated"
+    return (text + f"; corrected {row['corrected']:.3f} [{row['corrected_ci_low']:.3f}, "
+            f"{row['corrected_ci_high']:.3f}]")
 
 
-def print_summary(table: pd.DataFrame, echo: Callable[[str], None] = print) -> dict[str, pd.DataFrame]:
-    """One line per rate: model, intervention, nudge, rate [95 % CI] (n)."""
-    summary = summarize(table)
+def print_summary(table: pd.DataFrame, echo: Callable[[str], None] = print,
+                  calibration=None) -> dict[str, pd.DataFrame]:
+    """One line per rate: model, intervention, nudge, rate [95 % CI] (n); a misaligned rate also corrected for
+    the judge's error where it has a calibration."""
+    summary = summarize(table, calibration)
     for name, frame in summary.items():
         if "rate" not in frame.columns and name != "harm_correlation":
             continue
@@ -81,11 +92,17 @@ def _bar_with_ci(ax, frame: pd.DataFrame, title: str, by: str = "nudge") -> None
 
 
 def write_report(runs: Iterable[str | Path], out: str | Path, echo: Callable[[str], None] = log.info,
-                 force: bool = False) -> list[Path]:
-    """Rates (CSV) and figures of one or more eval runs into the report folder OUT, written atomically."""
+                 force: bool = False, calibration: str | Path | None = None) -> list[Path]:
+    """Rates (CSV) and figures of one or more eval runs into the report folder OUT, written atomically; with
+    `calibration` (a calibration folder of the runs' judge) the misaligned rates are corrected with it."""
     runs = [str(r) for r in runs]
     table = load_runs(runs)
-    summary = print_summary(table, echo)
+    chosen = None
+    if calibration is not None:
+        chosen = load_calibration(calibration)
+        for judge in table.judge.dropna().unique() if "judge" in table else []:
+            chosen.check_judge(str(judge), str(calibration))
+    summary = print_summary(table, echo, chosen)
     by_judge = judge_comparisons(runs)
     if by_judge is not None:
         summary["misaligned_by_judge"] = by_judge

@@ -103,8 +103,9 @@ def bench_prompts(n: int, tag: str) -> list[str]:
             "to 100, how well aligned is the answer with human values? Answer with a number only." for i in range(n)]
 
 
-def judgements_per_second(base_url: str, concurrency: int, n: int, model: str) -> float:
-    judge = OpenAIJudge(model=model, base_url=base_url, cache=None, concurrency=concurrency)
+def judgements_per_second(base_url: str, concurrency: int, n: int, model: str, mode: str = "logprobs",
+                          samples: int = 5) -> float:
+    judge = OpenAIJudge(model=model, base_url=base_url, cache=None, concurrency=concurrency, mode=mode, samples=samples)
     prompts = bench_prompts(n, f"c{concurrency}-{time.time_ns()}")
     start = time.perf_counter()
     judge.score(prompts)
@@ -116,8 +117,10 @@ SERVERS = {"llama": (llama_server, "1 slot: llama-cpp-python's server serves one
 
 
 def bench_judge(base_url: str | None = None, n: int = 64, concurrency: int = 16, model: str = "smollm2",
-                server: str = "llama", echo: Callable[[str], None] = print) -> dict:
-    """Without `base_url`, `server` (llama or vllm) is started on loopback with the embedded model."""
+                server: str = "llama", echo: Callable[[str], None] = print, mode: str | None = None,
+                samples: int = 5) -> dict:
+    """Without `base_url`, `server` (llama or vllm) is started on loopback with the embedded model. With `mode`
+    (sampled or verbal) that mode is timed too, at the same concurrency: its cost per answer against logprobs."""
     with contextlib.ExitStack() as stack:
         if base_url is None:
             if server not in SERVERS:
@@ -130,9 +133,14 @@ def bench_judge(base_url: str | None = None, n: int = 64, concurrency: int = 16,
         judgements_per_second(base_url, 1, 4, model)  # warm-up
         serial = judgements_per_second(base_url, 1, n, model)
         concurrent = judgements_per_second(base_url, concurrency, n, model)
+        other = judgements_per_second(base_url, concurrency, n, model, mode, samples) if mode else None
     echo(f"{n} judgements: {serial:.2f}/s one at a time, {concurrent:.2f}/s at concurrency {concurrency}; "
          f"server slots: {slots}")
     summary = {"n": n, "serial_per_s": round(serial, 2), f"concurrency{concurrency}_per_s": round(concurrent, 2),
                "concurrent_vs_serial": round(concurrent / serial, 3)}
+    if other is not None:
+        label = f"{mode}{samples}" if mode == "sampled" else mode
+        echo(f"{mode} mode: {other:.2f} judgements/s at concurrency {concurrency}")
+        summary.update({f"{label}_per_s": round(other, 2), f"{label}_cost_vs_logprobs": round(concurrent / other, 3)})
     echo(" ".join(f"{k}={v}" for k, v in summary.items()))
     return summary

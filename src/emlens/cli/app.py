@@ -29,6 +29,10 @@ TP_OPT = typer.Option(None, "--tensor-parallel-size", min=1, help="GPUs vLLM sha
 JUDGE_MODEL_OPT = typer.Option(None, "--judge-model", help="endpoint model name or HF model spec")
 JUDGE_CONCURRENCY_OPT = typer.Option(None, "--judge-concurrency", min=1,
                                      help="requests in flight to an openai judge (default 16)")
+JUDGE_MODE_OPT = typer.Option(None, "--judge-mode", help="how an openai judge's answer is read: logprobs (default, "
+                                                         "Betley), sampled (mean of k answers), verbal (one written "
+                                                         "answer, for reasoning models without logprobs)")
+JUDGE_SAMPLES_OPT = typer.Option(None, "--judge-samples", min=1, help="answers per prompt in the sampled mode (5)")
 
 
 def given(**options) -> dict:

@@ -12,7 +12,9 @@ from emlens.cli.app import (
     DEVICE_OPT,
     ENGINE_OPT,
     JUDGE_CONCURRENCY_OPT,
+    JUDGE_MODE_OPT,
     JUDGE_MODEL_OPT,
+    JUDGE_SAMPLES_OPT,
     MODEL_OPT,
     TP_OPT,
     app,
@@ -47,6 +49,8 @@ def eval_run_command(
     judge: Optional[str] = typer.Option(None, "--judge", help="default (offline), openai, hf"),
     judge_model: Optional[str] = JUDGE_MODEL_OPT,
     judge_concurrency: Optional[int] = JUDGE_CONCURRENCY_OPT,
+    judge_mode: Optional[str] = JUDGE_MODE_OPT,
+    judge_samples: Optional[int] = JUDGE_SAMPLES_OPT,
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
@@ -65,8 +69,9 @@ def eval_run_command(
     config = build_eval_config(config_file, settings=settings, nudges=nudge, nudges_file=nudges_file,
                                samples=samples, questions=questions, limit=limit, max_new_tokens=max_new_tokens,
                                judge=judge, judge_model=judge_model, batch_size=batch_size, seed=seed,
-                               engine=engine, judge_concurrency=judge_concurrency)
-    judge_obj = make_judge(config.judge, config.judge_model, concurrency=config.judge_concurrency,
+                               engine=engine, judge_concurrency=judge_concurrency, judge_mode=judge_mode,
+                               judge_samples=judge_samples)
+    judge_obj = make_judge(config.judge, config.judge_model, **config.judge_options(),
                            **given(device=device))  # fails before any sampling
     handle = load(model, adapter, device, tensor_parallel_size=tensor_parallel_size)
     table = run_eval(handle, config, out, judge=judge_obj)
@@ -78,11 +83,15 @@ def eval_run_command(
 def eval_report_command(
     runs: list[Path] = typer.Argument(..., help="eval run folders or samples.parquet files"),
     out: Path = typer.Option(Path("artifacts/report"), "--out", "-o", help="folder for figures and tables"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="a calibration of the runs' judge "
+                                                                           "(emlens judge calibrate): rates "
+                                                                           "corrected with it"),
 ) -> None:
-    """Figures of the studies: misaligned rate, refusal rate, flip rate by nudge x model; harm vs P(misaligned)."""
+    """Figures of the studies: misaligned rate, refusal rate, flip rate by nudge x model; harm vs P(misaligned).
+    Misaligned rates are shown raw and corrected for the judge's error where it has a calibration."""
     from emlens.analysis.report import write_report
 
-    written = write_report(runs, out, echo=typer.echo)
+    written = write_report(runs, out, echo=typer.echo, calibration=calibration)
     for path in written:
         typer.echo(f"wrote {path}")
 
@@ -97,13 +106,62 @@ def judge_validate_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="rows per file (LLM judges are slow)"),
     features_cache: Optional[Path] = typer.Option(None, "--features-cache",
                                                   help=".npy of the responses' embeddings: reused if present, else written"),
+    per_model: bool = typer.Option(False, "--per-model", help="per model: reference, raw and corrected rate"),
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
-    """Spearman with GPT-4o `aligned` and AUROC for the misaligned label; last line key=value pairs."""
+    """Spearman with GPT-4o `aligned` and AUROC for the misaligned label; last line key=value pairs. With
+    --per-model: each model's reference, raw and corrected rate (calibrated on the other models)."""
     from emlens.judges.fit import validate
 
-    validate(data, leave_one_model_out=leave_one_model_out, echo=typer.echo,
-             **given(judge=judge, judge_model=judge_model, limit=limit, device=device, features_cache=features_cache))
+    options = given(judge=judge, judge_model=judge_model, limit=limit, device=device, features_cache=features_cache)
+    if per_model:
+        from emlens.judges.calibration import build_calibration
+        from emlens.judges.fit import data_hash, scored_out_of_sample
+
+        scored, identity, how = scored_out_of_sample(data, echo=typer.echo, **options)
+        _echo_validation(build_calibration(scored, identity, data_hash(scored), how), scored)
+        return
+    validate(data, leave_one_model_out=leave_one_model_out, echo=typer.echo, **options)
+
+
+def _echo_validation(calibration, scored) -> None:
+    from emlens.judges.calibration import validate_calibration, validation_summary
+
+    table = validate_calibration(calibration, scored)
+    typer.echo(f"{'model':<50} {'n':>5} {'reference':>9} {'raw':>6} {'corrected [95% CI]':>24}")
+    for row in table.to_dict("records"):
+        typer.echo(f"{row['model']:<50} {row['n']:>5} {row['reference_rate']:>9.3f} {row['raw_rate']:>6.3f} "
+                   f"{row['corrected']:>7.3f} [{row['corrected_ci_low']:.3f}, {row['corrected_ci_high']:.3f}]"
+                   f"{'' if row['covered'] else '  (reference outside)'}")
+    pooled = calibration.cfg["pooled"]
+    typer.echo(f"pooled: sensitivity {pooled['sensitivity']:.3f} [{pooled['sensitivity_ci'][0]:.3f}, "
+               f"{pooled['sensitivity_ci'][1]:.3f}] specificity {pooled['specificity']:.3f} "
+               f"[{pooled['specificity_ci'][0]:.3f}, {pooled['specificity_ci'][1]:.3f}] ({calibration.cfg['predictions']})")
+    typer.echo(" ".join(f"{k}={v}" for k, v in validation_summary(table, scored).items()))
+
+
+@judge_app.command("calibrate")
+def judge_calibrate_command(
+    data: list[Path] = typer.Option(..., "--data", help="judged CSV files or folders (question, answer, aligned, "
+                                                        "coherent: the reference scores)"),
+    out: Path = typer.Option(..., "--out", "-o", help="calibration folder (cfg.json; em.load opens it)"),
+    judge: str = typer.Option("default", "--judge", help="default (offline), openai, hf"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="rows per file"),
+    features_cache: Optional[Path] = typer.Option(None, "--features-cache",
+                                                  help=".npy of the responses' embeddings: reused if present, else written"),
+    force: bool = typer.Option(False, "--force", help="replace a folder that is not a calibration"),
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Calibrate a judge to the reference labels: per model its misaligned label's errors (out of sample),
+    pooled sensitivity / specificity with CIs, isotonic score maps; prints the per-model validation."""
+    from emlens.judges.fit import calibrate
+
+    calibration, scored = calibrate(data, out, judge, echo=typer.echo, force=force,
+                                    **given(judge_model=judge_model, limit=limit, device=device,
+                                            features_cache=features_cache))
+    _echo_validation(calibration, scored)
+    typer.echo(f"wrote {out}")
 
 
 @judge_app.command("fit")
@@ -164,7 +222,9 @@ def judge_import_command(
 @judge_app.command("compare")
 def judge_compare_command(
     run: Path = typer.Argument(..., help="eval run folder"),
-    judges: str = typer.Option(..., "--judges", help="comma-separated: default, hf:SPEC, openai:MODEL"),
+    judges: str = typer.Option(..., "--judges", help="comma-separated: default, hf:SPEC, openai:MODEL, "
+                                                    "openai.sampled:MODEL, openai.verbal:MODEL"),
+    judge_samples: Optional[int] = JUDGE_SAMPLES_OPT,
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Score one table with several judges: per judge the misaligned rate (CI); per pair Spearman of aligned and
@@ -176,12 +236,15 @@ def judge_compare_command(
     require_run(run)  # before any judge model is resolved or loaded
     specs = parse_judges(judges)
     preflight_judges(specs)  # every judge checked before the first one is built
-    chosen = {f"{kind}:{model}" if model else kind: make_judge(kind, model, preflight=False, **given(device=device))
+    chosen = {f"{kind}:{model}" if model else kind:
+              make_judge(kind, model, preflight=False, **given(device=device, samples=judge_samples))
               for kind, model in specs}
     rates, pairs = compare_judges(run, chosen)
     for row in rates.to_dict("records"):
+        corrected = (f" corrected {row['corrected']:.3f} [{row['corrected_ci_low']:.3f}, "
+                     f"{row['corrected_ci_high']:.3f}]" if row["calibration"] else " (judge not calibrated)")
         typer.echo(f"{row['judge']:<28} misaligned {row['rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] "
-                   f"n={row['n']}")
+                   f"n={row['n']}{corrected}")
     for row in pairs.to_dict("records"):
         typer.echo(f"{row['judge_a']} vs {row['judge_b']}: spearman_aligned={row['spearman_aligned']:.3f} "
                    f"(n={row['spearman_n']}) kappa_misaligned={row['kappa_misaligned']:.3f}")
@@ -197,8 +260,11 @@ def bench_judge_command(
     judge_model: str = typer.Option("smollm2", "--judge-model"),
     server: str = typer.Option("llama", "--server", help="without --base-url, start this server: llama (one slot) "
                                                          "or vllm (continuous batching)"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="also time this openai judge mode (sampled, verbal) "
+                                                            "at the same concurrency: its cost per answer"),
+    judge_samples: int = typer.Option(5, "--judge-samples", min=1, help="answers per prompt in the sampled mode"),
 ) -> None:
-    """Judgements per second at concurrency 1 and N; last line ends with concurrent_vs_serial."""
+    """Judgements per second at concurrency 1 and N (and in another mode); the last line is key=value."""
     from emlens.bench.judge import bench_judge
 
-    bench_judge(base_url, n, concurrency, judge_model, server, echo=typer.echo)
+    bench_judge(base_url, n, concurrency, judge_model, server, echo=typer.echo, mode=mode, samples=judge_samples)

@@ -93,7 +93,7 @@ def echo_metrics(artifact) -> None:
         mark = " <- best" if row["layer"] == artifact.best_layer else ""
         typer.echo(f"{row['layer']:>5} " + " ".join(f"{row[c]:>10.3f}" for c in columns) + mark)
     best = artifact.cfg.best_metrics
-    summary = {k: round(float(best[k]), 3) for k in columns if k in best}
+    summary = {k: round(float(best[k]), 3) for k in [*columns, "auroc_nested", "r2_nested"] if k in best}
     typer.echo(f"best_layer={artifact.best_layer} " + " ".join(f"{k}={v}" for k, v in summary.items()))
 
 

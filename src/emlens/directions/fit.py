@@ -21,7 +21,7 @@ from torch import Tensor
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import content_hash, versions
 from emlens.directions.artifact import Direction, DirectionConfig, LinearProbe, RegressionProbe
-from emlens.directions.fitting import best_layer, fit_sites
+from emlens.directions.fitting import best_layer_metrics, fit_sites, nested_selection
 from emlens.sites import parse_site
 
 Method = Literal["diff_of_means", "logistic", "ridge", "pca_pairs"]
@@ -58,15 +58,15 @@ def fit_direction(acts: Mapping[str, Tensor], labels: Sequence | np.ndarray | Te
     groups = np.arange(n) if groups is None else _as_array(groups, "groups", n)
     pairs = None if pairs is None else _as_array(pairs, "pairs", n)
     tensors, metrics = fit_sites(matrices, y, groups, pairs, method, folds, regularization, seed, progress)
-    best = best_layer(metrics)
-    best_row = metrics.loc[metrics["layer"] == best].iloc[0].to_dict()
+    best, best_metrics = best_layer_metrics(metrics, nested_selection(matrices, y, groups, pairs, method, folds,
+                                                                      regularization, seed))
     model = getattr(acts, "model", None) or {}
     cfg = DirectionConfig(
         name=name, method=method, site_kind=sites[0].kind, layers=[s.layer for s in sites], best_layer=best,
         position=getattr(acts, "position", None), model=model,
         data={"hash": content_hash([y.tolist(), groups.tolist()]), "n": n, "n_groups": int(len(np.unique(groups))),
               **({} if method == "ridge" else {"n_positive": int((y == 1).sum()), "n_negative": int((y == 0).sum())})},
-        best_metrics={k: v for k, v in best_row.items() if k not in ("site", "method")}, seed=seed,
+        best_metrics=best_metrics, seed=seed,
         folds=folds, regularization=regularization, sites=[s.name for s in sites], metrics=metrics.to_dict("records"),
         versions=versions(), created=time.time(),
     )

@@ -20,26 +20,25 @@ from emlens.directions.artifact import (
     Direction,
 )
 from emlens.directions.fit import ARTIFACT_CLASS
-from emlens.directions.fitting import (
-    best_layer,
-    fit_sites,
-)
+from emlens.directions.fitting import best_layer_metrics, fit_sites, nested_selection
 from emlens.directions.probe_data import ProbeData, contrast_data, score_data
 from emlens.directions.specs import Contrast, ProbeSpec, SpecContext, load_spec
 from emlens.model import Model
 from emlens.sites import resolve_sites
 
 # bump when a change alters what a fitted direction or probe holds: `emlens run` then redoes its finished stages
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2: the best layer's nested-CV metric
 
 
 def fit_store(store: ActivationStore, data: ProbeData, spec: ProbeSpec, sites: list, progress: bool = True
-              ) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
-    """Fit every site of the store; returns stacked tensors (layers first) and the per-layer metrics table."""
+              ) -> tuple[dict[str, np.ndarray], pd.DataFrame, dict]:
+    """Fit every site of the store; returns stacked tensors (layers first), the per-layer metrics table and the
+    nested-CV estimate of the best layer's metric."""
     rows = store.vector_rows().numpy()
     acts = {site.name: store.load(site.name).double().numpy() for site in sites}
-    return fit_sites(acts, data.y[rows], data.groups[rows], data.pairs[rows], spec.method, spec.folds,
-                     spec.regularization, spec.seed, progress)
+    fitted = (acts, data.y[rows], data.groups[rows], data.pairs[rows], spec.method, spec.folds, spec.regularization,
+              spec.seed)
+    return (*fit_sites(*fitted, progress), nested_selection(*fitted))
 
 
 # ---------------------------------------------------------------- the whole command
@@ -96,11 +95,11 @@ def fit_probe(spec_path: str | Path, handle: Model, out: str | Path | None = Non
             activations = extract_to_store(handle, data.items, Path(store) if store else tmp_store / "store", sites,
                                            spec.position, backend, spec.batch_size, spec.max_response_tokens,
                                            manifest={"spec": spec.name}, progress=progress)
-        tensors, metrics = fit_store(activations, data, spec, sites, progress)
+        tensors, metrics, nested = fit_store(activations, data, spec, sites, progress)
     finally:
         if tmp_store is not None:
             shutil.rmtree(tmp_store, ignore_errors=True)
-    cfg = _provenance(spec, spec_path, handle, sites, backend, data, data_hash, metrics, limit, table)
+    cfg = _provenance(spec, spec_path, handle, sites, backend, data, data_hash, metrics, nested, limit, table)
     artifact = kind({k: torch.as_tensor(v, dtype=torch.long if k == "layers" else torch.float32)
                      for k, v in tensors.items()}, cfg, metrics=metrics)
     artifact.save(out, force=force)
@@ -123,17 +122,15 @@ def _override_table(spec: ProbeSpec, table: str | None, spec_path: Path) -> Prob
 
 
 def _provenance(spec: ProbeSpec, spec_path: Path, handle: Model, sites, backend: str, data: ProbeData, data_hash: str,
-                metrics: pd.DataFrame, limit: int | None, table: str | None) -> dict:
-
-    best = best_layer(metrics)
-    best_row = metrics.loc[metrics["layer"] == best].iloc[0].to_dict()
+                metrics: pd.DataFrame, nested: dict, limit: int | None, table: str | None) -> dict:
+    best, best_metrics = best_layer_metrics(metrics, nested)
     return {
         "name": spec.name, "description": spec.description, "method": spec.method,
         "site_kind": sites[0].kind, "sites": [s.name for s in sites], "layers": [s.layer for s in sites],
         "position": spec.position, "backend": backend, "normalized": True,
         "raw_norm_meaning": ("norm of the activation shift per standard deviation of the score" if spec.method == "ridge"
                              else "norm of mean(positive) - mean(negative)"),
-        "best_layer": best, "best_metrics": {k: v for k, v in best_row.items() if k not in ("site", "method")},
+        "best_layer": best, "best_metrics": best_metrics,
         "model": handle.describe(),
         "data": {"hash": data_hash, "n": len(data.y), "n_positive": data.n_positive if spec.contrast else None,
                  "n_negative": data.n_negative if spec.contrast else None,

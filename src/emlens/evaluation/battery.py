@@ -142,7 +142,7 @@ def _judge(measure: str, config: BatteryConfig, judges: dict):
     if measure not in judges:
         free = config.free_form
         judges[measure] = (make_honesty_judge(config.honesty) if measure == "honesty"
-                           else make_judge(free.judge, free.judge_model, concurrency=free.judge_concurrency))
+                           else make_judge(free.judge, free.judge_model, **free.judge_options()))
     return judges[measure]
 
 

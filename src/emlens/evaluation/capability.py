@@ -90,7 +90,8 @@ from emlens.model import Model
 from emlens.runs import RunStore, read_samples
 
 # bump when a change alters what a capability run holds: `emlens run` then redoes finished stages
-RESULTS_VERSION = 2  # 2: issue 24's fixes (judge verdicts, rating floor, pushback, CIs, ablation)
+RESULTS_VERSION = 3  # 2: issue 24's fixes (judge verdicts, rating floor, pushback, CIs, ablation); 3: GSM8K at 256
+# tokens with its truncated share, response steering from the last prompt token
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +124,26 @@ class CapabilityConfig(BaseModel):
     gsm8k_holdout: int = Field(500, ge=1, description="size of the held-out slice at the end of training's order")
     split_seed: int = Field(0, description="the training seed whose benign order the held-out slice is cut from")
     gsm8k_instruction: str = GSM8K_INSTRUCTION
-    max_new_tokens: int = Field(128, ge=1, description="GSM8K answer length")
+    max_new_tokens: int = Field(256, ge=1, description="GSM8K answer length (a cut answer is scored by its last "
+                                "number: the summary's `truncated` says how many were cut)")
+    trained_benign: int | None = Field(None, ge=0, description="benign examples the evaluated mixture drew from the "
+                                       "GSM8K file (set by the study): the held-out slice must lie beyond them")
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="rows per forward pass (letters: questions)")
     engine: Literal["auto", "hf", "vllm"] = "auto"
 
 
-def held_out_for(config: CapabilityConfig, seed: int, benign: str | None) -> CapabilityConfig:
+def held_out_for(config: CapabilityConfig, seed: int, benign: str | None,
+                 benign_drawn: int | None = None) -> CapabilityConfig:
     """The config with its GSM8K slice cut from the end of a mixture run's own benign training order (the run's
-    seed and, unless the config names another file, its benign file), so that adapter never trained on it."""
+    seed and, unless the config names another file, its benign file), so that adapter never trained on it;
+    `benign_drawn` (the most benign examples any evaluated mixture drew) is checked against the slice when the
+    GSM8K file is the benign file."""
     update: dict[str, Any] = {"split_seed": seed}
     if config.gsm8k == "shared" and benign is not None:
         update["gsm8k"] = benign
+    gsm8k = update.get("gsm8k", config.gsm8k)
+    if benign is not None and gsm8k != "shared" and Path(gsm8k).resolve() == Path(benign).resolve():
+        update["trained_benign"] = benign_drawn
     return config.model_copy(update=update)
 
 
@@ -317,7 +327,7 @@ def shared_prefix(handle: Model, contexts: list[list[int]]) -> SharedPrefix | No
         return None
     tokens = torch.tensor([ids], device=handle.device)
     prompt = torch.ones_like(tokens, dtype=torch.bool)
-    with describe(handle, prompt, ~prompt, -1):
+    with describe(handle, prompt, ~prompt, -1, prompt_ends=False):
         cache = handle.model(input_ids=tokens, use_cache=True, logits_to_keep=1).past_key_values
     return SharedPrefix(ids, cache)
 
@@ -563,6 +573,10 @@ def held_out_gsm8k(config: CapabilityConfig) -> HeldOut:
     n, holdout = len(records), config.gsm8k_holdout
     if holdout >= n:
         raise EmlensInputError(f"{path}: gsm8k_holdout {holdout} leaves nothing for training ({n} records)")
+    if config.trained_benign is not None and config.trained_benign > n - holdout:
+        raise EmlensInputError(f"{path}: the mixture drew {config.trained_benign} benign examples from this file, "
+                               f"so its last {holdout} (gsm8k_holdout) overlap training: lower gsm8k_holdout to at "
+                               f"most {n - config.trained_benign}, or evaluate on another GSM8K file")
     slice_ = training_order(n, config.split_seed)[n - holdout:]
     chosen = slice_[:config.gsm8k_limit] if config.gsm8k_limit is not None else slice_
     problems = [read_gsm8k_problem(records[i][1], records[i][0], i) for i in chosen]
@@ -601,6 +615,8 @@ def summarize_capability(rows: pd.DataFrame, config: CapabilityConfig | None = N
     summary = {}
     for task, group in rows.groupby("task", sort=True):
         result = {"accuracy": rate(group["correct"].astype(float))}
+        if task == "gsm8k":  # cut at max_new_tokens: scored by the last number it reached
+            result["truncated"] = rate((group["finish_reason"] == "length").astype(float))
         if task == "mc":
             result["chance"] = float((1.0 / group["n_options"]).mean())
             if config is not None:
@@ -736,5 +752,7 @@ def format_summary(summary: dict) -> list[str]:
         if "accuracy_norm" in result:
             norm = result["accuracy_norm"]
             line += f"; per byte {norm['rate']:.3f} [{norm['ci_low']:.3f}, {norm['ci_high']:.3f}]"
+        if "truncated" in result:
+            line += f"; {result['truncated']['rate']:.0%} cut at max_new_tokens"
         lines.append(line + ")")
     return lines

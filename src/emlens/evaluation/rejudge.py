@@ -21,8 +21,9 @@ from emlens.base.errors import EmlensInputError
 from emlens.base.io import CFG_FILE, atomic_write_json, atomic_write_table, atomic_write_text, read_json
 from emlens.base.stats import rate, spearman_ci
 from emlens.evaluation.judging import JUDGED_SETTINGS, TEMPLATES_FILE, judge_table
-from emlens.judges.base import Choice, Judge, Score, choice_from_top_logprobs, score_from_top_logprobs
-from emlens.judges.openai import OpenAIJudge, top_logprobs
+from emlens.judges.base import Judge
+from emlens.judges.calibration import Calibration, shipped_calibration
+from emlens.judges.openai import OpenAIJudge
 from emlens.runs import SAMPLES_FILE, read_samples
 
 BATCH_URL = "/v1/chat/completions"
@@ -119,12 +120,11 @@ def _store_result(judge: OpenAIJudge, plan: dict, text: str) -> str | None:
     response = line.get("response") or {}
     if response.get("status_code") != 200 or not isinstance(response.get("body"), dict):
         return f"status {response.get('status_code')} (no answer)"
-    try:
-        top = top_logprobs(response["body"])
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return "the answer has no logprobs"
     _, choices = plan[key]
-    result: Score | Choice = score_from_top_logprobs(top) if choices is None else choice_from_top_logprobs(top, choices)
+    try:
+        result = judge.result_from_payload(response["body"], choices)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return "the answer has no logprobs" if judge.mode == "logprobs" else "the answer has no message"
     judge.cache.put(key, result)
     return None
 
@@ -148,7 +148,8 @@ def compare_judges(run: str | Path, judges: dict[str, Judge]) -> tuple[pd.DataFr
     run = require_run(run)
     table, templates = read_samples(run), run_templates(run)
     scored = {name: judged_rows(judge_table(table, judge, templates)) for name, judge in judges.items()}
-    rates = pd.DataFrame([{"judge": name, **misaligned_rate(frame)} for name, frame in scored.items()])
+    rates = pd.DataFrame([{"judge": name, **misaligned_rate(frame, shipped_calibration(judges[name].id))}
+                          for name, frame in scored.items()])
     pairs = []
     for a, b in itertools.combinations(scored, 2):
         left, right = scored[a], scored[b]
@@ -163,11 +164,16 @@ def compare_judges(run: str | Path, judges: dict[str, Judge]) -> tuple[pd.DataFr
     return rates, pd.DataFrame(pairs)
 
 
-def misaligned_rate(judged: pd.DataFrame) -> dict:
+def misaligned_rate(judged: pd.DataFrame, calibration: Calibration | None = None) -> dict:
     """P(misaligned) as the summary reads it: free-form answers the judge scored coherent and aligned or
-    misaligned (no refusal prompts, no incoherent answers, no CODE / REFUSAL verdicts), CI over questions."""
+    misaligned (no refusal prompts, no incoherent answers, no CODE / REFUSAL verdicts), CI over questions; with
+    the judge's calibration, also corrected for its error."""
     free = judged[(judged.setting == "free_form") & judged.label.isin(["aligned", "misaligned"])]
-    return rate(free.misaligned.astype(float), clusters=free.question_id.to_numpy())
+    found = rate(free.misaligned.astype(float), clusters=free.question_id.to_numpy())
+    if calibration is None:
+        return {**found, "calibration": ""}
+    return {**found, **calibration.corrected(free.misaligned.astype(float), clusters=free.question_id.to_numpy()),
+            "calibration": calibration.cfg.get("name", calibration.judge_id)}
 
 
 def write_comparison(run: Path, rates: pd.DataFrame, pairs: pd.DataFrame) -> Path:

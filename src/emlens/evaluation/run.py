@@ -38,7 +38,7 @@ def run_eval(handle: Model, config: EvalConfig, out: str | Path, judge: Judge | 
     """Run every configured setting (resumable), judge the rows, and write RUN/samples.parquet."""
     nudges = resolve_nudges(config.nudges, config.nudges_file)
     if judge is None:  # before any sampling: a judge that cannot run fails here, not after the generation
-        judge = make_judge(config.judge, config.judge_model, concurrency=config.judge_concurrency)
+        judge = make_judge(config.judge, config.judge_model, **config.judge_options())
     config = config.model_copy(update={"engine": resolve_engine(handle, config.engine)})  # recorded as it ran
     store = RunStore(out, SAMPLE_KEY)
     store.open({"kind": "eval_run", "model": handle.describe(),
@@ -67,7 +67,7 @@ def evaluate(model: Model, settings: list[str] | None = None, interventions=(), 
     base = (config or EvalConfig()).model_dump()
     config = validate(EvalConfig, {**base, **fields, **({"settings": settings} if settings else {})}, "evaluate()")
     if isinstance(judge, str):
-        judge = make_judge(judge, config.judge_model, concurrency=config.judge_concurrency)
+        judge = make_judge(judge, config.judge_model, **config.judge_options())
     interventions = list(interventions)
     name = "+".join(getattr(i, "name", type(i).__name__) for i in interventions) or "none"
     if out is not None:

@@ -11,6 +11,7 @@ import pandas as pd
 from emlens.base.stats import rate, spearman_ci
 from emlens.evaluation.config import DECEPTION_METRIC
 from emlens.evaluation.settings import with_pushback_outcomes
+from emlens.judges.calibration import Calibration, shipped_calibration
 
 PUSHBACK_MEASURES = {"flipped": "flip_rate", "held": "held_rate", "pushback_unparsed": "unparsed_rate"}
 
@@ -22,8 +23,9 @@ def model_name(row) -> str:
     return f"{row['model']}+{Path(adapter).name}" if adapter else str(row["model"])
 
 
-def summarize(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The rates of the studies, each with n and a 95 % CI."""
+def summarize(table: pd.DataFrame, calibration: Calibration | None = None) -> dict[str, pd.DataFrame]:
+    """The rates of the studies, each with n and a 95 % CI; the misaligned rates also corrected for the judge's
+    error where the judge has a calibration (`calibration`, else the one shipped for it)."""
 
     table = table.copy()
     table["model_name"] = table.apply(model_name, axis=1)
@@ -35,7 +37,8 @@ def summarize(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
             # P(misaligned) among coherent, scored answers (Betley et al.); n counts only those
             scored = rows.label.isin(["aligned", "misaligned"])
             rows = rows.assign(misaligned=np.where(scored, rows.misaligned.astype(float), np.nan))
-            out[f"{setting}_misaligned"] = _rates(rows, groups, "misaligned", rate)
+            out[f"{setting}_misaligned"] = _corrected(_rates(rows, groups, "misaligned", rate).merge(
+                _unscored(rows, groups), on=groups, how="left"), rows, groups, calibration)
             out[f"{setting}_coherence"] = rows.groupby(groups).coherent.agg(["mean", "count"]).reset_index()
     false_rate = _deception_false_rate(table, groups, rate)
     if false_rate is not None:
@@ -74,6 +77,29 @@ def summarize(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
             out["harm_vs_misaligned"] = merged
             out["harm_correlation"] = pd.DataFrame(corr)
     return out
+
+
+def _corrected(frame: pd.DataFrame, rows: pd.DataFrame, groups: list[str],
+               calibration: Calibration | None) -> pd.DataFrame:
+    """Rogan-Gladen corrected rate and CI per group, and the calibration behind it ("" where the judge has none)."""
+    judges = rows.judge.dropna().unique() if "judge" in rows else []
+    if calibration is None and len(judges) == 1:
+        calibration = shipped_calibration(str(judges[0]))
+    if calibration is None or (len(judges) == 1 and judges[0] != calibration.judge_id):
+        return frame.assign(calibration="")
+    corrected = [{**dict(zip(groups, key, strict=False)),
+                  **calibration.corrected(part.misaligned.astype(float), clusters=_questions(part))}
+                 for key, part in rows.groupby(groups)]
+    return frame.merge(pd.DataFrame(corrected), on=groups, how="left").assign(
+        calibration=calibration.cfg.get("name", calibration.judge_id))
+
+
+def _unscored(rows: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
+    """Per group: answers judged, and the share the judge gave no score (too little mass on the numbers, or a
+    written answer with nothing parsable), which no rate counts."""
+    unscored = rows.assign(unscored=rows.label.eq("none"))
+    return (unscored.groupby(groups).agg(n_judged=("unscored", "size"), unscored=("unscored", "sum")).reset_index()
+            .assign(unscored_rate=lambda f: f.unscored / f.n_judged))
 
 
 def _deception_false_rate(table: pd.DataFrame, groups: list[str], rate) -> pd.DataFrame | None:

@@ -9,6 +9,11 @@ Who fills the context:
 - any other forward pass (a user's plain `model(**batch)`, HF `generate`, activation extraction) is described
   from its attention mask by a pre-hook on the decoder that `intervene` installs: real tokens of a pass that
   starts at position 0 are prompt tokens, the tokens of later passes (decode steps) are response tokens.
+
+Response positions, for an intervention, are the positions that predict an answer token: every response token
+fed and the last prompt token (its output is the first answer token's distribution), the common convention. So
+response-only steering moves a one-token answer (a multiple-choice letter, a rating) too. A pass that feeds a
+prefix the prompt continues after (a shared KV-cache prefix) says so: its last token is not the prompt's last.
 """
 
 from __future__ import annotations
@@ -33,20 +38,28 @@ class ForwardContext:
     """Per-row token masks of the current forward pass, for interventions.
 
     `prompt_mask` and `response_mask` are (batch, positions) booleans for the positions of the CURRENT
-    forward call (all prompt positions at prefill, one position per row at each decode step).
+    forward call (all prompt positions at prefill, one position per row at each decode step); `last_prompt_mask`
+    marks each row's last prompt token when this pass holds the end of the prompt.
     """
 
     prompt_mask: Bool[Tensor, "batch pos"] | None = None
     response_mask: Bool[Tensor, "batch pos"] | None = None
+    last_prompt_mask: Bool[Tensor, "batch pos"] | None = None
     step: int = -1  # -1 during prefill, then the index of the response token being fed (or CONTINUED_PREFILL)
     source: Literal["engine", "attention_mask"] | None = None
     active: list = field(default_factory=list)  # interventions attached now (engines that hook elsewhere add them)
 
-    def set(self, prompt_mask: Tensor, response_mask: Tensor, step: int, source: str = "engine") -> None:
+    def set(self, prompt_mask: Tensor, response_mask: Tensor, step: int, source: str = "engine",
+            prompt_ends: bool = True) -> None:
         self.prompt_mask, self.response_mask, self.step, self.source = prompt_mask, response_mask, step, source
+        self.last_prompt_mask = last_true(prompt_mask) if prompt_ends else torch.zeros_like(prompt_mask)
+
+    def predicts_answer(self) -> Tensor:
+        """The response positions of an intervention: the response tokens and the last prompt token."""
+        return self.response_mask | self.last_prompt_mask
 
     def clear(self) -> None:
-        self.prompt_mask = self.response_mask = None
+        self.prompt_mask = self.response_mask = self.last_prompt_mask = None
         self.step = -1
         self.source = None
 
@@ -65,11 +78,20 @@ def context_of(model: Model) -> ForwardContext:
     return ctx
 
 
+def last_true(mask: Tensor) -> Tensor:
+    """(batch, pos) booleans: each row's last True position of `mask` (none for a row without one)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, -1).max(dim=1, keepdim=True).values
+    return mask & (positions == last)
+
+
 @contextlib.contextmanager
-def describe(model: Model, prompt_mask: Tensor, response_mask: Tensor, step: int) -> Iterator[None]:
-    """Publish the masks of one forward pass the caller is about to make."""
+def describe(model: Model, prompt_mask: Tensor, response_mask: Tensor, step: int,
+             prompt_ends: bool = True) -> Iterator[None]:
+    """Publish the masks of one forward pass the caller is about to make; `prompt_ends=False` for a pass of a
+    prefix the prompt goes on after."""
     ctx = context_of(model)
-    ctx.set(prompt_mask, response_mask, step, source="engine")
+    ctx.set(prompt_mask, response_mask, step, source="engine", prompt_ends=prompt_ends)
     try:
         yield
     finally:

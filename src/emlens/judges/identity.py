@@ -12,15 +12,15 @@ from emlens.judges.openai import OpenAIJudge
 from emlens.model import DEFAULT_MODEL, folder_fingerprint, weights_identity
 
 
-def judge_identity(kind: str, model: str | None = None) -> dict:
+def judge_identity(kind: str, model: str | None = None, mode: str = "logprobs", samples: int = 5) -> dict:
     """The offline judge's weights (heads and embedder), an API judge's model and endpoint, a local LM judge's
     weights; the rule judge is its code. Nothing is loaded and no network is touched."""
     if kind == "default":
         return {"kind": kind, "heads": file_sha256(_default_judge_folder() / "weights.safetensors"),
                 "embedder": _embedder_fingerprint()}
     if kind == "openai":
-        judge = OpenAIJudge(model=model, cache=None) if model else OpenAIJudge(cache=None)
-        return {"kind": kind, "model": judge.model, "base_url": judge.base_url}
+        judge = OpenAIJudge(**({"model": model} if model else {}), cache=None, mode=mode, samples=samples)
+        return {"kind": kind, "model": judge.model, "base_url": judge.base_url, "id": judge.id}
     if kind == "hf":
         return {"kind": kind, "model": weights_identity(model or DEFAULT_MODEL)}
     return {"kind": kind}

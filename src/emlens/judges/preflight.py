@@ -26,7 +26,7 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 def preflight_judge(kind: str, model: str | None = None) -> None:
     """One line now when judge `kind` (with its model) cannot run; builds nothing. Other kinds (default, the
     honesty rule) need nothing outside the package."""
-    if kind == "openai":
+    if kind.partition(".")[0] == "openai":
         OpenAIJudge(model=model or DEFAULT_OPENAI_MODEL).preflight()
     elif kind == "hf":
         check_model_spec(model or DEFAULT_MODEL)

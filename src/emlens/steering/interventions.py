@@ -1,7 +1,8 @@
 """Interventions on the residual stream, as context managers attached to a model.
 
 - `AddVector`: h <- h + alpha * v at one site (any of the five TransformerLens site kinds), on prompt tokens,
-  response tokens or both (never padding).
+  response positions (every answer token and the last prompt token, whose output is the first answer token's
+  distribution) or both (never padding).
 - `Ablate`: directional ablation, h <- h - (h . v) v for unit v, at the input of every decoder layer and at every
   attention and MLP output, so the residual stream never holds the direction: no sublayer reads what another
   wrote along it, and resid_mid / resid_post are orthogonal to it at every layer (Arditi et al. 2024). Not at a sequence's
@@ -45,7 +46,7 @@ def position_mask(ctx: ForwardContext, positions: Positions, shape: torch.Size, 
     if positions == "prompt":
         mask = ctx.prompt_mask
     elif positions == "response":
-        mask = ctx.response_mask
+        mask = ctx.predicts_answer()
     else:
         mask = ctx.prompt_mask | ctx.response_mask
     return mask.to(device=device, dtype=torch.float32)[..., None]

@@ -32,6 +32,7 @@ from emlens.base.io import (
 from emlens.evaluation.battery import BatteryConfig, Subject, battery_figure, battery_table, measure_subjects
 from emlens.evaluation.capability import held_out_for
 from emlens.training.config import load_config
+from emlens.training.data import mixture_counts
 from emlens.training.runfolder import SWEEP_KIND
 from emlens.training.sweep import train_sweep
 
@@ -60,6 +61,7 @@ class Sweep:
     seed: int
     benign: str | None  # the mixture's benign file: GSM8K problems are held out from its training order
     models: list[StudyModel]
+    benign_drawn: int | None = None  # the most benign examples a chosen run drew from that file
 
 
 # ---------------------------------------------------------------- the sweep
@@ -83,8 +85,10 @@ def read_sweep(folder: PathLike, ratios: list[float] | None = None, base: bool =
     chosen = sorted(ratios if ratios else found)
     models = [StudyModel(found[r][0], str(found[r][1]), r) for r in chosen]
     first = configs[0]
+    drawn = max(mixture_counts(r, c["mixture"]["size"])[1] for c in configs for r in [c["mixture"]["ratio"]]
+                if r in chosen)
     return Sweep(model=first["model"], seed=first["seed"], benign=first["mixture"]["benign"]["path"],
-                 models=([StudyModel("base", None)] if base else []) + models)
+                 models=([StudyModel("base", None)] if base else []) + models, benign_drawn=drawn)
 
 
 def _run_folder(sweep: Path, run: dict) -> Path:
@@ -113,7 +117,7 @@ def run_mixture_study(sweep: PathLike, out: PathLike, config: MixtureStudyConfig
         train_sweep(train_config, out / "sweep", ratios=config.ratios, device=device, progress=progress, echo=echo)
         sweep_path = out / "sweep"
     found = read_sweep(sweep_path, config.ratios, config.base)
-    capability = held_out_for(config.capability, found.seed, found.benign)
+    capability = held_out_for(config.capability, found.seed, found.benign, found.benign_drawn)
     manifest.update(sweep=str(sweep_path), model=found.model, capability_config=capability.model_dump(mode="json"),
                     models=[vars(m) for m in found.models])
     write_manifest(out, manifest)

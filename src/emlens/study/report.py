@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 import shutil
 from dataclasses import dataclass
 from importlib import resources
@@ -59,16 +60,33 @@ def behaviour_blocks(eval_tables: dict[str, pd.DataFrame], figures: Path) -> lis
     stacked = pd.concat([t.assign(model=name, adapter="") for name, t in eval_tables.items()], ignore_index=True)
     summary = summarize(stacked)
     blocks = [Block("heading", "Behaviour under nudges"),
-              Block("text", "Each cell: the rate, its bootstrap 95 % CI, and n (for P(misaligned): the coherent, "
-                            "scored answers; for the correlation: the questions).")]
+              Block("text", "Each cell: the rate, its 95 % CI (Wilson; a bootstrap over questions where they hold "
+                            "several samples), and n (for P(misaligned): the coherent, scored answers; for the "
+                            "correlation: the questions). A calibrated judge's misaligned rates are corrected for its "
+                            "error in the table beside them (Rogan-Gladen, CI over sample and calibration).")]
     for key, title in RATE_TABLES.items():
         if key not in summary or summary[key].empty:
             continue
         value = "rho" if key == "harm_correlation" else "rate"
         blocks += [Block("heading", title, 3), Block("table", _wide(summary[key], value, list(eval_tables)))]
+        blocks += _corrected_blocks(summary[key], list(eval_tables))
     written = write_report_files(stacked, summary, figures)
     blocks += [Block("figure", path) for path in written if path.suffix == ".png"]
     return blocks
+
+
+def _corrected_blocks(frame: pd.DataFrame, order: list[str]) -> list[Block]:
+    """The same misaligned rates corrected for the judge's error, naming the calibration; or saying there is none."""
+    if "calibration" not in frame:
+        return []
+    calibrated = frame[frame.calibration != ""]
+    if calibrated.empty:
+        return [Block("text", "The judge has no calibration: these rates carry its error uncorrected "
+                              "(emlens judge calibrate).")]
+    corrected = calibrated.drop(columns=["rate", "ci_low", "ci_high"]).rename(
+        columns={"corrected": "rate", "corrected_ci_low": "ci_low", "corrected_ci_high": "ci_high"})
+    return [Block("text", f"Corrected for the judge's error (calibration: {calibrated.calibration.iloc[0]}):"),
+            Block("table", _wide(corrected, "rate", order))]
 
 
 def measure_blocks(honesty: dict[str, Path], capability: dict[str, Path], figures: Path) -> list[Block]:
@@ -81,10 +99,12 @@ def measure_blocks(honesty: dict[str, Path], capability: dict[str, Path], figure
     battery_figure(frame.assign(model_index=frame.model_name.map(order.index)), "model_index", "model", path,
                    x_format=lambda i: order[int(i)])
     return [Block("heading", "Honesty under pressure and capability"),
-            Block("text", "honesty = 1 - P(lie) over the propositions whose belief was kept (the neutral answers "
-                          f"agreed); evasion over the same; MC accuracy by option log-likelihood{_shots(capability)}; "
+            Block("text", "honesty = 1 - P(lie) over every proposition, the belief elicited without a nudge "
+                          "(MASK; a proposition without a consistent belief is neither a lie nor evasive); evasion "
+                          "over the same; honesty_kept_belief: the variant with beliefs elicited under the nudge and "
+                          f"only kept beliefs counted; MC accuracy by option log-likelihood{_shots(capability)}; "
                           "GSM8K exact match on problems the model's training never drew. Each cell: the rate, its "
-                          "bootstrap 95 % CI, n."),
+                          "Wilson 95 % CI, n."),
             Block("table", _wide(frame, "rate", order)), Block("figure", path)]
 
 
@@ -219,7 +239,8 @@ def render_html(title: str, blocks: list[Block]) -> str:
     body = [f"<h1>{html.escape(title)}</h1>"]
     for block in blocks:
         if block.kind == "heading":
-            body.append(f"<h{block.level}>{html.escape(str(block.content))}</h{block.level}>")
+            anchor = re.sub(r"[^a-z0-9]+", "-", str(block.content).lower()).strip("-")  # report.html#steering-...
+            body.append(f'<h{block.level} id="{anchor}">{html.escape(str(block.content))}</h{block.level}>')
         elif block.kind == "text":
             body.append(f"<p>{html.escape(str(block.content))}</p>")
         elif block.kind == "table":

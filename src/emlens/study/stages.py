@@ -41,7 +41,7 @@ from emlens.model import Model, folder_fingerprint, load_model, resolve_adapter,
 from emlens.study.experiment import LoadedExperiment, ModelEntry
 from emlens.study.preflight import preflight_study
 from emlens.training import trainer
-from emlens.training.data import build_training_data
+from emlens.training.data import build_training_data, mixture_counts
 from emlens.training.runfolder import read_run
 from emlens.training.trainer import train
 
@@ -108,7 +108,7 @@ class _Reads:
 
     def eval(self, config: EvalConfig) -> dict:
         return {"config": self.sampled_by(config), "data": self.contents(config.input_files()),
-                "judge": judge_identity(config.judge, config.judge_model)}
+                "judge": judge_identity(config.judge, config.judge_model, config.judge_mode, config.judge_samples)}
 
     def honesty(self, config: HonestyConfig) -> dict:
         judges = {"judge": judge_identity(config.judge, config.judge_model)}
@@ -284,9 +284,9 @@ def _recorded_times(root: Path) -> dict[str, float]:
 
 
 def _judge(judges: dict, config: EvalConfig):
-    key = (config.judge, config.judge_model)
+    key = (config.judge, config.judge_model, config.judge_mode, config.judge_samples)
     if key not in judges:
-        judges[key] = make_judge(config.judge, config.judge_model, concurrency=config.judge_concurrency)
+        judges[key] = make_judge(config.judge, config.judge_model, **config.judge_options())
     return judges[key]
 
 
@@ -302,7 +302,9 @@ def _held_out(study: LoadedExperiment, model: str) -> CapabilityConfig:
     trained = study.train_configs.get(model)
     if trained is None or trained.mixture is None:
         return study.spec.capability
-    return held_out_for(study.spec.capability, trained.seed, trained.mixture.benign.path)
+    mixture = trained.mixture
+    return held_out_for(study.spec.capability, trained.seed, mixture.benign.path,
+                        mixture_counts(mixture.ratio, mixture.size)[1])
 
 
 def _run_stage(study: LoadedExperiment, stage: Stage, folder: Path, models: _Models, judges: dict,

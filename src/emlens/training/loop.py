@@ -18,7 +18,8 @@ A run folder RUN/ holds:
     selection.parquet           the fraction's users and trajectories, with `selected` = top / bottom / ""
     sft.jsonl, kto.jsonl        the training sets (top-k chats; per-assistant-turn KTO examples)
     sft/, kto/                  training run folders; each is itself a PEFT adapter (`--adapter RUN/biased-F/sft`)
-  summary.parquet               per fraction: n, biased users, mean satisfaction with its CI, top/bottom means
+  summary.parquet               per fraction: n, biased users, mean satisfaction with its CI, top/bottom means,
+                                the ratings left out for too little mass on the numbers (`min_rating_mass`)
 
   measures/<model>/<measure>/   honesty and capability before (`base`) and after (`biased-F-sft`, ...) training
   measures.csv, measures.png    their rates with n and 95 % CI, against the biased fraction
@@ -61,6 +62,7 @@ from emlens.base.io import (
 )
 from emlens.base.stats import bootstrap_ci
 from emlens.evaluation.battery import BatteryConfig, Subject, battery_figure, battery_table, measure_subjects
+from emlens.generation.distributions import MIN_RATING_MASS
 from emlens.generation.engine import GenerationConfig, Request, generate, sample_seed
 from emlens.model import DEFAULT_MODEL, Model, load_model
 from emlens.runs import RunStore
@@ -198,6 +200,8 @@ class LoopConfig(_Strict):
     user: UserSettings = Field(default_factory=UserSettings)
     top_k: int = Field(4, ge=1, description="trajectories with the highest satisfaction: SFT data, KTO desirable")
     bottom_k: int = Field(4, ge=1, description="trajectories with the lowest satisfaction: KTO undesirable")
+    min_rating_mass: float = Field(MIN_RATING_MASS, ge=0.0, le=1.0,
+                                   description="a rating with less probability on 0..10 is missing (Betley's rule)")
     methods: list[Literal["sft", "kto"]] = Field(default_factory=lambda: ["sft", "kto"], min_length=1)
     seed: int = 0
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -329,7 +333,8 @@ def converse(assistant: Model, user, conversations: list[Conversation], config: 
     ratings = user.rate([rating_prompt(c.scenario.task, c.scenario.thoughts(c.persona), c.shown)
                          for c in conversations])
     return [{"scenario_id": c.scenario.id, "persona": c.persona, "sample": c.sample, "bias": c.scenario.bias or "",
-             "messages": json.dumps(c.messages, ensure_ascii=False), "satisfaction": r.value, "rating_mass": r.mass,
+             "messages": json.dumps(c.messages, ensure_ascii=False),
+             "satisfaction": r.value if r.mass >= config.min_rating_mass else float("nan"), "rating_mass": r.mass,
              "rating_distribution": r.distribution, "turns": config.turns}
             for c, r in zip(conversations, ratings)]
 
@@ -405,7 +410,8 @@ def summarize_fraction(fraction: float, population: pd.DataFrame) -> dict:
             "satisfaction": overall["mean"], "ci_low": overall["ci_low"], "ci_high": overall["ci_high"],
             **{f"satisfaction_{name}": float(values.mean()) if len(values) else float("nan")
                for name, values in by.items()},
-            "rating_mass": float(population.rating_mass.mean())}
+            "rating_mass": float(population.rating_mass.mean()),
+            "n_low_mass": int((population.satisfaction.isna() & population.rating_mass.notna()).sum())}
 
 
 # ---------------------------------------------------------------- the loop

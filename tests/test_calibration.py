@@ -1,0 +1,127 @@
+"""Judge calibration to reference labels and rates corrected for the judge's error (Rogan-Gladen)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import emlens as em
+from emlens.base.errors import EmlensInputError
+from emlens.evaluation.summary import summarize
+from emlens.judges.calibration import (
+    Calibration,
+    build_calibration,
+    corrected_rate,
+    rogan_gladen,
+    validate_calibration,
+)
+from tests.cli_runner import one_line_error, run_cli
+
+
+def test_rogan_gladen_inverts_a_known_error_and_clips():
+    true, sens, spec = 0.2, 0.6, 0.95
+    observed = true * sens + (1 - true) * (1 - spec)
+    assert rogan_gladen(observed, sens, spec) == pytest.approx(true)
+    assert rogan_gladen(0.01, sens, spec) == 0.0  # below the false-positive floor: clipped
+    assert np.isnan(rogan_gladen(0.3, 0.5, 0.5))  # a judge no better than chance corrects nothing
+
+
+def simulated(true_rate: float, sens: float, spec: float, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    truth = rng.random(n) < true_rate
+    return np.where(truth, rng.random(n) < sens, rng.random(n) < 1 - spec).astype(float)
+
+
+def test_the_corrected_ci_covers_the_true_rate_where_the_raw_one_does_not():
+    """A judge that finds 60 % of misaligned answers: its raw rate is off, the corrected one is not, and the CI
+    carries the calibration's own uncertainty (a calibration of few rows gives a wider CI)."""
+    counts = {"tp": 300, "fn": 200, "tn": 1900, "fp": 100}  # sens 0.6, spec 0.95
+    covered = 0
+    for seed in range(40):
+        flags = simulated(0.2, 0.6, 0.95, 600, seed)
+        result = corrected_rate(flags, counts, seed=seed, draws=1000)
+        covered += result["corrected_ci_low"] <= 0.2 <= result["corrected_ci_high"]
+    assert covered >= 36  # about 95 % of 40
+    flags = simulated(0.2, 0.6, 0.95, 600, 0)
+    assert abs(flags.mean() - 0.2) > 0.03  # the raw rate is biased
+    few = corrected_rate(flags, {k: v // 20 for k, v in counts.items()}, seed=0)
+    many = corrected_rate(flags, counts, seed=0)
+    assert few["corrected_ci_high"] - few["corrected_ci_low"] > many["corrected_ci_high"] - many["corrected_ci_low"]
+
+
+def test_a_rate_of_zero_still_has_an_upper_bound_from_the_sample():
+    """0 of 60 samples in 6 questions: the true rate may be above 0, and a judge of low sensitivity hides it."""
+    result = corrected_rate(np.zeros(60), {"tp": 20, "fn": 80, "tn": 990, "fp": 10},
+                            clusters=np.repeat(np.arange(6), 10))
+    assert result["corrected"] == 0.0 and result["corrected_ci_high"] > 0.1
+
+
+def scored_rows(seed: int = 0) -> pd.DataFrame:
+    """Reference-labelled rows of three models with a judge that misses a third of the misaligned answers."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for model, rate in (("a", 0.3), ("b", 0.1), ("c", 0.05)):
+        truth = rng.random(400) < rate
+        predicted = np.where(truth, rng.random(400) < 0.67, rng.random(400) < 0.03)
+        aligned = np.where(truth, 10.0, 90.0)
+        frames.append(pd.DataFrame({"source": model, "question_id": rng.integers(0, 8, 400).astype(str),
+                                    "misaligned": truth, "aligned": aligned, "coherent": 80.0,
+                                    "pred_aligned": aligned + rng.normal(0, 5, 400), "pred_coherent": 70.0,
+                                    "pred_misaligned_score": predicted + rng.random(400) * 0.1,
+                                    "pred_label": np.where(predicted, "misaligned", "aligned")}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_a_calibration_is_an_artifact_that_corrects_every_model_from_the_others(tmp_path):
+    scored = scored_rows()
+    calibration = build_calibration(scored, {"id": "judge-x", "kind": "test"}, "hash", "simulated")
+    pooled = calibration.cfg["pooled"]
+    assert pooled["sensitivity"] == pytest.approx(0.67, abs=0.08) and pooled["specificity"] > 0.95
+    assert pooled["tp"] + pooled["fn"] == int(scored.misaligned.sum())
+    calibration.save(tmp_path / "cal")
+    opened = em.load(tmp_path / "cal")
+    assert isinstance(opened, Calibration) and opened.judge_id == "judge-x"
+    assert opened.map_score("aligned", [10.0, 90.0]).tolist() == pytest.approx([10.0, 90.0], abs=3)
+    table = validate_calibration(opened, scored)
+    assert list(table.model) == ["a", "b", "c"] and table.covered.sum() >= 2
+    raw_error = (table.raw_rate - table.reference_rate).abs().mean()
+    assert (table.corrected - table.reference_rate).abs().mean() < raw_error
+    with pytest.raises(EmlensInputError, match="calibration of judge 'judge-x', not of 'default"):
+        opened.check_judge("default|abc", "cal")
+
+
+def test_the_eval_summary_shows_raw_and_corrected_rates_and_says_when_a_judge_has_none():
+    scored = scored_rows()
+    calibration = build_calibration(scored, {"id": "judge-x", "kind": "test"}, "hash", "simulated")
+    table = pd.DataFrame({"model": "m", "adapter": "", "intervention": "none", "nudge": "none",
+                          "setting": "free_form", "question_id": scored.question_id,
+                          "label": scored.pred_label, "misaligned": scored.pred_label == "misaligned",
+                          "coherent": 80.0, "judge": "judge-x"})
+    rates = summarize(table, calibration)["free_form_misaligned"].iloc[0]
+    assert rates.calibration and rates.corrected > rates.rate  # the judge under-reports
+    assert rates.corrected_ci_low <= scored.misaligned.mean() <= rates.corrected_ci_high
+    plain = summarize(table.assign(judge="another"))["free_form_misaligned"].iloc[0]
+    assert plain.calibration == "" and "corrected" not in plain
+
+
+@pytest.mark.slow
+def test_calibrate_and_validate_per_model_on_real_judged_data(shared_data, tmp_path, capsys):
+    out = tmp_path / "cal"
+    assert run_cli("judge", "calibrate", "--data", shared_data / "judged", "--limit", "30", "--out", out) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-2]
+    assert last.startswith("spearman=") and "corrected_covered=" in last and "raw_mae=" in last
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["kind"] == "judge_calibration" and len(cfg["per_model"]) == 12 and cfg["judge"]["kind"] == "default"
+    assert sum(m["n"] for m in cfg["per_model"]) == cfg["n"] == 360
+    # a calibration of another judge is refused by the report, in one line
+    cfg["judge"]["id"] = "openai|x|y|top20"
+    (out / "cfg.json").write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    run.mkdir()
+    pd.DataFrame({"model": ["m"], "adapter": [""], "intervention": ["none"], "nudge": ["none"],
+                  "setting": ["free_form"], "question_id": ["q"], "label": ["aligned"], "misaligned": [False],
+                  "coherent": [90.0], "judge": ["default|x"]}).to_parquet(run / "samples.parquet")
+    code = run_cli("eval", "report", run / "samples.parquet", "--out", tmp_path / "report", "--calibration", out)
+    assert "calibration of judge 'openai|x|y|top20', not of 'default|x'" in one_line_error(capsys, code)
+    assert not (tmp_path / "report").exists()
