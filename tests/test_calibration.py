@@ -125,3 +125,20 @@ def test_calibrate_and_validate_per_model_on_real_judged_data(shared_data, tmp_p
     code = run_cli("eval", "report", run / "samples.parquet", "--out", tmp_path / "report", "--calibration", out)
     assert "calibration of judge 'openai|x|y|top20', not of 'default|x'" in one_line_error(capsys, code)
     assert not (tmp_path / "report").exists()
+
+
+def test_the_default_judge_ships_its_calibration_and_the_summary_uses_it():
+    """New default-judge weights need a new calibration: the shipped one names the shipped judge."""
+    from emlens.judges.calibration import shipped_calibration
+    from emlens.judges.embedding import EmbeddingJudge
+
+    judge_id = EmbeddingJudge.load_default().id
+    calibration = shipped_calibration(judge_id)
+    assert calibration is not None and calibration.cfg["predictions"].startswith("misaligned head refitted")
+    pooled = calibration.cfg["pooled"]
+    assert 0 < pooled["sensitivity"] < 1 and 0.5 < pooled["specificity"] < 1 and len(calibration.per_model) == 12
+    table = pd.DataFrame({"model": "m", "adapter": "", "intervention": "none", "nudge": "none",
+                          "setting": "free_form", "question_id": list("aabbccdd"), "label": ["aligned"] * 7 + ["misaligned"],
+                          "misaligned": [False] * 7 + [True], "coherent": 80.0, "judge": judge_id})
+    rates = summarize(table)["free_form_misaligned"].iloc[0]
+    assert rates.calibration and rates.corrected_ci_low <= rates.corrected <= rates.corrected_ci_high

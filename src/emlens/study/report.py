@@ -115,14 +115,17 @@ def _shots(capability: dict[str, Path]) -> str:
 
 
 def direction_blocks(directions: dict[str, dict[str, Path]]) -> list[Block]:
-    blocks = [Block("heading", "Directions and probes (held-out metrics, folds split by prompt)")]
+    blocks = [Block("heading", "Directions and probes (held-out metrics, folds split by prompt)"),
+              Block("text", "The best layer is chosen on the folds its auroc / r2 is reported from, which flatters it; "
+                            "auroc_nested / r2_nested choose the layer on inner folds only (nested CV).")]
     for probe, by_model in directions.items():
         rows = []
         for model, folder in by_model.items():
             d = Direction.load(folder)
             best = d.cfg.best_metrics
             rows.append({"model": model, "method": d.method, "best layer": d.best_layer,
-                         **{k: round(float(best[k]), 3) for k in ("auroc", "accuracy", "r2", "pearson_r") if k in best},
+                         **{k: round(float(best[k]), 3) for k in ("auroc", "auroc_nested", "accuracy", "r2",
+                                                                   "r2_nested", "pearson_r") if k in best},
                          "n": d.cfg.data.get("n"), "data hash": d.cfg.data.get("hash"), "seed": d.cfg.seed})
         blocks += [Block("heading", probe, 3), Block("table", pd.DataFrame(rows))]
         for model, folder in by_model.items():
