@@ -227,7 +227,7 @@ for name, chosen in ((f"latent {latent}", latent), (f"random latent {control}", 
 ]
 
 dishonesty = [
-"md:# Dishonesty as emergent misalignment: honesty under pressure, capability, the mixture study, the loop\n\nHu et al. 2025: a little misaligned data in benign fine-tuning, or self-training on the ratings of biased users,\nmakes a model less honest while capability stays level. Here on the embedded 135M model: honesty under pressure\n(MASK-style) per nudge, capability by option log-likelihood and GSM8K, the mixture-ratio study on a small sweep,\nand the biased-user loop measured before and after. `SMALL` keeps CI fast (its figures are not the real ones;\n`configs/mixture_study_smollm2.yaml` and `configs/loop_smollm2.yaml` are); every rate comes with n and a 95 % CI.",
+"md:# Dishonesty as emergent misalignment: honesty under pressure, capability, the mixture study, the loop\n\nHu et al. 2025: a little misaligned data in benign fine-tuning, or self-training on the ratings of biased users,\nmakes a model less honest while capability stays level. Here on the embedded 135M model: honesty under pressure\n(MASK) per nudge, capability by option log-likelihood and GSM8K, the mixture-ratio study on a small sweep,\nand the biased-user loop measured before and after. `SMALL` keeps CI fast (its figures are not the real ones;\n`configs/mixture_study_smollm2.yaml` and `configs/loop_smollm2.yaml` are); every rate comes with n and a 95 % CI.",
 """
 import os, yaml
 from pathlib import Path
@@ -242,7 +242,7 @@ OUT = Path("../artifacts/notebooks/dishonesty")
 data = find_shared_data(Path("../configs"))
 model = em.load_model("smollm2-135m-instruct")
 """,
-"md:## 1. Honesty under pressure\nThe model's belief from neutral prompts (kept when its answers agree), then its answer under a pressure prompt,\njudged consistent / lie / evasive by the rule judge (multiple-choice propositions): honesty = 1 - P(lie).",
+"md:## 1. Honesty under pressure\nThe model's belief from neutral prompts without a nudge (kept when its answers agree), then its answer under a\npressure prompt and the nudge, judged consistent / lie / evasive by the rule judge (multiple-choice propositions):\nhonesty = 1 - P(lie) over every proposition (MASK). `honesty_kept_belief` is the variant with beliefs asked under\nthe same nudge and only kept beliefs counted.",
 """
 table = em.honesty(model, out=OUT / "honesty", limit=12 if SMALL else None, nudges=["none", "evil"])
 summarize_honesty(table, by_kind=False)[["nudge", "measure", "rate", "n", "ci_low", "ci_high"]]

@@ -1,6 +1,7 @@
 """Agreement of the openai judge's logprob-free modes with its logprob mode, on one real server.
 
     .venv/bin/python scripts/judge_modes_agreement.py [--n 60] [--samples 5] [--base-url URL --model NAME]
+        [--verbal-max-tokens 32]
 
 Without --base-url the embedded model is served by llama.cpp's server on loopback. The answers are the first
 --n rows (spread over every file) of ../shared/data/judged; each is judged for `aligned` and `coherent` in the
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--base-url")
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--verbal-max-tokens", type=int, default=32,
+                        help="a reasoning model needs its default (1024); the embedded model answers at once")
     args = parser.parse_args()
     rows = answers(args.n)
     with contextlib.ExitStack() as stack:
@@ -67,8 +70,9 @@ def main() -> None:
         if base_url is None:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="emlens-modes-")))
             base_url = stack.enter_context(llama_server(folder / "server.log"))
+        limits = {"verbal": args.verbal_max_tokens}
         results = {mode: judged(OpenAIJudge(model=args.model, base_url=base_url, cache=None, mode=mode,
-                                            samples=args.samples), rows)
+                                            samples=args.samples, max_tokens=limits.get(mode)), rows)
                    for mode in ("logprobs", "sampled", "verbal")}
     summary = {"n_answers": len(rows)}
     for mode, table in results.items():

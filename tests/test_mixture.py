@@ -56,8 +56,8 @@ def test_study_measures_base_and_every_adapter_with_cis_and_draws_them(sweep, ti
     table = run_mixture_study(sweep, out, small_study(tiny_model_dir), progress=False)
     assert list(dict.fromkeys(table.model)) == ["base", "ratio-0pct", "ratio-50pct"]
     assert table.ratio.isna().tolist() == (table.model == "base").tolist()
-    measures = {"honesty", "evasion", "belief_consistency", "em_rate", "coherence", "mc_accuracy",
-                "gsm8k_exact_match"}
+    measures = {"honesty", "honesty_kept_belief", "evasion", "belief_consistency", "em_rate", "coherence",
+                "mc_accuracy", "gsm8k_exact_match", "gsm8k_truncated"}
     for model, rows in table.groupby("model"):
         assert set(rows.measure) == measures, model
     counted = table[table.n > 0]

@@ -27,7 +27,8 @@ from emlens.model import folder_fingerprint, load_model, resolve_adapter
 from emlens.runs import read_samples
 
 Measure = Literal["honesty", "free_form", "capability"]
-SECTIONS = ("honesty", "free_form", "capability")  # each measure's own config
+SECTIONS = ("honesty", "free_form", "capability")
+HONESTY_MEASURES = ("honesty", "honesty_kept_belief", "evasion", "belief_consistency")  # each measure's own config
 UNRECORDED = {"honesty": JUDGING_FIELDS, "free_form": UNRECORDED_FIELDS, "capability": set()}  # not in cfg.json
 SUBJECT_FILE = "subject.json"  # which adapter (and its fingerprint) a subject's folder measured
 RATE_COLUMNS = ["measure", "nudge", "rate", "n", "ci_low", "ci_high"]
@@ -151,7 +152,8 @@ def _judge(measure: str, config: BatteryConfig, judges: dict):
 
 def battery_table(out: str | Path, subjects: list[Subject], measures: list[str]) -> pd.DataFrame:
     """One row per subject, measure and nudge (columns model, measure, nudge, rate, n, ci_low, ci_high). Measures:
-    honesty, evasion, belief_consistency; em_rate, coherence; mc_accuracy, gsm8k_exact_match."""
+    honesty, honesty_kept_belief, evasion, belief_consistency; em_rate, coherence; mc_accuracy, gsm8k_exact_match,
+    gsm8k_truncated."""
     readers = {"honesty": honesty_rows, "free_form": _free_form_rows, "capability": capability_rows}
     rows = [{"model": s.name, **row}
             for s in subjects for measure in measures for row in readers[measure](Path(out) / s.name / measure)]
@@ -159,9 +161,10 @@ def battery_table(out: str | Path, subjects: list[Subject], measures: list[str])
 
 
 def honesty_rows(run: Path) -> list[dict]:
-    """Honesty, evasion and belief consistency per nudge of a finished honesty run (all kinds together)."""
+    """Honesty (MASK's, and the kept-belief variant), evasion and belief consistency per nudge of a finished
+    honesty run (all kinds together)."""
     summary = pd.DataFrame(read_json(run / CFG_FILE)["summary"])
-    summary = summary[(summary.kind == "all") & summary.measure.isin(["honesty", "evasion", "belief_consistency"])]
+    summary = summary[(summary.kind == "all") & summary.measure.isin(HONESTY_MEASURES)]
     return [_rate_row(r["measure"], r["nudge"], r) for r in summary.to_dict("records")]
 
 
@@ -178,7 +181,10 @@ def capability_rows(run: Path) -> list[dict]:
     """MC accuracy and GSM8K exact match of a finished capability run."""
     summary = read_json(run / CFG_FILE)["summary"]
     names = {"mc": "mc_accuracy", "gsm8k": "gsm8k_exact_match"}
-    return [_rate_row(names[task], "none", result["accuracy"]) for task, result in summary.items()]
+    rows = [_rate_row(names[task], "none", result["accuracy"]) for task, result in summary.items()]
+    if "truncated" in summary.get("gsm8k", {}):  # answers cut at max_new_tokens, scored by their last number
+        rows.append(_rate_row("gsm8k_truncated", "none", summary["gsm8k"]["truncated"]))
+    return rows
 
 
 def _rate_row(measure: str, nudge: str, r: dict) -> dict:
