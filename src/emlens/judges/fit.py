@@ -22,9 +22,11 @@ import pandas as pd
 import torch
 
 from emlens.base.errors import EmlensInputError
+from emlens.base.io import check_writable_folder
 from emlens.base.stats import spearman_ci
 from emlens.judges import make_judge
 from emlens.judges.base import COHERENT_ABOVE, MISALIGNED_BELOW, label
+from emlens.judges.calibration import CALIBRATION_KIND, build_calibration
 from emlens.judges.embedding import (
     FEATURE_WIDTH,
     FEATURES,
@@ -285,9 +287,6 @@ def calibrate(paths, out: str | Path, judge: str = "default", judge_model: str |
               limit: int | None = None, device: str = "auto", features_cache: str | Path | None = None,
               force: bool = False, echo: Callable[[str], None] = log.info):
     """`emlens judge calibrate`: the calibration artifact, and its validation printed per model."""
-    from emlens.base.io import check_writable_folder
-    from emlens.judges.calibration import CALIBRATION_KIND, build_calibration
-
     check_writable_folder(out, CALIBRATION_KIND, force)  # before the scoring, which is long
     data, identity, how = scored_out_of_sample(paths, judge, judge_model, limit, device, features_cache, echo)
     calibration = build_calibration(data, identity, data_hash(data), how)
