@@ -53,7 +53,7 @@ from emlens.steering.interventions import Ablate, AddVector, Clamp, compose, ran
 
 # bump when a change alters what a steering experiment holds: `emlens run` then redoes its finished stages
 # bump when a change alters what a steering run holds: `emlens run` then redoes finished stages
-RESULTS_VERSION = 2  # 2: issue 24's fixes (judge verdicts, rating floor, pushback, CIs, ablation)
+RESULTS_VERSION = 3  # 2: issue 24's fixes (judge verdicts, rating floor, pushback, CIs, ablation); 3: response steering from the last prompt token
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from emlens.model import Model
 from emlens.runs import RunStore
 
 # bump when a change alters what an eval run holds: `emlens run` then redoes finished stages
-RESULTS_VERSION = 2  # 2: issue 24's fixes (judge verdicts, rating floor, pushback, CIs, ablation)
+RESULTS_VERSION = 3  # 2: issue 24's fixes (judge verdicts, rating floor, pushback, CIs, ablation); 3: response steering from the last prompt token
 
 log = logging.getLogger(__name__)
 
