@@ -4,7 +4,13 @@ import math
 import pytest
 
 from emlens.base.errors import EmlensInputError
-from emlens.generation.distributions import choice_distribution, number_distribution
+from emlens.generation.distributions import (
+    choice_distribution,
+    hf_next_top,
+    number_and_choice_distribution,
+    number_distribution,
+    topk_number_and_choice_distributions,
+)
 from emlens.judges.base import (
     Choice,
     JudgeCache,
@@ -90,6 +96,36 @@ def test_the_hf_judge_reads_code_and_refusal_verdicts_beside_the_numbers(tiny_mo
         assert score.value is not None and score.mass >= 0.25  # 5 (1/4), and 55 as 5 then 5 (1/8)
     else:
         assert score.value is None and label(score.value, 90.0, score.verdict) == verdict.lower()
+
+
+def test_the_top_k_reading_with_the_whole_vocabulary_is_the_exact_distribution(tiny):
+    """The trie walk over next-token tops (what the vLLM judge reads) equals the exact reading from the full logits
+    when the top holds every token and no prefix is dropped; so its only error is the tail it is not given."""
+    from emlens.judges.base import VERDICTS
+
+    chats = [[{"role": "user", "content": "rate 0 to 100"}], [{"role": "user", "content": "how aligned? 0-100"}]]
+    numbers, verdicts = topk_number_and_choice_distributions(tiny, chats, VERDICTS, hf_next_top(tiny, k=10**6),
+                                                                floor=0.0)
+    for row, chat in enumerate(chats):
+        exact_numbers, exact_verdicts = number_and_choice_distribution(tiny, chat, VERDICTS)
+        assert numbers[row].tolist() == pytest.approx(exact_numbers.tolist(), rel=1e-3, abs=1e-6)
+        assert verdicts[row].tolist() == pytest.approx(exact_verdicts.tolist(), rel=1e-3, abs=1e-9)
+
+
+@pytest.mark.parametrize("answer", ["REFUSAL", "5"])
+def test_the_top_20_reading_of_a_peaked_judge_equals_the_exact_score(tiny_model_dir, answer):
+    from emlens.judges.base import VERDICTS
+    from emlens.judges.hf import _score
+
+    judge = planted_judge(tiny_model_dir, answer)
+    chat = [{"role": "user", "content": "Rate this answer."}]
+    numbers, verdicts = topk_number_and_choice_distributions(judge.handle, [chat], VERDICTS, hf_next_top(judge.handle))
+    (exact,) = judge.score(["Rate this answer."])
+    read = _score(numbers[0], verdicts[0])
+    assert read.verdict == exact.verdict and read.mass == pytest.approx(exact.mass, abs=1e-4)
+    assert (read.value is None) == (exact.value is None)
+    if exact.value is not None:
+        assert read.value == pytest.approx(exact.value, abs=0.05)
 
 
 @pytest.mark.parametrize("aligned, coherent, expected", [

@@ -1,4 +1,5 @@
-"""`emlens bench judge`: judgements per second of the openai judge at concurrency 1 and N against a local server.
+"""`emlens bench judge`: judgements per second of the openai judge at concurrency 1 and N against a local server;
+`emlens bench hf-judge`: the hf judge read by the hf engine (exact, one prompt at a time) against the vLLM engine.
 
 Without `--base-url` it starts the embedded model behind an OpenAI-compatible server on loopback: llama.cpp's
 (the `server` extra; one slot, so concurrency only overlaps HTTP round trips with the queue) or vLLM's
@@ -20,8 +21,10 @@ from pathlib import Path
 
 from emlens.base.errors import EmlensInputError
 from emlens.base.servers import exit_status, last_log_line, register_local_server, unregister_local_server
+from emlens.judges.base import DEFAULT_TEMPLATES
+from emlens.judges.hf import HFJudge
 from emlens.judges.openai import OpenAIJudge
-from emlens.model import embedded_checkpoint, embedded_gguf_path
+from emlens.model import DEFAULT_MODEL, embedded_checkpoint, embedded_gguf_path, load_model
 
 
 def free_port() -> int:
@@ -142,5 +145,37 @@ def bench_judge(base_url: str | None = None, n: int = 64, concurrency: int = 16,
         label = f"{mode}{samples}" if mode == "sampled" else mode
         echo(f"{mode} mode: {other:.2f} judgements/s at concurrency {concurrency}")
         summary.update({f"{label}_per_s": round(other, 2), f"{label}_cost_vs_logprobs": round(concurrent / other, 3)})
+    echo(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return summary
+
+
+def hf_judge_prompts(n: int, tag: str) -> list[str]:
+    """Betley aligned prompts (the judge's real length), each different."""
+    return [DEFAULT_TEMPLATES["aligned"].format(question=f"What would you do with {i} dollars? ({tag})",
+                                                answer=f"I would give {i} dollars to people who need it.")
+            for i in range(n)]
+
+
+def bench_hf_judge(model: str = DEFAULT_MODEL, n: int = 32, device: str = "auto",
+                   echo: Callable[[str], None] = print) -> dict:
+    """Judgements per second of the hf judge on each engine, the same prompts (a warm-up first on each: vLLM's
+    start-up is not counted), and how far the vLLM reading is from the exact one."""
+    handle = load_model(model, device=device)
+    rates, scores = {}, {}
+    for engine in ("hf", "vllm"):
+        judge = HFJudge(handle, cache=None, engine=engine)
+        judge.score(hf_judge_prompts(2, f"warm-{engine}"))
+        prompts = hf_judge_prompts(n, "timed")
+        start = time.perf_counter()
+        scores[engine] = judge.score(prompts)
+        rates[engine] = n / (time.perf_counter() - start)
+    pairs = [(h.value, v.value) for h, v in zip(scores["hf"], scores["vllm"], strict=True)
+             if h.value is not None and v.value is not None]
+    gap = max((abs(h - v) for h, v in pairs), default=float("nan"))
+    echo(f"{n} judgements on {handle.device}: hf {rates['hf']:.2f}/s, vllm {rates['vllm']:.2f}/s; largest score "
+         f"gap {gap:.3f} over {len(pairs)} scored by both")
+    summary = {"n": n, "device": handle.device.type, "hf_per_s": round(rates["hf"], 3),
+               "vllm_per_s": round(rates["vllm"], 3), "max_score_gap": round(gap, 3),
+               "vllm_vs_hf": round(rates["vllm"] / rates["hf"], 3)}
     echo(" ".join(f"{k}={v}" for k, v in summary.items()))
     return summary

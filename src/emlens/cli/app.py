@@ -32,6 +32,9 @@ JUDGE_CONCURRENCY_OPT = typer.Option(None, "--judge-concurrency", min=1,
 JUDGE_MODE_OPT = typer.Option(None, "--judge-mode", help="how an openai judge's answer is read: logprobs (default, "
                                                          "Betley), sampled (mean of k answers), verbal (one written "
                                                          "answer, for reasoning models without logprobs)")
+JUDGE_ENGINE_OPT = typer.Option(None, "--judge-engine", help="who reads an hf judge's score distribution: auto "
+                                                           "(vLLM for a judge on a GPU where it is installed), hf "
+                                                           "(exact, one prompt at a time), vllm (top-20, batched)")
 JUDGE_SAMPLES_OPT = typer.Option(None, "--judge-samples", min=1, help="answers per prompt in the sampled mode (5)")
 
 

@@ -12,6 +12,7 @@ from emlens.cli.app import (
     DEVICE_OPT,
     ENGINE_OPT,
     JUDGE_CONCURRENCY_OPT,
+    JUDGE_ENGINE_OPT,
     JUDGE_MODE_OPT,
     JUDGE_MODEL_OPT,
     JUDGE_SAMPLES_OPT,
@@ -51,6 +52,7 @@ def eval_run_command(
     judge_concurrency: Optional[int] = JUDGE_CONCURRENCY_OPT,
     judge_mode: Optional[str] = JUDGE_MODE_OPT,
     judge_samples: Optional[int] = JUDGE_SAMPLES_OPT,
+    judge_engine: Optional[str] = JUDGE_ENGINE_OPT,
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
@@ -70,7 +72,7 @@ def eval_run_command(
                                samples=samples, questions=questions, limit=limit, max_new_tokens=max_new_tokens,
                                judge=judge, judge_model=judge_model, batch_size=batch_size, seed=seed,
                                engine=engine, judge_concurrency=judge_concurrency, judge_mode=judge_mode,
-                               judge_samples=judge_samples)
+                               judge_samples=judge_samples, judge_engine=judge_engine)
     judge_obj = make_judge(config.judge, config.judge_model, **config.judge_options(),
                            **given(device=device))  # fails before any sampling
     handle = load(model, adapter, device, tensor_parallel_size=tensor_parallel_size)
@@ -128,11 +130,15 @@ def _echo_validation(calibration, scored) -> None:
     from emlens.judges.calibration import validate_calibration, validation_summary
 
     table = validate_calibration(calibration, scored)
-    typer.echo(f"{'model':<50} {'n':>5} {'reference':>9} {'raw':>6} {'corrected [95% CI]':>24}")
+    typer.echo(f"{'model':<50} {'n':>5} {'reference':>9} {'raw':>6} {'corrected [95% CI]':>24} {'R-G':>6}")
     for row in table.to_dict("records"):
         typer.echo(f"{row['model']:<50} {row['n']:>5} {row['reference_rate']:>9.3f} {row['raw_rate']:>6.3f} "
-                   f"{row['corrected']:>7.3f} [{row['corrected_ci_low']:.3f}, {row['corrected_ci_high']:.3f}]"
-                   f"{'' if row['covered'] else '  (reference outside)'}")
+                   f"{row['corrected']:>7.3f} [{row['corrected_ci_low']:.3f}, {row['corrected_ci_high']:.3f}] "
+                   f"{row['rogan_gladen']:>6.3f}{'' if row['covered'] else '  (reference outside)'}")
+    correction = calibration.score_correction
+    if correction is not None:
+        typer.echo(f"corrected by the score map ({correction['score']}, {len(correction['blocks']['n'])} blocks, "
+                   f"transfer error sd {correction['transfer_sd']:.3f} on the square-root scale); R-G: Rogan-Gladen")
     pooled = calibration.cfg["pooled"]
     typer.echo(f"pooled: sensitivity {pooled['sensitivity']:.3f} [{pooled['sensitivity_ci'][0]:.3f}, "
                f"{pooled['sensitivity_ci'][1]:.3f}] specificity {pooled['specificity']:.3f} "
@@ -225,6 +231,7 @@ def judge_compare_command(
     judges: str = typer.Option(..., "--judges", help="comma-separated: default, hf:SPEC, openai:MODEL, "
                                                     "openai.sampled:MODEL, openai.verbal:MODEL"),
     judge_samples: Optional[int] = JUDGE_SAMPLES_OPT,
+    judge_engine: Optional[str] = JUDGE_ENGINE_OPT,
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Score one table with several judges: per judge the misaligned rate (CI); per pair Spearman of aligned and
@@ -237,7 +244,8 @@ def judge_compare_command(
     specs = parse_judges(judges)
     preflight_judges(specs)  # every judge checked before the first one is built
     chosen = {f"{kind}:{model}" if model else kind:
-              make_judge(kind, model, preflight=False, **given(device=device, samples=judge_samples))
+              make_judge(kind, model, preflight=False,
+                         **given(device=device, samples=judge_samples, engine=judge_engine))
               for kind, model in specs}
     rates, pairs = compare_judges(run, chosen)
     for row in rates.to_dict("records"):
@@ -268,3 +276,17 @@ def bench_judge_command(
     from emlens.bench.judge import bench_judge
 
     bench_judge(base_url, n, concurrency, judge_model, server, echo=typer.echo, mode=mode, samples=judge_samples)
+
+
+@bench_app.command("hf-judge")
+def bench_hf_judge_command(
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="HF model spec (default: the embedded "
+                                                                          "model)"),
+    n: int = typer.Option(32, "--n", min=1, help="judgements per engine"),
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """The hf judge on the hf engine (exact, one prompt at a time) and on vLLM (top-20, batched): judgements per
+    second and their ratio; the last line is key=value."""
+    from emlens.bench.judge import bench_hf_judge
+
+    bench_hf_judge(**given(model=judge_model, n=n, device=device), echo=typer.echo)

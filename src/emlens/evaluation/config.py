@@ -80,6 +80,7 @@ class EvalConfig(BaseModel):
     judge_concurrency: int = Field(16, ge=1)  # requests in flight to an OpenAI-compatible judge
     judge_mode: Literal["logprobs", "sampled", "verbal"] = "logprobs"  # how an openai judge's answer is read
     judge_samples: int = Field(5, ge=1)  # answers per prompt in the sampled mode
+    judge_engine: Literal["auto", "hf", "vllm"] = "auto"  # who reads an hf judge's distribution (see HFJudge)
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     top_p: float = 1.0
     seed: int = 0
@@ -100,14 +101,16 @@ class EvalConfig(BaseModel):
 
     def judge_options(self) -> dict:
         """make_judge's keyword arguments beyond kind and model."""
-        return {"concurrency": self.judge_concurrency, "mode": self.judge_mode, "samples": self.judge_samples}
+        return {"concurrency": self.judge_concurrency, "mode": self.judge_mode, "samples": self.judge_samples,
+                "engine": self.judge_engine}
 
     def with_flags(self, settings: str | None = None, nudges: list[str] | None = None,
                    nudges_file: str | Path | None = None, samples: int | None = None, questions: str | None = None,
                    limit: int | None = None, max_new_tokens: int | None = None, judge: str | None = None,
                    judge_model: str | None = None, batch_size: int | None = None, seed: int | None = None,
                    engine: str | None = None, judge_concurrency: int | None = None, judge_mode: str | None = None,
-                   judge_samples: int | None = None, where: str = "command line") -> EvalConfig:
+                   judge_samples: int | None = None, judge_engine: str | None = None,
+                   where: str = "command line") -> EvalConfig:
         """This config with the command line's flags laid over it; a flag that is None (or empty) was not given.
 
         `settings` is comma-separated; `samples` is the free-form samples; `questions` the free-form (and harm
@@ -123,7 +126,8 @@ class EvalConfig(BaseModel):
             update["nudges_file"] = str(nudges_file)
         for key, value in (("judge", judge), ("judge_model", judge_model), ("batch_size", batch_size),
                            ("seed", seed), ("engine", engine), ("judge_concurrency", judge_concurrency),
-                           ("judge_mode", judge_mode), ("judge_samples", judge_samples)):
+                           ("judge_mode", judge_mode), ("judge_samples", judge_samples),
+                           ("judge_engine", judge_engine)):
             if value is not None:
                 update[key] = value
         if samples is not None:

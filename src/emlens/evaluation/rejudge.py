@@ -172,7 +172,8 @@ def misaligned_rate(judged: pd.DataFrame, calibration: Calibration | None = None
     found = rate(free.misaligned.astype(float), clusters=free.question_id.to_numpy())
     if calibration is None:
         return {**found, "calibration": ""}
-    return {**found, **calibration.corrected(free.misaligned.astype(float), clusters=free.question_id.to_numpy()),
+    return {**found, **calibration.corrected(free.misaligned.astype(float), clusters=free.question_id.to_numpy(),
+                                           scores=calibration.row_scores(free)),
             "calibration": calibration.cfg.get("name", calibration.judge_id)}
 
 

@@ -81,14 +81,16 @@ def summarize(table: pd.DataFrame, calibration: Calibration | None = None) -> di
 
 def _corrected(frame: pd.DataFrame, rows: pd.DataFrame, groups: list[str],
                calibration: Calibration | None) -> pd.DataFrame:
-    """Rogan-Gladen corrected rate and CI per group, and the calibration behind it ("" where the judge has none)."""
+    """The corrected rate and CI per group (`Calibration.corrected`), and the calibration behind it ("" where the
+    judge has none)."""
     judges = rows.judge.dropna().unique() if "judge" in rows else []
     if calibration is None and len(judges) == 1:
         calibration = shipped_calibration(str(judges[0]))
     if calibration is None or (len(judges) == 1 and judges[0] != calibration.judge_id):
         return frame.assign(calibration="")
     corrected = [{**dict(zip(groups, key, strict=False)),
-                  **calibration.corrected(part.misaligned.astype(float), clusters=_questions(part))}
+                  **calibration.corrected(part.misaligned.astype(float), clusters=_questions(part),
+                                          scores=calibration.row_scores(part))}
                  for key, part in rows.groupby(groups)]
     return frame.merge(pd.DataFrame(corrected), on=groups, how="left").assign(
         calibration=calibration.cfg.get("name", calibration.judge_id))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +109,76 @@ def answer_distribution(handle: Model, messages: list[dict], candidates: list[li
     vocab = min(masks.shape[1], stop_dist.shape[1])
     mask[:, :vocab] = masks[:, :vocab]
     return total.exp() * (1.0 - (stop_dist * mask).sum(-1).clamp(max=1.0))
+
+
+# ---------------------------------------------------------------- the same, from top-k next-token logprobs
+
+TOP_LOGPROBS = 20  # vLLM's default max_logprobs: the most an engine returns per position
+PREFIX_FLOOR = 1e-4  # a prefix with less probability is not followed (at most 0.01 points on a 0-100 mean)
+
+NextTop = Callable[[list[list[int]]], list[dict[int, float]]]  # token ids -> {next token id: probability}
+
+
+def topk_answer_distributions(prompts: Sequence[list[int]], candidates: list[list[int]], continues: torch.Tensor,
+                              next_top: NextTop, floor: float = PREFIX_FLOOR) -> torch.Tensor:
+    """`answer_distribution` for many prompts from an engine that returns only the top-k next tokens (vLLM).
+
+    The candidates' tokens form a trie; each prefix whose probability is at least `floor` is asked for its next
+    tokens once, level by level, every prompt's prefixes in one call (an engine batches them and shares the
+    prompt's KV cache). A token outside the top k counts as probability 0, so P(the answer stops after a candidate)
+    is 1 - the top-k mass of the tokens that would continue it. (prompts x candidates)
+    """
+    masks = continues.expand(len(candidates), -1) if continues.dim() == 1 else continues
+    out = torch.zeros((len(prompts), len(candidates)), dtype=torch.float64)
+    frontier = {(row, ()): 1.0 for row in range(len(prompts))}
+    while frontier:
+        nodes = list(frontier)
+        tops = next_top([list(prompts[row]) + list(prefix) for row, prefix in nodes])
+        following: dict[tuple[int, tuple], float] = {}
+        for (row, prefix), top in zip(nodes, tops, strict=True):
+            mass = frontier[(row, prefix)]
+            depth = len(prefix)
+            for index, candidate in enumerate(candidates):
+                if tuple(candidate[:depth]) != prefix:
+                    continue
+                if len(candidate) == depth:  # complete: the answer stops here
+                    continuing = sum(p for token, p in top.items() if token < masks.shape[1] and masks[index, token])
+                    out[row, index] = mass * max(0.0, 1.0 - continuing)
+                else:
+                    child = (row, prefix + (candidate[depth],))
+                    p = mass * top.get(candidate[depth], 0.0)
+                    if p >= floor:
+                        following[child] = p
+        frontier = following
+    return out.float()
+
+
+def topk_number_and_choice_distributions(handle: Model, conversations: Sequence[list[dict]], choices: Sequence[str],
+                                         next_top: NextTop, floor: float = PREFIX_FLOOR
+                                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`number_and_choice_distribution` of many chats read through `next_top`: (chats x 101), (chats x choices)."""
+    numbers, digit = _on_handle(handle, "_number_candidates", lambda: _number_candidates(handle.tokenizer))
+    word = _on_handle(handle, "_word_continuations", lambda: _vocab_mask(handle.tokenizer, WORD_CHARACTER))
+    numbers = numbers[:101]
+    continues = torch.stack([digit] * len(numbers) + [word] * len(choices))
+    prompts = [handle.tokenizer(handle.chat_text(m), add_special_tokens=False)["input_ids"] for m in conversations]
+    probs = topk_answer_distributions(prompts, numbers + _word_candidates(handle, choices), continues, next_top, floor)
+    return probs[:, :len(numbers)], probs[:, len(numbers):]
+
+
+def hf_next_top(handle: Model, k: int = TOP_LOGPROBS) -> NextTop:
+    """`next_top` on the transformers model (one sequence at a time): the reference the vLLM reading is checked by."""
+
+    @torch.inference_mode()
+    def top(sequences: list[list[int]]) -> list[dict[int, float]]:
+        found = []
+        for ids in sequences:
+            logits = handle.model(input_ids=torch.tensor([ids], device=handle.device)).logits[0, -1].float()
+            values, tokens = logits.softmax(-1).topk(min(k, logits.shape[-1]))
+            found.append(dict(zip(tokens.tolist(), values.tolist(), strict=True)))
+        return found
+
+    return top
 
 
 # ---------------------------------------------------------------- ratings: the model rates a prompt itself

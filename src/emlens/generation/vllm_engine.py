@@ -22,6 +22,7 @@ import gc
 import hashlib
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -221,6 +222,21 @@ class VLLMEngine:
             bar.close()
             self._set_programs({})
         return results
+
+    def next_top(self, handle: Model, sequences: Sequence[list[int]], k: int) -> list[dict[int, float]]:
+        """The k most probable next tokens after each sequence, with their probabilities (one decode step each;
+        sequences sharing a prompt share its KV cache through vLLM's prefix cache)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        self._set_programs({})
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, detokenize=False)
+        found = []
+        for start in range(0, len(sequences), CHUNK):
+            outputs = self._run([TokensPrompt(prompt_token_ids=list(ids)) for ids in sequences[start:start + CHUNK]],
+                                params, self._lora(handle))
+            found += [{token: math.exp(lp.logprob) for token, lp in out.outputs[0].logprobs[0].items()}
+                      for out in outputs]
+        return found
 
     def capture(self, handle: Model, sequences: Sequence[tuple[list[int], int]], sites: Sequence[tuple[int, str]],
                 position: str, interventions: Iterable = ()) -> list[dict[str, Tensor]]:

@@ -28,9 +28,10 @@ from emlens.model import DEFAULT_MODEL, load_model
 
 def make_judge(kind: str, model: str | None = None, device: str = "auto", cache: bool = True,
                concurrency: int = DEFAULT_CONCURRENCY, preflight: bool = True, mode: str = "logprobs",
-               samples: int = DEFAULT_SAMPLES) -> Judge:
+               samples: int = DEFAULT_SAMPLES, engine: str = "auto") -> Judge:
     """`default` (offline embedding judge), `openai` (model = endpoint model name; `concurrency` requests in
-    flight; `mode` logprobs / sampled (`samples` answers) / verbal), `hf` (model = spec). With `preflight` a judge
+    flight; `mode` logprobs / sampled (`samples` answers) / verbal), `hf` (model = spec; `engine` hf, vllm or auto,
+    see `HFJudge`). With `preflight` a judge
     that cannot run is one line here (no key, endpoint unreachable, a model spec that resolves to nothing);
     without, an openai judge is built offline (batch files)."""
     kind, _, reading = kind.partition(".")  # openai.verbal, openai.sampled: a mode in the kind (judge compare)
@@ -50,7 +51,7 @@ def make_judge(kind: str, model: str | None = None, device: str = "auto", cache:
     if kind == "hf":
         if preflight:
             check_model_spec(model or DEFAULT_MODEL)
-        return HFJudge(load_model(model or DEFAULT_MODEL, device=device), cache=store)
+        return HFJudge(load_model(model or DEFAULT_MODEL, device=device), cache=store, engine=engine)
     raise EmlensInputError(f"judge '{kind}': unknown kind (expected default, openai or hf)")
 
 
