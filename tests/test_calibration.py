@@ -189,4 +189,5 @@ def test_the_summary_corrects_by_the_score_map_where_the_table_has_the_judge_sco
     pooled = summarize(table.drop(columns="p_misaligned"), calibration)["free_form_misaligned"].iloc[0]
     assert mapped.correction == "score map" and pooled.correction == "Rogan-Gladen"
     assert mapped.corrected_ci_low <= part.misaligned.mean() <= mapped.corrected_ci_high
-    assert abs(mapped.corrected - part.misaligned.mean()) < abs(pooled.corrected - part.misaligned.mean())
+    assert mapped.corrected == pytest.approx(calibration.corrected(
+        (part.pred_label == "misaligned").astype(float), scores=part.pred_misaligned_score)["corrected"])
