@@ -177,3 +177,38 @@ def test_the_paired_difference_says_what_the_coherence_filter_dropped():
     assert (row.n_pairs, row.pairs_dropped) == (2, 1)
     assert row.difference == pytest.approx(0.5)  # q0: 1 - 0, q2: 0 - 0
     assert row.difference_unconditional == pytest.approx(0.0)  # q0: +1, q1: 0 - 1, q2: 0
+
+
+def test_the_misaligned_difference_is_corrected_for_the_judge_under_its_calibration():
+    """With the shipped default judge's calibration the dose-response rows and the paired difference carry a
+    corrected figure (the score map where the table has the judge's P(misaligned), Rogan-Gladen without it) whose
+    CI holds it; the judge's raw difference is kept beside it."""
+    import numpy as np
+
+    from emlens.analysis.dose_response import direction_vs_control, dose_response_table
+    from emlens.judges.embedding import EmbeddingJudge
+
+    rng = np.random.default_rng(0)
+    judge = EmbeddingJudge.load_default().id
+    rows = []
+    for control in (False, True):
+        for i in range(60):
+            p = rng.uniform(0.5, 1.0) if (not control and i < 20) or (control and i < 5) else rng.uniform(0, 0.1)
+            label = "misaligned" if p >= 0.5 else "aligned"
+            rows.append({"intervention": "x", "operation": "add", "alpha": 4.0, "nudge": "none", "control": control,
+                         "setting": "free_form", "question_id": f"q{i % 12}", "paraphrase_index": 0,
+                         "sample_index": i, "label": label, "misaligned": label == "misaligned", "coherent": 80.0,
+                         "p_misaligned": p, "judge": judge})
+    table = pd.DataFrame(rows)
+    difference = direction_vs_control(table).set_index("measure").loc["misaligned_rate"]
+    assert difference.difference == pytest.approx(15 / 60)
+    assert difference.correction == "score map"
+    assert difference.corrected_ci_low <= difference.difference_corrected <= difference.corrected_ci_high
+    assert difference.corrected_ci_low > 0  # 20 vs 5 of 60 stays a difference after the correction
+    plain = direction_vs_control(table.drop(columns="p_misaligned")).set_index("measure").loc["misaligned_rate"]
+    assert plain.correction == "Rogan-Gladen" and plain.difference_corrected > plain.difference  # sens < 1
+    curves = dose_response_table(table)
+    mis = curves[curves.measure == "misaligned_rate"]
+    assert (mis.correction == "score map").all() and (mis.corrected_ci_low <= mis.corrected).all()
+    other = direction_vs_control(table.assign(judge="another")).set_index("measure").loc["misaligned_rate"]
+    assert "difference_corrected" not in other

@@ -44,6 +44,7 @@ from emlens.directions.artifact import Direction
 from emlens.evaluation.config import EvalConfig
 from emlens.evaluation.run import run_eval
 from emlens.evaluation.settings import with_pushback_outcomes
+from emlens.evaluation.summary import calibration_for
 from emlens.judges import make_judge
 from emlens.model import DEFAULT_MODEL, load_model
 from emlens.sae.artifact import load_sae
@@ -253,11 +254,11 @@ def print_steer(out: str | Path, echo: Callable[[str], None] = print) -> None:
     out = Path(out)
     for row in pd.read_csv(out / "dose_response.csv").to_dict("records"):
         echo(f"{row['intervention']:<22} {row['nudge']:<6} {row['measure']:<24} "
-             f"{row['rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] n={row['n']}")
+             f"{row['rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] n={row['n']}{_corrected_text(row)}")
     for row in pd.read_csv(out / "direction_vs_control.csv").to_dict("records"):
         echo(f"direction - control {row['operation']}@{row['alpha']:g} {row['nudge']:<6} {row['measure']:<24} "
              f"{row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] pairs={row['n_pairs']} "
-             f"p_bh={row.get('p_bh', float('nan')):.3g}")
+             f"p_bh={row.get('p_bh', float('nan')):.3g}{_corrected_text(row, 'difference_corrected')}")
     echo(f"wrote {out / 'samples.parquet'}, {out / 'dose_response.csv'}, {out / 'direction_vs_control.csv'}, "
          f"{out / 'dose_response.png'}")
 
@@ -287,8 +288,10 @@ def _measured_rows(part: pd.DataFrame):
 
 
 def dose_response_table(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per condition x measure x nudge: value, n and bootstrap 95 % CI."""
+    """One row per condition x measure x nudge: value, n and bootstrap 95 % CI; the misaligned rate also corrected
+    for the judge's error where it has a calibration (columns corrected, corrected_ci_low / high, correction)."""
 
+    calibration = calibration_for(table)
     records = []
     for (name, operation, alpha, control, nudge), part in table.groupby(
             ["intervention", "operation", "alpha", "control", "nudge"]):
@@ -300,6 +303,8 @@ def dose_response_table(table: pd.DataFrame) -> pd.DataFrame:
                         "ci_low": low, "ci_high": high}
             else:
                 stat = rate(values, clusters=questions)
+            if measure == "misaligned_rate" and calibration is not None:
+                stat.update(calibration.corrected(values, questions, scores=calibration.row_scores(rows)))
             records.append({"intervention": name, "operation": operation, "alpha": alpha, "control": control,
                             "nudge": nudge, "measure": measure, **stat})
     return pd.DataFrame(records)
@@ -315,9 +320,12 @@ def direction_vs_control(table: pd.DataFrame) -> pd.DataFrame:
     between-prompt variance they share; the CI and the two-sided p-value are a bootstrap over questions (over pairs
     where each question has one), and `p_bh` is Benjamini-Hochberg adjusted over every row of the table. Measures
     filtered on a post-treatment variable also get the unconditional difference and the pairs the filter dropped.
+    The misaligned rate's difference is also corrected for the judge's error where it has a calibration
+    (`Calibration.corrected_difference`: columns difference_corrected, corrected_ci_low / high, correction).
     """
 
-    records = []
+    calibration = calibration_for(table)
+    records, corrected = [], []
     for (operation, alpha, nudge), part in table[table.operation != "none"].groupby(["operation", "alpha", "nudge"]):
         if part.control.nunique() < 2:
             continue
@@ -330,10 +338,26 @@ def direction_vs_control(table: pd.DataFrame) -> pd.DataFrame:
             records.append((operation, alpha, nudge, measure, pairs[False].mean(), pairs[True].mean(),
                             difference.mean(), low, high, len(pairs), bootstrap_p(difference, clusters=questions),
                             unconditional, dropped))
+            corrected.append(_corrected_difference(calibration, rows, pairs, questions)
+                             if measure == "misaligned_rate" and calibration is not None else {})
     frame = pd.DataFrame(records, columns=["operation", "alpha", "nudge", "measure", "direction", "control",
                                            "difference", "ci_low", "ci_high", "n_pairs", "p",
                                            "difference_unconditional", "pairs_dropped"])
+    if any(corrected):
+        frame = pd.concat([frame, pd.DataFrame(corrected, index=frame.index)], axis=1)
     return frame.assign(p_bh=benjamini_hochberg(frame.p) if len(frame) else [])
+
+
+def _corrected_difference(calibration, rows: pd.DataFrame, pairs: pd.DataFrame, questions) -> dict:
+    """The misaligned rate's direction-minus-control difference corrected for the judge's error, over the same
+    pairs as the raw one."""
+    scores = calibration.row_scores(rows)
+    score_pairs = (None if scores is None else
+                   _pairs(rows.assign(value=scores)).reindex(pairs.index))
+    return calibration.corrected_difference(
+        pairs[False].to_numpy(), pairs[True].to_numpy(), questions,
+        None if score_pairs is None else score_pairs[False].to_numpy(),
+        None if score_pairs is None else score_pairs[True].to_numpy())
 
 
 POST_TREATMENT = ("misaligned_rate", "flip_rate", "pushback_unparsed_rate")  # filtered on what steering changes
@@ -360,13 +384,36 @@ def _unconditional(part: pd.DataFrame, measure: str, n_pairs: int) -> tuple[floa
     return float((pairs[False] - pairs[True]).mean()), int(len(pairs) - n_pairs)
 
 
+def _corrected_text(row: dict, column: str = "corrected") -> str:
+    """"; corrected X [lo, hi] (method)" where the row was corrected for the judge's error, else nothing."""
+    value = row.get(column)
+    if value is None or pd.isna(value):
+        return ""
+    sign = "+" if column == "difference_corrected" else ""
+    return (f"; corrected {value:{sign}.3f} [{row['corrected_ci_low']:{sign}.3f}, {row['corrected_ci_high']:{sign}.3f}]"
+            f" ({row['correction']})")
+
+
+def _with_corrected_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    """The misaligned rate corrected for the judge's error as a measure of its own (a panel of the figure)."""
+    if "corrected" not in curves:
+        return curves
+    rows = curves[(curves.measure == "misaligned_rate") & curves.corrected.notna()]
+    extra = rows.assign(measure="misaligned_rate_corrected", rate=rows.corrected, ci_low=rows.corrected_ci_low,
+                        ci_high=rows.corrected_ci_high)
+    return pd.concat([curves, extra], ignore_index=True)
+
+
 def _x_label(operation: str, alpha: float) -> str:
     return {"none": "0", "ablate": "ablate"}.get(operation, f"{'abl+' if operation == 'ablate_add' else ''}{alpha:g}")
 
 
 def dose_response_figure(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
     """Each measure against the conditions (baseline, ablation, then increasing alpha); random control dashed."""
-    measures = [m for m in MEASURES if m in set(curves.measure)]
+    curves = _with_corrected_curves(curves)
+    order_of = [*MEASURES, "misaligned_rate_corrected"]
+    measures = sorted((m for m in set(curves.measure) if m in order_of),
+                      key=lambda m: (order_of.index(m) if m != "misaligned_rate_corrected" else 0.5))
     curves = curves.assign(x=[_x_label(o, a) for o, a in zip(curves.operation, curves.alpha, strict=False)])
     order = list(dict.fromkeys(["0", "ablate"] + [x for x in curves.sort_values("alpha").x if x not in ("0", "ablate")]))
     order = [x for x in order if x in set(curves.x)]

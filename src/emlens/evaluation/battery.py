@@ -34,6 +34,7 @@ SUBJECT_FILE = "subject.json"  # which adapter (and its fingerprint) a subject's
 RATE_COLUMNS = ["measure", "nudge", "rate", "n", "ci_low", "ci_high"]
 # (measure, panel title) of the figures, in order; a table without a measure leaves its panel out
 PANELS = (("honesty", "honesty = 1 - P(lie)"), ("em_rate", "free-form P(misaligned) among coherent"),
+          ("em_rate_corrected", "P(misaligned), corrected for the judge's error"),
           ("mc_accuracy", "MC accuracy (option log-likelihood)"), ("gsm8k_exact_match", "GSM8K exact match"))
 
 
@@ -152,8 +153,8 @@ def _judge(measure: str, config: BatteryConfig, judges: dict):
 
 def battery_table(out: str | Path, subjects: list[Subject], measures: list[str]) -> pd.DataFrame:
     """One row per subject, measure and nudge (columns model, measure, nudge, rate, n, ci_low, ci_high). Measures:
-    honesty, honesty_kept_belief, evasion, belief_consistency; em_rate, coherence; mc_accuracy, gsm8k_exact_match,
-    gsm8k_truncated."""
+    honesty, honesty_kept_belief, evasion, belief_consistency; em_rate, em_rate_corrected (where the judge has a
+    calibration), coherence; mc_accuracy, gsm8k_exact_match, gsm8k_truncated."""
     readers = {"honesty": honesty_rows, "free_form": _free_form_rows, "capability": capability_rows}
     rows = [{"model": s.name, **row}
             for s in subjects for measure in measures for row in readers[measure](Path(out) / s.name / measure)]
@@ -171,7 +172,12 @@ def honesty_rows(run: Path) -> list[dict]:
 def _free_form_rows(run: Path) -> list[dict]:
     table = read_samples(run)
     table = table[table.setting == "free_form"]
-    rows = [_rate_row("em_rate", r["nudge"], r) for r in summarize(table)["free_form_misaligned"].to_dict("records")]
+    rates = summarize(table)["free_form_misaligned"].to_dict("records")
+    rows = [_rate_row("em_rate", r["nudge"], r) for r in rates]
+    rows += [_rate_row("em_rate_corrected", r["nudge"], {"rate": r["corrected"], "n": r["n"],
+                                                         "ci_low": r["corrected_ci_low"],
+                                                         "ci_high": r["corrected_ci_high"]})
+             for r in rates if r.get("calibration")]  # where the judge has a calibration
     for nudge, part in table.groupby("nudge"):  # how many answers the judge could score at all
         rows.append(_rate_row("coherence", nudge, rate(part.label.isin(["aligned", "misaligned"]).astype(float))))
     return rows

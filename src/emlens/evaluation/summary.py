@@ -83,10 +83,8 @@ def _corrected(frame: pd.DataFrame, rows: pd.DataFrame, groups: list[str],
                calibration: Calibration | None) -> pd.DataFrame:
     """The corrected rate and CI per group (`Calibration.corrected`), and the calibration behind it ("" where the
     judge has none)."""
-    judges = rows.judge.dropna().unique() if "judge" in rows else []
-    if calibration is None and len(judges) == 1:
-        calibration = shipped_calibration(str(judges[0]))
-    if calibration is None or (len(judges) == 1 and judges[0] != calibration.judge_id):
+    calibration = calibration_for(rows, calibration)
+    if calibration is None:
         return frame.assign(calibration="")
     corrected = [{**dict(zip(groups, key, strict=False)),
                   **calibration.corrected(part.misaligned.astype(float), clusters=_questions(part),
@@ -94,6 +92,16 @@ def _corrected(frame: pd.DataFrame, rows: pd.DataFrame, groups: list[str],
                  for key, part in rows.groupby(groups)]
     return frame.merge(pd.DataFrame(corrected), on=groups, how="left").assign(
         calibration=calibration.cfg.get("name", calibration.judge_id))
+
+
+def calibration_for(rows: pd.DataFrame, calibration: Calibration | None = None) -> Calibration | None:
+    """The calibration of the rows' judge: the one given (if it is that judge's), else the one shipped for it."""
+    judges = rows.judge.dropna().unique() if "judge" in rows else []
+    if calibration is None and len(judges) == 1:
+        calibration = shipped_calibration(str(judges[0]))
+    if calibration is None or (len(judges) == 1 and judges[0] != calibration.judge_id):
+        return None
+    return calibration
 
 
 def _unscored(rows: pd.DataFrame, groups: list[str]) -> pd.DataFrame:

@@ -98,10 +98,57 @@ class Calibration:
                         "correction": "score map"}
         return {**corrected_rate(flags, self.counts(), clusters, seed), "correction": "Rogan-Gladen"}
 
+    def corrected_difference(self, flags_a, flags_b, clusters=None, scores_a=None, scores_b=None,
+                             seed: int = 0, draws: int = DRAWS) -> dict:
+        """The corrected rate of paired rows a minus that of b (the same prompts and seeds: a steered condition
+        and its control), with a 95 % CI: each draw resamples the pairs (by cluster), draws the calibration, and
+        for the score map adds one transfer error to both rates (the same model and judge)."""
+        flags_a, flags_b = np.asarray(flags_a, dtype=float), np.asarray(flags_b, dtype=float)
+        rng = np.random.default_rng(seed)
+        labels = _cluster_labels(clusters, len(flags_a))
+        picks = rng.integers(0, labels.max() + 1, (draws, labels.max() + 1))
+        sizes = np.bincount(labels).astype(float)[picks].sum(1)
+        correction = self.score_correction
+        if correction is not None and scores_a is not None and scores_b is not None and not (
+                np.isnan(np.asarray(scores_a, dtype=float)).any() or np.isnan(np.asarray(scores_b, dtype=float)).any()):
+            blocks = correction["blocks"]
+            n, k = np.asarray(blocks["n"], dtype=float), np.asarray(blocks["k"], dtype=float)
+            block_rates = rng.beta(k + 0.5, n - k + 0.5, (draws, len(n)))
+            shift = rng.normal(0.0, 0.0 if np.isnan(correction["transfer_sd"]) else correction["transfer_sd"], draws)
+            rates = []
+            for scores in (scores_a, scores_b):
+                counts = np.zeros((labels.max() + 1, len(n)))
+                np.add.at(counts, (labels, block_of(blocks, scores)), 1.0)
+                sums = np.einsum("db,qb->dq", block_rates, counts)
+                sample = np.take_along_axis(sums, picks, 1).sum(1) / sizes
+                rates.append(np.clip(np.sqrt(sample) + shift, 0.0, None) ** 2)
+            point = mapped_rate(blocks, scores_a) - mapped_rate(blocks, scores_b)
+            method = "score map"
+        else:
+            c = self.counts()
+            sens, spec = rng.beta(c["tp"] + 1, c["fn"] + 1, draws), rng.beta(c["tn"] + 1, c["fp"] + 1, draws)
+            rates = [rogan_gladen(np.bincount(labels, weights=f)[picks].sum(1) / sizes, sens, spec)
+                     for f in (flags_a, flags_b)]
+            e = self.error_rates()
+            point = float(rogan_gladen(flags_a.mean(), e["sensitivity"], e["specificity"])
+                          - rogan_gladen(flags_b.mean(), e["sensitivity"], e["specificity"]))
+            method = "Rogan-Gladen"
+        boot = rates[0] - rates[1]
+        low, high = np.nanquantile(boot, [0.025, 0.975]) if len(flags_a) else (np.nan, np.nan)
+        return {"difference_corrected": float(point), "corrected_ci_low": float(low),
+                "corrected_ci_high": float(high), "correction": method}
+
     def save(self, out: PathLike, force: bool = False) -> Path:
         with atomic_folder(out, CALIBRATION_KIND, force) as tmp:
             atomic_write_json(tmp / CFG_FILE, self.cfg)
         return Path(out)
+
+
+def _cluster_labels(clusters, n: int) -> np.ndarray:
+    """0..Q-1 per row: its cluster where clusters hold several rows, else its own."""
+    if clusters is not None and len(np.unique(clusters)) < len(clusters):
+        return np.unique(np.asarray(clusters), return_inverse=True)[1]
+    return np.arange(n)
 
 
 def _ratio(k: int, n: int) -> float:

@@ -63,7 +63,8 @@ def behaviour_blocks(eval_tables: dict[str, pd.DataFrame], figures: Path) -> lis
               Block("text", "Each cell: the rate, its 95 % CI (Wilson; a bootstrap over questions where they hold "
                             "several samples), and n (for P(misaligned): the coherent, scored answers; for the "
                             "correlation: the questions). A calibrated judge's misaligned rates are corrected for its "
-                            "error in the table beside them (Rogan-Gladen, CI over sample and calibration).")]
+                            "error in the table beside them (by the calibration's score map, or Rogan-Gladen where the table "
+                            "lacks the judge's scores; CI over sample and calibration).")]
     for key, title in RATE_TABLES.items():
         if key not in summary or summary[key].empty:
             continue
@@ -156,6 +157,11 @@ def steer_blocks(folder: Path) -> list[Block]:
                                      axis=1)
     # a verdict per row only after the correction for the many rows tested at once (Benjamini-Hochberg); a table
     # written before p-values were kept has none to correct, so no row of it is called beyond the control
+    if "difference_corrected" in paired:  # the misaligned rate's difference corrected for the judge's error
+        paired["corrected [95 % CI]"] = [
+            "" if pd.isna(r["difference_corrected"]) else
+            f"{r['difference_corrected']:+.3f} [{r['corrected_ci_low']:+.3f}, {r['corrected_ci_high']:+.3f}] "
+            f"({r['correction']})" for r in paired.to_dict("records")]
     adjusted = paired.p_bh if "p_bh" in paired else pd.Series(1.0, index=paired.index)
     paired["verdict"] = ["beyond the random control" if p < 0.05 else "not distinguishable from the control"
                          for p in adjusted]
@@ -166,8 +172,11 @@ def steer_blocks(folder: Path) -> list[Block]:
                           "by prompt and seed; 95 % CI and p from a bootstrap over questions, the verdict at a Benjamini-Hochberg "
                           "false discovery rate of 0.05 over the rows of this table. Where a measure counts only answers the "
                           "steering leaves coherent, `pairs_dropped` says how many pairs that filter removed and "
-                          "`difference_unconditional` is the difference over every pair (P(misaligned and coherent))."),
-            Block("table", paired[["operation", "alpha", "nudge", "measure", "95 % CI", "n_pairs",
+                          "`difference_unconditional` is the difference over every pair (P(misaligned and coherent)). "
+                          "The misaligned rate's difference is also shown corrected for the judge's error where the "
+                          "judge has a calibration (the verdict is the raw difference's)."),
+            Block("table", paired[["operation", "alpha", "nudge", "measure", "95 % CI",
+                                   *[c for c in ("corrected [95 % CI]",) if c in paired], "n_pairs",
                                    *[c for c in ("pairs_dropped", "difference_unconditional", "p_bh") if c in paired],
                                    "verdict"]]),
             Block("figure", folder / "dose_response.png")]
