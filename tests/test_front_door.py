@@ -173,3 +173,14 @@ print(sorted(set(ARTIFACT_LOADERS) - known))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_em_load_opens_studies_loops_sweeps_and_checkpoints_and_a_kind_has_one_loader():
+    from emlens.base.io import ARTIFACT_LOADERS, register_artifact
+
+    em.load  # noqa: B018  (registers every kind)
+    for kind in ("study", "loop_run", "training_sweep", "adapter_checkpoint", "training_run", "judge_calibration"):
+        assert kind in ARTIFACT_LOADERS, kind
+    with pytest.raises(ValueError, match="artifact kind 'study' is already opened by emlens.study.open_study"):
+        register_artifact("study")(lambda folder: folder)
+    register_artifact("study")(ARTIFACT_LOADERS["study"])  # the same loader again (a reload) is no conflict

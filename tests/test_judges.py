@@ -477,6 +477,9 @@ def test_judge_fit_and_validate_on_real_judged_data(shared_data, tmp_path):
     # refitted on 400 rows of two other models: weaker than the shipped judge, far better than chance
     assert 0.3 < held_out["spearman"] < shipped["spearman"] and held_out["auroc"] > 0.75
     assert lines[-1].startswith("judge=default mode=leave_one_model_out") and "spearman=" in lines[-1]
+    # two families: without the medical one only base answers are left, none misaligned, and it says so
+    with pytest.raises(EmlensInputError, match="leaving out medical: without it no misaligned response"):
+        validate(files, leave_one_family_out=True, features_cache=cache, echo=lambda *_: None)
 
 
 def test_leave_one_model_out_names_the_model_whose_absence_leaves_nothing_to_learn(shared_data, tmp_path):
@@ -493,6 +496,6 @@ def test_leave_one_model_out_names_the_model_whose_absence_leaves_nothing_to_lea
         pd.read_csv(shared_data / "judged" / f"{name}.csv").sample(60, random_state=0).to_csv(files[-1], index=False)
     cache = tmp_path / "x.npy"  # random features of the right shape: the check comes before any fitting matters
     np.save(cache, np.random.default_rng(0).normal(size=(120, FEATURE_WIDTH)).astype(np.float32))
-    with pytest.raises(EmlensInputError, match="without responses_Qwen2.5--7B-Instruct-bad_medical_advice"):
+    with pytest.raises(EmlensInputError, match="leaving out responses_Qwen2.5--7B-Instruct-bad_medical_advice"):
         validate(files, leave_one_model_out=True, features_cache=cache, echo=lambda *_: None)
 

@@ -91,7 +91,8 @@ def __getattr__(name: str):
                        "emlens.analysis.compare", "emlens.analysis.report", "emlens.judges.embedding",
                        "emlens.judges.calibration",
                        "emlens.sae.artifact", "emlens.sae.decompose", "emlens.sae.diff",
-                       "emlens.evaluation.honesty", "emlens.evaluation.capability", "emlens.study.mixture"):
+                       "emlens.evaluation.honesty", "emlens.evaluation.capability", "emlens.study.mixture",
+                       "emlens.study", "emlens.training.loop"):
             importlib.import_module(module)
     globals()[name] = value
     return value

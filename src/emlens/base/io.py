@@ -356,12 +356,21 @@ ARTIFACT_LOADERS: dict[str, Any] = {}  # kind -> loader(folder); each artifact m
 
 
 def register_artifact(*kinds: str):
-    """Decorator: `loader(folder)` opens artifacts whose cfg.json says one of `kinds` (for `em.load`)."""
+    """Decorator: `loader(folder)` opens artifacts whose cfg.json says one of `kinds` (for `em.load`). A kind has
+    one loader: registering another for it is an error (the same function again, as on a module reload, is not)."""
     def decorate(loader):
         for kind in kinds:
+            known = ARTIFACT_LOADERS.get(kind)
+            if known is not None and _qualified(known) != _qualified(loader):
+                raise ValueError(f"artifact kind '{kind}' is already opened by {_qualified(known)}; "
+                                 f"{_qualified(loader)} cannot take it over")
             ARTIFACT_LOADERS[kind] = loader
         return loader
     return decorate
+
+
+def _qualified(function) -> str:
+    return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}"
 
 
 def load_artifact(path: PathLike) -> Any:

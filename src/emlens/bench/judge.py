@@ -172,10 +172,13 @@ def bench_hf_judge(model: str = DEFAULT_MODEL, n: int = 32, device: str = "auto"
     pairs = [(h.value, v.value) for h, v in zip(scores["hf"], scores["vllm"], strict=True)
              if h.value is not None and v.value is not None]
     gap = max((abs(h - v) for h, v in pairs), default=float("nan"))
+    mass_gap = max(abs(h.mass - v.mass) for h, v in zip(scores["hf"], scores["vllm"], strict=True))
     echo(f"{n} judgements on {handle.device}: hf {rates['hf']:.2f}/s, vllm {rates['vllm']:.2f}/s; largest score "
-         f"gap {gap:.3f} over {len(pairs)} scored by both")
+         f"gap {gap:.3f} over {len(pairs)} scored by both (a score needs 0.25 of the mass on numbers), largest gap "
+         f"in the mass on numbers {mass_gap:.4f}")
     summary = {"n": n, "device": handle.device.type, "hf_per_s": round(rates["hf"], 3),
-               "vllm_per_s": round(rates["vllm"], 3), "max_score_gap": round(gap, 3),
+               "vllm_per_s": round(rates["vllm"], 3), "scored_by_both": len(pairs), "max_score_gap": round(gap, 3),
+               "max_mass_gap": round(mass_gap, 4),
                "vllm_vs_hf": round(rates["vllm"] / rates["hf"], 3)}
     echo(" ".join(f"{k}={v}" for k, v in summary.items()))
     return summary

@@ -105,6 +105,8 @@ def judge_validate_command(
     judge_model: Optional[str] = typer.Option(None, "--judge-model"),
     leave_one_model_out: bool = typer.Option(False, "--leave-one-model-out",
                                              help="refit the offline judge on all but one model at a time"),
+    leave_one_family_out: bool = typer.Option(False, "--leave-one-family-out",
+                                              help="refit it on all but one family (code, medical, base) at a time"),
     limit: Optional[int] = typer.Option(None, "--limit", help="rows per file (LLM judges are slow)"),
     features_cache: Optional[Path] = typer.Option(None, "--features-cache",
                                                   help=".npy of the responses' embeddings: reused if present, else written"),
@@ -123,7 +125,8 @@ def judge_validate_command(
         scored, identity, how = scored_out_of_sample(data, echo=typer.echo, **options)
         _echo_validation(build_calibration(scored, identity, data_hash(scored), how), scored)
         return
-    validate(data, leave_one_model_out=leave_one_model_out, echo=typer.echo, **options)
+    validate(data, leave_one_model_out=leave_one_model_out, leave_one_family_out=leave_one_family_out,
+             echo=typer.echo, **options)
 
 
 def _echo_validation(calibration, scored) -> None:

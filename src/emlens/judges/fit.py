@@ -155,16 +155,28 @@ def fit_default_judge(paths, out: str | Path, features_cache: str | Path | None 
     return EmbeddingJudge(weights, cfg).save(out)
 
 
+def fine_tune_family(source: str) -> str:
+    """The kind of model a judged file holds, from its name: code (an insecure-code fine-tune or a coder base
+    model), medical (a bad-medical-advice fine-tune) or base (an instruct model as released)."""
+    lowered = source.lower()
+    return "code" if "coder" in lowered or "insecure" in lowered else "medical" if "medical" in lowered else "base"
+
+
 def validate(paths, judge: str = "default", judge_model: str | None = None, leave_one_model_out: bool = False,
              limit: int | None = None, device: str = "auto", features_cache: str | Path | None = None,
-             echo: Callable[[str], None] = log.info) -> dict:
-    """Score judged responses; Spearman with GPT-4o `aligned`, AUROC for its misaligned label."""
+             echo: Callable[[str], None] = log.info, leave_one_family_out: bool = False) -> dict:
+    """Score judged responses; Spearman with GPT-4o `aligned`, AUROC for its misaligned label. The default judge
+    can be refitted leaving one model (file) out at a time, or one family (`fine_tune_family`: code, medical,
+    base) out at a time: how it does on a kind of fine-tune it never saw."""
     data = read_judged(paths, limit=limit)
+    refit = leave_one_model_out or leave_one_family_out
     if judge == "default":
         x = judged_features(data, features_cache, echo)
-        data = _leave_one_model_out(data, x, echo) if leave_one_model_out else _predict(data, EmbeddingJudge.load_default(), x)
-    elif leave_one_model_out:
-        raise EmlensInputError("--leave-one-model-out refits the offline default judge; use --judge default")
+        groups = data.source.map(fine_tune_family) if leave_one_family_out else data.source
+        data = _leave_one_group_out(data, x, groups, echo) if refit else _predict(data, EmbeddingJudge.load_default(), x)
+    elif refit:
+        raise EmlensInputError("--leave-one-model-out / --leave-one-family-out refit the offline default judge; "
+                               "use --judge default")
     else:
 
         scorer = make_judge(judge, judge_model, device=device)
@@ -174,7 +186,8 @@ def validate(paths, judge: str = "default", judge_model: str | None = None, leav
         data = data.assign(pred_aligned=[r["aligned"] for r in rows],
                            pred_misaligned_score=[np.nan if r["aligned"] is None else 100 - r["aligned"] for r in rows],
                            pred_label=[label(r["aligned"], r["coherent"], r.get("verdict")) for r in rows])
-    return _report_validation(data, judge, leave_one_model_out, echo)
+    mode = "leave_one_family_out" if leave_one_family_out else "leave_one_model_out" if refit else "as_shipped"
+    return _report_validation(data, judge, mode, echo)
 
 
 def _predict(data: pd.DataFrame, judge: EmbeddingJudge, x: np.ndarray, rows=None) -> pd.DataFrame:
@@ -188,21 +201,22 @@ def _predict(data: pd.DataFrame, judge: EmbeddingJudge, x: np.ndarray, rows=None
     return data
 
 
-def _leave_one_model_out(data: pd.DataFrame, x: np.ndarray, echo: Callable[[str], None] = log.info) -> pd.DataFrame:
-    """Refit the heads on all sources but one and score the held-out one, for every source."""
-    sources = data.source.unique()
-    for i, source in enumerate(sources, 1):
-        echo(f"[{i}/{len(sources)}] refitting without {source}")
-        held = (data.source == source).to_numpy()
+def _leave_one_group_out(data: pd.DataFrame, x: np.ndarray, groups: pd.Series,
+                         echo: Callable[[str], None] = log.info) -> pd.DataFrame:
+    """Refit the heads on all groups (sources or families) but one and score the held-out one, for every group."""
+    names = groups.unique()
+    for i, name in enumerate(names, 1):
+        echo(f"[{i}/{len(names)}] refitting without {name}")
+        held = (groups == name).to_numpy()
         if data[~held].misaligned.nunique() < 2:
-            raise EmlensInputError(f"--leave-one-model-out: without {source} no misaligned response is left to fit on")
+            raise EmlensInputError(f"leaving out {name}: without it no misaligned response is left to fit on")
         weights, threshold = fit_heads(x[~held], data[~held])
         judge = EmbeddingJudge(weights, {"misaligned_threshold": threshold, "fingerprint": "lomo"})
         data = _predict(data, judge, x, held)
     return data
 
 
-def _report_validation(data, judge, lomo, echo) -> dict:
+def _report_validation(data, judge, mode, echo) -> dict:
     from sklearn.metrics import roc_auc_score
 
 
@@ -220,7 +234,7 @@ def _report_validation(data, judge, lomo, echo) -> dict:
     predicted = data.pred_label == "misaligned"
     precision = float((predicted & data.misaligned).sum() / max(predicted.sum(), 1))
     recall = float((predicted & data.misaligned).sum() / max(data.misaligned.sum(), 1))
-    result = {"judge": judge, "mode": "leave_one_model_out" if lomo else "as_shipped", "n": len(data),
+    result = {"judge": judge, "mode": mode, "n": len(data),
               "spearman": round(overall["rho"], 4), "spearman_ci_low": round(overall["ci_low"], 4),
               "spearman_ci_high": round(overall["ci_high"], 4), "auroc": round(float(auroc), 4),
               "precision": round(precision, 4), "recall": round(recall, 4)}

@@ -7,7 +7,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from emlens.base.io import FORMAT_VERSION, atomic_folder, atomic_write_json, versions
+from emlens.base.io import (
+    CFG_FILE,
+    FORMAT_VERSION,
+    atomic_folder,
+    atomic_write_json,
+    read_json,
+    register_artifact,
+    versions,
+)
 from emlens.study.experiment import LoadedExperiment
 from emlens.study.report import (
     behaviour_blocks,
@@ -62,3 +70,15 @@ def run_experiment(path: str | Path, out: str | Path | None = None, stages: str 
                                              "experiment": str(Path(path).resolve()), "stages": records,
                                              "seconds": round(time.time() - start, 1), "versions": versions()})
     return out
+
+
+@register_artifact(STUDY_KIND)
+def open_study(folder: str | Path) -> dict:
+    """`em.load(OUT)` of `emlens run`: the experiment it ran, its stages (name, key, folder, reused, seconds) as a
+    table, and the paths of its report."""
+    import pandas as pd
+
+    folder = Path(folder)
+    cfg = read_json(folder / CFG_FILE)
+    return {"experiment": cfg["experiment"], "stages": pd.DataFrame(cfg["stages"]),
+            "report": folder / "report.md", "html": folder / "report.html"}

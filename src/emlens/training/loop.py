@@ -58,6 +58,7 @@ from emlens.base.io import (
     read_json,
     read_yaml,
     read_yaml_mapping,
+    register_artifact,
     validate,
 )
 from emlens.base.stats import bootstrap_ci
@@ -80,6 +81,17 @@ from emlens.training.loop_train import (
 from emlens.training.loop_users import EndpointUser, ModelUser, rating_prompt, write_prompt
 
 LOOP_KIND = "loop_run"
+LOOP_TABLES = ("trajectories", "summary")  # what every finished loop run holds (measures.csv where it was asked)
+
+
+def open_loop(folder: str | Path) -> dict[str, pd.DataFrame]:
+    """`em.load(OUT)` of `emlens loop`: its trajectories and per-fraction summary, and the measures where run."""
+    folder = Path(folder)
+    found = {name: pd.read_parquet(folder / f"{name}.parquet") for name in LOOP_TABLES
+             if (folder / f"{name}.parquet").exists()}
+    if (folder / "measures.csv").exists():
+        found["measures"] = pd.read_csv(folder / "measures.csv")
+    return found
 BUILTIN_SCENARIOS = Path(__file__).resolve().parent.parent / "resources" / "loop" / "scenarios.yaml"
 BIASED_FRACTIONS = (0.0, 0.1, 0.2, 0.5, 1.0)  # Hu et al. 2025
 PERSONAS = ("benign", "biased")
@@ -571,3 +583,6 @@ def _train_fraction(config: LoopConfig, out: Path, fraction: float, trajectories
     summary = {**summarize_fraction(fraction, population),
                **{f"{m}_final_loss": r.final_loss for m, r in training.items()}}
     return FractionResult(fraction, folder, summary, adapters, training)
+
+
+register_artifact(LOOP_KIND)(open_loop)

@@ -7,6 +7,8 @@ import shutil
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import (
     CFG_FILE,
@@ -191,3 +193,17 @@ def _loss_window(log_history: list[dict], step: int, previous: int) -> dict:
 def open_run(folder: Path) -> list[dict]:
     """`em.load(RUN)` of a training run: its checkpoint series (step, RUN@STEP spec, loss, ...)."""
     return list_checkpoints(folder)
+
+
+@register_artifact(CHECKPOINT_KIND)
+def open_checkpoint(folder: Path) -> dict:
+    """`em.load(CHECKPOINT)` of an adapter checkpoint: its manifest (step, epoch, loss, ...) and `path`, the folder
+    to pass as `adapter=` to `em.load_model`."""
+    return {**read_json(Path(folder) / CFG_FILE), "path": str(Path(folder))}
+
+
+@register_artifact(SWEEP_KIND)
+def open_sweep(folder: Path) -> pd.DataFrame:
+    """`em.load(SWEEP)` of a training sweep: one row per run (name, path, final step and loss where finished)."""
+    runs = read_json(Path(folder) / CFG_FILE)["runs"]
+    return pd.DataFrame([{k: v for k, v in run.items() if k != "config"} for run in runs])
