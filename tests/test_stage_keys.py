@@ -150,3 +150,23 @@ def test_the_resolved_engine_is_part_of_the_key(study):
         steer = {**spec["steer"], "eval": {**spec["steer"]["eval"], "engine": "vllm"}}  # its own engine: its key
         write_yaml(study / "keys.yaml", {**spec, "steer": steer})
         assert changed(keys, stage_keys(study)) == {"steer:refusal@base"}
+
+
+def test_an_experiments_eval_files_are_read_beside_it_from_any_folder(study, tmp_path, monkeypatch):
+    """Relative eval question files resolve against the experiment file (as its honesty and capability files do),
+    not the folder it is run from; bundled set names stay names."""
+    from emlens.study.experiment import LoadedExperiment
+
+    spec = yaml.safe_load((study / "keys.yaml").read_text())
+    relative = {**spec["eval"], "refusal": {**spec["eval"]["refusal"], "harmful": ["eval_harmful.json"],
+                                            "harmless": ["eval_harmless.json"]},
+                "free_form": {"questions": "first_plot"}}
+    write_yaml(study / "keys.yaml", {**spec, "eval": relative, "steer": {**spec["steer"], "eval": relative}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = LoadedExperiment(study / "keys.yaml")
+    for section in (loaded.spec.eval, loaded.spec.steer.eval):
+        assert section.refusal.harmful == [str(study.resolve() / "eval_harmful.json")]
+        assert section.free_form.questions == "first_plot"
+        assert section.input_files()["refusal.harmful.0"].read_bytes() == (study / "eval_harmful.json").read_bytes()

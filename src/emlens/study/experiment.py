@@ -163,7 +163,30 @@ class LoadedExperiment:
                       if isinstance(value := getattr(config, name), str) and not Path(value).is_absolute()
                       and (self.base / value).is_file()}
             update[section] = config.model_copy(update=beside)
+        if self.spec.eval is not None:
+            update["eval"] = self._eval_read_beside(self.spec.eval)
+        if self.spec.steer is not None and getattr(self.spec.steer, "eval", None) is not None:
+            update["steer"] = self.spec.steer.model_copy(update={"eval": self._eval_read_beside(self.spec.steer.eval)})
         self.spec = self.spec.model_copy(update=update)
+
+    def _eval_read_beside(self, config):
+        """An eval section's question files and nudges file, where they name a file beside the experiment (not a
+        bundled set), as paths to it: so a study reads the same files from whatever folder it is run."""
+        data = config.model_dump()
+        fields = [(data["free_form"], "questions"), (data["factual"], "questions"),
+                  (data["harm_perception"], "questions"), (data["refusal"], "harmful"), (data["refusal"], "harmless"),
+                  (data, "nudges_file")]
+        fields += [(data["deception"], "questions_sets")]
+        for holder, name in fields:
+            holder[name] = self._beside(holder[name])
+        return type(config).model_validate(data)
+
+    def _beside(self, value):
+        if isinstance(value, list):
+            return [self._beside(v) for v in value]
+        if isinstance(value, str) and not Path(value).is_absolute() and (self.base / value).is_file():
+            return str(self.base / value)
+        return value
 
     def _measure_costs(self, capability: CapabilityData | None) -> dict[str, str]:
         costs = {}
