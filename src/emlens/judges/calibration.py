@@ -107,26 +107,20 @@ class Calibration:
         rng = np.random.default_rng(seed)
         labels = _cluster_labels(clusters, len(flags_a))
         picks = rng.integers(0, labels.max() + 1, (draws, labels.max() + 1))
-        sizes = np.bincount(labels).astype(float)[picks].sum(1)
         correction = self.score_correction
         if correction is not None and scores_a is not None and scores_b is not None and not (
                 np.isnan(np.asarray(scores_a, dtype=float)).any() or np.isnan(np.asarray(scores_b, dtype=float)).any()):
             blocks = correction["blocks"]
-            n, k = np.asarray(blocks["n"], dtype=float), np.asarray(blocks["k"], dtype=float)
-            block_rates = rng.beta(k + 0.5, n - k + 0.5, (draws, len(n)))
-            shift = rng.normal(0.0, 0.0 if np.isnan(correction["transfer_sd"]) else correction["transfer_sd"], draws)
-            rates = []
-            for scores in (scores_a, scores_b):
-                counts = np.zeros((labels.max() + 1, len(n)))
-                np.add.at(counts, (labels, block_of(blocks, scores)), 1.0)
-                sums = np.einsum("db,qb->dq", block_rates, counts)
-                sample = np.take_along_axis(sums, picks, 1).sum(1) / sizes
-                rates.append(np.clip(np.sqrt(sample) + shift, 0.0, None) ** 2)
+            block_rates = _block_rate_draws(blocks, rng, draws)
+            shift = rng.normal(0.0, _spread(correction["transfer_sd"]), draws)
+            rates = [np.clip(np.sqrt(_clustered_draws(block_of(blocks, scores), labels, picks, block_rates)) + shift,
+                             0.0, None) ** 2 for scores in (scores_a, scores_b)]
             point = mapped_rate(blocks, scores_a) - mapped_rate(blocks, scores_b)
             method = "score map"
         else:
             c = self.counts()
             sens, spec = rng.beta(c["tp"] + 1, c["fn"] + 1, draws), rng.beta(c["tn"] + 1, c["fp"] + 1, draws)
+            sizes = np.bincount(labels).astype(float)[picks].sum(1)
             rates = [rogan_gladen(np.bincount(labels, weights=f)[picks].sum(1) / sizes, sens, spec)
                      for f in (flags_a, flags_b)]
             e = self.error_rates()
@@ -243,28 +237,40 @@ def transfer_sd(scored: pd.DataFrame) -> float:
     return float(np.sqrt(np.mean(np.square(gaps))))
 
 
+def _block_rate_draws(blocks: dict, rng, draws: int) -> np.ndarray:
+    """(draws x blocks) rates, each block's from Beta(k + 1/2, n - k + 1/2)."""
+    n, k = np.asarray(blocks["n"], dtype=float), np.asarray(blocks["k"], dtype=float)
+    return rng.beta(k + 0.5, n - k + 0.5, (draws, len(n)))
+
+
+def _clustered_draws(index: np.ndarray, labels: np.ndarray, picks: np.ndarray, block_rates: np.ndarray) -> np.ndarray:
+    """The mapped rate under each draw of the block rates, over the clusters `picks` drew: a cluster's sum is its
+    rows per block times the block rates."""
+    counts = np.zeros((labels.max() + 1, block_rates.shape[1]))
+    np.add.at(counts, (labels, index), 1.0)
+    sums = np.einsum("db,qb->dq", block_rates, counts)
+    return np.take_along_axis(sums, picks, 1).sum(1) / counts.sum(1)[picks].sum(1)
+
+
+def _spread(sd: float) -> float:
+    return 0.0 if np.isnan(sd) else sd
+
+
 def score_corrected_rate(scores, blocks: dict, sd: float, clusters=None, seed: int = 0, draws: int = DRAWS) -> dict:
     """The score map's rate and its 95 % CI: each draw takes every block's rate from Beta(k + 1/2, n - k + 1/2),
     resamples the rows (by cluster where clusters hold several rows) and adds a transfer error ~ N(0, sd) on the
     square-root scale."""
-    n, k = np.asarray(blocks["n"], dtype=float), np.asarray(blocks["k"], dtype=float)
     index = block_of(blocks, scores)
     rng = np.random.default_rng(seed)
-    block_rates = rng.beta(k + 0.5, n - k + 0.5, (draws, len(n)))
-    clustered = clusters is not None and len(np.unique(clusters)) < len(clusters)
-    labels = np.unique(clusters, return_inverse=True)[1] if clustered else np.arange(len(index))
-    # rows of each block in each cluster: a cluster's sum under a draw is its counts times the block rates
-    counts = np.zeros((labels.max() + 1, len(n)))
-    np.add.at(counts, (labels, index), 1.0)
-    if clustered:
-        picks = rng.integers(0, len(counts), (draws, len(counts)))
-        sums = np.einsum("db,qb->dq", block_rates, counts)
-        sample = np.take_along_axis(sums, picks, 1).sum(1) / counts.sum(1)[picks].sum(1)
+    block_rates = _block_rate_draws(blocks, rng, draws)
+    if clusters is not None and len(np.unique(clusters)) < len(clusters):
+        labels = _cluster_labels(clusters, len(index))
+        sample = _clustered_draws(index, labels, rng.integers(0, labels.max() + 1, (draws, labels.max() + 1)),
+                                  block_rates)
     else:  # a bootstrap of single rows: multinomial counts per block
-        resampled = rng.multinomial(len(index), counts.sum(0) / len(index), draws)
-        sample = (resampled * block_rates).sum(1) / len(index)
-    spread = 0.0 if np.isnan(sd) else sd
-    boot = np.clip(np.sqrt(sample) + rng.normal(0.0, spread, draws), 0.0, None) ** 2
+        shares = np.bincount(index, minlength=block_rates.shape[1]) / len(index)
+        sample = (rng.multinomial(len(index), shares, draws) * block_rates).sum(1) / len(index)
+    boot = np.clip(np.sqrt(sample) + rng.normal(0.0, _spread(sd), draws), 0.0, None) ** 2
     low, high = np.quantile(boot, [0.025, 0.975])
     return {"corrected": mapped_rate(blocks, scores), "corrected_ci_low": float(low), "corrected_ci_high": float(high)}
 
