@@ -411,9 +411,8 @@ def _x_label(operation: str, alpha: float) -> str:
 def dose_response_figure(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
     """Each measure against the conditions (baseline, ablation, then increasing alpha); random control dashed."""
     curves = _with_corrected_curves(curves)
-    order_of = [*MEASURES, "misaligned_rate_corrected"]
-    measures = sorted((m for m in set(curves.measure) if m in order_of),
-                      key=lambda m: (order_of.index(m) if m != "misaligned_rate_corrected" else 0.5))
+    panels = [m for name in MEASURES for m in (name, f"{name}_corrected")]  # a corrected panel beside its raw one
+    measures = [m for m in panels if m in set(curves.measure)]
     curves = curves.assign(x=[_x_label(o, a) for o, a in zip(curves.operation, curves.alpha, strict=False)])
     order = list(dict.fromkeys(["0", "ablate"] + [x for x in curves.sort_values("alpha").x if x not in ("0", "ablate")]))
     order = [x for x in order if x in set(curves.x)]
