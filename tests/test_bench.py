@@ -16,6 +16,7 @@ TINY = {
     "capability": (["--model", "{model}", "--questions", 4, "--batch-size", 4, "--repeats", 1, "--device", "cpu"],
                    "vs_generate"),
     "judge": (["--n", 2, "--concurrency", 2], "concurrent_vs_serial"),
+    "hf-judge": (["--n", 1], "vllm_vs_hf"),  # the embedded model: vLLM's CPU attention needs head_dim >= 32
     "loop": (["--model", "{model}", "--steps", 2, "--batch-size", 2, "--max-length", 256, "--repeats", 1, "--rank", 2],
              "vs_trl"),
     "extract": (["--model", "{model}", "--prompts", 2, "--tokens", 8, "--batch-size", 2, "--repeats", 1,
@@ -40,6 +41,8 @@ def test_every_bench_subcommand_is_covered_here():
 def test_bench_ends_with_its_ratio_as_key_value_pairs(name, tiny_model_dir, tmp_path, capsys):
     if name == "judge" and importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python[server] is not installed (the judge bench starts llama.cpp's server)")
+    if name == "hf-judge" and importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (the hf-judge bench runs the judge on both engines)")
     from tests.test_train import chat, write_jsonl
 
     data = write_jsonl(tmp_path / "chats.jsonl", [chat(f"Write a function {i}", "def f(): pass") for i in range(8)])
