@@ -105,6 +105,35 @@ def test_chat_jsonl_round_trip_is_atomic(tmp_path):
     assert file_sha256(path) == __import__("hashlib").sha256(path.read_bytes()).hexdigest()
 
 
+def test_a_figure_is_saved_atomically(tmp_path):
+    """`save_figure` writes beside the target, then renames: no temp file is left, and a figure that fails to
+    draw leaves the old file as it was."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from emlens.base.io import save_figure
+
+    path = tmp_path / "sub" / "figure.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    assert save_figure(fig, path, dpi=50) == path
+    assert [p.name for p in path.parent.iterdir()] == ["figure.png"]
+    assert path.read_bytes().startswith(b"\x89PNG")
+    before = path.read_bytes()
+    ax.set_title("$\\frac{unclosed$")  # mathtext fails when the figure is drawn
+    with pytest.raises(ValueError):
+        save_figure(fig, path, dpi=50)
+    plt.close(fig)
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["figure.png"]
+    svg = tmp_path / "figure.svg"
+    fig, _ = plt.subplots()
+    save_figure(fig, svg)
+    plt.close(fig)
+    assert svg.read_text().lstrip().startswith("<?xml")
+
+
 def test_save_rejects_bad_conversation_and_keeps_old_file(tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_text(GOOD_LINE + "\n")

@@ -35,6 +35,7 @@ from emlens.base.io import (
     check_writable_folder,
     read_table,
     register_artifact,
+    save_figure,
 )
 from emlens.capture.extract import activations
 from emlens.capture.store import ActivationStore
@@ -227,7 +228,7 @@ def plot_cosines(directions: Sequence[Direction], names: Sequence[str], table: p
                    color=_text_colour(value, cmap, vmin))
     right.set_title(f"at layer {best}", fontsize=9)
     fig.colorbar(image, ax=[left, right], shrink=0.8, label="cosine")
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -253,7 +254,7 @@ def plot_drift(drift: pd.DataFrame, layer: int, out: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 

@@ -34,6 +34,7 @@ from emlens.base.io import (
     read_table,
     read_yaml_mapping,
     register_artifact,
+    save_figure,
     short_repr,
     validate,
     versions,
@@ -432,6 +433,6 @@ def dose_response_figure(curves: pd.DataFrame, path: Path, title: str = "") -> P
         ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -18,6 +18,7 @@ from emlens.base.io import (
     atomic_write_table,
     read_json,
     register_artifact,
+    save_figure,
     versions,
 )
 from emlens.evaluation.summary import summarize
@@ -166,7 +167,7 @@ def _save(draw, path: Path, size=(6, 3.5)) -> Path:
     fig, ax = plt.subplots(figsize=size)
     draw(ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -178,7 +179,7 @@ def _refusal_figure(frame: pd.DataFrame, path: Path) -> Path:
         if len(part):
             _bar_with_ci(ax, part, f"refusal rate (judge), {kind} prompts")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

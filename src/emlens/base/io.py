@@ -244,6 +244,16 @@ def atomic_write_table(frame: pd.DataFrame, path: PathLike) -> None:
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
 
 
+def save_figure(fig: Any, path: PathLike, **options: Any) -> Path:
+    """A matplotlib figure written atomically (a temporary file beside `path`, then renamed), in the format of
+    `path`'s suffix (png when it has none); `options` go to `fig.savefig` (dpi, ...). Returns `path`."""
+    path = Path(path)
+    options.setdefault("format", path.suffix.lstrip(".").lower() or "png")
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, **options)
+    return path
+
+
 def artifact_kind(folder: PathLike) -> str | None:
     """The `kind` in a folder's cfg.json (None when the folder is not an emlens artifact)."""
     cfg = Path(folder) / CFG_FILE

@@ -40,6 +40,7 @@ from emlens.base.io import (
     atomic_write_table,
     atomic_write_text,
     register_artifact,
+    save_figure,
     validate,
 )
 from emlens.model import Model
@@ -316,6 +317,6 @@ def plot_metrics(metrics: pd.DataFrame, out: Path, title: str = "", best_layer: 
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out

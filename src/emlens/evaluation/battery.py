@@ -15,7 +15,15 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from emlens.base.io import CFG_FILE, atomic_file, atomic_write_json, changed_fields, deep_merge, fail, read_json
+from emlens.base.io import (
+    CFG_FILE,
+    atomic_write_json,
+    changed_fields,
+    deep_merge,
+    fail,
+    read_json,
+    save_figure,
+)
 from emlens.base.stats import rate
 from emlens.evaluation.capability import CapabilityConfig, run_capability
 from emlens.evaluation.config import EvalConfig, FreeFormSpec
@@ -238,8 +246,7 @@ def battery_figure(table: pd.DataFrame, x: str, x_label: str, path: Path, series
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -30,6 +30,7 @@ from emlens.base.io import (
     atomic_write_json,
     read_json,
     register_artifact,
+    save_figure,
     versions,
 )
 from emlens.directions.artifact import Direction
@@ -177,7 +178,7 @@ def decomposition_figure(decomposition: Decomposition, path: Path) -> None:
     fig.suptitle(f"{Path(decomposition.summary['direction']).name} in SAE latents at {decomposition.summary['site']}",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -24,6 +24,7 @@ from emlens.base.io import (
     atomic_write_json,
     read_json,
     register_artifact,
+    save_figure,
     versions,
 )
 from emlens.capture.items import ExtractItem
@@ -124,7 +125,7 @@ def diff_figure(diff: LatentDiff, path: Path) -> None:
         ax.set_ylabel("mean activation change")
         ax.tick_params(axis="x", labelsize=7, rotation=60)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

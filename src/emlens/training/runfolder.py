@@ -22,6 +22,7 @@ from emlens.base.io import (
     check_writable_folder,
     read_json,
     register_artifact,
+    save_figure,
     versions,
     write_manifest,
 )
@@ -158,8 +159,7 @@ def plot_loss(frame, checkpoint_steps: list[int], path: Path, title: str) -> Non
     ax.set(xlabel="optimizer step (dotted: checkpoints)", ylabel="training loss", title=title)
     ax.legend(frameon=False)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
