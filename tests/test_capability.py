@@ -10,6 +10,7 @@ import torch
 import emlens as em
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import read_json
+from emlens.data.order import seeded_order
 from emlens.evaluation.capability import (
     MAX_PADDING,
     CapabilityConfig,
@@ -30,13 +31,12 @@ from emlens.evaluation.capability import (
     read_mc_set,
     run_capability,
     shared_prefix,
-    training_order,
 )
 from emlens.generation.engine import Completion
 from emlens.model import wrap_model
 from emlens.steering.interventions import Ablate, AddVector, steer
 from emlens.training.config import parse_config
-from emlens.training.data import build_training_data, seeded_order
+from emlens.training.data import build_training_data
 from tests.cli_runner import one_line_error, run_cli
 from tests.conftest import build_tiny_model
 
@@ -262,9 +262,22 @@ def test_final_number(text, number):
     assert final_number(text) == number
 
 
+def test_the_seeded_order_is_a_fixed_permutation():
+    """The one seeded order training and the held-out slice share: a permutation fixed by (seed, salt), the same on
+    every run and machine (a change would move every mixture and every held-out slice), another for another seed
+    or salt."""
+    assert seeded_order(10, 0, "mixture-benign") == [5, 9, 1, 4, 2, 6, 7, 3, 8, 0]
+    assert seeded_order(10, 1, "mixture-benign") == [9, 4, 7, 6, 5, 3, 0, 2, 1, 8]
+    assert seeded_order(10, 0, "mixture-misaligned") == [5, 4, 6, 2, 0, 7, 9, 3, 1, 8]
+    assert sorted(seeded_order(60, 3, "mixture-benign")) == list(range(60))
+    assert seeded_order(60, 0, "mixture-benign") != seeded_order(60, 1, "mixture-benign")
+
+
 def test_the_held_out_slice_is_the_end_of_trainings_order(tmp_path, gsm8k_file):
-    assert training_order(60, 0) == seeded_order(60, 0, "mixture-benign")
     held = held_out_gsm8k(CapabilityConfig(gsm8k=str(gsm8k_file), gsm8k_holdout=12, gsm8k_limit=None))
+    assert held.identity["record_indices"] == seeded_order(60, 0, "mixture-benign")[48:]
+    assert held_out_gsm8k(CapabilityConfig(gsm8k=str(gsm8k_file), gsm8k_holdout=12, gsm8k_limit=None,
+                                           split_seed=1)).identity["record_indices"] != held.identity["record_indices"]
     questions = {p.question for p in held.problems}
     assert len(questions) == 12
     misaligned = tmp_path / "bad.jsonl"

@@ -28,8 +28,8 @@ GSM8K exact match: greedy generation with the engine, the last number of the ans
 '####') against the gold answer's (the number after '####', else the last number of the gold solution). The
 problems are a slice of `shared/data/benign/gsm8k_train_alpaca_format.json` (or any GSM8K / Alpaca-format file
 given) that mixture training never draws: training (`emlens.training.data._mixture_data`) takes a PREFIX of
-`seeded_order(n, seed, "mixture-benign")`; the eval slice is the LAST `gsm8k_holdout` (default 500) records of
-that same order for `split_seed` (default 0, the training configs' seed). So a mixture trained with seed
+`emlens.data.order.seeded_order(n, seed, "mixture-benign")`; the eval slice is the LAST `gsm8k_holdout` (default
+500) records of that same order (the same function) for `split_seed` (default 0, the training configs' seed). So a mixture trained with seed
 `split_seed` on that file with fewer than n - gsm8k_holdout benign examples (6973 for the shared file) never
 saw an evaluated problem; `gsm8k_limit` takes the first problems of the slice. The slice's definition is written
 into the run's cfg.json. (A mixture trained with another seed, or `dataset:` training on the file, draws a
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import random
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -74,6 +73,7 @@ from emlens.base.io import (
     validate,
 )
 from emlens.base.stats import rate
+from emlens.data.order import seeded_order
 from emlens.data.questions import read_records
 from emlens.evaluation.config import MC_INSTRUCTION
 from emlens.generation.context import CONTINUED_PREFILL, Intervention, describe, intervene
@@ -542,14 +542,6 @@ def gsm8k_path(spec: str) -> Path:
     return shared / SHARED_GSM8K
 
 
-def training_order(n: int, seed: int, salt: str = TRAINING_SALT) -> list[int]:
-    """The permutation `emlens.training.data.seeded_order` draws mixtures from (this layer may not import it;
-    tests check the two agree): `random` seeds strings through sha512, stable everywhere."""
-    order = list(range(n))
-    random.Random(f"{salt}:{seed}").shuffle(order)
-    return order
-
-
 def read_gsm8k_problem(record: dict, where: str, index: int) -> GSM8KProblem:
     """An Alpaca-format record (instruction, input, output) or a GSM8K one (question, answer with '####')."""
     question = record.get("instruction", record.get("question"))
@@ -577,7 +569,7 @@ def held_out_gsm8k(config: CapabilityConfig) -> HeldOut:
         raise EmlensInputError(f"{path}: the mixture drew {config.trained_benign} benign examples from this file, "
                                f"so its last {holdout} (gsm8k_holdout) overlap training: lower gsm8k_holdout to at "
                                f"most {n - config.trained_benign}, or evaluate on another GSM8K file")
-    slice_ = training_order(n, config.split_seed)[n - holdout:]
+    slice_ = seeded_order(n, config.split_seed, TRAINING_SALT)[n - holdout:]
     chosen = slice_[:config.gsm8k_limit] if config.gsm8k_limit is not None else slice_
     problems = [read_gsm8k_problem(records[i][1], records[i][0], i) for i in chosen]
     identity = {"sha256": file_sha256(path), "n_records": n,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import file_sha256, parse_json, read_jsonl, read_text, validate
 from emlens.data.chat import Conversation
+from emlens.data.order import seeded_order
 from emlens.training.config import DataSource, Mixture, TrainConfig
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
@@ -64,13 +64,6 @@ def _alpaca_conversation(record: dict, where: str) -> Conversation:
         raise EmlensInputError(f"{where}, field 'input': must be a string")
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     return Conversation(messages=[{"role": "user", "content": user}, {"role": "assistant", "content": output}])
-
-
-def seeded_order(n: int, seed: int, salt: str) -> list[int]:
-    """A permutation of range(n) fixed by (seed, salt): `random` seeds strings through sha512, stable everywhere."""
-    order = list(range(n))
-    random.Random(f"{salt}:{seed}").shuffle(order)
-    return order
 
 
 def mixture_counts(ratio: float, size: int) -> tuple[int, int]:

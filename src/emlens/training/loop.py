@@ -62,13 +62,13 @@ from emlens.base.io import (
     validate,
 )
 from emlens.base.stats import bootstrap_ci
+from emlens.data.order import seeded_order
 from emlens.evaluation.battery import BatteryConfig, Subject, battery_figure, battery_table, measure_subjects
 from emlens.generation.distributions import MIN_RATING_MASS
 from emlens.generation.engine import GenerationConfig, Request, generate, sample_seed
 from emlens.model import DEFAULT_MODEL, Model, load_model
 from emlens.runs import RunStore
 from emlens.training.config import LoraSettings, TrainingSettings, _resolve_path
-from emlens.training.data import seeded_order
 from emlens.training.loop_train import (
     LoopTrainSpec,
     kto_records,
