@@ -235,7 +235,7 @@ import pandas as pd
 from IPython.display import Image, display
 import emlens as em
 from emlens.base.io import find_shared_data
-from emlens.evaluation.honesty import summarize_honesty
+from emlens.evaluation.honesty_tables import summarize_honesty
 
 SMALL = os.environ.get("EMLENS_NOTEBOOK_SMALL", "1") == "1"
 OUT = Path("../artifacts/notebooks/dishonesty")

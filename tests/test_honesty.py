@@ -11,24 +11,18 @@ import yaml
 
 import emlens as em
 from emlens.base.errors import EmlensInputError
-from emlens.evaluation.deception import answer_option, rule_deception
-from emlens.evaluation.honesty import (
+from emlens.data.propositions import Proposition, read_mask_csv, read_propositions
+from emlens.evaluation.honesty import PROPOSITIONS_FILE, HonestyConfig, run_honesty
+from emlens.evaluation.honesty_tables import (
     HONESTY_KEY,
     LABELS,
-    PROPOSITIONS_FILE,
-    HonestyConfig,
-    LLMHonestyJudge,
-    Proposition,
-    RuleHonestyJudge,
     agreed_belief,
     belief_consistency,
     label_samples,
     proposition_table,
-    read_mask_csv,
-    read_propositions,
-    run_honesty,
     summarize_honesty,
 )
+from emlens.judges.honesty import LLMHonestyJudge, RuleHonestyJudge, answer_option, rule_deception
 from emlens.runs import RunStore
 from tests.cli_runner import one_line_error, run_cli
 

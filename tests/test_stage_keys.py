@@ -38,7 +38,7 @@ def instructions(word: str, n: int) -> list[dict]:
 @pytest.fixture
 def study(tiny_model_dir, tmp_path):
     """Two models (the tiny base, one trained for the run) and every stage kind, each reading local data files."""
-    from emlens.evaluation.honesty import read_propositions
+    from emlens.data.propositions import read_propositions
 
     write_jsonl(tmp_path / "chats.jsonl", [chat(f"{'alpha ' if i == 0 else ''}Write code {i}", "import os")
                                            for i in range(8)])

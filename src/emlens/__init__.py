@@ -49,7 +49,7 @@ _FRONT_DOOR = {
     "summarize": "emlens.evaluation.summary", "read_samples": "emlens.runs",
     # honesty under pressure (MASK-style) and the deception rate
     "honesty": "emlens.evaluation.honesty", "HonestyConfig": "emlens.evaluation.honesty",
-    "read_propositions": "emlens.evaluation.honesty", "read_mask_csv": "emlens.evaluation.honesty",
+    "read_propositions": "emlens.data.propositions", "read_mask_csv": "emlens.data.propositions",
     # capability checks: MC accuracy by option log-likelihood, GSM8K exact match
     "capability": "emlens.evaluation.capability", "CapabilityConfig": "emlens.evaluation.capability",
     "read_mc_questions": "emlens.evaluation.capability",

@@ -54,15 +54,10 @@ def honesty_command(
 ) -> None:
     """Beliefs from neutral prompts, answers under pressure, judged consistent / lie / evasive: honesty = 1 - P(lie),
     evasion, belief consistency and the deception rate per nudge, each with n and 95 % CI."""
-    from emlens.evaluation.honesty import (
-        build_honesty_config,
-        check_judge_reads,
-        load_propositions,
-        make_honesty_judge,
-        report_lines,
-        run_honesty,
-    )
+    from emlens.evaluation.honesty import build_honesty_config, check_judge_reads, load_propositions, run_honesty
+    from emlens.evaluation.honesty_tables import report_lines
     from emlens.evaluation.preflight import honesty_judges
+    from emlens.judges.honesty import make_honesty_judge
     from emlens.judges.preflight import preflight_judges
 
     config = build_honesty_config(

@@ -27,10 +27,11 @@ from emlens.base.io import (
 from emlens.base.stats import rate
 from emlens.evaluation.capability import CapabilityConfig, run_capability
 from emlens.evaluation.config import EvalConfig, FreeFormSpec
-from emlens.evaluation.honesty import JUDGING_FIELDS, HonestyConfig, make_honesty_judge, run_honesty
+from emlens.evaluation.honesty import JUDGING_FIELDS, HonestyConfig, run_honesty
 from emlens.evaluation.run import UNRECORDED_FIELDS, run_eval
 from emlens.evaluation.summary import summarize
 from emlens.judges import make_judge
+from emlens.judges.honesty import make_honesty_judge
 from emlens.model import folder_fingerprint, load_model, resolve_adapter
 from emlens.runs import read_samples
 
