@@ -75,3 +75,15 @@ def mixture_study_command(
     typer.echo(f"wrote {out / 'mixture.csv'} and {out / 'mixture.png'}")
     for line in report_lines(table):
         typer.echo(line)
+
+
+@app.command("measures")
+def measures_command() -> None:
+    """List the registered measures: each is a section an experiment may name, a stage per model and a report
+    section (see `emlens.evaluation.measures.register_measure`)."""
+    from emlens.evaluation.measures import MEASURES
+
+    for measure in MEASURES.values():
+        typer.echo(f"{measure.name:<12} config={measure.config.__name__:<18} results_version={measure.results_version} "
+                   f"module={measure.run.__module__}")
+        typer.echo(f"{'':<12} {measure.description}")

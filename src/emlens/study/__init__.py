@@ -16,6 +16,7 @@ from emlens.base.io import (
     register_artifact,
     versions,
 )
+from emlens.evaluation.measures import MEASURES
 from emlens.study.experiment import LoadedExperiment
 from emlens.study.report import (
     behaviour_blocks,
@@ -59,8 +60,8 @@ def run_experiment(path: str | Path, out: str | Path | None = None, stages: str 
     with atomic_folder(out, STUDY_KIND, force=force) as tmp:
         (tmp / "eval-figures").mkdir()
         blocks = behaviour_blocks(eval_tables(evals), tmp / "eval-figures") if evals else []
-        if by_kind("honesty") or by_kind("capability"):
-            blocks += measure_blocks(by_kind("honesty"), by_kind("capability"), tmp / "eval-figures")
+        measured = {name: by_kind(name) for name in MEASURES if by_kind(name)}
+        blocks += measure_blocks(measured, tmp / "eval-figures") if measured else []
         blocks += direction_blocks(directions) if directions else []
         blocks += compare_blocks(by_kind("compare")) if by_kind("compare") else []
         blocks += [b for folder in by_kind("steer").values() for b in steer_blocks(folder)]

@@ -21,14 +21,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import deep_merge, fail, load_yaml_model, read_yaml_mapping, validate
 from emlens.directions.specs import ProbeSpec, load_spec
-from emlens.evaluation.capability import CapabilityConfig, CapabilityData, load_capability_data
+from emlens.evaluation.capability import CapabilityConfig
 from emlens.evaluation.config import EvalConfig
-from emlens.evaluation.honesty import HonestyConfig, check_judge_reads, load_propositions
+from emlens.evaluation.honesty import HonestyConfig
+from emlens.evaluation.measures import MEASURES
 from emlens.model import DEFAULT_MODEL
 from emlens.training.config import TrainConfig, parse_config
 from emlens.training.sweep import sweep_configs
@@ -95,6 +96,7 @@ class Experiment(BaseModel):
     compare: bool = True
     honesty: HonestyConfig | None = None  # honesty under pressure on every model
     capability: CapabilityConfig | None = None  # capability on every model (GSM8K held out of a mixture's order)
+    # and a section for every other registered measure: see `experiment_model`
 
     @model_validator(mode="after")
     def _names_refer(self):
@@ -111,6 +113,11 @@ class Experiment(BaseModel):
                 raise ValueError("steer needs a directions section (it steers along a fitted direction)")
         return self
 
+    def measure_configs(self) -> dict[str, BaseModel]:
+        """Every measure this experiment takes of each model, in the registry's order: name -> config."""
+        return {name: getattr(self, name) for name in MEASURES if getattr(self, name, None) is not None}
+
+
     def entry(self, name: str) -> ModelEntry:
         return next(m for m in self.models if m.name == name)
 
@@ -119,12 +126,20 @@ class Experiment(BaseModel):
         return [m for m in self.models if chosen is None or m.name in chosen]
 
 
+def experiment_model() -> type[Experiment]:
+    """The experiment schema with one optional section per registered measure (`emlens measures`), each that
+    measure's config: so a measure registered anywhere is a section, validated field by field."""
+    extra = {name: (measure.config | None, None) for name, measure in MEASURES.items()
+             if name not in Experiment.model_fields}
+    return create_model("Experiment", __base__=Experiment, **extra) if extra else Experiment
+
+
 class LoadedExperiment:
     """An experiment with every file it names read and checked: training configs and probe specs."""
 
     def __init__(self, path: str | Path, engine: str | None = None):
         self.path = Path(path)
-        self.spec: Experiment = load_yaml_model(Experiment, self.path)
+        self.spec: Experiment = load_yaml_model(experiment_model(), self.path)
         if engine is not None:
             self.spec = _with_engine(self.spec, engine, self.path)
         self.base = self.path.resolve().parent
@@ -140,12 +155,9 @@ class LoadedExperiment:
             probe = load_spec(spec_path)
             self.probe_specs[probe.name] = (spec_path, probe)
         self._measures_read_relative_to_the_file()
-        self.propositions = load_propositions(self.spec.honesty) if self.spec.honesty is not None else None
-        if self.spec.honesty is not None:
-            check_judge_reads(self.spec.honesty.judge, self.propositions, self.spec.honesty.propositions)
-        # a bad MC or GSM8K file fails here, before any stage
-        capability = load_capability_data(self.spec.capability) if self.spec.capability is not None else None
-        self.measure_costs = self._measure_costs(capability)
+        # every measure reads and checks its files here (a bad MC or GSM8K file fails before any stage)
+        self.measure_costs = {name: MEASURES[name].prepare(config)
+                              for name, config in self.spec.measure_configs().items()}
         steer = self.spec.steer
         if steer is not None and steer.direction not in self.probe_specs:
             raise fail(self.path, f"field 'steer.direction': no probe spec named '{steer.direction}' "
@@ -187,15 +199,6 @@ class LoadedExperiment:
         if isinstance(value, str) and not Path(value).is_absolute() and (self.base / value).is_file():
             return str(self.base / value)
         return value
-
-    def _measure_costs(self, capability: CapabilityData | None) -> dict[str, str]:
-        costs = {}
-        if self.spec.honesty is not None:
-            costs["honesty"] = f"{len(self.propositions)} propositions x {len(self.spec.honesty.nudges)} nudges"
-        if capability is not None:
-            counts = {"mc": len(capability.mc), "gsm8k": len(capability.gsm8k.problems)}
-            costs["capability"] = " + ".join(f"{counts[t]} {t}" for t in self.spec.capability.tasks)
-        return costs
 
     def resolve(self, relative: str, field: str) -> Path:
         path = Path(relative).expanduser()
@@ -241,9 +244,8 @@ def _with_engine(spec: Experiment, engine: str, path: Path) -> Experiment:
     if spec.steer is not None:
         evaluated = spec.steer.eval.with_flags(engine=engine, where=f"{path} (--engine)")
         update["steer"] = spec.steer.model_copy(update={"eval": evaluated})
-    for section in ("honesty", "capability"):
-        if getattr(spec, section) is not None:
-            update[section] = validate(type(getattr(spec, section)),
-                                       {**getattr(spec, section).model_dump(), "engine": engine}, f"{path} (--engine)")
+    for name, config in spec.measure_configs().items():
+        if "engine" in type(config).model_fields:
+            update[name] = validate(type(config), {**config.model_dump(), "engine": engine}, f"{path} (--engine)")
     return spec.model_copy(update=update)
 

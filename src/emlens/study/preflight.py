@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emlens.evaluation.preflight import eval_judges, honesty_judges
+from emlens.evaluation.measures import MEASURES
+from emlens.evaluation.preflight import eval_judges
 from emlens.judges.preflight import preflight_judges
 from emlens.study.experiment import LoadedExperiment
 
@@ -14,7 +15,8 @@ from emlens.study.experiment import LoadedExperiment
 def preflight_study(study: LoadedExperiment, stages: list, root: Path) -> None:
     """`stages`: the study's plan (`Stage` objects); a stage already done builds no judge."""
     spec = study.spec
-    sections = {"eval": lambda: eval_judges(spec.eval), "steer": lambda: eval_judges(spec.steer.eval),
-                "honesty": lambda: honesty_judges(spec.honesty)}
+    sections = {"eval": lambda: eval_judges(spec.eval), "steer": lambda: eval_judges(spec.steer.eval)}
+    for name, config in spec.measure_configs().items():
+        sections[name] = lambda name=name, config=config: MEASURES[name].judges(config)
     todo = sorted({stage.kind for stage in stages if stage.kind in sections and not stage.done(root)})
     preflight_judges(judge for kind in todo for judge in sections[kind]())

@@ -18,9 +18,10 @@ from pathlib import Path
 import pandas as pd
 
 from emlens.analysis.report import write_report_files
-from emlens.base.io import CFG_FILE, atomic_write_text, read_json, versions
+from emlens.base.io import atomic_write_text, read_json, versions
 from emlens.directions.artifact import Direction
-from emlens.evaluation.battery import battery_figure, capability_rows, honesty_rows
+from emlens.evaluation.battery import battery_figure
+from emlens.evaluation.measures import MEASURES, rate_frame
 from emlens.evaluation.summary import summarize
 from emlens.runs import read_samples
 
@@ -90,29 +91,20 @@ def _corrected_blocks(frame: pd.DataFrame, order: list[str]) -> list[Block]:
             Block("table", _wide(corrected, "rate", order))]
 
 
-def measure_blocks(honesty: dict[str, Path], capability: dict[str, Path], figures: Path) -> list[Block]:
-    """Honesty under pressure and capability per model: a table of rates (per nudge) and one panel per measure."""
-    frame = pd.DataFrame([{"model_name": name, **row} for folders, rows in ((honesty, honesty_rows),
-                                                                            (capability, capability_rows))
-                          for name, folder in folders.items() for row in rows(folder)])
-    order = list(dict.fromkeys([*honesty, *capability]))
-    path = figures / "honesty_capability.png"
+def measure_blocks(measured: dict[str, dict[str, Path]], figures: Path) -> list[Block]:
+    """Every registered measure a study took, per model: one table of rates (per nudge), one panel per rate.
+    `measured`: measure name -> model name -> run folder."""
+    frame = pd.concat([rate_frame(name, folders) for name, folders in measured.items()], ignore_index=True)
+    order = list(dict.fromkeys(model for folders in measured.values() for model in folders))
+    path = figures / f"{'_'.join(measured)}.png"
     battery_figure(frame.assign(model_index=frame.model_name.map(order.index)), "model_index", "model", path,
                    x_format=lambda i: order[int(i)])
-    return [Block("heading", "Honesty under pressure and capability"),
-            Block("text", "honesty = 1 - P(lie) over every proposition, the belief elicited without a nudge "
-                          "(MASK; a proposition without a consistent belief is neither a lie nor evasive); evasion "
-                          "over the same; honesty_kept_belief: the variant with beliefs elicited under the nudge and "
-                          f"only kept beliefs counted; MC accuracy by option log-likelihood{_shots(capability)}; "
-                          "GSM8K exact match on problems the model's training never drew. Each cell: the rate, its "
-                          "Wilson 95 % CI, n."),
+    titles = [MEASURES[name].title for name in measured]
+    titles[1:] = [t[:1].lower() + t[1:] for t in titles[1:]]
+    text = "; ".join(MEASURES[name].text(folders) for name, folders in measured.items())
+    return [Block("heading", " and ".join(titles)),
+            Block("text", f"{text}. Each cell: the rate, its Wilson 95 % CI, n."),
             Block("table", _wide(frame, "rate", order)), Block("figure", path)]
-
-
-def _shots(capability: dict[str, Path]) -> str:
-    """' (5-shot)': how many worked examples came before each MC question (runs from before examples had none)."""
-    shots = sorted({read_json(folder / CFG_FILE)["config"].get("mc_shots", 0) for folder in capability.values()})
-    return f" ({' / '.join(map(str, shots))}-shot)" if shots else ""
 
 
 def direction_blocks(directions: dict[str, dict[str, Path]]) -> list[Block]:

@@ -27,11 +27,10 @@ from emlens.base.version import __version__
 from emlens.directions import probe
 from emlens.directions.probe import fit_probe
 from emlens.directions.specs import SpecContext, spec_input_files
-from emlens.evaluation import capability, honesty
 from emlens.evaluation import run as eval_run
-from emlens.evaluation.capability import CapabilityConfig, capability_input_files, held_out_for, run_capability
+from emlens.evaluation.capability import held_out_for
 from emlens.evaluation.config import EvalConfig
-from emlens.evaluation.honesty import HonestyConfig, honesty_input_files, make_honesty_judge, run_honesty
+from emlens.evaluation.measures import MEASURES, Measure
 from emlens.evaluation.run import run_eval
 from emlens.evaluation.settings import sample_count
 from emlens.generation.engine import planned_engine
@@ -50,14 +49,17 @@ DEFAULT_STAGES = Path("artifacts") / "stages"
 TIMINGS_FILE = "timings.json"
 FINISHED_KINDS = ("direction", "linear_probe", "regression_probe", "comparison")  # written whole, at the end
 RESULTS_VERSIONS = {"train": trainer.RESULTS_VERSION, "eval": eval_run.RESULTS_VERSION,
-                    "honesty": honesty.RESULTS_VERSION, "capability": capability.RESULTS_VERSION,
                     "direction": probe.RESULTS_VERSION, "steer": dose_response.RESULTS_VERSION,
-                    "compare": compare.RESULTS_VERSION}
+                    "compare": compare.RESULTS_VERSION}  # and each registered measure's own
+
+
+def results_version(kind: str) -> int:
+    return MEASURES[kind].results_version if kind in MEASURES else RESULTS_VERSIONS[kind]
 
 
 @dataclass
 class Stage:
-    kind: str  # train | eval | honesty | capability | direction | steer | compare
+    kind: str  # train | eval | direction | steer | compare, or a registered measure (honesty, capability, ...)
     name: str  # e.g. eval:base, direction:refusal@insecure
     inputs: dict  # what the key hashes
     cost: str  # what running it will take, in samples / steps / prompts
@@ -65,10 +67,11 @@ class Stage:
     depends: list[Stage] = field(default_factory=list)
     checkpoint: int | None = None  # a saved step of the model's training run, instead of its final adapter
     steps: list[int] = field(default_factory=list)  # train stages: the steps it saves a checkpoint at
+    probe: str | None = None  # direction stages: the probe spec it fits
 
     @property
     def key(self) -> str:
-        code = {"emlens": __version__, "results_version": RESULTS_VERSIONS[self.kind]}
+        code = {"emlens": __version__, "results_version": results_version(self.kind)}
         return content_hash({**self.inputs, "kind": self.kind, "code": code,
                              "upstream": [s.key for s in self.depends]}, 12)
 
@@ -110,14 +113,9 @@ class _Reads:
         return {"config": self.sampled_by(config), "data": self.contents(config.input_files()),
                 "judge": judge_identity(config.judge, config.judge_model, config.judge_mode, config.judge_samples)}
 
-    def honesty(self, config: HonestyConfig) -> dict:
-        judges = {"judge": judge_identity(config.judge, config.judge_model)}
-        if config.betley and config.judge == "rule":  # the rule cannot read the Betley sets: their own judge does
-            judges["betley_judge"] = judge_identity(config.betley_judge, config.betley_judge_model)
-        return {"config": self.sampled_by(config), "data": self.contents(honesty_input_files(config)), **judges}
-
-    def capability(self, config: CapabilityConfig) -> dict:
-        return {"config": self.sampled_by(config), "data": self.contents(capability_input_files(config))}
+    def measure(self, measure: Measure, config) -> dict:
+        sampled = self.sampled_by(config) if "engine" in type(config).model_fields else config.model_dump(mode="json")
+        return {"config": sampled, "data": self.contents(measure.input_files(config)), **measure.judge_keys(config)}
 
     def probe(self, path: Path, spec) -> dict:
         return {"spec": file_sha256(path), "data": self.contents(spec_input_files(spec, SpecContext(path)))}
@@ -136,14 +134,11 @@ def plan(study: LoadedExperiment, device: str = "auto") -> list[Stage]:
         if spec.eval is not None:
             stages.append(Stage("eval", f"eval:{entry.name}", {**reads.eval(spec.eval), "model": identity[entry.name]},
                                 f"{sample_count(spec.eval)} samples", entry.name, upstream))
-        if spec.honesty is not None:
-            stages.append(Stage("honesty", f"honesty:{entry.name}",
-                                {**reads.honesty(spec.honesty), "model": identity[entry.name]},
-                                study.measure_costs["honesty"], entry.name, upstream))
-        if spec.capability is not None:
-            stages.append(Stage("capability", f"capability:{entry.name}",
-                                {**reads.capability(_held_out(study, entry.name)), "model": identity[entry.name]},
-                                study.measure_costs["capability"], entry.name, upstream))
+        for name in spec.measure_configs():
+            stages.append(Stage(name, f"{name}:{entry.name}",
+                                {**reads.measure(MEASURES[name], measure_config(study, name, entry.name)),
+                                 "model": identity[entry.name]},
+                                study.measure_costs[name], entry.name, upstream))
         if entry in spec.direction_models():
             for probe_name in study.probe_specs:
                 stage = _direction_stage(study, reads, probe_name, entry.name, identity[entry.name], upstream)
@@ -199,7 +194,7 @@ def _direction_stage(study: LoadedExperiment, reads: _Reads, probe_name: str, mo
                  {**reads.probe(path, spec), "limit": limit,
                   "model": identity if checkpoint is None else f"{identity}@{checkpoint}"},
                  f"{'2 x ' + str(limit) if limit else 'all'} prompts x {spec.layers} layers", model, upstream,
-                 checkpoint=checkpoint)
+                 checkpoint=checkpoint, probe=probe_name)
 
 
 def _train_stage(study: LoadedExperiment, entry: ModelEntry) -> Stage:
@@ -290,20 +285,23 @@ def _judge(judges: dict, config: EvalConfig):
     return judges[key]
 
 
-def _honesty_judge(judges: dict, config: HonestyConfig):
-    key = ("honesty", config.judge, config.judge_model)
+def _measure_judge(judges: dict, name: str, config):
+    """Each measure's judge, built once per study (for the same config)."""
+    key = (name, config.model_dump_json())
     if key not in judges:
-        judges[key] = make_honesty_judge(config)
+        judges[key] = MEASURES[name].make_judge(config)
     return judges[key]
 
 
-def _held_out(study: LoadedExperiment, model: str) -> CapabilityConfig:
-    """A model trained on a mixture is asked GSM8K problems from the end of its own benign order."""
+def measure_config(study: LoadedExperiment, name: str, model: str):
+    """A measure's config for one model: its section, except that a model trained on a mixture is asked GSM8K
+    problems from the end of its own benign order."""
+    config = study.spec.measure_configs()[name]
     trained = study.train_configs.get(model)
-    if trained is None or trained.mixture is None:
-        return study.spec.capability
+    if name != "capability" or trained is None or trained.mixture is None:
+        return config
     mixture = trained.mixture
-    return held_out_for(study.spec.capability, trained.seed, mixture.benign.path,
+    return held_out_for(config, trained.seed, mixture.benign.path,
                         mixture_counts(mixture.ratio, mixture.size)[1])
 
 
@@ -314,14 +312,12 @@ def _run_stage(study: LoadedExperiment, stage: Stage, folder: Path, models: _Mod
         train(study.train_configs[stage.model], folder, device=models.device, progress=progress)
     elif stage.kind == "eval":
         run_eval(models.get(stage.model), spec.eval, folder, judge=_judge(judges, spec.eval), progress=progress)
-    elif stage.kind == "honesty":
-        run_honesty(models.get(stage.model), spec.honesty, folder, judge=_honesty_judge(judges, spec.honesty),
-                    propositions=study.propositions, progress=progress)
-    elif stage.kind == "capability":
-        run_capability(models.get(stage.model), _held_out(study, stage.model), folder, progress=progress)
+    elif stage.kind in MEASURES:
+        config = measure_config(study, stage.kind, stage.model)
+        MEASURES[stage.kind].run(models.get(stage.model), config, folder,
+                                 judge=_measure_judge(judges, stage.kind, config), progress=progress)
     elif stage.kind == "direction":
-        probe_name = stage.name.split(":", 1)[1].split("@")[0]
-        fit_probe(study.probe_specs[probe_name][0], models.get(stage.model, stage.checkpoint), out=folder,
+        fit_probe(study.probe_specs[stage.probe][0], models.get(stage.model, stage.checkpoint), out=folder,
                   limit=spec.directions.limit, progress=progress)
     elif stage.kind == "steer":
         steer = spec.steer
