@@ -10,29 +10,19 @@ import torch
 import emlens as em
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import read_json
+from emlens.data.capability import MCQuestion, final_number, read_gsm8k_problem, read_mc_questions
 from emlens.data.order import seeded_order
-from emlens.evaluation.capability import (
+from emlens.evaluation.capability import format_summary, held_out_for, held_out_gsm8k, read_mc_set, run_capability
+from emlens.evaluation.capability_tasks import CapabilityConfig, gsm8k_row, mc_continuations, mc_messages
+from emlens.generation.engine import Completion
+from emlens.generation.loglik import (
     MAX_PADDING,
-    CapabilityConfig,
     EncodedMC,
-    MCQuestion,
     common_prefix,
     continuation_logprobs,
-    final_number,
-    format_summary,
-    gsm8k_row,
-    held_out_for,
-    held_out_gsm8k,
     mc_batches,
-    mc_continuations,
-    mc_messages,
-    read_gsm8k_problem,
-    read_mc_questions,
-    read_mc_set,
-    run_capability,
     shared_prefix,
 )
-from emlens.generation.engine import Completion
 from emlens.model import wrap_model
 from emlens.steering.interventions import Ablate, AddVector, steer
 from emlens.training.config import parse_config

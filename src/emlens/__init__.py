@@ -51,8 +51,8 @@ _FRONT_DOOR = {
     "honesty": "emlens.evaluation.honesty", "HonestyConfig": "emlens.evaluation.honesty",
     "read_propositions": "emlens.data.propositions", "read_mask_csv": "emlens.data.propositions",
     # capability checks: MC accuracy by option log-likelihood, GSM8K exact match
-    "capability": "emlens.evaluation.capability", "CapabilityConfig": "emlens.evaluation.capability",
-    "read_mc_questions": "emlens.evaluation.capability",
+    "capability": "emlens.evaluation.capability", "CapabilityConfig": "emlens.evaluation.capability_tasks",
+    "read_mc_questions": "emlens.data.capability",
     # sparse autoencoders (sae-lens)
     "load_sae": "emlens.sae.artifact", "SAETrainConfig": "emlens.sae.train", "train_sae": "emlens.sae.train",
     "evaluate_sae": "emlens.sae.quality", "decompose_direction": "emlens.sae.decompose",

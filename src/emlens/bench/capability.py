@@ -25,7 +25,9 @@ from collections.abc import Callable
 import torch
 
 from emlens.bench.generate import best_of
-from emlens.evaluation.capability import CapabilityConfig, MCQuestion, mc_messages, read_mc_set, score_mc
+from emlens.data.capability import MCQuestion
+from emlens.evaluation.capability import read_mc_set
+from emlens.evaluation.capability_tasks import CapabilityConfig, mc_messages, score_mc
 from emlens.generation.engine import GenerationConfig, Request, generate
 from emlens.model import Model
 

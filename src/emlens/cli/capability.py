@@ -44,12 +44,8 @@ def capability_command(
 ) -> None:
     """Multiple-choice accuracy by option log-likelihood and GSM8K exact match (on problems mixture training
     never draws) into OUT/samples.parquet; accuracy with n and 95 % CI per task."""
-    from emlens.evaluation.capability import (
-        build_capability_config,
-        format_summary,
-        load_capability_data,
-        run_capability,
-    )
+    from emlens.evaluation.capability import format_summary, load_capability_data, run_capability
+    from emlens.evaluation.capability_tasks import build_capability_config
 
     every = {"mc_limit": None, "gsm8k_limit": None} if full else {}
     config = build_capability_config(

@@ -25,7 +25,8 @@ from emlens.base.io import (
     save_figure,
 )
 from emlens.base.stats import rate
-from emlens.evaluation.capability import CapabilityConfig, run_capability
+from emlens.evaluation.capability import run_capability
+from emlens.evaluation.capability_tasks import CapabilityConfig
 from emlens.evaluation.config import EvalConfig, FreeFormSpec
 from emlens.evaluation.honesty import JUDGING_FIELDS, HonestyConfig, run_honesty
 from emlens.evaluation.run import UNRECORDED_FIELDS, run_eval
