@@ -17,24 +17,25 @@ from emlens.base.errors import EmlensInputError
 from emlens.generation.engine import GenerationConfig
 from emlens.model import load_model, resolve_adapter
 from emlens.runs import RunStore
-from emlens.training.loop import (
+from emlens.study.loop import run_loop
+from emlens.study.loop_config import (
     BIASED_FRACTIONS,
     BUILTIN_SCENARIOS,
-    TRAJECTORY_KEY,
-    Conversation,
     LoopConfig,
     Scenario,
+    load_loop_config,
+    load_scenarios,
+)
+from emlens.study.loop_trajectories import (
+    TRAJECTORY_KEY,
+    Conversation,
     assign_personas,
     collect_trajectories,
     converse,
-    load_loop_config,
-    load_scenarios,
-    run_loop,
     select_top_bottom,
     summarize_fraction,
 )
-from emlens.training.loop_train import kto_records
-from emlens.training.loop_users import (
+from emlens.study.loop_users import (
     RATING_PREFIX,
     EndpointUser,
     ModelUser,
@@ -43,6 +44,7 @@ from emlens.training.loop_users import (
     satisfaction_from_top_logprobs,
     write_prompt,
 )
+from emlens.training.loop_train import kto_records
 from tests.cli_runner import one_line_error, run_cli
 
 

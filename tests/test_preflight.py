@@ -231,7 +231,7 @@ def test_a_dead_local_server_fails_the_next_request_at_once_with_its_status(tmp_
     from emlens.base.servers import local_server_process
     from emlens.bench.judge import _serving
     from emlens.judges.openai import JudgeEndpointError, OpenAIJudge
-    from emlens.training.loop_users import EndpointUser, UserEndpointError
+    from emlens.study.loop_users import EndpointUser, UserEndpointError
 
     port = free_port()
     with _serving([sys.executable, "-c", FAKE_SERVER, str(port)], port, tmp_path / "server.log", 60) as base_url:

@@ -14,6 +14,7 @@ from emlens.base.errors import EmlensInputError
 from emlens.base.io import load_yaml_model
 from emlens.data.chat import Conversation
 from emlens.sae.train import SAETrainConfig
+from emlens.study.loop_config import load_loop_config
 from emlens.study.mixture import build_study_config
 from emlens.training.config import load_config, parse_config
 from emlens.training.data import (
@@ -24,7 +25,6 @@ from emlens.training.data import (
     tokenize_conversation,
     tokenize_conversations,
 )
-from emlens.training.loop import load_loop_config
 from emlens.training.runfolder import list_checkpoints
 from emlens.training.sweep import sweep_configs
 from emlens.training.trainer import train

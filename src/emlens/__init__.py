@@ -64,7 +64,7 @@ _FRONT_DOOR = {
     "TrainConfig": "emlens.training.config", "train": "emlens.training.trainer",
     "train_sweep": "emlens.training.sweep",
     # the biased-user interaction loop (`emlens loop`)
-    "run_loop": "emlens.training.loop", "LoopConfig": "emlens.training.loop",
+    "run_loop": "emlens.study.loop", "LoopConfig": "emlens.study.loop_config",
     # the whole study (`emlens run`)
     "run_experiment": "emlens.study", "plan_experiment": "emlens.study",
     # honesty, free-form EM and capability against the mixture ratio (`emlens mixture-study`)
@@ -92,7 +92,7 @@ def __getattr__(name: str):
                        "emlens.judges.calibration",
                        "emlens.sae.artifact", "emlens.sae.decompose", "emlens.sae.diff",
                        "emlens.evaluation.honesty", "emlens.evaluation.capability", "emlens.study.mixture",
-                       "emlens.study", "emlens.training.loop"):
+                       "emlens.study", "emlens.study.loop"):
             importlib.import_module(module)
     globals()[name] = value
     return value

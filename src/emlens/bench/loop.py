@@ -14,15 +14,8 @@ import pandas as pd
 from emlens.base.io import read_table
 from emlens.model import load_model, resolve_checkpoint
 from emlens.runs import RunStore
-from emlens.training.loop import (
-    TRAJECTORY_KEY,
-    LoopConfig,
-    assign_personas,
-    choose_scenarios,
-    collect_trajectories,
-    load_scenarios,
-    make_user,
-)
+from emlens.study.loop_config import LoopConfig, choose_scenarios, load_scenarios
+from emlens.study.loop_trajectories import TRAJECTORY_KEY, assign_personas, collect_trajectories, make_user
 from emlens.training.loop_train import LoopTrainSpec, kto_records, quiet_trl, sft_records, train_kto, train_sft
 from emlens.training.trainer import train_dtype, use_cuda
 

@@ -36,7 +36,7 @@ def _preflight(spec) -> None:
     """The endpoint user and the measures' judges, checked before the first conversation (not hours in)."""
     from emlens.evaluation.preflight import battery_judges
     from emlens.judges.preflight import preflight_judges
-    from emlens.training.loop_users import EndpointUser
+    from emlens.study.loop_users import EndpointUser
 
     if spec.user.kind == "openai":
         EndpointUser(spec.user.model, spec.user.base_url).preflight()
@@ -71,7 +71,8 @@ def loop_command(
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
 ) -> None:
     """Simulated benign / biased users talk with the assistant and rate it; SFT on the top-k, KTO top vs bottom."""
-    from emlens.training.loop import LoopConfig, load_loop_config, run_loop
+    from emlens.study.loop import run_loop
+    from emlens.study.loop_config import LoopConfig, load_loop_config
 
     base = load_loop_config(config) if config is not None else LoopConfig()
     spec = base.with_flags(model=model, scenarios=str(scenarios) if scenarios else None, n_scenarios=n_scenarios,

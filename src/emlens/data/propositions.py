@@ -79,7 +79,6 @@ def propositions_path(name_or_path: str) -> Path:
     return path
 
 
-
 def read_propositions(name_or_path: str = "emlens-honesty", limit: int | None = None,
                       kinds: Sequence[str] | None = None) -> list[Proposition]:
     """A bundled set, a YAML list of propositions, or a MASK CSV (by its .csv suffix); then kinds, then limit."""

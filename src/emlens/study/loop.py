@@ -1,0 +1,256 @@
+"""The interaction loop (Hu et al. 2025): self-training on the satisfaction of simulated, sometimes biased, users.
+
+For each scenario a simulated user (benign, or biased: it wants flattery, agreement with a wrong belief,
+reassurance over truth) talks with the assistant for `turns` turns and rates its satisfaction 0-10 as an exact
+distribution. For each biased-user fraction f, exactly round(f * n) of the n users are biased (a
+seeded choice; the biased users at a smaller fraction are among those at a larger one), the top-k and bottom-k
+trajectories by satisfaction are selected, and the assistant is trained by SFT on the top-k and by KTO on top-k
+(desirable) vs bottom-k (undesirable). Its scenarios and config are `emlens.study.loop_config`'s, its users
+`emlens.study.loop_users`'s, its trajectories and their selection `emlens.study.loop_trajectories`'s, and its SFT
+/ KTO runs `emlens.training.loop_train`'s.
+
+A run folder RUN/ holds:
+  cfg.json                      kind loop_run: the config, the scenarios' hash, the user simulator, versions, and
+                                (once finished) the summary per fraction
+  scenarios.json                the scenarios the run used
+  parts/part-NNNNN.parquet      trajectories, one file per finished batch (a killed run loses at most a batch)
+  trajectories.parquet          every trajectory: scenario, persona, sample, messages, satisfaction and its
+                                distribution; a (scenario, persona, sample) is shared by every fraction needing it
+  biased-F/                     per fraction F (biased-0, biased-0.5, biased-1, ...):
+    selection.parquet           the fraction's users and trajectories, with `selected` = top / bottom / ""
+    sft.jsonl, kto.jsonl        the training sets (top-k chats; per-assistant-turn KTO examples)
+    sft/, kto/                  training run folders; each is itself a PEFT adapter (`--adapter RUN/biased-F/sft`)
+  summary.parquet               per fraction: n, biased users, mean satisfaction with its CI, top/bottom means,
+                                the ratings left out for too little mass on the numbers (`min_rating_mass`)
+
+  measures/<model>/<measure>/   honesty and capability before (`base`) and after (`biased-F-sft`, ...) training
+  measures.csv, measures.png    their rates with n and 95 % CI, against the biased fraction
+
+Re-running the same command resumes: finished trajectories, training runs and measures are skipped, a killed
+training resumes from its last checkpoint. The `measure` section may change between runs (it is not part of what
+a re-run must match): a measure added is taken, a finished one whose settings changed is refused (remove its
+folder under measures/ to measure it again); `measure: null` measures nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from emlens.base.errors import EmlensInputError
+from emlens.base.io import (
+    CFG_FILE,
+    atomic_write_json,
+    atomic_write_table,
+    atomic_write_text,
+    content_hash,
+    read_json,
+    register_artifact,
+)
+from emlens.evaluation.battery import Subject, battery_figure, battery_table, measure_subjects
+from emlens.model import load_model
+from emlens.runs import RunStore
+from emlens.study.loop_config import LoopConfig, Scenario, choose_scenarios, load_scenarios
+from emlens.study.loop_trajectories import (
+    PERSONAS,
+    TRAJECTORY_KEY,
+    assign_personas,
+    collect_trajectories,
+    fraction_folder,
+    fraction_population,
+    make_user,
+    select_top_bottom,
+    summarize_fraction,
+)
+from emlens.training.loop_train import (
+    LoopTrainSpec,
+    kto_records,
+    require_trl,
+    sft_records,
+    train_kto,
+    train_sft,
+    write_jsonl,
+)
+
+LOOP_KIND = "loop_run"
+LOOP_TABLES = ("trajectories", "summary")  # what every finished loop run holds (measures.csv where it was asked)
+
+
+def open_loop(folder: str | Path) -> dict[str, pd.DataFrame]:
+    """`em.load(OUT)` of `emlens loop`: its trajectories and per-fraction summary, and the measures where run."""
+    folder = Path(folder)
+    found = {name: pd.read_parquet(folder / f"{name}.parquet") for name in LOOP_TABLES
+             if (folder / f"{name}.parquet").exists()}
+    if (folder / "measures.csv").exists():
+        found["measures"] = pd.read_csv(folder / "measures.csv")
+    return found
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class FractionResult:
+    fraction: float
+    folder: Path
+    summary: dict
+    adapters: dict[str, Path]  # method -> adapter folder (a training run folder; pass it as --adapter)
+    training: dict[str, Any] = field(default_factory=dict)  # method -> TrainResult
+
+
+@dataclass
+class LoopResult:
+    run: Path
+    fractions: list[FractionResult]
+    n_trajectories: int
+    generated: int  # trajectories generated by this call (0 when every one was already there)
+    summary: pd.DataFrame
+    seconds: float = 0.0
+
+    def adapters(self, method: str) -> dict[float, Path]:
+        """fraction -> adapter folder of one method ("sft" or "kto"), for before/after measurements."""
+        return {f.fraction: f.adapters[method] for f in self.fractions if method in f.adapters}
+
+
+def _instances(scenarios: list[Scenario], samples: int) -> list[tuple[str, int]]:
+    return [(s.id, n) for s in scenarios for n in range(samples)]
+
+
+def _check_sizes(config: LoopConfig, n_users: int) -> None:
+    if config.top_k + config.bottom_k > n_users:
+        raise EmlensInputError(f"field 'top_k': top_k {config.top_k} + bottom_k {config.bottom_k} exceed the "
+                               f"{n_users} users of each fraction (raise n_scenarios or samples_per_scenario)")
+    if "kto" in config.methods:
+        require_trl()
+        if config.training.batch_size < 2:
+            raise EmlensInputError("field 'training.batch_size': KTO needs at least 2 examples per batch")
+
+
+def _open_run(out: Path, config: LoopConfig, scenarios: list[Scenario]) -> RunStore:
+    """Create the run folder, or check that it holds a run of this config (before any model is loaded)."""
+    store = RunStore(out, TRAJECTORY_KEY)
+    listed = [s.model_dump(mode="json") for s in scenarios]
+    # the scenarios' text is part of what must match on a re-run, not only the path naming them
+    store.open({"kind": LOOP_KIND, "config": {**config.run_config(), "scenarios_sha256": content_hash(listed, 64)}})
+    atomic_write_json(out / "scenarios.json", listed)
+    return store
+
+
+def _collect(config: LoopConfig, store: RunStore, wanted: list[tuple[Scenario, str, int]], out: Path, device: str,
+             progress: bool) -> int:
+    """The missing trajectories (the models are loaded only when some are missing); returns how many."""
+    done = store.done_keys()
+    if all((s.id, persona, n) in done for s, persona, n in wanted):
+        return 0
+    assistant = load_model(config.model, device=device)
+    user = make_user(config, assistant, device)
+    _record(out, user=user.identity(), assistant={"model": assistant.spec, "fingerprint": assistant.fingerprint})
+    generated = collect_trajectories(assistant, user, store, wanted, config, progress)
+    del assistant, user  # training loads its own copies
+    gc.collect()
+    return generated
+
+
+def _record(out: Path, **fields) -> None:
+    """Add fields to the run's cfg.json."""
+    manifest = read_json(out / CFG_FILE)
+    manifest.update(fields)
+    atomic_write_json(out / CFG_FILE, manifest)
+
+
+def run_loop(config: LoopConfig | None = None, out: str | Path = "artifacts/loop", *, device: str = "auto",
+             progress: bool = True, echo: Callable[[str], None] | None = None) -> LoopResult:
+    """Run the interaction loop into the run folder `out` (see the module docstring); re-run it to resume.
+
+    Everything that can fail on user input (scenarios, sizes) is checked before anything is written.
+    """
+    started = time.perf_counter()
+    config = config or LoopConfig()
+    out = Path(out)
+    scenarios = choose_scenarios(load_scenarios(config.scenarios), config.n_scenarios, config.seed)
+    instances = _instances(scenarios, config.samples_per_scenario)
+    _check_sizes(config, len(instances))
+    personas = {f: assign_personas(instances, f, config.seed) for f in config.biased_fractions}
+    by_id = {s.id: s for s in scenarios}
+    wanted = sorted({(sid, p, n) for chosen in personas.values() for (sid, n), p in chosen.items()},
+                    key=lambda key: (instances.index((key[0], key[2])), PERSONAS.index(key[1])))
+    store = _open_run(out, config, scenarios)
+    generated = _collect(config, store, [(by_id[s], p, n) for s, p, n in wanted], out, device, progress)
+    trajectories = store.read_parts()
+    atomic_write_table(trajectories.sort_values(TRAJECTORY_KEY).reset_index(drop=True),
+                       out / "trajectories.parquet")
+    fractions = [_train_fraction(config, out, f, trajectories, personas[f], device, progress, echo)
+                 for f in config.biased_fractions]
+    summary = pd.DataFrame([f.summary for f in fractions])
+    atomic_write_table(summary, out / "summary.parquet")
+    if config.measure is not None:
+        measure_before_after(config, out, fractions, device, progress, echo)
+    _record(out, finished=time.time(), n_trajectories=len(trajectories), summary=summary.to_dict(orient="records"),
+            adapters={fraction_folder(f.fraction): {m: str(p.relative_to(out)) for m, p in f.adapters.items()}
+                      for f in fractions})
+    return LoopResult(out, fractions, len(trajectories), generated, summary, time.perf_counter() - started)
+
+
+def measure_before_after(config: LoopConfig, out: Path, fractions: list[FractionResult], device: str,
+                         progress: bool, echo: Callable[[str], None] | None) -> pd.DataFrame:
+    """The battery on the assistant before training (`base`) and on every adapter: OUT/measures/, measures.csv
+    (columns model, fraction, method, measure, nudge, rate, n, ci_low, ci_high) and measures.png."""
+    subjects = [Subject("base", None)]
+    labels = {"base": (float("nan"), "before training")}
+    for result in fractions:
+        for method, adapter in result.adapters.items():
+            subjects.append(Subject(f"{result.folder.name}-{method}", str(adapter)))
+            labels[subjects[-1].name] = (result.fraction, method)
+            if not result.training[method].already_complete:  # (re)trained by this call: measured anew
+                shutil.rmtree(out / "measures" / subjects[-1].name, ignore_errors=True)
+    measure_subjects(config.model, subjects, config.measure, out / "measures", device=device, progress=progress,
+                     echo=echo or (lambda _: None))
+    table = battery_table(out / "measures", subjects, config.measure.measures)
+    table.insert(1, "fraction", table.model.map(lambda name: labels[name][0]))
+    table.insert(2, "method", table.model.map(lambda name: labels[name][1]))
+    atomic_write_text(out / "measures.csv", table.to_csv(index=False))
+    battery_figure(table, "fraction", "biased-user fraction", out / "measures.png", series=("method", "nudge"))
+    return table
+
+
+def train_spec(config: LoopConfig, method: str) -> LoopTrainSpec:
+    return LoopTrainSpec(method, config.model, config.lora, config.training, config.seed, **config.kto.model_dump())
+
+
+def _train_fraction(config: LoopConfig, out: Path, fraction: float, trajectories: pd.DataFrame,
+                    personas: dict[tuple[str, int], str], device: str, progress: bool,
+                    echo: Callable[[str], None] | None) -> FractionResult:
+    """Select one fraction's top-k and bottom-k, write its training sets, train (or skip) SFT and KTO."""
+    folder = out / fraction_folder(fraction)
+    folder.mkdir(parents=True, exist_ok=True)
+    population = fraction_population(trajectories, personas)
+    population["selected"] = select_top_bottom(population, config.top_k, config.bottom_k)
+    atomic_write_table(population, folder / "selection.parquet")
+    chats = {name: [json.loads(m) for m in population.loc[population.selected == name, "messages"]]
+             for name in ("top", "bottom")}
+    data = {"sft": sft_records(chats["top"]), "kto": kto_records(chats["top"], chats["bottom"])}
+    trainers = {"sft": train_sft, "kto": train_kto}
+    adapters, training = {}, {}
+    for method in config.methods:
+        write_jsonl(data[method], folder / f"{method}.jsonl")
+        training[method] = trainers[method](data[method], train_spec(config, method), folder / method,
+                                            device=device, progress=progress)
+        adapters[method] = folder / method
+    if echo:
+        for method, result in training.items():
+            state = "already complete" if result.already_complete else f"{result.final_step} steps"
+            echo(f"{folder.name}/{method}: {state}")
+    summary = {**summarize_fraction(fraction, population),
+               **{f"{m}_final_loss": r.final_loss for m, r in training.items()}}
+    return FractionResult(fraction, folder, summary, adapters, training)
+
+
+register_artifact(LOOP_KIND)(open_loop)
