@@ -50,13 +50,13 @@ def run_experiment(path: str | Path, out: str | Path | None = None, stages: str 
     out = Path(out) if out is not None else Path("artifacts") / "runs" / study.spec.name
     start = time.time()
     ran, records = run_study(study, Path(stages), device, progress, echo)
-    folders = {stage.name: Path(record["folder"]) for stage, record in zip(ran, records)}
-    by_kind = lambda kind: {n.split(":", 1)[1]: f for n, f in folders.items() if n.startswith(kind + ":")}  # noqa: E731
+    done = list(zip(ran, (Path(record["folder"]) for record in records), strict=True))
+    by_kind = lambda kind: {stage.label: folder for stage, folder in done if stage.kind == kind}  # noqa: E731
     evals = by_kind("eval")
     directions: dict[str, dict[str, Path]] = {}
-    for name, folder in by_kind("direction").items():
-        probe, model = name.split("@")
-        directions.setdefault(probe, {})[model] = folder
+    for stage, folder in done:
+        if stage.kind == "direction":
+            directions.setdefault(stage.probe, {})[stage.subject] = folder
     with atomic_folder(out, STUDY_KIND, force=force) as tmp:
         (tmp / "eval-figures").mkdir()
         blocks = behaviour_blocks(eval_tables(evals), tmp / "eval-figures") if evals else []

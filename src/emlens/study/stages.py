@@ -70,13 +70,23 @@ class Stage:
     probe: str | None = None  # direction stages: the probe spec it fits
 
     @property
+    def label(self) -> str:
+        """What the report calls it: its name without the kind (base, refusal@insecure, refusal@insecure/step4)."""
+        return self.name.split(":", 1)[1]
+
+    @property
+    def subject(self) -> str | None:
+        """The model it reads, and the saved step where it reads one (insecure, insecure/step4)."""
+        return self.model if self.checkpoint is None else f"{self.model}/step{self.checkpoint}"
+
+    @property
     def key(self) -> str:
         code = {"emlens": __version__, "results_version": results_version(self.kind)}
         return content_hash({**self.inputs, "kind": self.kind, "code": code,
                              "upstream": [s.key for s in self.depends]}, 12)
 
     def folder(self, root: Path) -> Path:
-        return root / f"{self.kind}-{self.name.split(':', 1)[1].replace('@', '-').replace('/', '-')}-{self.key}"
+        return root / f"{self.kind}-{self.label.replace('@', '-').replace('/', '-')}-{self.key}"
 
     def done(self, root: Path) -> bool:
         folder = self.folder(root)
