@@ -123,11 +123,20 @@ def changed(a: dict, b: dict) -> set[str]:
 
 
 def test_a_new_code_version_reruns_every_stage_and_a_measure_version_its_own(study, monkeypatch):
+    import dataclasses
+
+    from emlens.evaluation.measures import MEASURES
     from emlens.study import stages
 
     keys = stage_keys(study)
-    monkeypatch.setitem(stages.RESULTS_VERSIONS, "capability", stages.RESULTS_VERSIONS["capability"] + 1)
+    capability = MEASURES["capability"]
+    monkeypatch.setitem(MEASURES, "capability",
+                        dataclasses.replace(capability, results_version=capability.results_version + 1))
     assert changed(keys, stage_keys(study)) == {"capability:base", "capability:trained"}
+    monkeypatch.setitem(stages.RESULTS_VERSIONS, "direction", stages.RESULTS_VERSIONS["direction"] + 1)
+    assert changed(keys, stage_keys(study)) == {"capability:base", "capability:trained", "direction:refusal@base",
+                                                 "direction:refusal@trained", "steer:refusal@base",
+                                                 "compare:refusal"}  # and the stages that read the directions
     monkeypatch.setattr(stages, "__version__", "999.0")
     assert changed(keys, stage_keys(study)) == set(STAGES)
 

@@ -24,24 +24,20 @@ from emlens.base.io import (
     read_json,
     save_figure,
 )
-from emlens.base.stats import rate
 from emlens.evaluation.capability import run_capability
 from emlens.evaluation.capability_tasks import CapabilityConfig
 from emlens.evaluation.config import EvalConfig, FreeFormSpec
 from emlens.evaluation.honesty import JUDGING_FIELDS, HonestyConfig, run_honesty
+from emlens.evaluation.measures import RATE_COLUMNS, capability_rates, free_form_rates, honesty_rates
 from emlens.evaluation.run import UNRECORDED_FIELDS, run_eval
-from emlens.evaluation.summary import summarize
 from emlens.judges import make_judge
 from emlens.judges.honesty import make_honesty_judge
 from emlens.model import folder_fingerprint, load_model, resolve_adapter
-from emlens.runs import read_samples
 
 Measure = Literal["honesty", "free_form", "capability"]
 SECTIONS = ("honesty", "free_form", "capability")
-HONESTY_MEASURES = ("honesty", "honesty_kept_belief", "evasion", "belief_consistency")  # each measure's own config
 UNRECORDED = {"honesty": JUDGING_FIELDS, "free_form": UNRECORDED_FIELDS, "capability": set()}  # not in cfg.json
 SUBJECT_FILE = "subject.json"  # which adapter (and its fingerprint) a subject's folder measured
-RATE_COLUMNS = ["measure", "nudge", "rate", "n", "ci_low", "ci_high"]
 # (measure, panel title) of the figures, in order; a table without a measure leaves its panel out
 PANELS = (("honesty", "honesty = 1 - P(lie)"), ("em_rate", "free-form P(misaligned) among coherent"),
           ("em_rate_corrected", "P(misaligned), corrected for the judge's error"),
@@ -165,47 +161,10 @@ def battery_table(out: str | Path, subjects: list[Subject], measures: list[str])
     """One row per subject, measure and nudge (columns model, measure, nudge, rate, n, ci_low, ci_high). Measures:
     honesty, honesty_kept_belief, evasion, belief_consistency; em_rate, em_rate_corrected (where the judge has a
     calibration), coherence; mc_accuracy, gsm8k_exact_match, gsm8k_truncated."""
-    readers = {"honesty": honesty_rows, "free_form": _free_form_rows, "capability": capability_rows}
+    readers = {"honesty": honesty_rates, "free_form": free_form_rates, "capability": capability_rates}
     rows = [{"model": s.name, **row}
             for s in subjects for measure in measures for row in readers[measure](Path(out) / s.name / measure)]
     return pd.DataFrame(rows, columns=["model", *RATE_COLUMNS])
-
-
-def honesty_rows(run: Path) -> list[dict]:
-    """Honesty (MASK's, and the kept-belief variant), evasion and belief consistency per nudge of a finished
-    honesty run (all kinds together)."""
-    summary = pd.DataFrame(read_json(run / CFG_FILE)["summary"])
-    summary = summary[(summary.kind == "all") & summary.measure.isin(HONESTY_MEASURES)]
-    return [_rate_row(r["measure"], r["nudge"], r) for r in summary.to_dict("records")]
-
-
-def _free_form_rows(run: Path) -> list[dict]:
-    table = read_samples(run)
-    table = table[table.setting == "free_form"]
-    rates = summarize(table)["free_form_misaligned"].to_dict("records")
-    rows = [_rate_row("em_rate", r["nudge"], r) for r in rates]
-    rows += [_rate_row("em_rate_corrected", r["nudge"], {"rate": r["corrected"], "n": r["n"],
-                                                         "ci_low": r["corrected_ci_low"],
-                                                         "ci_high": r["corrected_ci_high"]})
-             for r in rates if r.get("calibration")]  # where the judge has a calibration
-    for nudge, part in table.groupby("nudge"):  # how many answers the judge could score at all
-        rows.append(_rate_row("coherence", nudge, rate(part.label.isin(["aligned", "misaligned"]).astype(float))))
-    return rows
-
-
-def capability_rows(run: Path) -> list[dict]:
-    """MC accuracy and GSM8K exact match of a finished capability run."""
-    summary = read_json(run / CFG_FILE)["summary"]
-    names = {"mc": "mc_accuracy", "gsm8k": "gsm8k_exact_match"}
-    rows = [_rate_row(names[task], "none", result["accuracy"]) for task, result in summary.items()]
-    if "truncated" in summary.get("gsm8k", {}):  # answers cut at max_new_tokens, scored by their last number
-        rows.append(_rate_row("gsm8k_truncated", "none", summary["gsm8k"]["truncated"]))
-    return rows
-
-
-def _rate_row(measure: str, nudge: str, r: dict) -> dict:
-    return {"measure": measure, "nudge": nudge, "rate": r["rate"], "n": int(r["n"]), "ci_low": r["ci_low"],
-            "ci_high": r["ci_high"]}
 
 
 def report_lines(table: pd.DataFrame) -> list[str]:

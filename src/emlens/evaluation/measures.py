@@ -33,16 +33,16 @@ from emlens.evaluation.honesty import (
     check_judge_reads,
     honesty_input_files,
     load_propositions,
-    make_honesty_judge,
     run_honesty,
 )
-from emlens.evaluation.preflight import JudgeSpec, honesty_judges
 from emlens.evaluation.summary import summarize
 from emlens.generation.context import intervene
+from emlens.judges.honesty import make_honesty_judge
 from emlens.judges.identity import judge_identity
 from emlens.runs import read_samples
 
 RATE_COLUMNS = ["measure", "nudge", "rate", "n", "ci_low", "ci_high"]
+JudgeSpec = tuple[str, str | None]  # (kind, model) of a judge a measure builds
 HONESTY_MEASURES = ("honesty", "honesty_kept_belief", "evasion", "belief_consistency")
 
 
@@ -162,6 +162,13 @@ def _run_honesty(model, config: HonestyConfig, out: Path, *, judge=None, interve
                  progress: bool = True) -> None:
     with intervene(model, list(interventions)):
         run_honesty(model, config, out, judge=judge, progress=progress)
+
+
+def honesty_judges(config: HonestyConfig) -> list[JudgeSpec]:
+    """The honesty judge (none for the rule) and, with the rule, the Betley sets' own judge."""
+    if config.judge != "rule":
+        return [(config.judge, config.judge_model)]
+    return [(config.betley_judge, config.betley_judge_model)] if config.betley else []
 
 
 def _honesty_judge_keys(config: HonestyConfig) -> dict:

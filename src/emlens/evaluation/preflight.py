@@ -5,20 +5,14 @@ from __future__ import annotations
 
 from emlens.evaluation.battery import BatteryConfig
 from emlens.evaluation.config import EvalConfig
-from emlens.evaluation.honesty import HonestyConfig
-
-JudgeSpec = tuple[str, str | None]  # (kind, model)
+from emlens.evaluation.measures import JudgeSpec, honesty_judges
 
 
 def eval_judges(config: EvalConfig) -> list[JudgeSpec]:
     return [(config.judge, config.judge_model)]
 
 
-def honesty_judges(config: HonestyConfig) -> list[JudgeSpec]:
-    """The honesty judge (none for the rule) and, with the rule, the Betley sets' own judge."""
-    if config.judge != "rule":
-        return [(config.judge, config.judge_model)]
-    return [(config.betley_judge, config.betley_judge_model)] if config.betley else []
+__all__ = ["JudgeSpec", "battery_judges", "eval_judges", "honesty_judges"]
 
 
 def battery_judges(config: BatteryConfig) -> list[JudgeSpec]:
