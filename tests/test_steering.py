@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import emlens as em
 from emlens.base.errors import EmlensInputError
 from emlens.generation.engine import GenerationConfig, Request, generate
 from emlens.steering.interventions import Ablate, AddVector, Clamp, compose, random_like, steer
@@ -235,3 +236,6 @@ def test_weight_space_ablation_of_lora_b(tiny_model_dir, tmp_path):
         else:
             assert torch.equal(b, before[key])
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
+    opened = em.load(out)  # em.load opens an ablated adapter too
+    assert opened["adapter"] == out and opened["source"] == tmp_path / "adapter"
+    assert sorted(opened["ablated"]) == sorted(k for k in after if "lora_B" in k and ("o_proj" in k or "down_proj" in k))

@@ -86,16 +86,19 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'emlens' has no attribute {name!r}")
     value = _import(name)
     if name == "load":  # every artifact kind registers its loader when its module is imported
-        for module in ("emlens.directions.artifact", "emlens.capture.store", "emlens.runs",
-                       "emlens.steering.weights", "emlens.training.runfolder", "emlens.analysis.dose_response",
-                       "emlens.analysis.compare", "emlens.analysis.report", "emlens.judges.embedding",
-                       "emlens.judges.calibration",
-                       "emlens.sae.artifact", "emlens.sae.decompose", "emlens.sae.diff",
-                       "emlens.evaluation.honesty", "emlens.evaluation.capability", "emlens.study.mixture",
-                       "emlens.study", "emlens.study.loop"):
-            importlib.import_module(module)
+        _import_artifact_modules()
     globals()[name] = value
     return value
+
+
+def _import_artifact_modules() -> None:
+    """Every library module (not the CLI, benchmarks or the vLLM worker side): each registers the artifact kinds it
+    writes, so `em.load` opens every kind without a list kept by hand."""
+    import pkgutil
+
+    for info in pkgutil.walk_packages(__path__, f"{__name__}."):
+        if not any(part in info.name for part in (".cli", ".bench", "vllm", "__main__")):
+            importlib.import_module(info.name)
 
 
 def __dir__() -> list[str]:

@@ -10,7 +10,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import CFG_FILE, FORMAT_VERSION, atomic_folder, atomic_write_json, versions
+from emlens.base.io import (
+    CFG_FILE,
+    FORMAT_VERSION,
+    atomic_folder,
+    atomic_write_json,
+    read_json,
+    register_artifact,
+    versions,
+)
 from emlens.model import resolve_adapter
 from emlens.steering.interventions import _unit
 
@@ -56,3 +64,11 @@ def ablate_adapter_weights(adapter: str | Path, vector: Tensor, out: str | Path,
         atomic_write_json(tmp / CFG_FILE, {"kind": ABLATED_ADAPTER, "format_version": FORMAT_VERSION,
                                            "source": str(source), "ablated": changed, "versions": versions()})
     return out
+
+
+@register_artifact(ABLATED_ADAPTER)
+def open_ablated_adapter(folder: str | Path) -> dict:
+    """`em.load` of an ablated adapter: its folder (pass it as `adapter=` to `em.load_model`), the adapter it was
+    made from, and the LoRA B matrices whose writes along the direction were removed."""
+    cfg = read_json(Path(folder) / CFG_FILE)
+    return {"adapter": Path(folder), "source": Path(cfg["source"]), "ablated": cfg["ablated"]}
