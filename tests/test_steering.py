@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -239,3 +241,22 @@ def test_weight_space_ablation_of_lora_b(tiny_model_dir, tmp_path):
     opened = em.load(out)  # em.load opens an ablated adapter too
     assert opened["adapter"] == out and opened["source"] == tmp_path / "adapter"
     assert sorted(opened["ablated"]) == sorted(k for k in after if "lora_B" in k and ("o_proj" in k or "down_proj" in k))
+
+
+def test_auto_takes_vllm_only_for_interventions_it_can_apply(tiny):
+    """`auto` asks whether vLLM can apply every intervention (given, or active in a steer block) before picking it:
+    an intervention with no vLLM form sends it to hf instead of failing in the worker."""
+    from emlens.generation.engine import vllm_can_apply
+
+    class HFOnly:  # an intervention with hooks and no vLLM program (as AblateLatent is)
+        name = "hf-only"
+
+        def attach(self, model, ctx=None):
+            return contextlib.nullcontext()
+
+    add = AddVector(torch.randn(64), layer=1, alpha=1.0)
+    assert vllm_can_apply(tiny, [add]) and vllm_can_apply(tiny)
+    assert not vllm_can_apply(tiny, [add, HFOnly()])
+    with steer(tiny, HFOnly()):
+        assert not vllm_can_apply(tiny, [add])
+    assert vllm_can_apply(tiny, [add])

@@ -223,7 +223,8 @@ def run_capability(handle: Model, config: CapabilityConfig, out: str | Path, int
                    intervention_name: str = "none", progress: bool = True,
                    data: CapabilityData | None = None) -> CapabilityResult:
     """Run the configured tasks into the run folder `out` (a re-run skips finished questions)."""
-    config = config.model_copy(update={"engine": resolve_engine(handle, config.engine)})  # recorded as it ran
+    interventions = list(interventions)  # auto takes vLLM only where it can apply every one
+    config = config.model_copy(update={"engine": resolve_engine(handle, config.engine, interventions)})  # as it ran
     data = data or load_capability_data(config)
     mc, gsm8k = data.mc, data.gsm8k
     store = RunStore(out, ROW_KEY)

@@ -39,7 +39,8 @@ def run_eval(handle: Model, config: EvalConfig, out: str | Path, judge: Judge | 
     nudges = resolve_nudges(config.nudges, config.nudges_file)
     if judge is None:  # before any sampling: a judge that cannot run fails here, not after the generation
         judge = make_judge(config.judge, config.judge_model, **config.judge_options())
-    config = config.model_copy(update={"engine": resolve_engine(handle, config.engine)})  # recorded as it ran
+    interventions = list(interventions)  # auto takes vLLM only where it can apply every one
+    config = config.model_copy(update={"engine": resolve_engine(handle, config.engine, interventions)})  # as it ran
     store = RunStore(out, SAMPLE_KEY)
     store.open({"kind": "eval_run", "model": handle.describe(),
                 "config": {**config.model_dump(exclude=UNRECORDED_FIELDS), "intervention": intervention_name,

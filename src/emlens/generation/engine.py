@@ -32,12 +32,19 @@ from emlens.model import Model
 ENGINES = ("auto", "hf", "vllm")
 
 
-def resolve_engine(handle: Model, engine: str = "auto") -> str:
-    """The engine that will run: `auto` becomes vllm or hf; asking for vllm where it cannot run is an error."""
+def vllm_can_apply(handle: Model, interventions: Iterable = ()) -> bool:
+    """Whether every intervention (given, or active on the model in a `steer` block) has a vLLM form."""
+    return all(hasattr(i, "vllm_ops") for i in [*context_of(handle).active, *interventions])
+
+
+def resolve_engine(handle: Model, engine: str = "auto", interventions: Iterable = ()) -> str:
+    """The engine that will run: `auto` becomes vllm where the model is on a GPU, vLLM can load it and can apply
+    every intervention, else hf; asking for vllm where it cannot run is an error."""
     if engine not in ENGINES:
         raise EmlensInputError(f"engine '{engine}': unknown (known: {', '.join(ENGINES)})")
     if engine == "auto":
-        usable = handle.device.type == "cuda" and vllm_engine.vllm_supports(handle) is None
+        usable = (handle.device.type == "cuda" and vllm_engine.vllm_supports(handle) is None
+                  and vllm_can_apply(handle, interventions))
         return "vllm" if usable else "hf"
     if engine == "vllm":
         reason = vllm_engine.vllm_supports(handle)
@@ -63,7 +70,8 @@ def generate(handle: Model, requests: Sequence[Request], config: GenerationConfi
     `on_batch(indices, completions)` is called as completions finish, so callers can persist them.
     """
     config = config or GenerationConfig()
-    if resolve_engine(handle, config.engine) == "vllm":
+    interventions = list(interventions)
+    if resolve_engine(handle, config.engine, interventions) == "vllm":
         # vLLM's workers do not run the hf model's hooks: the steering of an enclosing `steer` block goes along
         interventions = [*context_of(handle).active, *interventions]
         return vllm_engine.engine_for(handle).generate(handle, requests, config, interventions, progress, on_batch)
