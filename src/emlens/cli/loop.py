@@ -34,8 +34,8 @@ def _describe_fraction(result) -> str:
 
 def _preflight(spec) -> None:
     """The endpoint user and the measures' judges, checked before the first conversation (not hours in)."""
-    from emlens.evaluation.preflight import battery_judges
     from emlens.judges.preflight import preflight_judges
+    from emlens.study.battery import battery_judges
     from emlens.study.loop_users import EndpointUser
 
     if spec.user.kind == "openai":
@@ -93,7 +93,7 @@ def loop_command(
     if spec.measure is not None:
         import pandas as pd
 
-        from emlens.evaluation.battery import report_lines
+        from emlens.study.battery import report_lines
 
         typer.echo(f"before and after training: {run / 'measures.csv'}, {run / 'measures.png'}")
         for line in report_lines(pd.read_csv(run / "measures.csv")):

@@ -61,9 +61,8 @@ def mixture_study_command(
 ) -> None:
     """Honesty, free-form EM and capability of every adapter of a mixture sweep against its ratio, beside the base
     model and the 0 % control: OUT/mixture.csv (rates with n and 95 % CI) and OUT/mixture.png."""
-    from emlens.evaluation.battery import report_lines
-    from emlens.evaluation.preflight import battery_judges
     from emlens.judges.preflight import preflight_judges
+    from emlens.study.battery import battery_judges, report_lines
     from emlens.study.mixture import build_study_config, run_mixture_study
 
     config = build_study_config(

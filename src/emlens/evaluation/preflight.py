@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from emlens.evaluation.battery import BatteryConfig
 from emlens.evaluation.config import EvalConfig
 from emlens.evaluation.measures import JudgeSpec, honesty_judges
 
@@ -12,9 +11,4 @@ def eval_judges(config: EvalConfig) -> list[JudgeSpec]:
     return [(config.judge, config.judge_model)]
 
 
-__all__ = ["JudgeSpec", "battery_judges", "eval_judges", "honesty_judges"]
-
-
-def battery_judges(config: BatteryConfig) -> list[JudgeSpec]:
-    found = honesty_judges(config.honesty) if "honesty" in config.measures else []
-    return found + (eval_judges(config.free_form) if "free_form" in config.measures else [])
+__all__ = ["JudgeSpec", "eval_judges", "honesty_judges"]

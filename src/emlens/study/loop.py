@@ -55,9 +55,9 @@ from emlens.base.io import (
     read_json,
     register_artifact,
 )
-from emlens.evaluation.battery import Subject, battery_figure, battery_table, measure_subjects
 from emlens.model import load_model
 from emlens.runs import RunStore
+from emlens.study.battery import Subject, battery_figure, battery_table, measure_subjects
 from emlens.study.loop_config import LoopConfig, Scenario, choose_scenarios, load_scenarios
 from emlens.study.loop_trajectories import (
     PERSONAS,

@@ -12,9 +12,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import fail, read_yaml, read_yaml_mapping, validate
 from emlens.data.order import seeded_order
-from emlens.evaluation.battery import BatteryConfig
 from emlens.generation.distributions import MIN_RATING_MASS
 from emlens.model import DEFAULT_MODEL
+from emlens.study.battery import BatteryConfig
 from emlens.training.config import LoraSettings, TrainingSettings, _resolve_path
 
 BUILTIN_SCENARIOS = Path(__file__).resolve().parent.parent / "resources" / "loop" / "scenarios.yaml"

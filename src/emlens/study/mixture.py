@@ -29,8 +29,8 @@ from emlens.base.io import (
     validate,
     write_manifest,
 )
-from emlens.evaluation.battery import BatteryConfig, Subject, battery_figure, battery_table, measure_subjects
 from emlens.evaluation.capability import held_out_for
+from emlens.study.battery import BatteryConfig, Subject, battery_figure, battery_table, measure_subjects
 from emlens.training.config import load_config
 from emlens.training.data import mixture_counts
 from emlens.training.runfolder import SWEEP_KIND

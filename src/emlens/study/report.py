@@ -20,10 +20,10 @@ import pandas as pd
 from emlens.analysis.report import write_report_files
 from emlens.base.io import atomic_write_text, read_json, versions
 from emlens.directions.artifact import Direction
-from emlens.evaluation.battery import battery_figure
 from emlens.evaluation.measures import MEASURES, rate_frame
 from emlens.evaluation.summary import summarize
 from emlens.runs import read_samples
+from emlens.study.battery import battery_figure
 
 RATE_TABLES = {  # summary key -> section title
     "free_form_misaligned": "Free-form questions: P(misaligned) among coherent, scored answers",
