@@ -72,6 +72,9 @@ class Model:
     device: torch.device
     dtype: torch.dtype
     meta: dict = field(default_factory=dict)
+    # what other layers keep per loaded model (its forward context, token tables built once): declared here so
+    # nothing hangs off a Model through undeclared attributes
+    runtime: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def config(self):

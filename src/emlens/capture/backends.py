@@ -79,7 +79,7 @@ class NNsightBackend:
         return envoy.input if hook.where == "input" else envoy.output
 
     def run(self, batch: Batch, sites: list[Site], position: str) -> dict[str, Tensor]:
-        if getattr(self.handle, "_attention_masks_depth", 0):
+        if context_of(self.handle).described:
             # nnsight reads a module's output before the module's torch hooks run, so it would miss the steering
             raise EmlensInputError("backend nnsight: cannot read activations under emlens steering (it sees module "
                                    "outputs before their hooks); use backend torch-hooks")

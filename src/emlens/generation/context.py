@@ -48,6 +48,7 @@ class ForwardContext:
     step: int = -1  # -1 during prefill, then the index of the response token being fed (or CONTINUED_PREFILL)
     source: Literal["engine", "attention_mask"] | None = None
     active: list = field(default_factory=list)  # interventions attached now (engines that hook elsewhere add them)
+    described: int = 0  # how deeply `intervene` blocks are nested (the mask-describing hooks are installed once)
 
     def set(self, prompt_mask: Tensor, response_mask: Tensor, step: int, source: str = "engine",
             prompt_ends: bool = True) -> None:
@@ -72,10 +73,7 @@ class Intervention(Protocol):
 
 def context_of(model: Model) -> ForwardContext:
     """The model's one ForwardContext (created on first use)."""
-    ctx = getattr(model, "_forward_context", None)
-    if ctx is None:
-        ctx = model._forward_context = ForwardContext()
-    return ctx
+    return model.runtime.setdefault("forward_context", ForwardContext())
 
 
 def last_true(mask: Tensor) -> Tensor:
@@ -128,18 +126,19 @@ def _masks_from_attention(ctx: ForwardContext):
 @contextlib.contextmanager
 def _described_by_attention_mask(model: Model) -> Iterator[None]:
     """Install (once per model, however deeply nested) the hooks that describe undescribed passes."""
-    depth = getattr(model, "_attention_masks_depth", 0)
-    model._attention_masks_depth = depth + 1
+    ctx = context_of(model)
+    depth = ctx.described
+    ctx.described = depth + 1
     handles = []
     if depth == 0:
-        fill, clear = _masks_from_attention(context_of(model))
+        fill, clear = _masks_from_attention(ctx)
         decoder = decoder_of(model.base_model)
         handles = [decoder.register_forward_pre_hook(fill, with_kwargs=True),
                    decoder.register_forward_hook(clear, with_kwargs=True)]
     try:
         yield
     finally:
-        model._attention_masks_depth = depth
+        ctx.described = depth
         for handle in handles:
             handle.remove()
 

@@ -35,9 +35,9 @@ def _number_candidates(tokenizer) -> tuple[list[list[int]], torch.Tensor]:
 
 def _on_handle(handle: Model, name: str, build):
     """A value computed once per model handle and kept on it."""
-    if getattr(handle, name, None) is None:
-        setattr(handle, name, build())
-    return getattr(handle, name)
+    if handle.runtime.get(name) is None:
+        handle.runtime[name] = build()
+    return handle.runtime[name]
 
 
 def number_distribution(handle: Model, messages: list[dict], answer_prefix: str = "",
