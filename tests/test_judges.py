@@ -159,7 +159,7 @@ def test_hf_number_distribution_is_exact(tiny):
     assert probs.shape == (101,) and float(probs.sum()) <= 1.0 + 1e-5
     tok = tiny.tokenizer
     prompt = tok(tiny.chat_text(messages), add_special_tokens=False)["input_ids"]
-    _, digit = tiny._number_candidates
+    _, digit = tiny.runtime["_number_candidates"]
     for n in (0, 7, 42, 100):
         cand = tok(str(n), add_special_tokens=False)["input_ids"]
         with torch.no_grad():
