@@ -106,3 +106,18 @@ def test_a_model_split_by_accelerate_gives_the_same_activations_steering_and_tex
         assert text_whole == text_split
         for name in acts_whole:
             torch.testing.assert_close(acts_split[name], acts_whole[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_converting_the_embedded_model_leaves_the_global_generator_alone(tmp_path, monkeypatch):
+    """The first run on a machine converts the GGUF; its fresh model's random init drew from the global generator,
+    so a LoRA seeded before the load got another init (and another adapter) there than on every later run."""
+    import torch
+
+    from emlens.model import embedded_checkpoint
+
+    monkeypatch.setenv("EMLENS_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    assert (embedded_checkpoint() / "config.json").exists()
+    assert torch.equal(torch.random.get_rng_state(), before)

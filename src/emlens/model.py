@@ -191,9 +191,12 @@ def embedded_checkpoint(spec: str = DEFAULT_MODEL) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A model loaded from GGUF can't be saved directly: copy its dequantized weights into a fresh one.
+    # A model loaded from GGUF can't be saved directly: copy its dequantized weights into a fresh one. Its random
+    # init must not draw from the global generator: a caller that seeded it (a LoRA init) would get other numbers
+    # on the run that converts than on every later run.
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(quantized.state_dict())
     fresh.generation_config = quantized.generation_config
     _add_chat_format(EMBEDDED[spec], tokenizer, fresh.generation_config)

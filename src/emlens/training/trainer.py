@@ -52,7 +52,8 @@ from emlens.training.runfolder import (
     read_run,
 )
 
-RESULTS_VERSION = 1  # bump when a change alters what a training run holds: `emlens run` then redoes finished stages
+RESULTS_VERSION = 2  # bump when a change alters what a training run holds: `emlens run` then redoes finished stages
+# 2: a run that first converted the embedded model drew its LoRA init from a generator the conversion had advanced
 
 
 # ---------------------------------------------------------------- model, LoRA and Trainer arguments
