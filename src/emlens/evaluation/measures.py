@@ -98,17 +98,6 @@ def unregister_measure(name: str) -> None:
     MEASURES.pop(name, None)
 
 
-def measure(name: str) -> Measure:
-    return MEASURES[name]
-
-
-def measure_table() -> pd.DataFrame:
-    """`emlens measures`: every registered measure, its config class, where it lives and what it reports."""
-    return pd.DataFrame([{"measure": m.name, "config": m.config.__name__, "module": m.run.__module__,
-                          "results_version": m.results_version, "reports": m.description}
-                         for m in MEASURES.values()])
-
-
 def rate_frame(measure_name: str, folders: dict[str, Path]) -> pd.DataFrame:
     """A measure's rates on each model (column model_name), read from the models' run folders."""
     reader = MEASURES[measure_name].rates
