@@ -24,15 +24,13 @@ from emlens.base.io import (
     read_json,
     save_figure,
 )
-from emlens.evaluation.capability import run_capability
 from emlens.evaluation.capability_tasks import CapabilityConfig
 from emlens.evaluation.config import EvalConfig, FreeFormSpec
-from emlens.evaluation.honesty import JUDGING_FIELDS, HonestyConfig, run_honesty
-from emlens.evaluation.measures import RATE_COLUMNS, capability_rates, free_form_rates, honesty_rates
+from emlens.evaluation.honesty import JUDGING_FIELDS, HonestyConfig
+from emlens.evaluation.measures import MEASURES, RATE_COLUMNS, capability_rates, free_form_rates, honesty_rates
 from emlens.evaluation.preflight import JudgeSpec, eval_judges, honesty_judges
 from emlens.evaluation.run import UNRECORDED_FIELDS, run_eval
 from emlens.judges import make_judge
-from emlens.judges.honesty import make_honesty_judge
 from emlens.model import folder_fingerprint, load_model, resolve_adapter
 
 Measure = Literal["honesty", "free_form", "capability"]
@@ -138,20 +136,20 @@ def finished(run: Path) -> bool:
 
 
 def _run_measure(measure: str, handle, config: BatteryConfig, run: Path, judges: dict, progress: bool) -> None:
-    if measure == "honesty":
-        run_honesty(handle, config.honesty, run, judge=_judge(measure, config, judges), progress=progress)
-    elif measure == "free_form":
+    """Free-form EM is the eval's free-form setting; honesty and capability run as their registered measures."""
+    if measure == "free_form":
         run_eval(handle, config.free_form, run, judge=_judge(measure, config, judges), progress=progress)
     else:
-        run_capability(handle, config.capability, run, progress=progress)
+        MEASURES[measure].run(handle, getattr(config, measure), run, judge=_judge(measure, config, judges),
+                              progress=progress)
 
 
 def _judge(measure: str, config: BatteryConfig, judges: dict):
     """Each judge is made once, when a measure first needs it."""
     if measure not in judges:
         free = config.free_form
-        judges[measure] = (make_honesty_judge(config.honesty) if measure == "honesty"
-                           else make_judge(free.judge, free.judge_model, **free.judge_options()))
+        judges[measure] = (make_judge(free.judge, free.judge_model, **free.judge_options()) if measure == "free_form"
+                           else MEASURES[measure].make_judge(getattr(config, measure)))
     return judges[measure]
 
 
