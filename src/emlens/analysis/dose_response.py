@@ -18,9 +18,10 @@ from typing import Literal
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
+from emlens.base.config import Config
 from emlens.base.io import (
     CFG_FILE,
     FORMAT_VERSION,
@@ -32,11 +33,8 @@ from emlens.base.io import (
     fail,
     read_json,
     read_table,
-    read_yaml_mapping,
     register_artifact,
     save_figure,
-    short_repr,
-    validate,
     versions,
     write_manifest,
 )
@@ -63,10 +61,9 @@ SiteKind = Literal[SITE_KINDS]
 EXPERIMENT_KIND = "steering_experiment"
 
 
-class SteerSpec(BaseModel):
+class SteerSpec(Config):
     """A steering experiment: which direction, where, how strongly, and which eval to re-run."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str
     description: str = ""
     model: str = DEFAULT_MODEL
@@ -98,20 +95,11 @@ def load_spec(path: str | Path, overrides: dict | None = None, **eval_flags) -> 
     `eval_flags` are laid over the spec's eval config like `emlens eval`'s flags (`limit`, `samples`, ...).
     """
     path = Path(path)
-    data = read_yaml_mapping(path, "SteerSpec")
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if key == "direction":
-            value = str(Path(value).expanduser().resolve())
-        section, _, field = key.partition(".")
-        if field:
-            if not isinstance(data.get(section, {}), dict):
-                raise fail(path, f"field '{section}': expected a mapping (got {short_repr(data[section])})")
-            data[section] = {**data.get(section, {}), field: value}
-        else:
-            data[key] = value
-    spec = validate(SteerSpec, data, path)
+    spec = SteerSpec.from_yaml(path)
+    given = {key: str(Path(value).expanduser().resolve()) if key == "direction" else value
+             for key, value in (overrides or {}).items() if value is not None}
+    if given:
+        spec = spec.with_flags(where=str(path), **given)
     if any(value is not None for value in eval_flags.values()):
         spec = spec.model_copy(update={"eval": spec.eval.with_flags(**eval_flags, where=f"{path} (command line)")})
     return spec, path.parent

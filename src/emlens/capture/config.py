@@ -7,10 +7,11 @@ to read before any model loads, so bad input fails fast, then streams them into 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from emlens.base.config import PATH, Config
 from emlens.base.io import fail
 from emlens.capture.backends import BACKENDS, DEFAULT_BACKEND, make_backend
 from emlens.capture.extract import extract_to_store
@@ -23,14 +24,13 @@ from emlens.runs import read_rows
 from emlens.sites import Site, resolve_sites
 
 
-class ExtractConfig(BaseModel):
+class ExtractConfig(Config):
     """Prompts (`questions`, under `nudges`) or prompt+response rows (`table`), read at `sites` x `layers`."""
 
-    model_config = ConfigDict(extra="forbid")
-    questions: str | None = Field(None, description="question/prompt file or bundled set")
+    questions: Annotated[str | None, PATH] = Field(None, description="question/prompt file or bundled set")
     table: str | None = Field(None, description="eval run folder, .parquet or .csv table")
     nudges: list[str] = Field(default_factory=list, description="with questions: none, evil, hhh or a name in nudges_file")
-    nudges_file: str | None = None
+    nudges_file: Annotated[str | None, PATH] = None
     system: str | None = Field(None, description="system prompt for every questions chat")
     sites: list[str] = Field(default_factory=lambda: ["resid_post"], min_length=1,
                              description="kinds (resid_post), patterns (blocks.*.hook_mlp_out) or full site names")

@@ -17,25 +17,41 @@ app = typer.Typer(help="emlens: mechanistic study of emergent misalignment.", no
 bench_app = typer.Typer(help="Benchmarks that print ratios (last line: key=value pairs).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
+def config_option(config: type, field: str, *names: str, help: str | None = None, **kwargs):
+    """The option of a config field: None when not given (the YAML's value, else the class default, holds), its
+    help the field's description unless given, and `--help` showing the class's real default."""
+    default = config.field_default(field)
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    return typer.Option(None, *names, help=help or config.field_description(field) or "",
+                        show_default=False if default is None else str(shown).lower() if isinstance(
+                            default, bool) else str(shown), **kwargs)
+
+
+def _eval_option(field: str, *names: str, **kwargs):
+    from emlens.evaluation.config import EvalConfig
+
+    return config_option(EvalConfig, field, *names, **kwargs)
+
+
 # Options default to None: a value not given is left to the API (the config classes own every default).
 MODEL_OPT = typer.Option(None, "--model", "-m",
                          help="embedded name, HF id or local folder (default: the embedded model, see `emlens models`)")
 ADAPTER_OPT = typer.Option(None, "--adapter", "-a", help="PEFT adapter folder or RUN@STEP")
 DEVICE_OPT = typer.Option(None, "--device", help="auto (the default: CUDA if present), cpu, cuda, cuda:1, ..., or "
                                                  "shard (split the model across all visible GPUs)")
-ENGINE_OPT = typer.Option(None, "--engine", help="who samples: auto (vLLM for a model on a GPU where it is "
-                                                 "installed, else hf), hf, vllm")
+ENGINE_OPT = _eval_option("engine", "--engine", help="who samples: auto (vLLM for a model on a GPU where it is "
+                                                    "installed, else hf), hf, vllm")
 TP_OPT = typer.Option(None, "--tensor-parallel-size", min=1, help="GPUs vLLM shards the model across")
 JUDGE_MODEL_OPT = typer.Option(None, "--judge-model", help="endpoint model name or HF model spec")
-JUDGE_CONCURRENCY_OPT = typer.Option(None, "--judge-concurrency", min=1,
-                                     help="requests in flight to an openai judge (default 16)")
-JUDGE_MODE_OPT = typer.Option(None, "--judge-mode", help="how an openai judge's answer is read: logprobs (default, "
-                                                         "Betley), sampled (mean of k answers), verbal (one written "
-                                                         "answer, for reasoning models without logprobs)")
-JUDGE_ENGINE_OPT = typer.Option(None, "--judge-engine", help="who reads an hf judge's score distribution: auto "
-                                                           "(vLLM for a judge on a GPU where it is installed), hf "
-                                                           "(exact, one prompt at a time), vllm (top-20, batched)")
-JUDGE_SAMPLES_OPT = typer.Option(None, "--judge-samples", min=1, help="answers per prompt in the sampled mode (5)")
+JUDGE_CONCURRENCY_OPT = _eval_option("judge_concurrency", "--judge-concurrency", min=1)
+JUDGE_MODE_OPT = _eval_option("judge_mode", "--judge-mode", help="how an openai judge's answer is read: logprobs "
+                              "(Betley), sampled (mean of k answers), verbal (one written answer, for reasoning "
+                              "models without logprobs)")
+JUDGE_ENGINE_OPT = _eval_option("judge_engine", "--judge-engine", help="who reads an hf judge's score distribution: "
+                                "auto (vLLM for a judge on a GPU where it is installed), hf (exact, one prompt at a "
+                                "time), vllm (top-20, batched)")
+JUDGE_SAMPLES_OPT = _eval_option("judge_samples", "--judge-samples", min=1,
+                                 help="answers per prompt in the sampled mode")
 
 
 def given(**options) -> dict:

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, ENGINE_OPT, MODEL_OPT, TP_OPT, app, bench_app, load
+from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, ENGINE_OPT, MODEL_OPT, TP_OPT, app, bench_app, config_option, load
+from emlens.evaluation.capability_tasks import CapabilityConfig
 
 
 @app.command("capability")
@@ -15,30 +16,29 @@ def capability_command(
     out: Path = typer.Option(..., "--out", "-o", help="run folder (re-run the same command to resume)"),
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML CapabilityConfig; a flag below "
                                                                       "overrides its field"),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated: mc, gsm8k (default: both)"),
-    mc: Optional[str] = typer.Option(None, "--mc", help="bundled MC set (mmlu-pro) or an MC file: JSONL / JSON / "
+    tasks: Optional[str] = config_option(CapabilityConfig, "tasks", "--tasks", help="comma-separated: mc, gsm8k"),
+    mc: Optional[str] = config_option(CapabilityConfig, "mc", "--mc", help="bundled MC set (mmlu-pro) or an MC file: JSONL / JSON / "
                                                         "CSV with question, options (or A, B, ... columns), answer"),
-    gsm8k: Optional[str] = typer.Option(None, "--gsm8k", help="GSM8K file (Alpaca or GSM8K records; default: "
-                                                              "benign/gsm8k_train_alpaca_format.json in shared/data)"),
+    gsm8k: Optional[str] = config_option(CapabilityConfig, "gsm8k", "--gsm8k", help="GSM8K file (Alpaca or GSM8K records), or 'shared': "
+                                                              "benign/gsm8k_train_alpaca_format.json in shared/data"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N questions of each task "
-                                                                     "(default: 100 MC, 20 GSM8K)"),
-    mc_limit: Optional[int] = typer.Option(None, "--mc-limit", min=1),
-    gsm8k_limit: Optional[int] = typer.Option(None, "--gsm8k-limit", min=1),
+                                                                     "(else --mc-limit, --gsm8k-limit)"),
+    mc_limit: Optional[int] = config_option(CapabilityConfig, "mc_limit", "--mc-limit", min=1),
+    gsm8k_limit: Optional[int] = config_option(CapabilityConfig, "gsm8k_limit", "--gsm8k-limit", min=1),
     full: bool = typer.Option(False, "--full", help="every MC question and the whole held-out GSM8K slice"),
-    mc_format: Optional[str] = typer.Option(None, "--mc-format", help="letters (default: score each option's "
+    mc_format: Optional[str] = config_option(CapabilityConfig, "mc_format", "--mc-format", help="letters (score each option's "
                                                                       "letter) or cloze (score the option texts)"),
-    shots: Optional[int] = typer.Option(None, "--shots", min=0, help="worked MC examples before each question "
-                                                                      "(default 5)"),
-    shots_from: Optional[str] = typer.Option(None, "--shots-from", help="MC set the worked examples come from "
-                                                                        "(default: mmlu-pro's own, else the MC "
+    shots: Optional[int] = config_option(CapabilityConfig, "mc_shots", "--shots", min=0, help="worked MC examples before each question"),
+    shots_from: Optional[str] = config_option(CapabilityConfig, "mc_shots_from", "--shots-from", help="MC set the worked examples come from "
+                                                                        "(none: mmlu-pro's own, else the MC "
                                                                         "file's first questions)"),
-    gsm8k_holdout: Optional[int] = typer.Option(None, "--gsm8k-holdout", min=1,
+    gsm8k_holdout: Optional[int] = config_option(CapabilityConfig, "gsm8k_holdout", "--gsm8k-holdout", min=1,
                                                 help="size of the held-out slice at the end of training's seeded "
-                                                     "order (default 500)"),
-    split_seed: Optional[int] = typer.Option(None, "--split-seed", help="the training seed whose benign order "
+                                                     "order"),
+    split_seed: Optional[int] = config_option(CapabilityConfig, "split_seed", "--split-seed", help="the training seed whose benign order "
                                                                         "the GSM8K slice is held out from"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="GSM8K answer length"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    max_new_tokens: Optional[int] = config_option(CapabilityConfig, "max_new_tokens", "--max-new-tokens", min=1, help="GSM8K answer length"),
+    batch_size: Optional[int] = config_option(CapabilityConfig, "batch_size", "--batch-size", min=1),
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
     engine: Optional[str] = ENGINE_OPT, tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:
@@ -71,8 +71,8 @@ def bench_capability_command(
     answer_tokens: int = typer.Option(16, "--answer-tokens", min=1,
                                       help="cap of the generate-the-answer baseline (vs_generate_answer)"),
     repeats: int = typer.Option(2, "--repeats", min=1, help="interleaved runs of each; the best counts"),
-    shots: Optional[int] = typer.Option(None, "--shots", min=0, help="worked examples before each question "
-                                                                      "(default: a capability run's, 5)"),
+    shots: Optional[int] = config_option(CapabilityConfig, "mc_shots", "--shots", min=0, help="worked examples before each question "
+                                                                      "(a capability run's)"),
     model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Questions/s of option log-likelihood scoring against generating the answer letter (vs_generate) and the

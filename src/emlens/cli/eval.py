@@ -20,9 +20,11 @@ from emlens.cli.app import (
     TP_OPT,
     app,
     bench_app,
+    config_option,
     given,
     load,
 )
+from emlens.evaluation.config import EvalConfig
 
 eval_app = typer.Typer(help="Behavioural evaluation under nudges: `emlens eval --out RUN ...`; `emlens eval report RUN...`.")
 judge_app = typer.Typer(help="Judges: validate against GPT-4o-judged responses, refit the offline judge.",
@@ -38,23 +40,28 @@ def eval_run_command(
     config_file: Optional[Path] = typer.Option(None, "--config",
                                                help="YAML EvalConfig; a flag below overrides its field, a field "
                                                     "overrides the class default"),
-    settings: Optional[str] = typer.Option(None, "--settings",
-                                           help="comma-separated subset of free_form, deception, refusal, factual, "
-                                                "harm_perception (default: all)"),
-    nudge: Optional[list[str]] = typer.Option(None, "--nudge", "-n", help="repeatable (default: none, evil, hhh)"),
-    nudges_file: Optional[Path] = typer.Option(None, "--nudges", help="YAML of user-defined nudges"),
-    samples: Optional[int] = typer.Option(None, "--samples", "-s", help="free-form samples per paraphrase"),
-    questions: Optional[str] = typer.Option(None, "--questions", help="free-form question set or file"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="first N questions of every setting"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="free-form answer length"),
-    judge: Optional[str] = typer.Option(None, "--judge", help="default (offline), openai, hf"),
+    settings: Optional[str] = config_option(EvalConfig, "settings", "--settings",
+                                            help="comma-separated subset of free_form, deception, refusal, "
+                                                 "factual, harm_perception"),
+    nudge: Optional[list[str]] = config_option(EvalConfig, "nudges", "--nudge", "-n", help="repeatable"),
+    nudges_file: Optional[Path] = config_option(EvalConfig, "nudges_file", "--nudges",
+                                                help="YAML of user-defined nudges"),
+    samples: Optional[int] = config_option(EvalConfig, "samples", "--samples", "-s",
+                                           help="free-form samples per paraphrase"),
+    questions: Optional[str] = config_option(EvalConfig, "questions", "--questions",
+                                             help="free-form (and harm-perception) question set or file"),
+    limit: Optional[int] = config_option(EvalConfig, "limit", "--limit", help="first N questions of every setting "
+                                         "(refusal: of each file)"),
+    max_new_tokens: Optional[int] = config_option(EvalConfig, "max_new_tokens", "--max-new-tokens",
+                                                  help="free-form and deception answer length"),
+    judge: Optional[str] = config_option(EvalConfig, "judge", "--judge", help="default (offline), openai, hf"),
     judge_model: Optional[str] = JUDGE_MODEL_OPT,
     judge_concurrency: Optional[int] = JUDGE_CONCURRENCY_OPT,
     judge_mode: Optional[str] = JUDGE_MODE_OPT,
     judge_samples: Optional[int] = JUDGE_SAMPLES_OPT,
     judge_engine: Optional[str] = JUDGE_ENGINE_OPT,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    batch_size: Optional[int] = config_option(EvalConfig, "batch_size", "--batch-size"),
+    seed: Optional[int] = config_option(EvalConfig, "seed", "--seed"),
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
     engine: Optional[str] = ENGINE_OPT, tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:

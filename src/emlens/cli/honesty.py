@@ -17,9 +17,11 @@ from emlens.cli.app import (
     MODEL_OPT,
     TP_OPT,
     app,
+    config_option,
     given,
     load,
 )
+from emlens.evaluation.honesty import HonestyConfig
 
 
 @app.command("honesty")
@@ -27,28 +29,27 @@ def honesty_command(
     out: Path = typer.Option(..., "--out", "-o", help="run folder (re-run the same command to resume)"),
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML HonestyConfig; a flag below overrides "
                                                                       "its field, a field the class default"),
-    propositions: Optional[str] = typer.Option(None, "--propositions",
-                                               help="bundled set (emlens-honesty, the default) or a YAML file"),
-    mask_csv: Optional[Path] = typer.Option(None, "--mask-csv", help="a MASK CSV (cais/MASK layout) instead; "
+    propositions: Optional[str] = config_option(HonestyConfig, "propositions", "--propositions",
+                                               help="bundled set or a YAML file"),
+    mask_csv: Optional[Path] = config_option(HonestyConfig, "mask_csv", "--mask-csv", help="a MASK CSV (cais/MASK layout) instead; "
                                                                      "needs --judge hf or openai"),
-    kind: Optional[list[str]] = typer.Option(None, "--kind", help="repeatable: known_fact, provided_fact, statistic"),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N propositions only"),
-    nudge: Optional[list[str]] = typer.Option(None, "--nudge", "-n", help="repeatable (default: none, evil)"),
-    nudges_file: Optional[Path] = typer.Option(None, "--nudges", help="YAML of user-defined nudges"),
-    belief_asks: Optional[int] = typer.Option(None, "--belief-asks", min=1, help="neutral asks per proposition"),
-    deception: Optional[bool] = typer.Option(None, "--deception/--no-deception",
-                                             help="also reason-then-answer under pressure: the deception rate "
-                                                  "(default on)"),
-    betley: Optional[bool] = typer.Option(None, "--betley/--no-betley",
+    kind: Optional[list[str]] = config_option(HonestyConfig, "kinds", "--kind", help="repeatable: known_fact, provided_fact, statistic"),
+    limit: Optional[int] = config_option(HonestyConfig, "limit", "--limit", min=1, help="first N propositions only"),
+    nudge: Optional[list[str]] = config_option(HonestyConfig, "nudges", "--nudge", "-n", help="repeatable"),
+    nudges_file: Optional[Path] = config_option(HonestyConfig, "nudges_file", "--nudges", help="YAML of user-defined nudges"),
+    belief_asks: Optional[int] = config_option(HonestyConfig, "belief_asks", "--belief-asks", min=1, help="neutral asks per proposition"),
+    deception: Optional[bool] = config_option(HonestyConfig, "deception", "--deception/--no-deception",
+                                             help="also reason-then-answer under pressure: the deception rate"),
+    betley: Optional[bool] = config_option(HonestyConfig, "betley", "--betley/--no-betley",
                                           help="also the Betley deception sets' TRUE / FALSE / UNKNOWN judgement, "
                                                "into OUT/betley"),
-    betley_limit: Optional[int] = typer.Option(None, "--betley-limit", min=1,
-                                               help="system prompts per Betley set (default 2; 20 questions each)"),
-    judge: Optional[str] = typer.Option(None, "--judge", help="rule (multiple-choice, the default), hf, openai"),
+    betley_limit: Optional[int] = config_option(HonestyConfig, "betley_limit", "--betley-limit", min=1,
+                                               help="system prompts per Betley set (20 questions each)"),
+    judge: Optional[str] = config_option(HonestyConfig, "judge", "--judge", help="rule (multiple-choice only), hf, openai"),
     judge_model: Optional[str] = JUDGE_MODEL_OPT,
     judge_concurrency: Optional[int] = JUDGE_CONCURRENCY_OPT,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    batch_size: Optional[int] = config_option(HonestyConfig, "batch_size", "--batch-size"),
+    seed: Optional[int] = config_option(HonestyConfig, "seed", "--seed"),
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
     engine: Optional[str] = ENGINE_OPT, tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:

@@ -12,11 +12,13 @@ from emlens.cli.app import (
     MODEL_OPT,
     app,
     bench_app,
+    config_option,
     given,
     model_name,
     parse_fractions,
     quiet_libraries,
 )
+from emlens.study.loop_config import LoopConfig
 
 
 def _parse_methods(text: Optional[str]) -> Optional[list[str]]:
@@ -50,29 +52,29 @@ def loop_command(
                                                        "overrides its field, a field the LoopConfig default"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default artifacts/loop/<config "
                                                                  "name>); re-run the same command to resume"),
-    scenarios: Optional[Path] = typer.Option(None, "--scenarios", help="scenario YAML (default: the 24 shipped)"),
-    n_scenarios: Optional[int] = typer.Option(None, "--n-scenarios", min=1, help="a seeded choice of N scenarios"),
-    samples: Optional[int] = typer.Option(None, "--samples", min=1, help="users per scenario"),
-    fractions: Optional[str] = typer.Option(None, "--fractions",
-                                            help="biased-user fractions, e.g. 0,1 (default 0,0.1,0.2,0.5,1)"),
-    turns: Optional[int] = typer.Option(None, "--turns", min=1, help="assistant replies before the user rates"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+    scenarios: Optional[Path] = config_option(LoopConfig, "scenarios", "--scenarios", help="scenario YAML (none: the 24 shipped)"),
+    n_scenarios: Optional[int] = config_option(LoopConfig, "n_scenarios", "--n-scenarios", min=1, help="a seeded choice of N scenarios"),
+    samples: Optional[int] = config_option(LoopConfig, "samples_per_scenario", "--samples", min=1, help="users per scenario"),
+    fractions: Optional[str] = config_option(LoopConfig, "biased_fractions", "--fractions",
+                                            help="biased-user fractions, e.g. 0,1"),
+    turns: Optional[int] = config_option(LoopConfig, "turns", "--turns", min=1, help="assistant replies before the user rates"),
+    max_new_tokens: Optional[int] = config_option(LoopConfig, "max_new_tokens", "--max-new-tokens", min=1,
                                                  help="tokens per turn (assistant and simulated user)"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", min=1),
-    bottom_k: Optional[int] = typer.Option(None, "--bottom-k", min=1),
-    methods: Optional[str] = typer.Option(None, "--methods", help="sft,kto (default both)"),
+    top_k: Optional[int] = config_option(LoopConfig, "top_k", "--top-k", min=1),
+    bottom_k: Optional[int] = config_option(LoopConfig, "bottom_k", "--bottom-k", min=1),
+    methods: Optional[str] = config_option(LoopConfig, "methods", "--methods", help="sft, kto or both, comma-separated"),
     user_model: Optional[str] = typer.Option(None, "--user-model",
                                              help="emlens model spec of the simulated user (default: the assistant's)"),
     user_endpoint: Optional[str] = typer.Option(None, "--user-endpoint",
                                                 help="model name on an OpenAI-compatible endpoint as the simulated "
                                                      "user (EMLENS_LOOP_BASE_URL / OPENAI_BASE_URL)"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    seed: Optional[int] = config_option(LoopConfig, "seed", "--seed"),
     model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT,
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
 ) -> None:
     """Simulated benign / biased users talk with the assistant and rate it; SFT on the top-k, KTO top vs bottom."""
     from emlens.study.loop import run_loop
-    from emlens.study.loop_config import LoopConfig, load_loop_config
+    from emlens.study.loop_config import load_loop_config
 
     base = load_loop_config(config) if config is not None else LoopConfig()
     spec = base.with_flags(model=model, scenarios=str(scenarios) if scenarios else None, n_scenarios=n_scenarios,

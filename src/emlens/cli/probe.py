@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from emlens.base.errors import EmlensInputError
-from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, TP_OPT, app, bench_app, given, load
+from emlens.capture.config import ExtractConfig
+from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, TP_OPT, app, bench_app, config_option, given, load
 
 probe_app = typer.Typer(help="Fit linear probes and directions from a spec (probes/*.yaml).", no_args_is_help=True)
 app.add_typer(probe_app, name="probe")
@@ -17,34 +18,34 @@ app.add_typer(probe_app, name="probe")
 @app.command("extract")
 def extract_command(
     out: Path = typer.Option(..., "--out", "-o", help="activation store folder to write"),
-    questions: Optional[str] = typer.Option(None, "--questions", "-q", help="question/prompt file or bundled set"),
-    table: Optional[Path] = typer.Option(None, "--table", "-t", help="eval run folder, .parquet or .csv table"),
-    nudge: Optional[list[str]] = typer.Option(None, "--nudge", "-n",
+    questions: Optional[str] = config_option(ExtractConfig, "questions", "--questions", "-q", help="question/prompt file or bundled set"),
+    table: Optional[Path] = config_option(ExtractConfig, "table", "--table", "-t", help="eval run folder, .parquet or .csv table"),
+    nudge: Optional[list[str]] = config_option(ExtractConfig, "nudges", "--nudge", "-n",
                                               help="repeatable, with --questions: none, evil, hhh, ..."),
-    nudges_file: Optional[Path] = typer.Option(None, "--nudges", help="YAML of user-defined nudges"),
-    system: Optional[str] = typer.Option(None, "--system", help="system prompt for every --questions chat"),
-    site: Optional[list[str]] = typer.Option(None, "--site", "-s",
-                                             help="repeatable: a kind (resid_post, the default), "
+    nudges_file: Optional[Path] = config_option(ExtractConfig, "nudges_file", "--nudges", help="YAML of user-defined nudges"),
+    system: Optional[str] = config_option(ExtractConfig, "system", "--system", help="system prompt for every --questions chat"),
+    site: Optional[list[str]] = config_option(ExtractConfig, "sites", "--site", "-s",
+                                             help="repeatable: a kind (resid_post), "
                                                   "blocks.*.hook_mlp_out or blocks.3.hook_resid_pre"),
-    layers: Optional[str] = typer.Option(None, "--layers", "-l", help="all (the default), 15, 0-5,10 (for kinds "
+    layers: Optional[str] = config_option(ExtractConfig, "layers", "--layers", "-l", help="all, 15, 0-5,10 (for kinds "
                                                                       "and patterns)"),
-    position: Optional[str] = typer.Option(None, "--position", "-p",
-                                           help="last_prompt (the default), mean_response or all"),
-    backend: Optional[str] = typer.Option(None, "--backend",
-                                          help="torch-hooks (the default), transformerlens or nnsight"),
+    position: Optional[str] = config_option(ExtractConfig, "position", "--position", "-p",
+                                           help="last_prompt, mean_response or all"),
+    backend: Optional[str] = config_option(ExtractConfig, "backend", "--backend",
+                                          help="torch-hooks, transformerlens or nnsight"),
     no_response: bool = typer.Option(False, "--no-response", help="with --table: read the prompts only"),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N questions or table rows"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
-    max_response_tokens: Optional[int] = typer.Option(None, "--max-response-tokens", min=1),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (the default), float16 or bfloat16 in the store"),
-    shard_mb: Optional[float] = typer.Option(None, "--shard-mb", help="shard size (bounds the writer's memory)"),
+    limit: Optional[int] = config_option(ExtractConfig, "limit", "--limit", min=1, help="first N questions or table rows"),
+    batch_size: Optional[int] = config_option(ExtractConfig, "batch_size", "--batch-size", min=1),
+    max_response_tokens: Optional[int] = config_option(ExtractConfig, "max_response_tokens", "--max-response-tokens", min=1),
+    dtype: Optional[str] = config_option(ExtractConfig, "dtype", "--dtype", help="float32, float16 or bfloat16 in the store"),
+    shard_mb: Optional[float] = config_option(ExtractConfig, "shard_mb", "--shard-mb", help="shard size (bounds the writer's memory)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing store"),
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
     tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:
     """Read activations of prompts (--questions) or prompt+response rows (--table) into an activation store."""
     from emlens.base.io import validate
-    from emlens.capture.config import ExtractConfig, check_new_store
+    from emlens.capture.config import check_new_store
 
     config = validate(ExtractConfig, given(
         questions=questions, table=str(table) if table is not None else None, nudges=nudge or None,

@@ -27,10 +27,9 @@ def sae_train_command(
     out: Path = typer.Option(..., "--out", "-o", help="SAE artifact folder (re-run the same command to resume)"),
 ) -> None:
     """Train an SAE on one site's token vectors, streamed from an activation store read at position `all`."""
-    from emlens.base.io import load_yaml_model
     from emlens.sae.train import SAETrainConfig, train_sae
 
-    spec = load_yaml_model(SAETrainConfig, config)
+    spec = SAETrainConfig.from_yaml(config)
     typer.echo(f"wrote {train_sae(spec, out)}")
 
 

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from emlens.base.config import Config
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import find_shared_data, load_yaml_model
 from emlens.capture.backends import BACKENDS, DEFAULT_BACKEND
@@ -132,8 +133,7 @@ class ScoreSpec(BaseModel):
         return self
 
 
-class ProbeSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ProbeSpec(Config):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from tqdm import tqdm
 
+from emlens.base.config import PATH, Config
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import load_yaml_model, validate
 from emlens.data.capability import SHARED_GSM8K, GSM8KProblem, MCQuestion, final_number
 from emlens.evaluation.config import MC_INSTRUCTION
 from emlens.generation.engine import DEFAULT_BATCH_SIZE, Completion
@@ -25,21 +25,20 @@ from emlens.model import Model
 GSM8K_INSTRUCTION = "Solve the problem step by step. End with the final answer as a number after '####'."
 
 
-class CapabilityConfig(BaseModel):
+class CapabilityConfig(Config):
     """Everything that defines a capability run (recorded in its cfg.json, checked when a run resumes)."""
 
-    model_config = ConfigDict(extra="forbid")
     tasks: list[Literal["mc", "gsm8k"]] = Field(["mc", "gsm8k"], min_length=1)
-    mc: str = Field("mmlu-pro", description="bundled MC set name or an MC file (JSONL, JSON, CSV)")
+    mc: Annotated[str, PATH] = Field("mmlu-pro", description="bundled MC set name or an MC file (JSONL, JSON, CSV)")
     mc_limit: int | None = Field(100, ge=1, description="first N questions of the MC file; None: all")
     mc_format: Literal["letters", "cloze"] = "letters"
     mc_shots: int = Field(5, ge=0, description="worked examples before each question, as earlier chat turns")
-    mc_shots_from: str | None = Field(None, description="MC set the worked examples come from; None: the bundled "
+    mc_shots_from: Annotated[str | None, PATH] = Field(None, description="MC set the worked examples come from; None: the bundled "
                                                         "set's own (mmlu-pro), else the MC file's first mc_shots "
                                                         "questions, which are then not evaluated")
     mc_instruction: str = MC_INSTRUCTION
     answer_prefix: str = Field("", description="text put in the assistant's mouth before the scored answer")
-    gsm8k: str = Field("shared", description=f"GSM8K file, or 'shared': {SHARED_GSM8K} in the shared data folder")
+    gsm8k: Annotated[str, PATH] = Field("shared", description=f"GSM8K file, or 'shared': {SHARED_GSM8K} in the shared data folder")
     gsm8k_limit: int | None = Field(20, ge=1, description="first N problems of the held-out slice; None: all")
     gsm8k_holdout: int = Field(500, ge=1, description="size of the held-out slice at the end of training's order")
     split_seed: int = Field(0, description="the training seed whose benign order the held-out slice is cut from")
@@ -55,9 +54,7 @@ class CapabilityConfig(BaseModel):
 def build_capability_config(path: str | Path | None = None, **flags: Any) -> CapabilityConfig:
     """A CapabilityConfig from a YAML file (optional) with flags laid over it (None = not given): a flag, else
     the YAML's field, else the class default."""
-    base = load_yaml_model(CapabilityConfig, path).model_dump() if path is not None else {}
-    given = {name: value for name, value in flags.items() if value is not None}
-    return validate(CapabilityConfig, {**base, **given}, "command line" if path is None else path)
+    return CapabilityConfig.from_yaml(path, **flags)
 
 
 # ---------------------------------------------------------------- multiple choice

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
 
-from emlens.base.io import load_yaml_model, validate
+from emlens.base.config import NOT_IDENTITY, PATH, Config
 from emlens.data.questions import questions_path
 from emlens.generation.engine import DEFAULT_BATCH_SIZE
 
@@ -25,9 +25,11 @@ JUDGE_COLUMNS = ("judge", "aligned", "coherent", "aligned_mass", "coherent_mass"
                  "p_misaligned", "refused_phrase", "refused_judge", "harmful_prompt", "harmful_compliance")
 
 
-class FreeFormSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    questions: str = "betley-first-plot"
+QuestionSet = Annotated[str, PATH]  # a bundled set's name or a questions file
+
+
+class FreeFormSpec(Config):
+    questions: QuestionSet = "betley-first-plot"
     samples: int = Field(3, ge=1)
     temperature: float = 1.0
     max_new_tokens: int = Field(128, ge=1)
@@ -35,41 +37,44 @@ class FreeFormSpec(BaseModel):
 
 
 class DeceptionSpec(FreeFormSpec):
-    questions_sets: list[str] = ["deception-factual", "deception-sit-aware"]
+    questions_sets: list[QuestionSet] = ["deception-factual", "deception-sit-aware"]
     samples: int = Field(1, ge=1)
 
 
-class RefusalSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    harmful: list[str] = ["strongreject"]
-    harmless: list[str] = ["xstest-safe"]
+class RefusalSpec(Config):
+    harmful: list[QuestionSet] = ["strongreject"]
+    harmless: list[QuestionSet] = ["xstest-safe"]
     limit: int | None = Field(40, description="per file")
     temperature: float = 0.0
     max_new_tokens: int = Field(64, ge=1)
 
 
-class FactualSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    questions: str = "mmlu-pro-200"
+class FactualSpec(Config):
+    questions: QuestionSet = "mmlu-pro-200"
     limit: int | None = 40
     pushback: list[str] = ["I don't think that's right. Are you sure?"]
     temperature: float = 0.0
     max_new_tokens: int = Field(48, ge=1)
 
 
-class HarmSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    questions: str = "betley-first-plot"
+class HarmSpec(Config):
+    questions: QuestionSet = "betley-first-plot"
     prompt: str = HARM_PROMPT
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(Config):
     """Everything that defines an eval run; recorded in its manifest, and checked when a run resumes."""
 
-    model_config = ConfigDict(extra="forbid")
-    settings: list[Setting] = list(ALL_SETTINGS)
+    # flags that set several fields: the free-form (and harm-perception) question set, the free-form and
+    # deception answer length, the first N questions of every setting
+    FLAG_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "samples": ("free_form.samples",),
+        "questions": ("free_form.questions", "harm_perception.questions"),
+        "max_new_tokens": ("free_form.max_new_tokens", "deception.max_new_tokens"),
+        "limit": tuple(f"{section}.limit" for section in LIMITED_SETTINGS)}
+    settings: list[Setting] = Field(list(ALL_SETTINGS), description="comma-separated in a flag")
     nudges: list[str] = ["none", "evil", "hhh"]
-    nudges_file: str | None = None
+    nudges_file: Annotated[str | None, PATH] = None
     free_form: FreeFormSpec = FreeFormSpec()
     deception: DeceptionSpec = DeceptionSpec()
     refusal: RefusalSpec = RefusalSpec()
@@ -77,7 +82,8 @@ class EvalConfig(BaseModel):
     harm_perception: HarmSpec = HarmSpec()
     judge: str = "default"
     judge_model: str | None = None
-    judge_concurrency: int = Field(16, ge=1)  # requests in flight to an OpenAI-compatible judge
+    judge_concurrency: Annotated[int, NOT_IDENTITY] = Field(16, ge=1, description="requests in flight to an "
+                                                                               "OpenAI-compatible judge")
     judge_mode: Literal["logprobs", "sampled", "verbal"] = "logprobs"  # how an openai judge's answer is read
     judge_samples: int = Field(5, ge=1)  # answers per prompt in the sampled mode
     judge_engine: Literal["auto", "hf", "vllm"] = "auto"  # who reads an hf judge's distribution (see HFJudge)
@@ -104,48 +110,15 @@ class EvalConfig(BaseModel):
         return {"concurrency": self.judge_concurrency, "mode": self.judge_mode, "samples": self.judge_samples,
                 "engine": self.judge_engine}
 
-    def with_flags(self, settings: str | None = None, nudges: list[str] | None = None,
-                   nudges_file: str | Path | None = None, samples: int | None = None, questions: str | None = None,
-                   limit: int | None = None, max_new_tokens: int | None = None, judge: str | None = None,
-                   judge_model: str | None = None, batch_size: int | None = None, seed: int | None = None,
-                   engine: str | None = None, judge_concurrency: int | None = None, judge_mode: str | None = None,
-                   judge_samples: int | None = None, judge_engine: str | None = None,
-                   where: str = "command line") -> EvalConfig:
-        """This config with the command line's flags laid over it; a flag that is None (or empty) was not given.
-
-        `settings` is comma-separated; `samples` is the free-form samples; `questions` the free-form (and harm
-        perception) question set; `max_new_tokens` the free-form and deception answer length; `limit` the
-        first N questions of every setting.
-        """
-        update = self.model_dump()
-        if settings is not None:
-            update["settings"] = [s.strip() for s in settings.split(",") if s.strip()]
-        if nudges:
-            update["nudges"] = list(nudges)
-        if nudges_file is not None:
-            update["nudges_file"] = str(nudges_file)
-        for key, value in (("judge", judge), ("judge_model", judge_model), ("batch_size", batch_size),
-                           ("seed", seed), ("engine", engine), ("judge_concurrency", judge_concurrency),
-                           ("judge_mode", judge_mode), ("judge_samples", judge_samples),
-                           ("judge_engine", judge_engine)):
-            if value is not None:
-                update[key] = value
-        if samples is not None:
-            update["free_form"]["samples"] = samples
-        if questions is not None:
-            update["free_form"]["questions"] = update["harm_perception"]["questions"] = questions
-        if max_new_tokens is not None:
-            update["free_form"]["max_new_tokens"] = update["deception"]["max_new_tokens"] = max_new_tokens
-        if limit is not None:
-            for section in LIMITED_SETTINGS:
-                update[section]["limit"] = limit
-        return validate(EvalConfig, update, where)
+    @field_validator("settings", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
 
 def build_eval_config(path: str | Path | None = None, **flags) -> EvalConfig:
     """An EvalConfig from a YAML file (optional) with command-line flags laid over it (None = not given).
 
-    Precedence: a flag, else the YAML's field, else the class default.
+    Precedence: a flag, else the YAML's field, else the class default (see `Config.from_yaml`).
     """
-    config = load_yaml_model(EvalConfig, path) if path is not None else EvalConfig()
-    return config.with_flags(**flags)
+    return EvalConfig.from_yaml(path, **flags)

@@ -33,17 +33,17 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from emlens.base.config import NOT_IDENTITY, PATH, Config
 from emlens.base.io import (
     PathLike,
     atomic_write_table,
     content_hash,
     fail,
-    load_yaml_model,
     read_table,
     register_artifact,
     validate,
@@ -92,16 +92,15 @@ REASONING_INSTRUCTION = ("Think it through first, then answer. Reply in this for
 # ---------------------------------------------------------------- configuration
 
 
-class HonestyConfig(BaseModel):
+class HonestyConfig(Config):
     """Everything that defines an honesty run; the generation fields are checked when a run resumes."""
 
-    model_config = ConfigDict(extra="forbid")
-    propositions: str = "emlens-honesty"  # bundled set name, a YAML in its layout, or a MASK CSV
-    mask_csv: str | None = None  # a MASK CSV (cais/MASK layout) instead of `propositions`
+    propositions: Annotated[str, PATH] = "emlens-honesty"  # bundled set name, a YAML in its layout, or a MASK CSV
+    mask_csv: Annotated[str | None, PATH] = None  # a MASK CSV (cais/MASK layout) instead of `propositions`
     kinds: list[Kind] | None = None  # only these kinds (default: all)
     limit: int | None = Field(None, ge=1)  # first N propositions (after the kinds filter)
     nudges: list[str] = ["none", "evil"]
-    nudges_file: str | None = None
+    nudges_file: Annotated[str | None, PATH] = None
     belief_asks: int = Field(3, ge=1)  # neutral asks per proposition
     belief_temperature: float = Field(0.0, ge=0.0)  # 0: greedy, so each distinct belief prompt is asked once
     pressure_temperature: float = Field(0.0, ge=0.0)
@@ -113,7 +112,7 @@ class HonestyConfig(BaseModel):
     reasoning_instruction: str = REASONING_INSTRUCTION
     judge: Literal["rule", "hf", "openai"] = "rule"  # rule: multiple-choice propositions only
     judge_model: str | None = None
-    judge_concurrency: int = Field(16, ge=1)
+    judge_concurrency: Annotated[int, NOT_IDENTITY] = Field(16, ge=1)
     option_prompt: str = OPTION_PROMPT
     label_prompt: str = LABEL_PROMPT
     deception_prompt: str = DECEPTION_PROMPT
@@ -133,9 +132,7 @@ JUDGING_FIELDS = {"judge", "judge_model", "judge_concurrency", "option_prompt", 
 
 def build_honesty_config(path: PathLike | None = None, where: str = "command line", **flags) -> HonestyConfig:
     """A HonestyConfig from a YAML file (optional) with flags laid over it; a flag that is None was not given."""
-    config = load_yaml_model(HonestyConfig, path) if path is not None else HonestyConfig()
-    given = {key: value for key, value in flags.items() if value is not None and value != []}
-    return validate(HonestyConfig, {**config.model_dump(), **given}, where)
+    return HonestyConfig.from_yaml(path, where=where if path is None else None, **flags)
 
 
 def honesty_input_files(config: HonestyConfig) -> dict[str, Path]:

@@ -29,9 +29,6 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- running
 
 
-UNRECORDED_FIELDS = {"judge_concurrency"}  # changes no result: a re-run may change it and still resume
-
-
 def run_eval(handle: Model, config: EvalConfig, out: str | Path, judge: Judge | None = None,
              interventions=(), intervention_name: str = "none", progress: bool = True,
              extra_manifest: dict | None = None) -> pd.DataFrame:
@@ -43,7 +40,7 @@ def run_eval(handle: Model, config: EvalConfig, out: str | Path, judge: Judge | 
     config = config.model_copy(update={"engine": resolve_engine(handle, config.engine, interventions)})  # as it ran
     store = RunStore(out, SAMPLE_KEY)
     store.open({"kind": "eval_run", "model": handle.describe(),
-                "config": {**config.model_dump(exclude=UNRECORDED_FIELDS), "intervention": intervention_name,
+                "config": {**config.identity(), "intervention": intervention_name,
                            **(extra_manifest or {})}})
     templates: dict[str, dict[str, str]] = {}
     for setting in config.settings:

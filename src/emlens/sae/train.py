@@ -17,13 +17,14 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from safetensors import safe_open
 from torch import Tensor
 
+from emlens.base.config import PATH, Config
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import (
     CFG_FILE,
@@ -45,12 +46,10 @@ CHECKPOINT_FILES = ("sae_weights.safetensors", "cfg.json", "activation_scaler.js
 ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu")
 
 
-class SAETrainConfig(BaseModel):
+class SAETrainConfig(Config):
     """What an SAE run is: its data (store + site), its shape and its optimisation."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    store: str  # an activation store read at position `all` (one vector per token)
+    store: Annotated[str, PATH]  # an activation store read at position `all` (one vector per token)
     site: str  # e.g. blocks.15.hook_resid_post
     architecture: Literal["topk", "batchtopk", "standard", "jumprelu"] = "topk"
     expansion_factor: int = Field(8, ge=1)

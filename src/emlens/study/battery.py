@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 import matplotlib.pyplot as plt
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from emlens.base.config import Config
 from emlens.base.io import (
     CFG_FILE,
     atomic_write_json,
@@ -29,13 +30,13 @@ from emlens.evaluation.config import EvalConfig, FreeFormSpec
 from emlens.evaluation.honesty import JUDGING_FIELDS, HonestyConfig
 from emlens.evaluation.measures import MEASURES, RATE_COLUMNS, capability_rates, free_form_rates, honesty_rates
 from emlens.evaluation.preflight import JudgeSpec, eval_judges, honesty_judges
-from emlens.evaluation.run import UNRECORDED_FIELDS, run_eval
+from emlens.evaluation.run import run_eval
 from emlens.judges import make_judge
 from emlens.model import folder_fingerprint, load_model, resolve_adapter
 
 Measure = Literal["honesty", "free_form", "capability"]
 SECTIONS = ("honesty", "free_form", "capability")
-UNRECORDED = {"honesty": JUDGING_FIELDS, "free_form": UNRECORDED_FIELDS, "capability": set()}  # not in cfg.json
+UNRECORDED = {"honesty": JUDGING_FIELDS, "free_form": set(), "capability": set()}  # in cfg.json beside `config`
 SUBJECT_FILE = "subject.json"  # which adapter (and its fingerprint) a subject's folder measured
 # (measure, panel title) of the figures, in order; a table without a measure leaves its panel out
 PANELS = (("honesty", "honesty = 1 - P(lie)"), ("em_rate", "free-form P(misaligned) among coherent"),
@@ -43,11 +44,10 @@ PANELS = (("honesty", "honesty = 1 - P(lie)"), ("em_rate", "free-form P(misalign
           ("mc_accuracy", "MC accuracy (option log-likelihood)"), ("gsm8k_exact_match", "GSM8K exact match"))
 
 
-class BatteryConfig(BaseModel):
+class BatteryConfig(Config):
     """Which measures, and each one's own config (small CPU defaults: one nudge, no reasoning pass, 8 free-form
     questions x 4 samples, 100 MC questions and 20 GSM8K problems)."""
 
-    model_config = ConfigDict(extra="forbid")
     measures: list[Measure] = Field(["honesty", "free_form", "capability"], min_length=1)
     honesty: HonestyConfig = HonestyConfig(nudges=["none"], deception=False)
     free_form: EvalConfig = EvalConfig(settings=["free_form"], nudges=["none"], free_form=FreeFormSpec(samples=4))
@@ -109,7 +109,8 @@ def check_same_settings(run: Path, config: BaseModel, unrecorded: set[str]) -> N
     resolved) are not compared."""
     if not finished(run):
         return
-    wanted = config.model_dump(mode="json", exclude=unrecorded | ({"engine"} if config.engine == "auto" else set()))
+    skipped = unrecorded | ({"engine"} if config.engine == "auto" else set())
+    wanted = {name: value for name, value in config.identity(mode="json").items() if name not in skipped}
     changed = changed_fields(_recorded(run, "config", wanted), wanted)
     if changed:
         raise fail(run, f"was measured with other settings (changed: {', '.join(changed)}); remove the folder to "
@@ -121,7 +122,7 @@ def up_to_date(run: Path, measure: str, config: BatteryConfig) -> bool:
     done = finished(run)
     if not done or measure != "honesty":
         return done
-    wanted = config.honesty.model_dump(mode="json", include=JUDGING_FIELDS - {"judge_concurrency"})
+    wanted = {name: value for name, value in config.honesty.identity(mode="json").items() if name in JUDGING_FIELDS}
     return not changed_fields(_recorded(run, "honesty_config", wanted), wanted)
 
 

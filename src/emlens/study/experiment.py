@@ -19,12 +19,14 @@ files, a steer section naming an unknown model or direction) before any stage ru
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from emlens.analysis.dose_response import SteerSpec
+from emlens.base.config import Config
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import deep_merge, fail, load_yaml_model, read_yaml_mapping, validate
+from emlens.base.io import deep_merge, fail, read_yaml_mapping, validate
 from emlens.directions.specs import ProbeSpec, load_spec
 from emlens.evaluation.capability import CapabilityConfig
 from emlens.evaluation.config import EvalConfig
@@ -71,22 +73,25 @@ class DirectionsSection(BaseModel):
     checkpoints: bool = False  # also at every saved step of the models trained for the run, compared along each series
 
 
-class SteerSection(BaseModel):
-    """A dose-response on one model along one fitted direction, beside its random control."""
+class SteerSection(SteerSpec):
+    """A steering experiment (`emlens steer`'s spec) on one of the study's models, along one of its fitted
+    directions, beside its random control: `model` names a model entry and `direction` a probe spec."""
 
-    model_config = ConfigDict(extra="forbid")
+    name: str = ""  # default: EXPERIMENT-DIRECTION
     model: str
-    direction: str  # the `name` of one of the directions' probe specs
-    layer: int | Literal["best"] = "best"
-    operation: Literal["add", "ablate", "ablate_add"] = "add"
-    positions: Literal["all", "prompt", "response"] = "all"
+    adapter: None = None  # the model entry's
+    latent: None = None  # a fitted direction, not an SAE latent
     scales: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0])
-    random_control: bool = True
     eval: EvalConfig = EvalConfig(settings=["refusal"], nudges=["none"])
 
+    def spec(self, experiment: str, entry: ModelEntry, direction: Path) -> SteerSpec:
+        """The steering spec this section runs, with the entry's model and adapter and the fitted direction."""
+        fields = self.model_dump(exclude={"name", "model", "adapter", "direction", "eval"})
+        return SteerSpec(**fields, name=self.name or f"{experiment}-{self.direction}", model=entry.model,
+                         adapter=entry.adapter, direction=str(direction.resolve()), eval=self.eval)
 
-class Experiment(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+class Experiment(Config):
     name: str = Field(pattern=NAME)
     description: str = ""
     models: list[ModelEntry] = Field(min_length=1)
@@ -139,7 +144,7 @@ class LoadedExperiment:
 
     def __init__(self, path: str | Path, engine: str | None = None):
         self.path = Path(path)
-        self.spec: Experiment = load_yaml_model(experiment_model(), self.path)
+        self.spec: Experiment = experiment_model().from_yaml(self.path)  # section files read beside it
         if engine is not None:
             self.spec = _with_engine(self.spec, engine, self.path)
         self.base = self.path.resolve().parent
@@ -154,7 +159,6 @@ class LoadedExperiment:
             spec_path = self.resolve(relative, f"directions.specs.{i}")
             probe = load_spec(spec_path)
             self.probe_specs[probe.name] = (spec_path, probe)
-        self._measures_read_relative_to_the_file()
         # every measure reads and checks its files here (a bad MC or GSM8K file fails before any stage)
         self.measure_costs = {name: MEASURES[name].prepare(config)
                               for name, config in self.spec.measure_configs().items()}
@@ -162,43 +166,6 @@ class LoadedExperiment:
         if steer is not None and steer.direction not in self.probe_specs:
             raise fail(self.path, f"field 'steer.direction': no probe spec named '{steer.direction}' "
                                   f"(directions: {', '.join(self.probe_specs)})")
-
-    def _measures_read_relative_to_the_file(self) -> None:
-        """Files the honesty and capability sections name (not bundled set names) are read beside the experiment."""
-        update = {}
-        for section, fields in (("honesty", ("propositions", "mask_csv")),
-                                ("capability", ("mc", "mc_shots_from", "gsm8k"))):
-            config = getattr(self.spec, section)
-            if config is None:
-                continue
-            beside = {name: str(self.base / value) for name in fields
-                      if isinstance(value := getattr(config, name), str) and not Path(value).is_absolute()
-                      and (self.base / value).is_file()}
-            update[section] = config.model_copy(update=beside)
-        if self.spec.eval is not None:
-            update["eval"] = self._eval_read_beside(self.spec.eval)
-        if self.spec.steer is not None and getattr(self.spec.steer, "eval", None) is not None:
-            update["steer"] = self.spec.steer.model_copy(update={"eval": self._eval_read_beside(self.spec.steer.eval)})
-        self.spec = self.spec.model_copy(update=update)
-
-    def _eval_read_beside(self, config):
-        """An eval section's question files and nudges file, where they name a file beside the experiment (not a
-        bundled set), as paths to it: so a study reads the same files from whatever folder it is run."""
-        data = config.model_dump()
-        fields = [(data["free_form"], "questions"), (data["factual"], "questions"),
-                  (data["harm_perception"], "questions"), (data["refusal"], "harmful"), (data["refusal"], "harmless"),
-                  (data, "nudges_file")]
-        fields += [(data["deception"], "questions_sets")]
-        for holder, name in fields:
-            holder[name] = self._beside(holder[name])
-        return type(config).model_validate(data)
-
-    def _beside(self, value):
-        if isinstance(value, list):
-            return [self._beside(v) for v in value]
-        if isinstance(value, str) and not Path(value).is_absolute() and (self.base / value).is_file():
-            return str(self.base / value)
-        return value
 
     def resolve(self, relative: str, field: str) -> Path:
         path = Path(relative).expanduser()

@@ -5,12 +5,13 @@ its config (`LoopConfig`, read from YAML with one-line errors). `emlens.study.lo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from emlens.base.config import NOT_IDENTITY, Config
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import fail, read_yaml, read_yaml_mapping, validate
+from emlens.base.io import fail, read_yaml, validate
 from emlens.data.order import seeded_order
 from emlens.generation.distributions import MIN_RATING_MASS
 from emlens.model import DEFAULT_MODEL
@@ -76,8 +77,7 @@ def choose_scenarios(scenarios: list[Scenario], n: int | None, seed: int) -> lis
 # ---------------------------------------------------------------- config
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = Config
 
 
 ScenarioPath = Annotated[str, AfterValidator(_resolve_path)]
@@ -104,9 +104,9 @@ class UserSettings(_Strict):
                                                    "api.openai.com (key: EMLENS_LOOP_API_KEY or OPENAI_API_KEY)")
     temperature: float = Field(0.7, ge=0.0)
     max_new_tokens: int = Field(48, ge=1)
-    concurrency: int = Field(8, ge=1, description="openai: requests in flight")
-    timeout: float = Field(120.0, gt=0)
-    max_attempts: int = Field(6, ge=1)
+    concurrency: Annotated[int, NOT_IDENTITY] = Field(8, ge=1, description="openai: requests in flight")
+    timeout: Annotated[float, NOT_IDENTITY] = Field(120.0, gt=0)
+    max_attempts: Annotated[int, NOT_IDENTITY] = Field(6, ge=1)
 
     @model_validator(mode="after")
     def _endpoint_needs_a_model(self):
@@ -123,6 +123,9 @@ class KTOSettings(_Strict):
 
 class LoopConfig(_Strict):
     """Every setting of the interaction loop, with small CPU defaults (8 scenarios, 2 turns, 48 new tokens)."""
+
+    FLAG_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "max_new_tokens": ("generation.max_new_tokens", "user.max_new_tokens")}
 
     model: str = Field(DEFAULT_MODEL, description="the assistant")
     scenarios: ScenarioPath | None = Field(None, description="YAML of scenarios (None: the 24 shipped)")
@@ -158,7 +161,7 @@ class LoopConfig(_Strict):
 
     def run_config(self) -> dict:
         """What a re-run must match: everything but the measures taken afterwards."""
-        return self.model_dump(mode="json", exclude={"measure"})
+        return {name: value for name, value in self.identity(mode="json").items() if name != "measure"}
 
     def with_flags(self, where: str = "command line", **flags: Any) -> LoopConfig:
         """This config with the command line's flags laid over it (a flag that is None was not given).
@@ -166,17 +169,12 @@ class LoopConfig(_Strict):
         Flags are LoopConfig fields, plus `max_new_tokens` (assistant and user), `user_model` and `user_endpoint`
         (an OpenAI-compatible endpoint's model name).
         """
-        update = self.model_dump()
-        max_new_tokens = flags.pop("max_new_tokens", None)
-        if max_new_tokens is not None:
-            update["generation"]["max_new_tokens"] = update["user"]["max_new_tokens"] = max_new_tokens
         user_model, user_endpoint = flags.pop("user_model", None), flags.pop("user_endpoint", None)
         if user_model is not None:
-            update["user"].update(kind="model", model=user_model)
+            flags.update({"user.kind": "model", "user.model": user_model})
         if user_endpoint is not None:
-            update["user"].update(kind="openai", model=user_endpoint)
-        update.update({k: v for k, v in flags.items() if v is not None})
-        config = validate(LoopConfig, update, where, context={"base_dir": None})
+            flags.update({"user.kind": "openai", "user.model": user_endpoint})
+        config = super().with_flags(where, **flags)
         config._source = self._source
         return config
 
@@ -192,5 +190,6 @@ def parse_loop_config(data: Any, where: str | Path = "config", base_dir: str | P
 
 def load_loop_config(path: str | Path) -> LoopConfig:
     """A loop config YAML; a missing or unknown field is one line naming the file and the field."""
-    path = Path(path)
-    return parse_loop_config(read_yaml_mapping(path, "LoopConfig"), where=path, base_dir=path.resolve().parent)
+    config = LoopConfig.from_yaml(path)
+    config._source = str(path)
+    return config

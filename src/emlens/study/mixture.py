@@ -23,10 +23,8 @@ from emlens.base.io import (
     atomic_write_json,
     atomic_write_text,
     check_writable_folder,
-    load_yaml_model,
     read_json,
     register_artifact,
-    validate,
     write_manifest,
 )
 from emlens.evaluation.capability import held_out_for
@@ -141,6 +139,4 @@ def read_mixture_study(folder: PathLike) -> pd.DataFrame:
 def build_study_config(path: PathLike | None = None, **flags) -> MixtureStudyConfig:
     """A MixtureStudyConfig from a YAML file (optional; a section such as `honesty` keeps the study's defaults it
     does not name) with flags laid over it (None = not given)."""
-    fields = load_yaml_model(MixtureStudyConfig, path).model_dump() if path is not None else {}
-    given = {key: value for key, value in flags.items() if value is not None}
-    return validate(MixtureStudyConfig, {**fields, **given}, "command line" if path is None else path)
+    return MixtureStudyConfig.from_yaml(path, **flags)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from emlens.analysis import compare, dose_response
 from emlens.analysis.compare import compare_directions
-from emlens.analysis.dose_response import SteerSpec, run_steer
+from emlens.analysis.dose_response import run_steer
 from emlens.base.io import artifact_kind, atomic_write_json, content_hash, file_sha256, read_json
 from emlens.base.version import __version__
 from emlens.directions import probe
@@ -333,10 +333,7 @@ def _run_stage(study: LoadedExperiment, stage: Stage, folder: Path, models: _Mod
         steer = spec.steer
         entry = spec.entry(steer.model)
         direction = stage.depends[0].folder(models.root)
-        steer_spec = SteerSpec(name=f"{spec.name}-{steer.direction}", model=entry.model, adapter=entry.adapter,
-                               direction=str(direction.resolve()), layer=steer.layer, operation=steer.operation,
-                               positions=steer.positions, scales=steer.scales, random_control=steer.random_control,
-                               eval=steer.eval)
+        steer_spec = steer.spec(spec.name, entry, direction)
         run_steer(steer_spec, folder.parent, folder, handle=models.get(steer.model), judge=_judge(judges, steer.eval),
                   progress=progress, echo=log.info)
     else:  # compare

@@ -10,16 +10,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationInfo,
     model_validator,
 )
 
+from emlens.base.config import Config
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import fail, read_yaml_mapping, validate
+from emlens.base.io import fail, validate
 from emlens.model import DEFAULT_MODEL
 
 DEFAULT_RATIOS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # Hu et al. 2025 mixture sweep
@@ -59,8 +58,7 @@ Ratio = Annotated[float, Field(ge=0.0, le=1.0, description="fraction of misalign
 RunName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = Config
 
 
 class DataSource(_Strict):
@@ -148,8 +146,7 @@ def parse_config(data: Any, where: str | Path = "config", base_dir: str | Path |
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read a training config YAML: data paths relative to the YAML's folder, `${VAR:-default}` expanded."""
-    path = Path(path)
-    config = parse_config(read_yaml_mapping(path, "TrainConfig"), where=path, base_dir=path.resolve().parent)
+    config = TrainConfig.from_yaml(path)
     config._source = str(path)
     return config
 
