@@ -105,7 +105,7 @@ def test_a_retrained_adapter_is_refused_not_mixed_with_its_old_answers(sweep, ti
     config_file = write_yaml(tmp_path / "study.yaml", config.model_dump(mode="json"))
     capsys.readouterr()
     err = one_line_error(capsys, run_cli("mixture-study", moved, "--out", out, "--config", config_file))
-    assert "ratio-50pct" in err and "another version of its adapter" in err
+    assert "ratio-50pct" in err and "answers of another model" in err
 
 
 def test_a_finished_measure_with_other_settings_is_refused_not_passed_off(sweep, tiny_model_dir, tmp_path, capsys):

@@ -192,3 +192,30 @@ def test_the_hf_judge_on_vllm_reads_the_scores_of_the_exact_reading(smol):
         assert v.verdict == e.verdict and v.mass == pytest.approx(e.mass, abs=0.02)
         if e.value is not None:
             assert v.value == pytest.approx(e.value, abs=1.0)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "standard"])
+def test_latent_ablation_runs_in_the_worker_as_under_hf(smol, architecture):
+    """AblateLatent is one `sae_ablate` op: vLLM's worker encodes with the SAE itself (a TopK SAE is no per-latent
+    formula) and removes the latent's contribution as the hf hooks do."""
+    from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+    from emlens.sae.artifact import LoadedSAE
+    from emlens.sae.steer import AblateLatent
+
+    torch.manual_seed(0)
+    d_in, d_sae = smol.d_model, 64
+    sae = (TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=8)) if architecture == "topk"
+           else StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae)))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae) / d_in ** 0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in) * 2.0)  # a large write, so removing it changes the answer
+        sae.b_enc.fill_(0.5)
+    loaded = LoadedSAE(sae, "blocks.12.hook_resid_post", "random-sae")
+    ablation = AblateLatent(loaded, latent=3)
+    assert resolve_engine(smol, "vllm", [ablation]) == "vllm"
+    chats = prompts(16)
+    plain = run(smol, requests(chats), "vllm")
+    hf, vllm = (run(smol, requests(chats), engine, interventions=[ablation]) for engine in ("hf", "vllm"))
+    assert same_tokens(hf, vllm) >= 14
+    assert same_tokens(plain, vllm) < 16

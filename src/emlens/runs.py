@@ -41,24 +41,16 @@ class RunStore:
         self.key_columns = key_columns
         self.parts = self.folder / "parts"
 
-    def open(self, manifest: dict) -> None:
-        """Create the folder, or check that an existing one was made by the same command.
+    def open(self, manifest: dict, results_version: int | None = None) -> None:
+        """Create the folder, or check that an existing one was made by the same command (see `open_run`).
 
-        `manifest["kind"]` names the run (eval_run, generate_run); a folder that is not a run of that kind is
-        refused, so a run never writes into (or later replaces files of) a folder it did not make.
+        `manifest["kind"]` names the run (eval_run, generate_run); its `config` and `model` (and the code's
+        `results_version`, where given) are the run's identity.
         """
-        path = self.folder / CFG_FILE
-        check_writable_folder(self.folder, manifest["kind"])
-        if path.exists():
-            old = read_json(path)
-            if old.get("config") != manifest.get("config"):
-                changed = changed_fields(old.get("config", {}), manifest.get("config", {}))
-                raise EmlensInputError(f"{path}: run folder holds a different run (changed: {', '.join(changed)}); "
-                                       "use a new --out folder")
-            _check_same_model(path, old.get("model") or {}, manifest.get("model") or {})
-        else:
-            write_manifest(self.folder, {**manifest, "format_version": FORMAT_VERSION, "versions": versions(),
-                                         "created": time.time()})
+        identity = {"config": manifest.get("config"), "model": manifest.get("model") or {}}
+        if results_version is not None:
+            identity["results_version"] = results_version
+        open_run(self.folder, manifest["kind"], identity, manifest)
         self.parts.mkdir(parents=True, exist_ok=True)
 
     def read_parts(self) -> pd.DataFrame:
@@ -93,7 +85,67 @@ class RunStore:
         return frame
 
 
-def _check_same_model(path: Path, old: dict, new: dict) -> None:
+# ---------------------------------------------------------------- run identity
+
+
+def open_run(folder: str | Path, kind: str, identity: dict, record: dict | None = None) -> dict | None:
+    """The one rule for reusing finished work: open a run folder of `kind` whose results `identity` determines.
+
+    `identity` holds what the run's results are computed from, each as a top-level key of its cfg.json: its
+    `config` (the config's `identity()`), the content hashes of its `data`, its `model` (compared by fingerprint),
+    its resolved `engine`, the code's `results_version`; a dotted key (`data.sha256`) names a nested entry. A new
+    folder gets cfg.json (`record` with the identity laid over it); an existing run of that kind is reused only
+    when every part of its identity is the same, else refused with the parts that changed; a folder that is not a
+    run of that kind is refused, so a run never writes into a folder it did not make. Returns the existing cfg.json,
+    or None when the folder is new.
+    """
+    folder = Path(folder)
+    check_writable_folder(folder, kind)
+    path = folder / CFG_FILE
+    if path.exists():
+        old = read_json(path)
+        check_same_identity(path, old, identity)
+        return old
+    write_manifest(folder, {**(record or {}), **_nested(identity), "kind": kind, "format_version": FORMAT_VERSION,
+                            "versions": versions(), "created": time.time()})
+    return None
+
+
+def check_same_identity(where: str | Path, recorded: dict, identity: dict) -> None:
+    """Refuse a recorded run whose identity differs from `identity`, naming what changed (see `open_run`)."""
+    for key, value in identity.items():
+        old = _lookup(recorded, key)
+        if key == "model":
+            _check_same_model(where, old or {}, value or {})
+        elif key == "results_version" and old != value:
+            raise EmlensInputError(f"{where}: run folder was made by another version of emlens's code (results "
+                                   f"version {old}, now {value}); use a new --out folder")
+        elif old != value:
+            changed = changed_fields(old, value) if isinstance(value, dict) else [key]
+            raise EmlensInputError(f"{where}: run folder holds a different run (changed: {', '.join(changed)}); "
+                                   "use a new --out folder")
+
+
+def _lookup(recorded: dict, dotted: str):
+    value = recorded
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _nested(identity: dict) -> dict:
+    """The identity with dotted keys as nested mappings, as cfg.json records it."""
+    out: dict = {}
+    for key, value in identity.items():
+        *parents, last = key.split(".")
+        holder = out
+        for part in parents:
+            holder = holder.setdefault(part, {})
+        holder[last] = value
+    return out
+
+
+def _check_same_model(path: str | Path, old: dict, new: dict) -> None:
     """A resumed run must measure the weights it started with: answers of two models never mix in one table."""
     if old.get("fingerprint") and new.get("fingerprint") and old["fingerprint"] != new["fingerprint"]:
         raise EmlensInputError(f"{path}: run folder holds answers of another model ({_model_name(old)}, fingerprint "

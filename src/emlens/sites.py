@@ -6,7 +6,7 @@ import itertools
 import re
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import Tensor
@@ -144,6 +144,26 @@ class Family:
     write: dict[str, Hook]
     model_types: tuple[str, ...]
     refused: str = ""  # why the site kinds missing from `read` cannot be served (one line)
+    vllm: dict[str, VLLMPoint] = field(default_factory=dict)  # where vLLM's worker sees each kind ({}: not served)
+
+
+@dataclass(frozen=True)
+class VLLMPoint:
+    """Where vLLM's worker (`emlens.generation.vllm_worker`) sees a site kind of layer l: at hook point `point`
+    (embed / mid / post) of layer l + `offset`, as the sublayer output alone (`part` hidden) or the stream (sum);
+    `rank` orders the sites seen at one point."""
+
+    point: Literal["embed", "mid", "post"]
+    offset: int
+    part: Literal["hidden", "sum"]
+    rank: int
+
+
+# vLLM's Llama-layout layers return (hidden, residual); the worker hooks the post-attention norm's input
+# (attn_out, resid_pre) and the layer's output (mlp_out, resid_mid). resid_pre of layer 0 is the embedding's output.
+LLAMA_VLLM = {"attn_out": VLLMPoint("mid", 0, "hidden", 0), "resid_mid": VLLMPoint("mid", 0, "sum", 1),
+              "mlp_out": VLLMPoint("post", 0, "hidden", 0), "resid_post": VLLMPoint("post", 0, "sum", 1),
+              "resid_pre": VLLMPoint("post", -1, "sum", 2)}
 
 
 _PRE, _POST = Hook("", "input"), Hook("", "output")
@@ -153,6 +173,7 @@ LLAMA = Family(
           "resid_mid": Hook("post_attention_layernorm", "input"), "mlp_out": Hook("mlp", "output"), "resid_post": _POST},
     write={"resid_mid": Hook("self_attn", "output")},
     model_types=("llama", "qwen2", "qwen3", "mistral", "gemma", "olmo", "phi3", "smollm3"),
+    vllm=LLAMA_VLLM,
 )
 OLMO2 = Family(  # OLMo-2 norms each sublayer's output (no norm before it): the MLP reads resid_mid itself
     "olmo2", "model",
@@ -184,6 +205,23 @@ GPT_NEOX = Family(  # resid_mid exists only without the parallel residual (Pythi
     model_types=("gpt_neox",),
 )
 FAMILIES = (LLAMA, OLMO2, GRANITE, GEMMA2, GEMMA3_MULTIMODAL, GPT_NEOX)
+
+
+def vllm_point(config, layer: int, kind: str) -> tuple[str, int, str, tuple[int, int, int]]:
+    """(hook point, its layer, part, execution order) where vLLM's worker sees a site; one line where the family
+    has no vLLM placement."""
+    family = family_of(config)
+    if not family.vllm:
+        served = ", ".join(f.name for f in FAMILIES if f.vllm)
+        raise EmlensInputError(f"engine vllm: steering and capture support {served}-family models; "
+                               f"{config.model_type} needs --engine hf")
+    if kind == "resid_pre" and layer == 0:
+        return "embed", 0, "sum", (0, 0, 0)
+    where = family.vllm[kind]
+    return where.point, layer + where.offset, where.part, (layer + where.offset, _POINT_RANK[where.point], where.rank)
+
+
+_POINT_RANK = {"embed": 0, "mid": 1, "post": 2}
 
 
 def family_of(config) -> Family:

@@ -24,19 +24,15 @@ from torch import Tensor
 from emlens.base.config import Config
 from emlens.base.io import (
     CFG_FILE,
-    FORMAT_VERSION,
     SAMPLES_FILE,
     atomic_write_json,
     atomic_write_table,
     atomic_write_text,
-    check_writable_folder,
     fail,
     read_json,
     read_table,
     register_artifact,
     save_figure,
-    versions,
-    write_manifest,
 )
 from emlens.base.stats import benjamini_hochberg, bootstrap_ci, bootstrap_p, rate
 from emlens.directions.artifact import Direction
@@ -46,6 +42,7 @@ from emlens.evaluation.settings import with_pushback_outcomes
 from emlens.evaluation.summary import calibration_for
 from emlens.judges import make_judge
 from emlens.model import DEFAULT_MODEL, load_model
+from emlens.runs import open_run
 from emlens.sae.artifact import load_sae
 from emlens.sae.steer import AblateLatent, check_latent, natural_scale, random_latent
 from emlens.sites import SITE_KINDS
@@ -220,14 +217,10 @@ def run_steer(spec: SteerSpec, base: Path, out: str | Path, handle=None, judge=N
 
 def _open_experiment(out: Path, spec: SteerSpec, target: SteerTarget) -> dict:
     """OUT/cfg.json, written before any work so a killed experiment resumes; another spec there is refused."""
-    check_writable_folder(out, EXPERIMENT_KIND)
-    cfg = {"kind": EXPERIMENT_KIND, "format_version": FORMAT_VERSION, "spec": spec.model_dump(mode="json"),
-           "direction": target.path, "layer": target.layer, "site": target.site, "versions": versions(),
-           "created": time.time()}
-    if (out / CFG_FILE).exists() and read_json(out / CFG_FILE).get("spec") != cfg["spec"]:
-        raise fail(out, "holds a steering experiment with another spec; use a new --out folder")
-    write_manifest(out, cfg)
-    return cfg
+    record = {"direction": target.path, "layer": target.layer, "site": target.site}
+    identity = {"spec": spec.model_dump(mode="json"), "results_version": RESULTS_VERSION}
+    old = open_run(out, EXPERIMENT_KIND, identity, record)
+    return old if old is not None else read_json(out / CFG_FILE)
 
 
 @register_artifact(EXPERIMENT_KIND)

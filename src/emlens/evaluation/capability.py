@@ -230,8 +230,8 @@ def run_capability(handle: Model, config: CapabilityConfig, out: str | Path, int
     store = RunStore(out, ROW_KEY)
     paths = {"mc": str(mc_path(config.mc)) if mc else None, "gsm8k": str(gsm8k.path) if gsm8k.problems else None}
     store.open({"kind": RUN_KIND, "model": handle.describe(), "data_paths": paths,  # sha256s are in the config
-                "config": {**config.model_dump(), "fingerprint": handle.fingerprint, "intervention": intervention_name,
-                           "data": data.identity}})
+                "config": {**config.identity(), "fingerprint": handle.fingerprint, "intervention": intervention_name,
+                           "data": data.identity}}, results_version=RESULTS_VERSION)
     done = store.done_keys()
     extra = {"fingerprint": handle.fingerprint, "intervention": intervention_name}
     interventions = list(interventions)

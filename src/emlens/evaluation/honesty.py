@@ -288,7 +288,8 @@ def run_honesty(handle: Model, config: HonestyConfig, out: PathLike, judge=None,
     store = RunStore(out, HONESTY_KEY)
     store.open({"kind": HONESTY_KIND, "model": handle.describe(),
                 "config": {**config.model_dump(exclude=JUDGING_FIELDS),  # a new judge re-reads the same answers
-                           "propositions_sha256": content_hash([p.model_dump() for p in propositions])}})
+                           "propositions_sha256": content_hash([p.model_dump() for p in propositions])}},
+               results_version=RESULTS_VERSION)
     run_asks(handle, plan_asks(propositions, nudges, config), store, config, progress)
     judge = judge if judge is not None else make_honesty_judge(config)
     samples, _ = label_samples(store.read_parts(), propositions, judge)

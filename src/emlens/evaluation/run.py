@@ -41,7 +41,7 @@ def run_eval(handle: Model, config: EvalConfig, out: str | Path, judge: Judge | 
     store = RunStore(out, SAMPLE_KEY)
     store.open({"kind": "eval_run", "model": handle.describe(),
                 "config": {**config.identity(), "intervention": intervention_name,
-                           **(extra_manifest or {})}})
+                           **(extra_manifest or {})}}, results_version=RESULTS_VERSION)
     templates: dict[str, dict[str, str]] = {}
     for setting in config.settings:
         log.info("setting %s", setting)

@@ -1,8 +1,10 @@
 """One front for generation: `generate(handle, requests, config)` runs the engine the config names.
 
-Engines: `hf` (emlens's own decode loop on the transformers model; the reference) and `vllm` (vLLM, with
-steering and capture in its workers). `auto` takes vLLM for a model on a GPU where vLLM is installed and can
-serve it, else hf: on a CPU the two run at about the same speed and vLLM's 45 s start-up would dominate.
+Engines (the registry `emlens.generation.engines.ENGINES`): `hf` (emlens's own decode loop on the transformers
+model; the reference) and `vllm` (vLLM, with steering and capture in its workers). `auto` takes the first
+registered engine that supports every intervention's ops: vLLM for a model on a GPU where vLLM is installed,
+can serve it and its worker implements every op, else hf: on a CPU the two run at about the same speed and
+vLLM's 45 s start-up would dominate. Runs record the engine `resolve_engine` chose in their cfg.json.
 
 Interventions: those passed to `generate` apply to every request; a `Request` may carry its own on top, so one
 call (one vLLM pass) can hold a whole dose-response grid.
@@ -17,7 +19,8 @@ import torch
 from emlens.base.errors import EmlensInputError
 from emlens.generation import vllm_engine
 from emlens.generation.context import Intervention, context_of
-from emlens.generation.hf_engine import generate_hf
+from emlens.generation.engines import ENGINES, engine_named, pick_engine, register_engine  # noqa: F401
+from emlens.generation.ops import ops_of
 from emlens.generation.requests import (  # noqa: F401  (re-exported: the names callers know this module by)
     DEFAULT_BATCH_SIZE,
     Completion,
@@ -29,27 +32,25 @@ from emlens.generation.requests import (  # noqa: F401  (re-exported: the names 
 )
 from emlens.model import Model
 
-ENGINES = ("auto", "hf", "vllm")
+
+def requested_ops(handle: Model, interventions: Iterable = ()):
+    """The ops of every intervention given or active on the model in a `steer` block (None: one has none)."""
+    return ops_of(handle, [*context_of(handle).active, *interventions])
 
 
 def vllm_can_apply(handle: Model, interventions: Iterable = ()) -> bool:
-    """Whether every intervention (given, or active on the model in a `steer` block) has a vLLM form."""
-    return all(hasattr(i, "vllm_ops") for i in [*context_of(handle).active, *interventions])
+    """Whether vLLM's worker can run every intervention (given, or active on the model in a `steer` block)."""
+    return vllm_engine.worker_applies(handle, requested_ops(handle, interventions))
 
 
 def resolve_engine(handle: Model, engine: str = "auto", interventions: Iterable = ()) -> str:
-    """The engine that will run: `auto` becomes vllm where the model is on a GPU, vLLM can load it and can apply
-    every intervention, else hf; asking for vllm where it cannot run is an error."""
-    if engine not in ENGINES:
-        raise EmlensInputError(f"engine '{engine}': unknown (known: {', '.join(ENGINES)})")
+    """The engine that will run: `auto` becomes the first registered engine that supports every intervention's
+    ops (vllm on a GPU where it can load the model, else hf); naming one that cannot serve the model is an error."""
     if engine == "auto":
-        usable = (handle.device.type == "cuda" and vllm_engine.vllm_supports(handle) is None
-                  and vllm_can_apply(handle, interventions))
-        return "vllm" if usable else "hf"
-    if engine == "vllm":
-        reason = vllm_engine.vllm_supports(handle)
-        if reason is not None:
-            raise EmlensInputError(f"engine vllm: {reason}")
+        return pick_engine(handle, requested_ops(handle, interventions)).name
+    reason = engine_named(engine).unavailable(handle)
+    if reason is not None:
+        raise EmlensInputError(f"engine {engine}: {reason}")
     return engine
 
 
@@ -71,11 +72,11 @@ def generate(handle: Model, requests: Sequence[Request], config: GenerationConfi
     """
     config = config or GenerationConfig()
     interventions = list(interventions)
-    if resolve_engine(handle, config.engine, interventions) == "vllm":
-        # vLLM's workers do not run the hf model's hooks: the steering of an enclosing `steer` block goes along
+    engine = resolve_engine(handle, config.engine, interventions)
+    if engine != "hf":
+        # other engines do not run the hf model's hooks: the steering of an enclosing `steer` block goes along
         interventions = [*context_of(handle).active, *interventions]
-        return vllm_engine.engine_for(handle).generate(handle, requests, config, interventions, progress, on_batch)
-    return generate_hf(handle, requests, config, interventions, progress, on_batch)
+    return ENGINES[engine].generate(handle, requests, config, interventions, progress, on_batch)
 
 
 def generate_text(model: Model, prompts: str | list, config: GenerationConfig | None = None, seed: int = 0,

@@ -15,6 +15,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from emlens.generation.context import Intervention, describe, intervene
+from emlens.generation.distributions import hf_next_top
 from emlens.generation.requests import (
     Completion,
     GenerationConfig,
@@ -26,6 +27,68 @@ from emlens.generation.requests import (
     prompt_token_ids,
 )
 from emlens.model import Model
+from emlens.sites import hook_site, site_name
+
+
+class HF:
+    """The hf engine as the registry knows it (`emlens.generation.engines.Engine`): the reference, which runs every
+    op and any intervention that hooks the transformers model itself."""
+
+    name = "hf"
+
+    def unavailable(self, handle: Model) -> str | None:
+        return None
+
+    def supports(self, handle: Model, ops) -> bool:
+        return True
+
+    def generate(self, handle: Model, requests: Sequence[Request], config: GenerationConfig,
+                 interventions: Iterable[Intervention] = (), progress: bool = True,
+                 on_batch: Callable[[list[int], list[Completion]], None] | None = None) -> list[Completion]:
+        return generate_hf(handle, requests, config, interventions, progress, on_batch)
+
+    def capture(self, handle: Model, sequences: Sequence[tuple[list[int], int]], sites: Sequence[tuple[int, str]],
+                position: str, interventions: Iterable[Intervention] = ()) -> list[dict[str, Tensor]]:
+        return capture_hf(handle, sequences, sites, position, interventions)
+
+    def logprobs(self, handle: Model, sequences: Sequence[list[int]], k: int) -> list[dict[int, float]]:
+        return hf_next_top(handle, k)(list(sequences))
+
+
+@torch.inference_mode()
+def capture_hf(handle: Model, sequences: Sequence[tuple[list[int], int]], sites: Sequence[tuple[int, str]],
+               position: str, interventions: Iterable[Intervention] = ()) -> list[dict[str, Tensor]]:
+    """Pooled vectors of each (token ids, prompt length) sequence at each (layer, kind) site, as vLLM's `capture`
+    returns them: one sequence per pass (no padding), tokens from the prompt length on are response tokens."""
+    found = []
+    with intervene(handle, list(interventions)):
+        for ids, prompt_len in sequences:
+            seen: dict[str, Tensor] = {}
+            readers = [hook_site(handle.base_model, layer, kind, _reader(seen, site_name(layer, kind)))
+                       for layer, kind in sites]
+            prompt = torch.arange(len(ids), device=handle.device)[None] < prompt_len
+            try:
+                with describe(handle, prompt, ~prompt, -1):
+                    handle.model(input_ids=torch.tensor([ids], device=handle.device))
+            finally:
+                for reader in readers:
+                    reader.remove()
+            found.append({name: _pooled(value, position, prompt_len) for name, value in seen.items()})
+    return found
+
+
+def _reader(seen: dict, name: str):
+    def read(hidden: Tensor) -> None:
+        seen[name] = hidden[0].detach().float().cpu()
+    return read
+
+
+def _pooled(value: Tensor, position: str, prompt_len: int) -> Tensor:
+    if position == "last_prompt":
+        return value[prompt_len - 1][None]
+    if position == "mean_response":
+        return value[prompt_len:].mean(0, keepdim=True)
+    return value
 
 
 def generate_hf(handle: Model, requests: Sequence[Request], config: GenerationConfig,

@@ -27,11 +27,13 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from tqdm import tqdm
 
 from emlens.base.errors import EmlensInputError
+from emlens.generation.ops import SiteOp, ops_of
 from emlens.generation.requests import (
     Completion,
     GenerationConfig,
@@ -41,10 +43,10 @@ from emlens.generation.requests import (
     prompt_token_ids,
 )
 from emlens.model import Model, resolve_checkpoint
-from emlens.sites import SITE_KINDS, family_of, site_name
+from emlens.sites import FAMILIES, SITE_KINDS, family_of, site_name, vllm_point
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
-VLLM_FAMILIES = ("llama",)  # families whose vLLM layers have the (hidden, residual) layout the worker hooks
+VLLM_FAMILIES = tuple(f.name for f in FAMILIES if f.vllm)  # families the family table places vLLM hooks for
 CHUNK = 1024  # requests per engine call: finished chunks are saved, so a killed run keeps them
 
 
@@ -266,62 +268,97 @@ class VLLMEngine:
         return [{name: captured[f"capture-{i}"][name] for name in names} for i in range(len(sequences))]
 
 
+class VLLM:
+    """The vllm engine as the registry knows it (`emlens.generation.engines.Engine`)."""
+
+    name = "vllm"
+
+    def unavailable(self, handle: Model) -> str | None:
+        return vllm_supports(handle)
+
+    def supports(self, handle: Model, ops) -> bool:
+        """Taken by `auto` for a model on a GPU (on a CPU its start-up would dominate) that vLLM can load, when
+        its worker implements every op."""
+        return handle.device.type == "cuda" and vllm_supports(handle) is None and worker_applies(handle, ops)
+
+    def generate(self, handle: Model, requests: Sequence[Request], config: GenerationConfig,
+                 interventions: Iterable = (), progress: bool = True,
+                 on_batch: Callable[[list[int], list[Completion]], None] | None = None) -> list[Completion]:
+        return engine_for(handle).generate(handle, requests, config, interventions, progress, on_batch)
+
+    def capture(self, handle: Model, sequences: Sequence[tuple[list[int], int]], sites: Sequence[tuple[int, str]],
+                position: str, interventions: Iterable = ()) -> list[dict[str, Tensor]]:
+        return engine_for(handle).capture(handle, sequences, sites, position, interventions)
+
+    def logprobs(self, handle: Model, sequences: Sequence[list[int]], k: int) -> list[dict[int, float]]:
+        return engine_for(handle).next_top(handle, sequences, k)
+
+
 # ---------------------------------------------------------------- programs
+#
+# A program is the interventions' site-level ops (`emlens.generation.ops.SiteOp`), each placed at the hook point
+# where the worker sees its site (the family table's `vllm` placement) and serialised to plain data.
+
+WORKER_KINDS = ("add", "ablate", "clamp", "sae_ablate", "read")  # the op kinds the worker implements
 
 
-_POINT_RANK = {"embed": 0, "mid": 1, "post": 2}
-# Where each site kind is seen in vLLM: (point, layer offset, part, rank among the sites at that point)
-_SITE_POINTS = {"attn_out": ("mid", 0, "hidden", 0), "resid_mid": ("mid", 0, "sum", 1),
-                "mlp_out": ("post", 0, "hidden", 0), "resid_post": ("post", 0, "sum", 1),
-                "resid_pre": ("post", -1, "sum", 2)}
-
-
-def _placement(layer: int, kind: str) -> dict:
-    if kind not in SITE_KINDS:
-        raise EmlensInputError(f"site '{kind}': unknown (known: {', '.join(SITE_KINDS)})")
-    if kind == "resid_pre" and layer == 0:
-        return {"point": "embed", "layer": 0, "part": "sum", "_order": (0, 0, 0)}
-    point, offset, part, rank = _SITE_POINTS[kind]
-    return {"point": point, "layer": layer + offset, "part": part,
-            "_order": (layer + offset, _POINT_RANK[point], rank)}
+def worker_applies(handle: Model, ops) -> bool:
+    """Whether the worker can run every op: each is of a kind it implements, on a family it knows."""
+    if ops is None:
+        return False
+    try:
+        served = bool(family_of(handle.config).vllm)
+    except EmlensInputError:
+        return False
+    return served and all(op.kind in WORKER_KINDS for op in ops)
 
 
 def _in_site_order(ops: list[dict]) -> list[dict]:
     """Execution order: by hook point, then site; at one site, writes before reads (a read sees the steering)."""
-    ordered = sorted(enumerate(ops), key=lambda item: (*item[1]["_order"], "read" in item[1], item[0]))
+    ordered = sorted(enumerate(ops), key=lambda item: (*item[1]["_order"], item[1]["kind"] == "read", item[0]))
     return [{k: v for k, v in op.items() if k != "_order"} for _, op in ordered]
 
 
 def program_of(handle: Model, interventions: Sequence, shape: dict) -> list[dict]:
-    """The worker program of some interventions: each gives its site-level ops (`vllm_ops`), placed here."""
+    """The worker program of some interventions: their site-level ops, placed and in execution order."""
     return _in_site_order(_placed_ops(handle, interventions, shape))
 
 
 def _placed_ops(handle: Model, interventions: Sequence, shape: dict) -> list[dict]:
     ops = []
     for intervention in interventions:
-        to_ops = getattr(intervention, "vllm_ops", None)
-        if to_ops is None:
+        found = ops_of(handle, [intervention])
+        if found is None:
             name = getattr(intervention, "name", type(intervention).__name__)
             raise EmlensInputError(f"intervention '{name}' cannot run in the vllm engine (use --engine hf)")
-        ops.extend(_placed(handle, op, shape) for op in to_ops(handle))
+        ops.extend(_placed(handle, op, shape) for op in found)
     return ops
 
 
-def _placed(handle: Model, op: dict, shape: dict) -> dict:
-    """A site-level op ({site, layer, ...}) checked against the model and placed at its vLLM hook point."""
-    if family_of(handle.config).name not in VLLM_FAMILIES:
-        raise EmlensInputError(f"engine vllm: steering and capture support {', '.join(VLLM_FAMILIES)}-family "
-                               f"models; {handle.config.model_type} needs --engine hf")
-    if not 0 <= op["layer"] < shape["n_layers"]:
-        raise EmlensInputError(f"layer {op['layer']} out of range (model has {shape['n_layers']} layers)")
-    rest = {k: v for k, v in op.items() if k not in ("site", "layer")}
-    return {**rest, **_placement(op["layer"], op["site"])}
+def _placed(handle: Model, op: SiteOp, shape: dict) -> dict:
+    """A site-level op checked against the model, placed at its vLLM hook point, as plain data."""
+    if op.kind not in WORKER_KINDS:
+        raise EmlensInputError(f"engine vllm: op '{op.kind}' is not implemented in the worker (use --engine hf)")
+    if op.site not in SITE_KINDS:
+        raise EmlensInputError(f"site '{op.site}': unknown (known: {', '.join(SITE_KINDS)})")
+    if not 0 <= op.layer < shape["n_layers"]:
+        raise EmlensInputError(f"layer {op.layer} out of range (model has {shape['n_layers']} layers)")
+    point, layer, part, order = vllm_point(handle.config, op.layer, op.site)
+    placed = {"kind": op.kind, "point": point, "layer": layer, "part": part, "_order": order,
+              "positions": op.positions, "skip_first_token": op.skip_first_token}
+    if op.kind == "add":
+        placed["vector"] = (op.alpha * op.vector).float().cpu()
+    elif op.kind in ("ablate", "clamp"):
+        placed.update(vector=op.vector.float().cpu(), alpha=float(op.alpha))
+    elif op.kind == "sae_ablate":
+        placed.update(sae=op.sae, latent=int(op.latent))
+    else:
+        placed.update(read=site_name(op.layer, op.site), pool=op.pool, prompt_len=op.prompt_len)
+    return placed
 
 
 def _read_op(handle: Model, layer: int, kind: str, position: str, prompt_len: int, shape: dict) -> dict:
-    return _placed(handle, {"site": kind, "layer": layer, "read": site_name(layer, kind), "pool": position,
-                            "prompt_len": prompt_len}, shape)
+    return _placed(handle, SiteOp("read", kind, layer, pool=position, prompt_len=prompt_len), shape)
 
 
 def _program_key(ops: list[dict]) -> str:
@@ -333,9 +370,16 @@ def _program_key(ops: list[dict]) -> str:
         for name in sorted(op):
             value = op[name]
             digest.update(name.encode())
-            digest.update(value.detach().float().cpu().numpy().tobytes() if isinstance(value, Tensor)
-                          else repr(value).encode())
+            digest.update(_digest_bytes(value))
     return digest.hexdigest()[:16]
+
+
+def _digest_bytes(value) -> bytes:
+    if isinstance(value, Tensor):
+        return value.detach().float().cpu().numpy().tobytes()
+    if isinstance(value, torch.nn.Module):  # an SAE: its weights, not its repr (equal shapes print alike)
+        return b"".join(_digest_bytes(t) for t in value.state_dict().values())
+    return repr(value).encode()
 
 
 def _completion(handle: Model, output, prompt_tokens: int) -> Completion:

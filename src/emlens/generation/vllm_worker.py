@@ -19,15 +19,19 @@ the attention metadata) and the positions of the pass (the model runner's `posit
 token when p < P, a response token otherwise; `positions: response` steers p >= P - 1 (the last prompt token
 predicts the first answer token, as under the hf engine). Padding tokens (past the last request) are never touched.
 
-Programs (plain data, so they cross process boundaries): a list of ops in execution order, each a dict with
-`point` (a hook point as above), `layer`, and one of `add` (a vector, with `positions` all / prompt /
-response), `clamp` (a unit vector and `alpha`, with `positions`: the site's projection set to alpha; at a
-`hidden` part the sublayer's output, at a `sum` part the stream), `ablate` (a unit vector, with `first_token`), or
-`read` (a site name, `part` sum / hidden, and a
-`pool`: last_prompt / mean_response / all, counted from `prompt_len`).
+Programs (plain data, so they cross process boundaries): the interventions' site-level ops
+(`emlens.generation.ops.SiteOp`) in execution order, each a dict with `kind`, `point` (a hook point as above),
+`layer`, `part` (`hidden`: the sublayer's output alone; `sum`: the stream), `positions` (all / prompt / response)
+and `skip_first_token` (leave position 0 alone), then per kind: `add` (`vector`, alpha already applied), `ablate`
+(a unit `vector`: its projection removed), `clamp` (a unit `vector` and `alpha`: the projection set to alpha),
+`sae_ablate` (an `sae` module and a `latent`: f_latent(x) W_dec[latent] removed) or `read` (a site name `read`
+and a `pool`: last_prompt / mean_response / all, counted from `prompt_len`). Each op's value x is the part it
+names; a write goes to the hidden part, which moves the stream by as much.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import Tensor
@@ -158,24 +162,14 @@ class EmlensWorkerExtension(metaclass=_OwnNamesOnly):
         changed = None
         for _, op, key, index, token_positions in ops:
             target = writable if changed is None else changed
-            if "read" in op:  # part "hidden": attn_out / mlp_out alone; "sum": the residual stream
-                summed = op["part"] == "sum" and stream_parts[1] is not None
-                stream = target[index] + stream_parts[1][index] if summed else target[index]
-                self._emlens_capture(key, op, stream, token_positions)
+            summed = op["part"] == "sum" and stream_parts[1] is not None
+            value = target[index] + stream_parts[1][index] if summed else target[index]
+            if op["kind"] == "read":
+                self._emlens_capture(key, op, value, token_positions)
                 continue
             if changed is None:
                 changed = writable.clone()
-            if "add" in op:
-                changed[index] += op["add"].to(changed.dtype)
-            elif "clamp" in op:  # ablate-then-add: the site's projection on the unit vector becomes alpha
-                unit = op["clamp"].to(changed.dtype)
-                summed = op["part"] == "sum" and stream_parts[1] is not None
-                stream = changed[index] + stream_parts[1][index] if summed else changed[index]
-                changed[index] += (op["alpha"] - stream @ unit)[:, None] * unit
-            else:  # ablate: project the unit direction out of the stream (hidden + residual)
-                unit = op["ablate"].to(changed.dtype)
-                stream = changed[index] if stream_parts[1] is None else changed[index] + stream_parts[1][index]
-                changed[index] -= (stream @ unit)[:, None] * unit
+            changed[index] += _change(op, value).to(changed.dtype)
         return changed
 
     def _emlens_capture(self, key: str, op: dict, stream: Tensor, token_positions: Tensor) -> None:
@@ -216,9 +210,23 @@ class EmlensWorkerExtension(metaclass=_OwnNamesOnly):
         return hook
 
 
+def _change(op: dict, value: Tensor) -> Tensor:
+    """What an op adds to the tokens whose value (the part it names) is `value`."""
+    kind = op["kind"]
+    if kind == "add":
+        return op["vector"].to(value.dtype)
+    if kind == "sae_ablate":  # the latent's contribution, computed as the hf engine does (in float32)
+        sae, latent = op["sae"], op["latent"]
+        return -(sae.encode(value.float())[:, latent:latent + 1] * sae.W_dec[latent].float())
+    unit = op["vector"].to(value.dtype)
+    if kind == "clamp":  # ablate-then-add: the projection on the unit vector becomes alpha
+        return (op["alpha"] - value @ unit)[:, None] * unit
+    return -(value @ unit)[:, None] * unit  # ablate: the projection removed
+
+
 def _token_index(op: dict, positions: Tensor, prompt_len: int, start: int) -> Tensor | None:
     """Indices into the flat batch of the tokens `op` touches in this request's slice."""
-    if "read" in op:
+    if op["kind"] == "read":
         pooling = op["pool"]
         length = op["prompt_len"]
         if pooling == "last_prompt":
@@ -227,18 +235,22 @@ def _token_index(op: dict, positions: Tensor, prompt_len: int, start: int) -> Te
             keep = positions >= length
         else:
             keep = torch.ones_like(positions, dtype=torch.bool)
-    elif "add" in op or "clamp" in op:
-        where = op.get("positions", "all")
-        # response: the positions that predict an answer token, the last prompt token included (as under HF)
-        keep = (positions < prompt_len if where == "prompt" else positions >= prompt_len - 1 if where == "response"
-                else torch.ones_like(positions, dtype=torch.bool))
-    else:
-        keep = torch.ones_like(positions, dtype=torch.bool) if op.get("first_token") else positions != 0
+        return keep.nonzero().squeeze(-1) + start
+    where = op["positions"]
+    # response: the positions that predict an answer token, the last prompt token included (as under HF)
+    keep = (positions < prompt_len if where == "prompt" else positions >= prompt_len - 1 if where == "response"
+            else torch.ones_like(positions, dtype=torch.bool))
+    if op["skip_first_token"]:  # the attention sink: a sequence's first token is at position 0
+        keep = keep & (positions != 0)
     return keep.nonzero().squeeze(-1) + start
 
 
 def _on_device(op: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in op.items()}
+    def moved(value):
+        if isinstance(value, torch.nn.Module):  # an SAE: the worker's own copy, on the model's device
+            return copy.deepcopy(value).to(device)
+        return value.to(device) if isinstance(value, Tensor) else value
+    return {k: moved(v) for k, v in op.items()}
 
 
 def _pooled(parts: list) -> Tensor:

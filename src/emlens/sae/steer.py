@@ -5,28 +5,23 @@
 - `AblateLatent` removes the latent's contribution at the SAE's site: h <- h - f_i(h) d_i, where f_i(h) is the
   latent's activation on h. The SAE's reconstruction error stays in h, so nothing else the SAE misses is lost.
   Each sequence's first token (the attention sink) is left alone unless asked, as with directional ablation.
+  It is one `sae_ablate` op, so it runs on the hf engine and in vLLM's worker alike.
 - The control is a random other latent, drawn among the latents that fire (seeded).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import Tensor
 
 from emlens.base.errors import EmlensInputError
-from emlens.generation.context import ForwardContext, context_of
+from emlens.generation.ops import OpIntervention, SiteOp
 from emlens.model import Model
 from emlens.sae.artifact import LoadedSAE
 from emlens.sae.quality import LATENTS_FILE
-from emlens.sites import hook_site
-from emlens.steering.interventions import first_token_kept, hooked, position_mask
 
 
 def check_latent(loaded: LoadedSAE, latent: int) -> int:
@@ -36,7 +31,7 @@ def check_latent(loaded: LoadedSAE, latent: int) -> int:
 
 
 @dataclass
-class AblateLatent:
+class AblateLatent(OpIntervention):
     """Subtract latent `latent`'s contribution f_i(h) d_i at the SAE's site, keeping the reconstruction error."""
 
     loaded: LoadedSAE
@@ -44,32 +39,16 @@ class AblateLatent:
     name: str = "ablate_latent"
     first_token: bool = False
 
-    def attach(self, model: Model, ctx: ForwardContext | None = None) -> contextlib.AbstractContextManager:
+    def ops(self, model: Model) -> list[SiteOp]:
+        """One `sae_ablate` op at the SAE's site (the hf engine and vLLM's worker both run it)."""
         site = self.loaded.check_fits(model)
         if site.kind == "resid_mid":  # its write point holds the attention output alone, not what the SAE reads
             raise EmlensInputError(f"{self.loaded.source}: an SAE on resid_mid cannot be ablated through (the stream "
                                    "there is not where its write goes); ablate latents of a resid_pre, resid_post, "
                                    "attn_out or mlp_out SAE")
         latent = check_latent(self.loaded, self.latent)
-        ctx = context_of(model) if ctx is None else ctx
-        on_device: dict[torch.device, object] = {}
-
-        def sae_on(device: torch.device):
-            if device not in on_device:  # a small copy per device the layer runs on
-                on_device[device] = copy.deepcopy(self.loaded.sae).to(device)
-            return on_device[device]
-
-        def remove(hidden: Tensor) -> Tensor:
-            sae = sae_on(hidden.device)
-            activation = sae.encode(hidden.float())[..., latent:latent + 1]
-            removed = activation * sae.W_dec[latent].float()
-            for mask in (position_mask(ctx, "all", hidden.shape, hidden.device),
-                         None if self.first_token else first_token_kept(ctx, hidden)):
-                if mask is not None:
-                    removed = mask.float() * removed
-            return hidden - removed.to(hidden.dtype)
-
-        return hooked([hook_site(model.base_model, site.layer, site.kind, remove, write=True)])
+        return [SiteOp("sae_ablate", site.kind, site.layer, sae=self.loaded.sae, latent=latent,
+                       skip_first_token=not self.first_token)]
 
 
 def latent_statistics(loaded: LoadedSAE) -> pd.DataFrame | None:

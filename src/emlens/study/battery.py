@@ -21,7 +21,6 @@ from emlens.base.io import (
     atomic_write_json,
     changed_fields,
     deep_merge,
-    fail,
     read_json,
     save_figure,
 )
@@ -33,6 +32,7 @@ from emlens.evaluation.preflight import JudgeSpec, eval_judges, honesty_judges
 from emlens.evaluation.run import run_eval
 from emlens.judges import make_judge
 from emlens.model import folder_fingerprint, load_model, resolve_adapter
+from emlens.runs import check_same_identity
 
 Measure = Literal["honesty", "free_form", "capability"]
 SECTIONS = ("honesty", "free_form", "capability")
@@ -91,14 +91,16 @@ def measure_subjects(model: str, subjects: list[Subject], config: BatteryConfig,
 
 def check_same_subject(folder: Path, subject: Subject) -> None:
     """A subject's folder holds measures of one adapter: a re-run after the adapter changed (retrained) is refused,
-    never mixed with the old answers."""
+    never mixed with the old answers (the one identity rule, `emlens.runs.check_same_identity`)."""
     adapter = str(resolve_adapter(subject.adapter)) if subject.adapter else None
     identity = {"adapter": adapter, "adapter_fingerprint": folder_fingerprint(Path(adapter)) if adapter else None}
     path = folder / SUBJECT_FILE
-    if path.is_file() and read_json(path)["adapter_fingerprint"] != identity["adapter_fingerprint"]:
-        raise fail(folder, "was measured on another version of its adapter (retrained since?); remove the folder "
-                           "to measure it again, or use a new output folder")
-    if not path.is_file():
+    if path.is_file():
+        recorded = read_json(path)
+        check_same_identity(folder, {"model": {"adapter": recorded["adapter"],
+                                               "fingerprint": recorded["adapter_fingerprint"]}},
+                            {"model": {"adapter": adapter, "fingerprint": identity["adapter_fingerprint"]}})
+    else:
         atomic_write_json(path, identity)
 
 
@@ -111,10 +113,7 @@ def check_same_settings(run: Path, config: BaseModel, unrecorded: set[str]) -> N
         return
     skipped = unrecorded | ({"engine"} if config.engine == "auto" else set())
     wanted = {name: value for name, value in config.identity(mode="json").items() if name not in skipped}
-    changed = changed_fields(_recorded(run, "config", wanted), wanted)
-    if changed:
-        raise fail(run, f"was measured with other settings (changed: {', '.join(changed)}); remove the folder to "
-                        "measure again, or use a new output folder")
+    check_same_identity(run, {"config": _recorded(run, "config", wanted)}, {"config": wanted})
 
 
 def up_to_date(run: Path, measure: str, config: BatteryConfig) -> bool:

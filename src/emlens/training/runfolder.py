@@ -18,7 +18,6 @@ from emlens.base.io import (
     atomic_folder,
     atomic_write_json,
     atomic_write_table,
-    changed_fields,
     check_writable_folder,
     read_json,
     register_artifact,
@@ -26,6 +25,7 @@ from emlens.base.io import (
     versions,
     write_manifest,
 )
+from emlens.runs import check_same_identity
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -112,15 +112,12 @@ def read_run(run: Path) -> dict | None:
     return read_json(Path(run) / CFG_FILE) if artifact_kind(run) == RUN_KIND else None
 
 
-def _check_same_run(existing: dict, new: dict, data_sha: str, run: Path) -> None:
-    """A resumed run must have the config (`run_config()`) and the data it started with."""
-    old = existing.get("config", {})
-    if old != new:
-        raise EmlensInputError(f"{run}: the folder holds a run with another config (changed: "
-                               f"{', '.join(changed_fields(old, new))}); use another --out folder")
-    if existing.get("data", {}).get("sha256") != data_sha:
-        raise EmlensInputError(f"{run}: the training data changed since the run started (data hash differs); "
-                               "use another --out folder")
+def _check_same_run(existing: dict, new: dict, data_sha: str, run: Path, results_version: int | None = None) -> None:
+    """A resumed run must have the config (`run_config()`), the data and the code it started with (`open_run`)."""
+    identity = {"config": new, "data.sha256": data_sha}
+    if results_version is not None:
+        identity["results_version"] = results_version
+    check_same_identity(run, existing, identity)
 
 
 def _start_run(run: Path, run_info: dict, data_jsonl: str, **fields) -> None:

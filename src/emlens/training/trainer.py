@@ -257,7 +257,7 @@ def train(config: TrainConfig, out: str | Path, *, device: str = "auto", progres
         data = build_training_data(config, cache)
     existing = read_run(run)
     if existing is not None:
-        _check_same_run(existing, config.run_config(), data.sha256, run)
+        _check_same_run(existing, config.run_config(), data.sha256, run, RESULTS_VERSION)
         if existing.get("finished"):
             return TrainResult(run, existing["final_step"], existing["checkpoints"], already_complete=True,
                                final_loss=existing.get("final_loss"))
@@ -268,7 +268,7 @@ def train(config: TrainConfig, out: str | Path, *, device: str = "auto", progres
     with args.main_process_first(local=False, desc="prepare the run folder"):
         if args.should_save:
             if existing is None:
-                _start_run(run, run_info, data.jsonl(), tokens={
+                _start_run(run, run_info, data.jsonl(), results_version=RESULTS_VERSION, tokens={
                     "n_examples": len(tokenized.input_ids), "n_tokens": tokenized.n_tokens,
                     "n_trained_tokens": tokenized.n_trained_tokens, "n_truncated": tokenized.n_truncated,
                     "n_dropped": tokenized.n_dropped})
