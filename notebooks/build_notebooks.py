@@ -86,7 +86,7 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Image, display
 import emlens as em
-from emlens.analysis.dose_response import load_spec
+from emlens.study.steer import load_spec
 
 SMALL = os.environ.get("EMLENS_NOTEBOOK_SMALL", "1") == "1"
 OUT = Path("../artifacts/notebooks")  # the notebook's own folders: the CLI's artifacts/directions stay untouched

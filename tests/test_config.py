@@ -7,7 +7,6 @@ import pytest
 import typer
 import yaml
 
-from emlens.analysis.dose_response import SteerSpec
 from emlens.base.config import Config
 from emlens.base.errors import EmlensInputError
 from emlens.capture.config import ExtractConfig
@@ -18,6 +17,7 @@ from emlens.evaluation.honesty import HonestyConfig
 from emlens.sae.train import SAETrainConfig
 from emlens.study.experiment import Experiment, LoadedExperiment
 from emlens.study.loop_config import LoopConfig
+from emlens.study.steer import SteerSpec
 from emlens.training.config import TrainConfig
 
 CONFIGS = (EvalConfig, HonestyConfig, CapabilityConfig, LoopConfig, TrainConfig, SteerSpec, ExtractConfig,

@@ -31,7 +31,7 @@ def spec_file(tiny, tmp_path):
 
 
 def test_steer_runs_every_condition_with_random_control(tiny, tiny_judge, spec_file, tmp_path):
-    from emlens.analysis.dose_response import load_spec, run_steer
+    from emlens.study.steer import load_spec, run_steer
 
     spec, base = load_spec(spec_file)
     curves = run_steer(spec, base, tmp_path / "out", handle=tiny, judge=tiny_judge, progress=False,
@@ -66,8 +66,8 @@ def test_steer_runs_every_condition_with_random_control(tiny, tiny_judge, spec_f
 
 
 def test_steer_spec_errors(tmp_path):
-    from emlens.analysis.dose_response import load_spec
     from emlens.base.errors import EmlensInputError
+    from emlens.study.steer import load_spec
 
     bad = tmp_path / "s.yaml"
     bad.write_text("name: x\ndirection: d\nscalez: [1]\n")
@@ -110,7 +110,7 @@ def test_steer_cli_prints_the_paired_direction_minus_control(tiny, tmp_path, cap
 def test_shipped_steering_specs_validate():
     from pathlib import Path
 
-    from emlens.analysis.dose_response import direction_path, load_spec
+    from emlens.study.steer import direction_path, load_spec
 
     specs = sorted(Path("steering").glob("*.yaml"))
     assert {p.stem for p in specs} >= {"refusal_add_base", "refusal_ablate_base"}
@@ -124,9 +124,9 @@ def test_shipped_steering_specs_validate():
 
 def test_a_direction_steers_at_its_own_site_and_another_site_is_refused(tiny, tiny_judge, tmp_path):
     """A direction read at mlp_out is added at mlp_out; asking for resid_post is a one-line error (unless forced)."""
-    from emlens.analysis.dose_response import SteerSpec, run_steer
     from emlens.base.errors import EmlensInputError
     from emlens.base.io import read_json
+    from emlens.study.steer import SteerSpec, run_steer
 
     make_direction(tiny, tmp_path / "dir", site_kind="mlp_out")
     small = {"settings": ["harm_perception"], "nudges": ["none"], "harm_perception": {"questions": "deception-sit-aware"}}
@@ -145,9 +145,9 @@ def test_a_direction_steers_at_its_own_site_and_another_site_is_refused(tiny, ti
 def test_ablate_add_is_the_clamp_at_the_directions_site(tiny, spec_file):
     """The steering operation of em_qwen7b.yaml: the projection at the site becomes alpha (it used to equal plain
     ablation, the next layer's input hook removing the add), for the direction and its random control."""
-    from emlens.analysis.dose_response import conditions, load_spec, steer_target
     from emlens.sites import site_name
     from emlens.steering.interventions import Clamp
+    from emlens.study.steer import conditions, load_spec, steer_target
     from tests.test_steering import site_projections
 
     spec, base = load_spec(spec_file)

@@ -253,7 +253,7 @@ def test_ablating_a_latent_removes_its_contribution_and_keeps_the_rest(tiny, tra
 def test_a_latent_steers_like_a_direction_with_a_random_latent_control(tiny, tiny_judge, trained_sae, tmp_path):
     import yaml
 
-    from emlens.analysis.dose_response import conditions, load_spec, run_steer, steer_target
+    from emlens.study.steer import conditions, load_spec, run_steer, steer_target
 
     spec = {"name": "latent", "direction": str(trained_sae), "latent": 3, "operation": "ablate_add",
             "scales": [0, 4.0], "eval": {"settings": ["harm_perception"], "nudges": ["none"], "judge": "hf",

@@ -59,7 +59,7 @@ _FRONT_DOOR = {
     "diff_models": "emlens.sae.diff", "AblateLatent": "emlens.sae.steer",
     # analysis
     "compare": "emlens.analysis.compare", "compare_models": "emlens.analysis.compare", "monitor": "emlens.analysis.monitor",
-    "run_steer": "emlens.analysis.dose_response", "dose_response_table": "emlens.analysis.dose_response",
+    "run_steer": "emlens.study.steer", "dose_response_table": "emlens.analysis.dose_response",
     # training
     "TrainConfig": "emlens.training.config", "train": "emlens.training.trainer",
     "train_sweep": "emlens.training.sweep",

@@ -23,8 +23,8 @@ def steer_command(
     tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:
     """Re-run an eval setting under each intervention (direction x scales, random control): table + figure."""
-    from emlens.analysis.dose_response import load_spec, print_steer, run_steer
     from emlens.judges.preflight import preflight_judge
+    from emlens.study.steer import load_spec, print_steer, run_steer
 
     steer_spec, base = load_spec(spec, {"model": model, "adapter": adapter, "direction": direction},
                                  limit=limit, samples=samples, engine=engine)

@@ -23,7 +23,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from emlens.analysis.dose_response import SteerSpec
 from emlens.base.config import Config
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import deep_merge, fail, read_yaml_mapping, validate
@@ -33,6 +32,7 @@ from emlens.evaluation.config import EvalConfig
 from emlens.evaluation.honesty import HonestyConfig
 from emlens.evaluation.measures import MEASURES
 from emlens.model import DEFAULT_MODEL
+from emlens.study.steer import SteerSpec
 from emlens.training.config import TrainConfig, parse_config
 from emlens.training.sweep import sweep_configs
 

@@ -19,9 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emlens.analysis import compare, dose_response
+from emlens.analysis import compare
 from emlens.analysis.compare import compare_directions
-from emlens.analysis.dose_response import run_steer
 from emlens.base.io import artifact_kind, atomic_write_json, content_hash, file_sha256, read_json
 from emlens.base.version import __version__
 from emlens.directions import probe
@@ -39,6 +38,8 @@ from emlens.judges.identity import judge_identity
 from emlens.model import Model, folder_fingerprint, load_model, resolve_adapter, weights_identity
 from emlens.study.experiment import LoadedExperiment, ModelEntry
 from emlens.study.preflight import preflight_study
+from emlens.study.steer import RESULTS_VERSION as STEER_RESULTS_VERSION
+from emlens.study.steer import run_steer
 from emlens.training import trainer
 from emlens.training.data import build_training_data, mixture_counts
 from emlens.training.runfolder import read_run
@@ -49,7 +50,7 @@ DEFAULT_STAGES = Path("artifacts") / "stages"
 TIMINGS_FILE = "timings.json"
 FINISHED_KINDS = ("direction", "linear_probe", "regression_probe", "comparison")  # written whole, at the end
 RESULTS_VERSIONS = {"train": trainer.RESULTS_VERSION, "eval": eval_run.RESULTS_VERSION,
-                    "direction": probe.RESULTS_VERSION, "steer": dose_response.RESULTS_VERSION,
+                    "direction": probe.RESULTS_VERSION, "steer": STEER_RESULTS_VERSION,
                     "compare": compare.RESULTS_VERSION}  # and each registered measure's own
 
 
