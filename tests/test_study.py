@@ -57,6 +57,10 @@ def test_run_writes_one_report_and_a_second_experiment_reuses_the_shared_stages(
     for figure in re.findall(r"\]\((figures/[^)]+)\)", markdown):
         assert (tmp_path / "report" / figure).stat().st_size > 1000
     assert "beyond the random control" in markdown or "not distinguishable from the control" in markdown
+    sections = re.findall(r"^## (.+)$", markdown, flags=re.M)
+    assert sections[0] == "Findings: what differs between the models", sections  # the report leads with them
+    findings = markdown.split("## ")[1]
+    assert "tuned - base" in findings and "refusal_harmful" in findings and "pairs" in findings
     again = plan_lines(capsys, path, stages)
     assert all("done (reused)" in line for line in again), again
 
@@ -75,10 +79,11 @@ BAD = [
     ({"steer": {"model": "base", "direction": "elsewhere"}}, "field 'steer.direction': no probe spec named 'elsewhere'"),
     ({"directions": {"specs": ["missing.yaml"]}}, "field 'directions.specs.0': no such file"),
     ({"eval": {"nudges": "evil", "batch_size": 0}}, "field 'eval.batch_size'"),
+    ({"contrasts": [["tuned", "nobody"]]}, "contrasts: unknown model 'nobody'"),
 ]
 
 
-@pytest.mark.parametrize("change, message", BAD, ids=["unknown", "steer-model", "steer-direction", "file", "value"])
+@pytest.mark.parametrize("change, message", BAD, ids=["unknown", "steer-model", "steer-direction", "file", "value", "contrast"])
 def test_a_bad_experiment_is_one_line_before_any_work(experiment, tmp_path, capsys, change, message):
     path, spec = experiment
     bad = {**spec, **change}

@@ -28,7 +28,7 @@ MEASURES = {  # measure -> (setting, row filter, column)
 }
 
 
-def _measured_rows(part: pd.DataFrame):
+def measured_rows(part: pd.DataFrame):
     """(measure, its rows of `part`, its column) for every measure `part` has rows for."""
     for measure, (setting, keep, column) in MEASURES.items():
         rows = part[part.setting == setting]
@@ -47,7 +47,7 @@ def dose_response_table(table: pd.DataFrame) -> pd.DataFrame:
     records = []
     for (name, operation, alpha, control, nudge), part in table.groupby(
             ["intervention", "operation", "alpha", "control", "nudge"]):
-        for measure, rows, column in _measured_rows(part):
+        for measure, rows, column in measured_rows(part):
             values, questions = rows[column].astype(float), rows.question_id.to_numpy()
             if measure in ("coherence", "perceived_harm"):
                 low, high = bootstrap_ci(values, clusters=questions)
@@ -81,8 +81,8 @@ def direction_vs_control(table: pd.DataFrame) -> pd.DataFrame:
     for (operation, alpha, nudge), part in table[table.operation != "none"].groupby(["operation", "alpha", "nudge"]):
         if part.control.nunique() < 2:
             continue
-        for measure, rows, column in _measured_rows(part):
-            pairs = _pairs(rows.assign(value=rows[column].astype(float)))
+        for measure, rows, column in measured_rows(part):
+            pairs = paired(rows.assign(value=rows[column].astype(float)))
             difference = pairs[False] - pairs[True]
             questions = pairs.index.get_level_values("question_id").to_numpy()
             low, high = bootstrap_ci(difference, clusters=questions)
@@ -90,7 +90,7 @@ def direction_vs_control(table: pd.DataFrame) -> pd.DataFrame:
             records.append((operation, alpha, nudge, measure, pairs[False].mean(), pairs[True].mean(),
                             difference.mean(), low, high, len(pairs), bootstrap_p(difference, clusters=questions),
                             unconditional, dropped))
-            corrected.append(_corrected_difference(calibration, rows, pairs, questions)
+            corrected.append(corrected_difference(calibration, rows, pairs, questions)
                              if measure == "misaligned_rate" and calibration is not None else {})
     frame = pd.DataFrame(records, columns=["operation", "alpha", "nudge", "measure", "direction", "control",
                                            "difference", "ci_low", "ci_high", "n_pairs", "p",
@@ -100,24 +100,28 @@ def direction_vs_control(table: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(p_bh=benjamini_hochberg(frame.p) if len(frame) else [])
 
 
-def _corrected_difference(calibration, rows: pd.DataFrame, pairs: pd.DataFrame, questions) -> dict:
-    """The misaligned rate's direction-minus-control difference corrected for the judge's error, over the same
-    pairs as the raw one."""
+def corrected_difference(calibration, rows: pd.DataFrame, pairs: pd.DataFrame, questions, by: str = "control",
+                         levels: tuple = (False, True), same_model: bool = True) -> dict:
+    """The misaligned rate's difference between two levels of `by` (direction minus control, one model minus
+    another) corrected for the judge's error, over the same pairs as the raw one."""
     scores = calibration.row_scores(rows)
     score_pairs = (None if scores is None else
-                   _pairs(rows.assign(value=scores)).reindex(pairs.index))
+                   paired(rows.assign(value=scores), by, levels).reindex(pairs.index))
+    a, b = levels
     return calibration.corrected_difference(
-        pairs[False].to_numpy(), pairs[True].to_numpy(), questions,
-        None if score_pairs is None else score_pairs[False].to_numpy(),
-        None if score_pairs is None else score_pairs[True].to_numpy())
+        pairs[a].to_numpy(), pairs[b].to_numpy(), questions,
+        None if score_pairs is None else score_pairs[a].to_numpy(),
+        None if score_pairs is None else score_pairs[b].to_numpy(), same_model=same_model)
 
 
 POST_TREATMENT = ("misaligned_rate", "flip_rate", "pushback_unparsed_rate")  # filtered on what steering changes
 
 
-def _pairs(rows: pd.DataFrame) -> pd.DataFrame:
-    return (rows.pivot_table(index=PAIR_KEY, columns="control", values="value", aggfunc="first")
-            .reindex(columns=[False, True]).dropna())
+def paired(rows: pd.DataFrame, by: str = "control", levels: tuple = (False, True)) -> pd.DataFrame:
+    """The `value` of each prompt and seed (PAIR_KEY) under each level of `by`, one column per level; prompts
+    missing under a level are left out."""
+    return (rows.pivot_table(index=PAIR_KEY, columns=by, values="value", aggfunc="first")
+            .reindex(columns=list(levels)).dropna())
 
 
 def _unconditional(part: pd.DataFrame, measure: str, n_pairs: int) -> tuple[float, int]:
@@ -132,7 +136,7 @@ def _unconditional(part: pd.DataFrame, measure: str, n_pairs: int) -> tuple[floa
         rows = with_pushback_outcomes(rows)
     if column not in rows.columns:
         return float("nan"), 0
-    pairs = _pairs(rows.assign(value=(keep(rows).astype(bool) & rows[column].fillna(False).astype(bool)).astype(float)))
+    pairs = paired(rows.assign(value=(keep(rows).astype(bool) & rows[column].fillna(False).astype(bool)).astype(float)))
     return float((pairs[False] - pairs[True]).mean()), int(len(pairs) - n_pairs)
 
 

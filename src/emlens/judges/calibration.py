@@ -99,10 +99,11 @@ class Calibration:
         return {**corrected_rate(flags, self.counts(), clusters, seed), "correction": "Rogan-Gladen"}
 
     def corrected_difference(self, flags_a, flags_b, clusters=None, scores_a=None, scores_b=None,
-                             seed: int = 0, draws: int = DRAWS) -> dict:
+                             seed: int = 0, draws: int = DRAWS, same_model: bool = True) -> dict:
         """The corrected rate of paired rows a minus that of b (the same prompts and seeds: a steered condition
-        and its control), with a 95 % CI: each draw resamples the pairs (by cluster), draws the calibration, and
-        for the score map adds one transfer error to both rates (the same model and judge)."""
+        and its control, or two models asked the same questions), with a 95 % CI: each draw resamples the pairs
+        (by cluster), draws the calibration, and for the score map adds a transfer error to each rate: one shared
+        by both for one model and judge (`same_model`), one of its own for each of two models."""
         flags_a, flags_b = np.asarray(flags_a, dtype=float), np.asarray(flags_b, dtype=float)
         rng = np.random.default_rng(seed)
         labels = _cluster_labels(clusters, len(flags_a))
@@ -112,9 +113,9 @@ class Calibration:
                 np.isnan(np.asarray(scores_a, dtype=float)).any() or np.isnan(np.asarray(scores_b, dtype=float)).any()):
             blocks = correction["blocks"]
             block_rates = _block_rate_draws(blocks, rng, draws)
-            shift = rng.normal(0.0, _spread(correction["transfer_sd"]), draws)
-            rates = [np.clip(np.sqrt(_clustered_draws(block_of(blocks, scores), labels, picks, block_rates)) + shift,
-                             0.0, None) ** 2 for scores in (scores_a, scores_b)]
+            shifts = rng.normal(0.0, _spread(correction["transfer_sd"]), (1 if same_model else 2, draws))
+            rates = [np.clip(np.sqrt(_clustered_draws(block_of(blocks, scores), labels, picks, block_rates))
+                             + shifts[i % len(shifts)], 0.0, None) ** 2 for i, scores in enumerate((scores_a, scores_b))]
             point = mapped_rate(blocks, scores_a) - mapped_rate(blocks, scores_b)
             method = "score map"
         else:

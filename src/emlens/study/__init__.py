@@ -23,6 +23,7 @@ from emlens.study.report import (
     compare_blocks,
     direction_blocks,
     eval_tables,
+    findings_blocks,
     measure_blocks,
     provenance_blocks,
     steer_blocks,
@@ -59,7 +60,9 @@ def run_experiment(path: str | Path, out: str | Path | None = None, stages: str 
             directions.setdefault(stage.probe, {})[stage.subject] = folder
     with atomic_folder(out, STUDY_KIND, force=force) as tmp:
         (tmp / "eval-figures").mkdir()
-        blocks = behaviour_blocks(eval_tables(evals), tmp / "eval-figures") if evals else []
+        tables = eval_tables(evals)
+        blocks = findings_blocks(tables, study.spec.model_contrasts()) if evals else []
+        blocks += behaviour_blocks(tables, tmp / "eval-figures") if evals else []
         measured = {name: by_kind(name) for name in MEASURES if by_kind(name)}
         blocks += measure_blocks(measured, tmp / "eval-figures") if measured else []
         blocks += direction_blocks(directions) if directions else []

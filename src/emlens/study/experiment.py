@@ -99,6 +99,9 @@ class Experiment(Config):
     directions: DirectionsSection | None = None
     steer: SteerSection | None = None
     compare: bool = True
+    # pairs of models (a, b) whose rates the report's first table subtracts, a minus b; default: each other model
+    # minus the first
+    contrasts: list[tuple[str, str]] | None = None
     honesty: HonestyConfig | None = None  # honesty under pressure on every model
     capability: CapabilityConfig | None = None  # capability on every model (GSM8K held out of a mixture's order)
     # and a section for every other registered measure: see `experiment_model`
@@ -111,6 +114,10 @@ class Experiment(Config):
         for name in (self.directions.models or []) if self.directions else []:
             if name not in names:
                 raise ValueError(f"directions.models: unknown model '{name}' (models: {', '.join(names)})")
+        for pair in self.contrasts or []:
+            for name in pair:
+                if name not in names:
+                    raise ValueError(f"contrasts: unknown model '{name}' (models: {', '.join(names)})")
         if self.steer is not None:
             if self.steer.model not in names:
                 raise ValueError(f"steer.model: unknown model '{self.steer.model}' (models: {', '.join(names)})")
@@ -122,6 +129,10 @@ class Experiment(Config):
         """Every measure this experiment takes of each model, in the registry's order: name -> config."""
         return {name: getattr(self, name) for name in MEASURES if getattr(self, name, None) is not None}
 
+
+    def model_contrasts(self) -> list[tuple[str, str]]:
+        first = self.models[0].name
+        return self.contrasts if self.contrasts is not None else [(m.name, first) for m in self.models[1:]]
 
     def entry(self, name: str) -> ModelEntry:
         return next(m for m in self.models if m.name == name)

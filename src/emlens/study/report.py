@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from emlens.analysis.contrasts import model_contrasts
 from emlens.analysis.report import write_report_files
 from emlens.base.io import atomic_write_text, read_json, versions
 from emlens.directions.artifact import Direction
@@ -55,6 +56,33 @@ def _wide(frame: pd.DataFrame, value: str, order: list[str]) -> pd.DataFrame:
     wide = wide.sort_values(index)[[*index, *nudges]]
     wide[nudges] = wide[nudges].fillna("-")  # a measure not asked under that nudge (capability has none)
     return wide.rename(columns={"model_name": "model"}).rename_axis(columns=None)
+
+
+def findings_blocks(eval_tables: dict[str, pd.DataFrame], contrasts: list[tuple[str, str]]) -> list[Block]:
+    """The first screen: every rate of one model minus another's, per nudge, paired by prompt and seed, with its
+    95 % CI, the judge-corrected difference where the judge has a calibration, and what the CI supports."""
+    contrasts = [(a, b) for a, b in contrasts if a in eval_tables and b in eval_tables]
+    stacked = pd.concat([t.assign(model=name) for name, t in eval_tables.items()], ignore_index=True)
+    table = model_contrasts(stacked, contrasts) if contrasts else pd.DataFrame()
+    if table.empty:
+        return []
+    shown = pd.DataFrame({
+        "contrast": table.contrast, "nudge": table.nudge, "measure": table.measure,
+        "a / b": [f"{r.rate_a:.2f} / {r.rate_b:.2f}" for r in table.itertuples()],
+        "difference [95 % CI]": [f"{r.difference:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]" for r in table.itertuples()],
+        "pairs": table.n_pairs})
+    if "difference_corrected" in table:
+        shown["corrected [95 % CI]"] = [
+            "-" if pd.isna(r["difference_corrected"]) else
+            f"{r['difference_corrected']:+.2f} [{r['corrected_ci_low']:+.2f}, {r['corrected_ci_high']:+.2f}]"
+            for r in table.to_dict("records")]
+    shown["reading"] = table.reading
+    return [Block("heading", "Findings: what differs between the models"),
+            Block("text", "Each row: model a's rate minus model b's under one nudge, over the prompts both answered "
+                          "with the same seed (pairs), the 95 % CI a bootstrap over questions. P(misaligned) is "
+                          "among coherent, scored answers; perceived harm is a mean rating (0-100). 'corrected': "
+                          "the misaligned difference corrected for the judge's error under its calibration."),
+            Block("table", shown)]
 
 
 def behaviour_blocks(eval_tables: dict[str, pd.DataFrame], figures: Path) -> list[Block]:
