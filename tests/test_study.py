@@ -80,10 +80,11 @@ BAD = [
     ({"directions": {"specs": ["missing.yaml"]}}, "field 'directions.specs.0': no such file"),
     ({"eval": {"nudges": "evil", "batch_size": 0}}, "field 'eval.batch_size'"),
     ({"contrasts": [["tuned", "nobody"]]}, "contrasts: unknown model 'nobody'"),
+    ({"eval": {"settings": ["factual"], "factual": {"pushback": []}}}, "field 'eval.factual.pushback'"),
 ]
 
 
-@pytest.mark.parametrize("change, message", BAD, ids=["unknown", "steer-model", "steer-direction", "file", "value", "contrast"])
+@pytest.mark.parametrize("change, message", BAD, ids=["unknown", "steer-model", "steer-direction", "file", "value", "contrast", "pushback"])
 def test_a_bad_experiment_is_one_line_before_any_work(experiment, tmp_path, capsys, change, message):
     path, spec = experiment
     bad = {**spec, **change}
@@ -101,6 +102,21 @@ def test_shipped_experiments_validate_and_plan(name, shared_data, tmp_path, caps
     assert all(re.search(r" [0-9a-f]{12}  to run ", line) for line in lines)
     costs = {line.split()[1]: line.split("to run")[1].strip() for line in lines}
     assert costs["capability:base"] == {"quickstart": "40 mc + 8 gsm8k", "em_qwen7b": "200 mc + 500 gsm8k"}[name]
+    # the whole study: every direction on every model, the misalignment and refusal directions steered
+    for probe in ("misalignment", "harm_perception", "refusal", "evil_nudge"):
+        assert f"direction:{probe}@insecure" in costs and f"compare:{probe}" in costs
+    assert {"steer:misalignment@base", "steer:refusal@base"} <= set(costs)
+
+
+def test_several_steering_sections_are_one_stage_each(experiment, tmp_path, capsys):
+    path, spec = experiment
+    section = spec["steer"]
+    path.write_text(yaml.safe_dump({**spec, "steer": [section, {**section, "model": "tuned"}]}))
+    steering = [line.split()[1] for line in plan_lines(capsys, path, tmp_path / "stages") if " steer:" in line]
+    assert steering == ["steer:refusal@base", "steer:refusal@tuned"]
+    path.write_text(yaml.safe_dump({**spec, "steer": [section, section]}))
+    err = one_line_error(capsys, run_cli("run", path, "--plan", "--stages", tmp_path / "stages"))
+    assert "two sections steer the same direction on the same model" in err
 
 
 def _run_subprocess(path, out, stages):

@@ -97,7 +97,7 @@ class Experiment(Config):
     models: list[ModelEntry] = Field(min_length=1)
     eval: EvalConfig | None = None
     directions: DirectionsSection | None = None
-    steer: SteerSection | None = None
+    steer: SteerSection | list[SteerSection] | None = None  # one dose-response, or several (one per direction)
     compare: bool = True
     # pairs of models (a, b) whose rates the report's first table subtracts, a minus b; default: each other model
     # minus the first
@@ -118,12 +118,26 @@ class Experiment(Config):
             for name in pair:
                 if name not in names:
                     raise ValueError(f"contrasts: unknown model '{name}' (models: {', '.join(names)})")
-        if self.steer is not None:
-            if self.steer.model not in names:
-                raise ValueError(f"steer.model: unknown model '{self.steer.model}' (models: {', '.join(names)})")
+        for field, steer in self.steering():
+            if steer.model not in names:
+                raise ValueError(f"{field}.model: unknown model '{steer.model}' (models: {', '.join(names)})")
             if self.directions is None:
                 raise ValueError("steer needs a directions section (it steers along a fitted direction)")
+        targets = [(steer.direction, steer.model) for _, steer in self.steering()]
+        if len(set(targets)) < len(targets):
+            raise ValueError("steer: two sections steer the same direction on the same model")
         return self
+
+    def steering(self) -> list[tuple[str, SteerSection]]:
+        """(field name, section) of every steering section: `steer` itself, or `steer.0`, `steer.1`, ..."""
+        if self.steer is None:
+            return []
+        if isinstance(self.steer, SteerSection):
+            return [("steer", self.steer)]
+        return [(f"steer.{i}", steer) for i, steer in enumerate(self.steer)]
+
+    def steer_section(self, direction: str, model: str) -> SteerSection:
+        return next(s for _, s in self.steering() if s.direction == direction and s.model == model)
 
     def measure_configs(self) -> dict[str, BaseModel]:
         """Every measure this experiment takes of each model, in the registry's order: name -> config."""
@@ -173,10 +187,10 @@ class LoadedExperiment:
         # every measure reads and checks its files here (a bad MC or GSM8K file fails before any stage)
         self.measure_costs = {name: MEASURES[name].prepare(config)
                               for name, config in self.spec.measure_configs().items()}
-        steer = self.spec.steer
-        if steer is not None and steer.direction not in self.probe_specs:
-            raise fail(self.path, f"field 'steer.direction': no probe spec named '{steer.direction}' "
-                                  f"(directions: {', '.join(self.probe_specs)})")
+        for field, steer in self.spec.steering():
+            if steer.direction not in self.probe_specs:
+                raise fail(self.path, f"field '{field}.direction': no probe spec named '{steer.direction}' "
+                                      f"(directions: {', '.join(self.probe_specs)})")
 
     def resolve(self, relative: str, field: str) -> Path:
         path = Path(relative).expanduser()
@@ -197,9 +211,10 @@ class LoadedExperiment:
             runs = sweep_configs(config)
         except EmlensInputError as error:
             raise fail(self.path, f"model '{entry.name}': {error}") from None
-        if self.spec.steer is not None and self.spec.steer.model == entry.name:
-            raise fail(self.path, f"field 'steer.model': '{entry.name}' is a sweep of {len(runs)} runs; name one "
-                                  f"of them ({', '.join(f'{entry.name}-{n}' for n, _ in runs)})")
+        for field, steer in self.spec.steering():
+            if steer.model == entry.name:
+                raise fail(self.path, f"field '{field}.model': '{entry.name}' is a sweep of {len(runs)} runs; name "
+                                      f"one of them ({', '.join(f'{entry.name}-{n}' for n, _ in runs)})")
         points = []
         for run_name, run_config in runs:
             point = entry.model_copy(update={"name": f"{entry.name}-{run_name}"})
@@ -220,8 +235,9 @@ def _with_engine(spec: Experiment, engine: str, path: Path) -> Experiment:
     if spec.eval is not None:
         update["eval"] = spec.eval.with_flags(engine=engine, where=f"{path} (--engine)")
     if spec.steer is not None:
-        evaluated = spec.steer.eval.with_flags(engine=engine, where=f"{path} (--engine)")
-        update["steer"] = spec.steer.model_copy(update={"eval": evaluated})
+        sections = [steer.model_copy(update={"eval": steer.eval.with_flags(engine=engine, where=f"{path} (--engine)")})
+                    for _, steer in spec.steering()]
+        update["steer"] = sections if isinstance(spec.steer, list) else sections[0]
     for name, config in spec.measure_configs().items():
         if "engine" in type(config).model_fields:
             update[name] = validate(type(config), {**config.model_dump(), "engine": engine}, f"{path} (--engine)")

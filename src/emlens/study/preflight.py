@@ -15,7 +15,8 @@ from emlens.study.experiment import LoadedExperiment
 def preflight_study(study: LoadedExperiment, stages: list, root: Path) -> None:
     """`stages`: the study's plan (`Stage` objects); a stage already done builds no judge."""
     spec = study.spec
-    sections = {"eval": lambda: eval_judges(spec.eval), "steer": lambda: eval_judges(spec.steer.eval)}
+    sections = {"eval": lambda: eval_judges(spec.eval),
+                "steer": lambda: [judge for _, steer in spec.steering() for judge in eval_judges(steer.eval)]}
     for name, config in spec.measure_configs().items():
         sections[name] = lambda name=name, config=config: MEASURES[name].judges(config)
     todo = sorted({stage.kind for stage in stages if stage.kind in sections and not stage.done(root)})

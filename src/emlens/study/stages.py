@@ -68,7 +68,7 @@ class Stage:
     depends: list[Stage] = field(default_factory=list)
     checkpoint: int | None = None  # a saved step of the model's training run, instead of its final adapter
     steps: list[int] = field(default_factory=list)  # train stages: the steps it saves a checkpoint at
-    probe: str | None = None  # direction stages: the probe spec it fits
+    probe: str | None = None  # direction stages: the probe spec it fits; steer stages: the direction it steers along
 
     @property
     def label(self) -> str:
@@ -155,14 +155,14 @@ def plan(study: LoadedExperiment, device: str = "auto") -> list[Stage]:
                 stage = _direction_stage(study, reads, probe_name, entry.name, identity[entry.name], upstream)
                 directions[(probe_name, entry.name)] = stage
                 stages.append(stage)
-    if spec.steer is not None:
-        steer = spec.steer
+    for _, steer in spec.steering():
         upstream = [directions[(steer.direction, steer.model)], *([trains[steer.model]] if steer.model in trains else [])]
         conditions = 1 + (len([s for s in steer.scales if s]) + (steer.operation != "add")) * (2 if steer.random_control else 1)
         stages.append(Stage("steer", f"steer:{steer.direction}@{steer.model}",
                             {**reads.eval(steer.eval), "steer": steer.model_dump(mode="json", exclude={"eval"}),
                              "model": identity[steer.model]},
-                            f"{conditions} conditions x {sample_count(steer.eval)} samples", steer.model, upstream))
+                            f"{conditions} conditions x {sample_count(steer.eval)} samples", steer.model, upstream,
+                            probe=steer.direction))
     if spec.compare and len(spec.direction_models()) > 1:
         for probe_name in study.probe_specs:
             series = [directions[(probe_name, m.name)] for m in spec.direction_models()]
@@ -331,7 +331,7 @@ def _run_stage(study: LoadedExperiment, stage: Stage, folder: Path, models: _Mod
         fit_probe(study.probe_specs[stage.probe][0], models.get(stage.model, stage.checkpoint), out=folder,
                   limit=spec.directions.limit, progress=progress)
     elif stage.kind == "steer":
-        steer = spec.steer
+        steer = spec.steer_section(stage.probe, stage.model)
         entry = spec.entry(steer.model)
         direction = stage.depends[0].folder(models.root)
         steer_spec = steer.spec(spec.name, entry, direction)
