@@ -53,3 +53,12 @@ def test_bench_ends_with_its_ratio_as_key_value_pairs(name, tiny_model_dir, tmp_
     pairs = dict(pair.split("=", 1) for pair in last.split())
     value = float(pairs[ratio])
     assert math.isfinite(value) and value > 0, last
+
+
+def test_bench_generate_on_long_prompts_prints_the_batched_over_serial_ratio(tiny_model_dir, capsys):
+    assert run_cli("bench", "generate", "--long-prompts", "--model", tiny_model_dir, "--prompt-tokens", 200,
+                   "--repeats", 1) == 0
+    pairs = dict(pair.split("=", 1) for pair in capsys.readouterr().out.strip().splitlines()[-1].split())
+    assert float(pairs["batched_vs_serial_long"]) > 0 and float(pairs["padded_vs_serial_long"]) > 0
+    low, high = (int(n) for n in pairs["prompt_tokens"].split("-"))
+    assert 200 <= high and low < high  # rows of other lengths: the batch is padded

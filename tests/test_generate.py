@@ -105,3 +105,22 @@ def test_embedded_greedy_batched_equals_unbatched(smol):
     single = generate(smol, requests(), config.model_copy(update={"batch_size": 1}), progress=False)
     assert [c.token_ids for c in batched] == [c.token_ids for c in single]
     assert all(c.text for c in batched)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_prompts_read_one_row_at_a_time_decode_as_one_padded_batch_does(tiny, temperature):
+    """Serial prefill (each prompt alone, its cache left-padded into the batch's) gives every row the tokens of the
+    padded batch and of the row alone, steered or not."""
+    import torch
+
+    from emlens.steering.interventions import AddVector, steer
+
+    config = GenerationConfig(max_new_tokens=10, temperature=temperature, batch_size=5)
+    ways = {name: config.model_copy(update=update) for name, update in (
+        ("serial", {"serial_prefill_from": 1}), ("padded", {"serial_prefill_from": None}),
+        ("alone", {"batch_size": 1}))}
+    for steering in ((), (AddVector(torch.ones(tiny.d_model), 1, 0.5, positions="prompt"),)):
+        with steer(tiny, *steering):
+            tokens = {name: [c.token_ids for c in generate(tiny, requests(), way, progress=False)]
+                      for name, way in ways.items()}
+        assert tokens["serial"] == tokens["padded"] == tokens["alone"], steering

@@ -99,6 +99,53 @@ def bench_generate(handle: Model, batches: list[int], new_tokens: int, hf_baseli
     return summary
 
 
+def long_prompts(handle: Model, n: int, tokens: int) -> list[list[dict]]:
+    """n chats of about `tokens` tokens each (a little shorter row by row, so a batch is padded): bundled MMLU-Pro
+    questions, each chat from its own starting question, then a request to answer the last one."""
+    texts = [q.paraphrases[0] for q in read_questions("mmlu-pro-200")]
+    chats = []
+    for row in range(n):
+        target, parts, i = tokens - 16 * row, [], row * 7
+        while len(handle.tokenizer("\n\n".join(parts))["input_ids"]) < target:
+            parts.append(texts[i % len(texts)])
+            i += 1
+        chats.append([{"role": "user", "content": "\n\n".join(parts) + "\n\nAnswer the last question."}])
+    return chats
+
+
+def questions_per_second(handle: Model, chats: list[list[dict]], batch: int, new_tokens: int,
+                         serial_prefill_from: int | None) -> float:
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.0,
+                              batch_size=batch, engine="hf", serial_prefill_from=serial_prefill_from)
+    start = time.perf_counter()
+    generate(handle, [Request(messages=m, seed=i) for i, m in enumerate(chats)], config, progress=False)
+    return len(chats) / (time.perf_counter() - start)
+
+
+def bench_long_prompts(handle: Model, batch: int = 8, tokens: int = 1500, new_tokens: int = 16, repeats: int = 2,
+                       echo: Callable[[str], None] = print) -> dict:
+    """Questions/s on prompts of about `tokens` tokens: one at a time, a batch whose prompts are read one row at a
+    time and decoded together (the engine's default), and the same batch read as one padded, masked batch."""
+    from emlens.generation.requests import SERIAL_PREFILL_FROM
+
+    chats = long_prompts(handle, batch, tokens)
+    lengths = [len(handle.tokenizer(handle.chat_text(c))["input_ids"]) for c in chats]
+    measures = {"serial": lambda: (questions_per_second(handle, chats, 1, new_tokens, SERIAL_PREFILL_FROM), None),
+                "batched": lambda: (questions_per_second(handle, chats, batch, new_tokens, SERIAL_PREFILL_FROM), None),
+                "padded": lambda: (questions_per_second(handle, chats, batch, new_tokens, None), None)}
+    questions_per_second(handle, chats[:2], 2, 2, None)  # warm-up
+    best = {name: rate for name, (rate, _) in best_of(measures, repeats).items()}
+    for name, rate in best.items():
+        echo(f"{name:<8} batch {1 if name == 'serial' else batch:>2}  {rate:.3f} questions/s")
+    summary = {"prompt_tokens": f"{min(lengths)}-{max(lengths)}", "new_tokens": new_tokens,
+               "serial_q_s": round(best["serial"], 3), "batched_q_s": round(best["batched"], 3),
+               "padded_q_s": round(best["padded"], 3),
+               "padded_vs_serial_long": round(best["padded"] / best["serial"], 2),
+               "batched_vs_serial_long": round(best["batched"] / best["serial"], 2)}
+    echo(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return summary
+
+
 def bench_load(spec: str, repeats: int = 3, echo: Callable[[str], None] = print) -> dict:
     """Seconds for `load_model(spec)` once the conversion cache exists (best of `repeats`)."""
 

@@ -154,12 +154,18 @@ def bench_generate_command(
                                                                    "(engine_vs_hf_generate_*)"),
     engine: str = typer.Option("hf", "--engine", help="vllm: also time the vllm engine (vllm_vs_hf)"),
     repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="interleaved runs of each; the best counts"),
+    long_prompts: bool = typer.Option(False, "--long-prompts", help="questions/s of a batch of 8 over one at a time "
+                                                                    "on prompts of ~1,500 tokens (batched_vs_serial_long)"),
+    prompt_tokens: int = typer.Option(1500, "--prompt-tokens", min=32, help="--long-prompts: tokens per prompt"),
     model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT, tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:
     """Tokens/s of the engines at several batch sizes (greedy and sampled), and their ratios."""
-    from emlens.bench.generate import bench_generate
+    from emlens.bench.generate import bench_generate, bench_long_prompts
 
     handle = load(model, None, device, tensor_parallel_size=tensor_parallel_size)
+    if long_prompts:
+        bench_long_prompts(handle, tokens=prompt_tokens, echo=typer.echo, **given(repeats=repeats))
+        return
     sizes = [int(b) for b in batches.split(",")]
     bench_generate(handle, sizes, new_tokens, hf_baseline=hf_baseline, engine=engine, echo=typer.echo,
                    **given(repeats=repeats))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -135,10 +136,15 @@ def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int],
     finish = ["length"] * len(prompts)
     prompt_mask, response_mask = attention.bool(), torch.zeros_like(attention, dtype=torch.bool)
     padded = not bool(attention.all())  # rows of one length never need a mask: the model skips building one
+    separately = padded and serial_prefill(handle, prompts, config)
     for step in range(-1, config.max_new_tokens - 1):
-        with describe(handle, prompt_mask, response_mask, step):
-            logits = model(input_ids=input_ids, attention_mask=attention if padded else None, position_ids=positions,
-                           **kv_cache(handle, cache), use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+        if step == -1 and separately:
+            logits, cache = _prefill_separately(handle, prompts)
+        else:
+            with describe(handle, prompt_mask, response_mask, step):
+                logits = model(input_ids=input_ids, attention_mask=attention if padded else None,
+                               position_ids=positions, **kv_cache(handle, cache), use_cache=True,
+                               logits_to_keep=1).logits[:, -1, :].float()
         if step + 1 < config.min_new_tokens:
             logits[:, eos] = float("-inf")
         next_ids = _pick_tokens(logits, config, [generators[r] for r in live])
@@ -160,6 +166,42 @@ def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int],
         prompt_mask = torch.zeros((len(live), 1), dtype=torch.bool, device=device)
         response_mask = torch.ones((len(live), 1), dtype=torch.bool, device=device)
     return [decode_completion(handle, tokens[i], len(prompts[i]), finish[i]) for i in range(len(prompts))]
+
+
+def serial_prefill(handle: Model, prompts: list[list[int]], config: GenerationConfig) -> bool:
+    """Whether a padded batch reads its prompts one row at a time: a padded prefill needs an explicit attention
+    mask, which takes attention off the fused causal kernel onto one that builds every (query, key) score, and
+    that costs more than the batch saves once prompts are long (`emlens bench generate --long-prompts`). Caches of
+    sliding-window layers keep only their window, so rows of other lengths cannot be stacked: those batch."""
+    if config.serial_prefill_from is None or max(len(p) for p in prompts) < config.serial_prefill_from:
+        return False
+    from transformers import DynamicCache
+
+    return not any(DynamicCache(config=handle.base_model.config).is_sliding)
+
+
+def _prefill_separately(handle: Model, prompts: list[list[int]]):
+    """Each prompt read alone (no padding, so no mask: the causal kernel), its KV cache then left-padded to the
+    longest and stacked into one cache for the batch's decode steps (which mask the padding). Returns the
+    next-token logits of every row and the stacked cache."""
+    from transformers import DynamicCache
+
+    width, device = max(len(p) for p in prompts), handle.device
+    logits, caches = [], []
+    for ids in prompts:
+        cache = DynamicCache(config=handle.base_model.config)
+        prompt = torch.ones((1, len(ids)), dtype=torch.bool, device=device)
+        with describe(handle, prompt, torch.zeros_like(prompt), -1):
+            out = handle.model(input_ids=torch.tensor([ids], device=device), **kv_cache(handle, cache),
+                               use_cache=True, logits_to_keep=1)
+        logits.append(out.logits[:, -1, :].float())
+        caches.append(cache)
+    stacked = []
+    for layer in range(len(caches[0].layers)):
+        keys, values = ([F.pad(getattr(c.layers[layer], part), (0, 0, width - len(ids), 0))
+                         for c, ids in zip(caches, prompts, strict=True)] for part in ("keys", "values"))
+        stacked.append((torch.cat(keys), torch.cat(values)))
+    return torch.cat(logits), DynamicCache(stacked, config=handle.base_model.config)
 
 
 NUCLEUS_CANDIDATES = 512  # the top-p set is looked for among this many most likely tokens (a full sort if not there)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -15,6 +15,9 @@ from torch import Tensor
 from emlens.model import Model
 
 DEFAULT_BATCH_SIZE = 16  # rows per forward pass, wherever emlens batches (generation, extraction, fitting)
+
+
+SERIAL_PREFILL_FROM = 512  # measured by `emlens bench generate --long-prompts`
 
 
 class GenerationConfig(BaseModel):
@@ -27,7 +30,10 @@ class GenerationConfig(BaseModel):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
-    engine: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM for a model on a GPU where vLLM is installed
+    engine: str = "auto"  # auto: the first registered engine that can apply every intervention (emlens.generation.engines)
+    # hf engine: a padded batch whose longest prompt has this many tokens reads its prompts one row at a time
+    # (the causal kernel, no mask) and decodes them together; None: always as one padded batch
+    serial_prefill_from: int | None = Field(SERIAL_PREFILL_FROM, ge=1)
 
     @model_validator(mode="after")
     def _min_below_max(self):
