@@ -4,10 +4,13 @@ regenerated)."""
 
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 
 from tests.cli_runner import run_cli
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 # subcommand -> (arguments at a tiny size; "{model}" is the tiny model, "{data}" a chat JSONL; the ratio key)
 TINY = {
@@ -62,3 +65,29 @@ def test_bench_generate_on_long_prompts_prints_the_batched_over_serial_ratio(tin
     assert float(pairs["batched_vs_serial_long"]) > 0 and float(pairs["padded_vs_serial_long"]) > 0
     low, high = (int(n) for n in pairs["prompt_tokens"].split("-"))
     assert 200 <= high and low < high  # rows of other lengths: the batch is padded
+
+
+def test_the_gpu_check_says_it_needs_cuda_in_one_line_and_exits_0_on_a_cpu():
+    import subprocess
+
+    if importlib.util.find_spec("torch") and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is here: the check would run")
+    done = subprocess.run(["bash", str(SCRIPTS / "gpu-check.sh")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip().startswith("gpu-check: needs CUDA")
+    assert len(done.stdout.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_pass_on_a_tiny_random_model_on_the_cpu():
+    """scripts/gpu_check.py's checks, run on the CPU: steering reaches every entry point, scale 0 changes nothing."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(SCRIPTS / "gpu_check.py"), "--cpu", "--shape", "tiny"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pairs = dict(pair.split("=", 1) for pair in done.stdout.strip().splitlines()[-1].split())
+    for key in ("hf_scale0_equals_plain", "hf_large_scale_differs", "hf_capture_steered_differs",
+                "hf_logprobs_steered_differs"):
+        assert pairs[key] == "True", (key, pairs)
+    assert float(pairs["hf_batch32_vs_batch1"]) > 0 and float(pairs["hf_steered_vs_plain"]) > 0
