@@ -187,7 +187,8 @@ def test_the_report_renders_in_a_real_browser_with_every_figure(experiment, tmp_
         browser.close()
     assert len(images) >= 4 and all(complete and width > 100 for _, complete, width in images), images
     assert [r for r in requests if not r.startswith(("file:", "data:"))] == []  # no network
-    assert headings[0] == "Behaviour under nudges" and headings[-1] == "Provenance"
+    assert headings[:2] == ["Findings: what differs between the models", "Behaviour under nudges"]
+    assert headings[-1] == "Provenance"
 
 
 def test_a_model_trained_for_the_run_is_studied_along_its_checkpoints(experiment, tiny_model_dir, tmp_path, capsys):

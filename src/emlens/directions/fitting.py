@@ -244,6 +244,38 @@ def _outer_score(X, y, pairs, train, test, method, regularization, seed) -> floa
     return float(roc_auc_score(y[test], scorer.score(X[test])))
 
 
+NULL_PERMUTATIONS = 5  # label shuffles per layer: the per-layer metric's null, drawn as a band beside it
+
+
+def shuffled_labels(y: np.ndarray, pairs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Labels with the link to the activations broken: swapped at random within each positive / negative pair where
+    the data come in pairs (a paired method keeps its pairs), else permuted across rows."""
+    ids, counts = np.unique(pairs, return_counts=True)
+    if len(ids) < len(y) and (counts == 2).all():
+        flip = dict(zip(ids, rng.random(len(ids)) < 0.5, strict=True))
+        return np.where([flip[p] for p in pairs], 1 - y, y)
+    return rng.permutation(y)
+
+
+def shuffled_null(X, y, groups, pairs, method: str, folds: int, regularization: float, seed: int) -> dict:
+    """The held-out metric (AUROC, or R^2 for a regression) of the same fit on shuffled labels: its mean and range
+    over NULL_PERMUTATIONS shuffles (`auroc_null`, `auroc_null_low`, `auroc_null_high`)."""
+    rng = np.random.default_rng(seed + 7919)
+    key = "r2" if method == "ridge" else "auroc"
+    values = []
+    for _ in range(NULL_PERMUTATIONS):
+        shuffled = shuffled_labels(y, pairs, rng)
+        if method == "ridge":
+            values.append(fit_ridge_layer(X, shuffled, groups, folds, regularization, seed).metrics["r2"])
+        else:
+            values.append(classification_metrics(X, shuffled, groups, pairs, method, folds, regularization, seed)[key])
+    values = np.array(values, dtype=float)
+    if not np.isfinite(values).any():
+        return {f"{key}_null": float("nan"), f"{key}_null_low": float("nan"), f"{key}_null_high": float("nan")}
+    return {f"{key}_null": float(np.nanmean(values)), f"{key}_null_low": float(np.nanmin(values)),
+            f"{key}_null_high": float(np.nanmax(values))}
+
+
 def fit_sites(acts: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray, pairs: np.ndarray | None,
               method: str, folds: int = 5, regularization: float = 1.0, seed: int = 0,
               progress: bool = False) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
@@ -260,7 +292,8 @@ def fit_sites(acts: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray, pa
         fits.append(fit)
         counts = {} if method == "ridge" else {"n_positive": int((y == 1).sum()), "n_negative": int((y == 0).sum())}
         records.append({"layer": parse_site(name, 10**6).layer, "site": name, "method": method, "n": len(y), **counts,
-                        "n_groups": int(len(np.unique(groups))), **fit.metrics, "raw_norm": fit.raw_norm})
+                        "n_groups": int(len(np.unique(groups))), **fit.metrics, "raw_norm": fit.raw_norm,
+                        **shuffled_null(X, y, groups, pairs, method, folds, regularization, seed)})
     tensors = {"directions": np.stack([f.direction for f in fits]), "raw_norm": np.array([f.raw_norm for f in fits]),
                "layers": np.array([r["layer"] for r in records])}
     for key in fits[0].extras:

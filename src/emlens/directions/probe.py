@@ -27,7 +27,7 @@ from emlens.model import Model
 from emlens.sites import resolve_sites
 
 # bump when a change alters what a fitted direction or probe holds: `emlens run` then redoes its finished stages
-RESULTS_VERSION = 2  # 2: the best layer's nested-CV metric
+RESULTS_VERSION = 3  # 2: the best layer's nested-CV metric; 3: each layer's shuffled-label null
 
 
 def fit_store(store: ActivationStore, data: ProbeData, spec: ProbeSpec, sites: list, progress: bool = True

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from emlens.analysis.contrasts import model_contrasts
+from emlens.analysis.direction_figures import layer_metrics_figure
 from emlens.analysis.report import write_report_files
 from emlens.base.io import atomic_write_text, read_json, versions
 from emlens.directions.artifact import Direction
@@ -135,24 +136,29 @@ def measure_blocks(measured: dict[str, dict[str, Path]], figures: Path) -> list[
             Block("table", _wide(frame, "rate", order)), Block("figure", path)]
 
 
-def direction_blocks(directions: dict[str, dict[str, Path]]) -> list[Block]:
+def direction_blocks(directions: dict[str, dict[str, Path]], figures: Path) -> list[Block]:
+    """Per probe spec: a table of each model's best layer and metrics, and one figure with every model overlaid
+    beside the shuffled-label band."""
     blocks = [Block("heading", "Directions and probes (held-out metrics, folds split by prompt)"),
               Block("text", "The best layer is chosen on the folds its auroc / r2 is reported from, which flatters it; "
-                            "auroc_nested / r2_nested choose the layer on inner folds only (nested CV).")]
+                            "auroc_nested / r2_nested choose the layer on inner folds only (nested CV). The grey band "
+                            "in each figure is the same fit on shuffled labels (its range over shuffles and models): "
+                            "a layer inside it separates no better than chance at this n.")]
     for probe, by_model in directions.items():
+        loaded = {model: Direction.load(folder) for model, folder in by_model.items()}
         rows = []
-        for model, folder in by_model.items():
-            d = Direction.load(folder)
+        for model, d in loaded.items():
             best = d.cfg.best_metrics
             rows.append({"model": model, "method": d.method, "best layer": d.best_layer,
-                         **{k: round(float(best[k]), 3) for k in ("auroc", "auroc_nested", "accuracy", "r2",
-                                                                   "r2_nested", "pearson_r") if k in best},
+                         **{k: round(float(best[k]), 3) for k in ("auroc", "auroc_nested", "auroc_null", "accuracy",
+                                                                   "r2", "r2_nested", "r2_null", "pearson_r")
+                            if k in best},
                          "n": d.cfg.data.get("n"), "data hash": d.cfg.data.get("hash"), "seed": d.cfg.seed})
         blocks += [Block("heading", probe, 3), Block("table", pd.DataFrame(rows))]
-        for model, folder in by_model.items():
-            if (folder / "metrics.png").exists():
-                blocks += [Block("text", f"{probe} on {model}: held-out metric and natural norm by layer"),
-                           Block("figure", folder / "metrics.png")]
+        if any(not d.metrics().empty for d in loaded.values()):
+            path = layer_metrics_figure(loaded, figures / f"direction-{probe}.png",
+                                        f"{probe}: held-out metric by layer, every model")
+            blocks.append(Block("figure", path))
     return blocks
 
 
