@@ -27,6 +27,7 @@ from emlens.study.report import (
     measure_blocks,
     provenance_blocks,
     steer_blocks,
+    token_blocks,
     write_study_report,
 )
 from emlens.study.stages import DEFAULT_STAGES, describe_plan, plan, run_study
@@ -66,6 +67,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None, stages: str 
         measured = {name: by_kind(name) for name in MEASURES if by_kind(name)}
         blocks += measure_blocks(measured, tmp / "eval-figures") if measured else []
         blocks += direction_blocks(directions, tmp / "eval-figures") if directions else []
+        blocks += _token_blocks(study, tables, directions, tmp / "eval-figures", device) if evals else []
         blocks += compare_blocks(by_kind("compare")) if by_kind("compare") else []
         blocks += [b for folder in by_kind("steer").values() for b in steer_blocks(folder)]
         blocks += provenance_blocks(records, evals)
@@ -74,6 +76,17 @@ def run_experiment(path: str | Path, out: str | Path | None = None, stages: str 
                                              "experiment": str(Path(path).resolve()), "stages": records,
                                              "seconds": round(time.time() - start, 1), "versions": versions()})
     return out
+
+
+def _token_blocks(study: LoadedExperiment, tables: dict, directions: dict, figures: Path, device: str) -> list:
+    """The misalignment direction (else the first fitted one) token by token on the answers of the first model of
+    the first contrast (the insecure one in the shipped studies), with that model's own fit."""
+    contrasts = study.spec.model_contrasts()
+    subject = contrasts[0][0] if contrasts else next(iter(tables))
+    probe = "misalignment" if "misalignment" in directions else next(iter(directions), None)
+    if probe is None or subject not in tables or subject not in directions[probe]:
+        return []
+    return token_blocks(probe, subject, directions[probe][subject], tables[subject], figures, device)
 
 
 @register_artifact(STUDY_KIND)

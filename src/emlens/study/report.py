@@ -20,10 +20,12 @@ import pandas as pd
 from emlens.analysis.contrasts import model_contrasts
 from emlens.analysis.direction_figures import layer_metrics_figure
 from emlens.analysis.report import write_report_files
+from emlens.analysis.token_heatmap import response_heatmaps
 from emlens.base.io import atomic_write_text, read_json, versions
 from emlens.directions.artifact import Direction
 from emlens.evaluation.measures import MEASURES, rate_frame
 from emlens.evaluation.summary import summarize
+from emlens.model import load_model
 from emlens.runs import read_samples
 from emlens.study.battery import battery_figure
 
@@ -160,6 +162,27 @@ def direction_blocks(directions: dict[str, dict[str, Path]], figures: Path) -> l
                                         f"{probe}: held-out metric by layer, every model")
             blocks.append(Block("figure", path))
     return blocks
+
+
+def token_blocks(probe: str, subject: str, direction: Path, samples: pd.DataFrame, figures: Path,
+                 device: str = "auto") -> list[Block]:
+    """The direction's projection on each token of a few of the subject's free-form answers (the least and the most
+    aligned by the judge): a heat-map figure, and the same as a page of its own beside the report."""
+    if "aligned" not in samples or not samples[samples.setting == "free_form"].aligned.notna().any():
+        return []
+    adapter = samples.adapter.dropna().iloc[0] if "adapter" in samples and samples.adapter.notna().any() else None
+    handle = load_model(str(samples.model.iloc[0]), adapter=adapter or None, device=device)
+    loaded = Direction.load(direction)
+    title = f"{probe} direction (layer {loaded.best_layer}) on {subject}'s answers"
+    folder = figures / f"tokens-{probe}-{subject}"
+    figure, page, table = response_heatmaps(handle, loaded, samples, folder, title)
+    return [Block("heading", f"Token by token: the {probe} direction on {subject}'s answers"),
+            Block("text", f"Each response token's residual at layer {loaded.best_layer} ({loaded.site_kind}) projected "
+                          "on the direction, minus the midpoint of its two classes: red leans to the positive side "
+                          f"({probe}), blue away from it. {table.row.nunique()} answers, {int(table.response.sum())} "
+                          f"response tokens; the same, every token with its value, as a page of its own: "
+                          f"{figures.name}/{folder.name}/{page.name}."),
+            Block("figure", figure)]
 
 
 def compare_blocks(comparisons: dict[str, Path]) -> list[Block]:
