@@ -50,3 +50,13 @@ def test_only_prompts_both_models_answered_are_paired_and_the_reference_effect_s
 def test_a_contrast_without_pairs_says_so():
     row = {"measure": "flip_rate", "n_pairs": 0, "contrast": "a - b", "difference": np.nan}
     assert reading(row) == "no paired answers"
+
+
+def test_the_report_reads_near_identical_cosines_and_steering_that_changed_nothing():
+    from emlens.study.report import cosine_reading, steer_verdict
+
+    assert "barely moved" in cosine_reading(pd.Series([1.0, 0.995, 0.999]))
+    assert cosine_reading(pd.Series([1.0, 0.6, 0.9])) == "The least similar has cos 0.600 with the first model's."
+    unchanged = {"difference": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert steer_verdict(unchanged, 1.0).startswith("no pair differed")
+    assert steer_verdict({"difference": 0.3, "ci_low": 0.1, "ci_high": 0.5}, 0.01) == "beyond the random control"

@@ -195,9 +195,26 @@ def compare_blocks(comparisons: dict[str, Path]) -> list[Block]:
         blocks += [Block("heading", probe, 3),
                    Block("text", f"Cosine at layer {cfg['reference_best_layer']} (the first model's best layer); two "
                                  f"random directions of width {cfg['d_model']} have |cos| below {baseline:.3f} "
-                                 "95 % of the time."),
+                                 f"95 % of the time. {cosine_reading(at_best.cosine)}"),
                    Block("table", at_best), Block("figure", folder / "compare.png")]
     return blocks
+
+
+def cosine_reading(cosines: pd.Series) -> str:
+    """One line on what the cosines say: all but identical, or how far the least similar one moved."""
+    others = cosines[cosines < 0.999999]  # the reference's cosine with itself says nothing
+    if others.empty:
+        return ""
+    if others.min() >= 0.99:
+        return (f"Every direction is within cos {others.min():.3f} of the first model's: the fine-tunes barely moved "
+                "it at this training size.")
+    return f"The least similar has cos {others.min():.3f} with the first model's."
+
+
+def steer_verdict(row: dict, p_bh: float) -> str:
+    if row["difference"] == 0 and row["ci_low"] == 0 and row["ci_high"] == 0:
+        return "no pair differed: the steered answers scored as their control's"
+    return "beyond the random control" if p_bh < 0.05 else "not distinguishable from the control"
 
 
 def steer_blocks(folder: Path) -> list[Block]:
@@ -212,8 +229,7 @@ def steer_blocks(folder: Path) -> list[Block]:
             f"{r['difference_corrected']:+.3f} [{r['corrected_ci_low']:+.3f}, {r['corrected_ci_high']:+.3f}] "
             f"({r['correction']})" for r in paired.to_dict("records")]
     adjusted = paired.p_bh if "p_bh" in paired else pd.Series(1.0, index=paired.index)
-    paired["verdict"] = ["beyond the random control" if p < 0.05 else "not distinguishable from the control"
-                         for p in adjusted]
+    paired["verdict"] = [steer_verdict(r, p) for r, p in zip(paired.to_dict("records"), adjusted, strict=True)]
     cfg = read_json(folder / "cfg.json")
     return [Block("heading", "Steering: dose-response beside the random control"),
             Block("text", f"Direction {Path(cfg['direction']).name} at layer {cfg['layer']} ({cfg['site']}). Each "
