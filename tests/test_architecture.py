@@ -12,7 +12,7 @@ import emlens
 PACKAGE = Path(emlens.__file__).parent
 LAYERS = {  # top-level module or subpackage of emlens -> layer (DESIGN.md, "Layers inside src/emlens/")
     "base": 1,
-    "model": 2, "sites": 2, "runs": 2, "data": 2,
+    "model": 2, "attention": 2, "sites": 2, "runs": 2, "data": 2,
     "generation": 3,
     "capture": 4, "steering": 4, "judges": 4,
     "directions": 5, "evaluation": 5, "sae": 5,

@@ -124,3 +124,31 @@ def test_prompts_read_one_row_at_a_time_decode_as_one_padded_batch_does(tiny, te
             tokens = {name: [c.token_ids for c in generate(tiny, requests(), way, progress=False)]
                       for name, way in ways.items()}
         assert tokens["serial"] == tokens["padded"] == tokens["alone"], steering
+
+
+def test_grouped_decode_attention_equals_transformers_sdpa_with_its_repeated_cache(tiny):
+    """The decode step folds each group's query heads into the query length instead of copying the KV cache."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from emlens.attention import NAME, grouped_decode_attention
+
+    assert tiny.model.config._attn_implementation == NAME  # every loaded model runs it
+    module = tiny.base_model.model.layers[0].self_attn
+    assert module.num_key_value_groups == 2
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 4, 1, 16, generator=generator)
+    key, value = (torch.randn(3, 2, 9, 16, generator=generator) for _ in range(2))
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    mask[0, ..., :4] = False  # a left-padded row
+    ours, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    config = GenerationConfig(max_new_tokens=10, temperature=1.0, batch_size=5)
+    grouped = [c.token_ids for c in generate(tiny, requests(), config, progress=False)]
+    tiny.model.set_attn_implementation("sdpa")
+    try:
+        repeated = [c.token_ids for c in generate(tiny, requests(), config, progress=False)]
+    finally:
+        tiny.model.set_attn_implementation(NAME)
+    assert grouped == repeated

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from emlens.attention import use_grouped_decode_attention
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import atomic_write_json, file_sha256, folder_beside, swap_in
 from emlens.sites import decoder_layers
@@ -338,6 +339,7 @@ def wrap_model(model, tokenizer, *, spec: str, base_fingerprint: str | None = No
                device: torch.device | str = "cpu", merge: bool = False) -> Model:
     """Turn an in-memory HF model + tokenizer into a Model (used by load_model and by tests)."""
     base_fp = base_fingerprint or tensor_fingerprint(model)
+    use_grouped_decode_attention(model)  # no KV-cache copy per decode step under a padding mask
     adapter_fp = None
     if adapter is not None:
         adapter_path = resolve_adapter(adapter)
