@@ -8,7 +8,9 @@
     eval: {settings: [free_form, refusal], nudges: [none, evil, hhh]}      # EvalConfig
     directions: {specs: [../probes/refusal.yaml], limit: 24}              # probe specs, fitted on every model
     steer: {model: base, direction: refusal, layer: 15, scales: [0, 2.0]} # a dose-response with its control
+                                                                           # (or a list of them, one per direction)
     compare: true                                                          # each direction across the models
+    contrasts: [[insecure, base]]                                          # the report's first table: a - b
     honesty: {nudges: [none, evil], limit: 30}                            # HonestyConfig, on every model
     capability: {mc_limit: 100, gsm8k_limit: 20}                          # CapabilityConfig, on every model
 
