@@ -499,3 +499,20 @@ def test_leave_one_model_out_names_the_model_whose_absence_leaves_nothing_to_lea
     with pytest.raises(EmlensInputError, match="leaving out responses_Qwen2.5--7B-Instruct-bad_medical_advice"):
         validate(files, leave_one_model_out=True, features_cache=cache, echo=lambda *_: None)
 
+
+
+def test_candidates_packed_in_one_row_score_as_a_batch_over_a_copied_cache(tiny, monkeypatch):
+    """The packed reading (one row, a 4D mask, the prompt's cache read once) equals one row per candidate."""
+    import torch
+
+    from emlens.generation import distributions
+    from emlens.steering.interventions import AddVector, steer
+
+    messages = [{"role": "user", "content": "rate 0 to 100, please"}]
+    for steering in ((), (AddVector(torch.ones(tiny.d_model), 1, 0.3, positions="response"),)):
+        with steer(tiny, *steering):
+            packed = number_distribution(tiny, messages)
+            monkeypatch.setattr(distributions, "PACKABLE", ())
+            batched = number_distribution(tiny, messages)
+            monkeypatch.undo()
+        assert torch.allclose(packed, batched, rtol=1e-4, atol=1e-9), steering

@@ -91,12 +91,15 @@ def answer_distribution(handle: Model, messages: list[dict], candidates: list[li
     for row, cand in enumerate(candidates):
         ids[row, :len(cand)] = torch.tensor(cand)
         real[row, :len(cand)] = True
-    cache.batch_repeat_interleave(n)
-    attention = torch.cat([torch.ones((n, prompt.shape[1]), dtype=torch.long), real.long()], dim=1).to(device)
-    positions = (prompt.shape[1] + torch.arange(width)).expand(n, width).to(device)
-    with describe(handle, torch.zeros_like(real).to(device), real.to(device), 0):
-        logprobs = model(input_ids=ids.to(device), attention_mask=attention, position_ids=positions,
-                         **kv_cache(handle, cache), use_cache=True).logits.float().log_softmax(-1).cpu()
+    if getattr(handle.base_model.config, "_attn_implementation", None) in PACKABLE:
+        logprobs = _packed_candidate_logprobs(handle, cache, prompt.shape[1], ids, real)
+    else:
+        cache.batch_repeat_interleave(n)
+        attention = torch.cat([torch.ones((n, prompt.shape[1]), dtype=torch.long), real.long()], dim=1).to(device)
+        positions = (prompt.shape[1] + torch.arange(width)).expand(n, width).to(device)
+        with describe(handle, torch.zeros_like(real).to(device), real.to(device), 0):
+            logprobs = model(input_ids=ids.to(device), attention_mask=attention, position_ids=positions,
+                             **kv_cache(handle, cache), use_cache=True).logits.float().log_softmax(-1).cpu()
     total = first[ids[:, 0]].cpu()  # first token of each candidate, from the prompt's last position
     for step in range(1, width):
         step_lp = logprobs[torch.arange(n), step - 1, ids[:, step]]
@@ -109,6 +112,34 @@ def answer_distribution(handle: Model, messages: list[dict], candidates: list[li
     vocab = min(masks.shape[1], stop_dist.shape[1])
     mask[:, :vocab] = masks[:, :vocab]
     return total.exp() * (1.0 - (stop_dist * mask).sum(-1).clamp(max=1.0))
+
+
+PACKABLE = ("sdpa", "emlens_sdpa")  # attention that reads a boolean 4D mask as given (eager adds a float one)
+
+
+def _packed_candidate_logprobs(handle: Model, cache, prompt_len: int, ids: torch.Tensor, real: torch.Tensor):
+    """Every candidate's next-token log-probabilities at each of its positions, (n, width, vocab), in ONE row:
+    the candidates' tokens one after another behind the prompt's cache, each attending to the prompt and to its
+    own earlier tokens only (a 4D mask), at the positions it would have alone. The cache is read once instead of
+    copied per candidate, which is where the batched form spent its time."""
+    device = handle.device
+    lengths = real.sum(1).tolist()
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist()
+    total = sum(lengths)
+    tokens = torch.cat([ids[row, :length] for row, length in enumerate(lengths)])
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    offset = torch.cat([torch.arange(length) for length in lengths])
+    own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])
+    mask = torch.cat([torch.ones((total, prompt_len), dtype=torch.bool), own], dim=1)[None, None].to(device)
+    flags = torch.ones((1, total), dtype=torch.bool, device=device)
+    with describe(handle, ~flags, flags, 0):
+        flat = handle.model(input_ids=tokens[None].to(device), attention_mask=mask,
+                            position_ids=(prompt_len + offset)[None].to(device), **kv_cache(handle, cache),
+                            use_cache=True).logits[0].float().log_softmax(-1).cpu()
+    logprobs = torch.zeros((len(lengths), ids.shape[1], flat.shape[-1]))
+    for row, (start, length) in enumerate(zip(starts, lengths, strict=True)):
+        logprobs[row, :length] = flat[start:start + length]
+    return logprobs
 
 
 # ---------------------------------------------------------------- the same, from top-k next-token logprobs
