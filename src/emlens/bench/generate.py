@@ -122,7 +122,7 @@ def questions_per_second(handle: Model, chats: list[list[dict]], batch: int, new
     return len(chats) / (time.perf_counter() - start)
 
 
-def bench_long_prompts(handle: Model, batch: int = 8, tokens: int = 1500, new_tokens: int = 16, repeats: int = 2,
+def bench_long_prompts(handle: Model, batch: int = 8, tokens: int = 1500, new_tokens: int = 64, repeats: int = 2,
                        echo: Callable[[str], None] = print) -> dict:
     """Questions/s on prompts of about `tokens` tokens: one at a time, a batch whose prompts are read one row at a
     time and decoded together (the engine's default), and the same batch read as one padded, masked batch."""

@@ -164,7 +164,7 @@ def bench_generate_command(
 
     handle = load(model, None, device, tensor_parallel_size=tensor_parallel_size)
     if long_prompts:
-        bench_long_prompts(handle, tokens=prompt_tokens, echo=typer.echo, **given(repeats=repeats))
+        bench_long_prompts(handle, tokens=prompt_tokens, new_tokens=new_tokens, echo=typer.echo, **given(repeats=repeats))
         return
     sizes = [int(b) for b in batches.split(",")]
     bench_generate(handle, sizes, new_tokens, hf_baseline=hf_baseline, engine=engine, echo=typer.echo,
