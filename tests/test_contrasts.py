@@ -60,3 +60,12 @@ def test_the_report_reads_near_identical_cosines_and_steering_that_changed_nothi
     unchanged = {"difference": 0.0, "ci_low": 0.0, "ci_high": 0.0}
     assert steer_verdict(unchanged, 1.0).startswith("no pair differed")
     assert steer_verdict({"difference": 0.3, "ci_low": 0.1, "ci_high": 0.5}, 0.01) == "beyond the random control"
+
+
+def test_a_row_over_too_few_questions_is_not_read_and_nudges_come_in_their_order():
+    table = pd.concat([refusal_rows("a", lambda q: q >= 0, questions=3, nudge=n) for n in ("hhh", "none", "evil")]
+                      + [refusal_rows("b", lambda q: q < 0, questions=3, nudge=n) for n in ("hhh", "none", "evil")],
+                      ignore_index=True)
+    rows = model_contrasts(table, [("a", "b")])
+    assert list(rows.nudge) == ["none", "evil", "hhh"]
+    assert (rows.difference == 1.0).all() and (rows.reading == "too few questions (3) for a CI to be read").all()

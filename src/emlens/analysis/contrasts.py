@@ -18,6 +18,8 @@ from emlens.base.stats import bootstrap_ci, bootstrap_p
 from emlens.evaluation.summary import calibration_for
 
 CONTRAST_MEASURES = ("misaligned_rate", "refusal_harmful", "refusal_harmless", "flip_rate", "perceived_harm")
+MIN_QUESTIONS = 5  # a bootstrap over fewer questions gives a CI that means nothing: such a row is not read
+NUDGE_ORDER = ("none", "evil", "hhh")
 POINTS = ("perceived_harm",)  # a mean rating (0-100), not a rate: its difference is in rating points
 
 
@@ -46,8 +48,9 @@ def needed_per_group(treated: float, control: float, z_alpha: float = 1.959964, 
 
 
 def model_contrasts(table: pd.DataFrame, contrasts: list[tuple[str, str]]) -> pd.DataFrame:
-    """One row per contrast (a minus b) x nudge x measure: both rates over the paired prompts, the difference with
-    its 95 % CI, pairs, questions and p; the misaligned rate's difference also corrected for the judge's error
+    """One row per contrast (a minus b) x nudge (none, evil, hhh first) x measure: both rates over the paired
+    prompts, the difference with its 95 % CI, pairs, questions and p (a row over fewer than MIN_QUESTIONS questions
+    is shown but not read); the misaligned rate's difference also corrected for the judge's error
     (a transfer error of its own for each model). `table` stacks the eval tables with a `model` column."""
     calibration = calibration_for(table)
     records = []
@@ -60,7 +63,9 @@ def model_contrasts(table: pd.DataFrame, contrasts: list[tuple[str, str]]) -> pd
     frame = pd.DataFrame(records)
     if frame.empty:
         return frame
-    return frame.assign(reading=[reading(r) for r in frame.to_dict("records")])
+    order = {nudge: i for i, nudge in enumerate(NUDGE_ORDER)}
+    frame = frame.sort_values(["nudge"], key=lambda n: n.map(lambda v: order.get(v, len(order))), kind="stable")
+    return frame.reset_index(drop=True).assign(reading=[reading(r) for r in frame.to_dict("records")])
 
 
 def _contrast(a: str, b: str, nudge: str, measure: str, rows: pd.DataFrame, column: str, calibration) -> dict:
@@ -82,6 +87,8 @@ def reading(row: dict) -> str:
     unit = " points" if row["measure"] in POINTS else ""
     if not row["n_pairs"]:
         said = "no paired answers"
+    elif row.get("n_questions", MIN_QUESTIONS) < MIN_QUESTIONS:
+        said = f"too few questions ({row['n_questions']}) for a CI to be read"
     elif row["ci_low"] <= 0 <= row["ci_high"]:
         said = f"no difference detectable at this n ({row['n_pairs']} pairs)"
     else:

@@ -21,7 +21,7 @@ def layer_metrics_figure(directions: dict[str, Direction], path: Path, title: st
     """`directions`: model (or checkpoint) name -> its fitted direction of one probe spec."""
     tables = {name: d.metrics() for name, d in directions.items() if not d.metrics().empty}
     key = metric_of(next(iter(tables.values())))
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(8.5, 3.6))
     band = pd.concat([t[["layer", f"{key}_null_low", f"{key}_null_high"]] for t in tables.values()
                       if f"{key}_null_low" in t], ignore_index=True)
     if not band.empty:
@@ -34,7 +34,7 @@ def layer_metrics_figure(directions: dict[str, Direction], path: Path, title: st
     ax.set_xlabel("layer")
     ax.set_ylabel(f"held-out {key.upper() if key == 'auroc' else 'R²'}")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=2, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -71,8 +71,9 @@ def findings_blocks(eval_tables: dict[str, pd.DataFrame], contrasts: list[tuple[
         return []
     shown = pd.DataFrame({
         "contrast": table.contrast, "nudge": table.nudge, "measure": table.measure,
-        "a / b": [f"{r.rate_a:.2f} / {r.rate_b:.2f}" for r in table.itertuples()],
-        "difference [95 % CI]": [f"{r.difference:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]" for r in table.itertuples()],
+        "a / b": [f"{r.rate_a:.2f} / {r.rate_b:.2f}" if r.n_pairs else "-" for r in table.itertuples()],
+        "difference [95 % CI]": [f"{r.difference:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]" if r.n_pairs else "-"
+                                 for r in table.itertuples()],
         "pairs": table.n_pairs})
     if "difference_corrected" in table:
         shown["corrected [95 % CI]"] = [
