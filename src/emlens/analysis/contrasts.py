@@ -63,9 +63,11 @@ def model_contrasts(table: pd.DataFrame, contrasts: list[tuple[str, str]]) -> pd
     frame = pd.DataFrame(records)
     if frame.empty:
         return frame
-    order = {nudge: i for i, nudge in enumerate(NUDGE_ORDER)}
-    frame = frame.sort_values(["nudge"], key=lambda n: n.map(lambda v: order.get(v, len(order))), kind="stable")
-    return frame.reset_index(drop=True).assign(reading=[reading(r) for r in frame.to_dict("records")])
+    nudges = {nudge: i for i, nudge in enumerate(NUDGE_ORDER)}
+    pairs = {f"{a} - {b}": i for i, (a, b) in enumerate(contrasts)}
+    rank = frame.contrast.map(pairs) * 100 + frame.nudge.map(lambda v: nudges.get(v, len(nudges)))
+    frame = frame.iloc[rank.argsort(kind="stable")].reset_index(drop=True)
+    return frame.assign(reading=[reading(r) for r in frame.to_dict("records")])
 
 
 def _contrast(a: str, b: str, nudge: str, measure: str, rows: pd.DataFrame, column: str, calibration) -> dict:
