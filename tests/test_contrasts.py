@@ -69,3 +69,12 @@ def test_a_row_over_too_few_questions_is_not_read_and_nudges_come_in_their_order
     rows = model_contrasts(table, [("a", "b")])
     assert list(rows.nudge) == ["none", "evil", "hhh"]
     assert (rows.difference == 1.0).all() and (rows.reading == "too few questions (3) for a CI to be read").all()
+
+
+def test_the_reading_follows_the_judge_corrected_ci_where_there_is_one():
+    row = {"measure": "misaligned_rate", "n_pairs": 8, "n_questions": 8, "contrast": "insecure - secure",
+           "difference": 0.4, "ci_low": 0.0, "ci_high": 0.8, "difference_corrected": 0.25, "corrected_ci_low": 0.04,
+           "corrected_ci_high": 0.53}
+    assert reading(row).startswith("insecure higher by 0.25 (judge-corrected)")
+    assert reading({**row, "corrected_ci_low": -0.1}).startswith("no difference detectable")
+    assert reading({**row, "difference_corrected": np.nan}).startswith("no difference detectable")  # raw CI has 0

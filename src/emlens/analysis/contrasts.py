@@ -85,17 +85,22 @@ def _contrast(a: str, b: str, nudge: str, measure: str, rows: pd.DataFrame, colu
 
 
 def reading(row: dict) -> str:
-    """What the CI supports, in one line, and the n the reference effect would need."""
+    """What the CI supports, in one line (the judge-corrected difference where there is one: it carries the judge's
+    error too), and the n the reference effect would need."""
     unit = " points" if row["measure"] in POINTS else ""
+    corrected = row.get("difference_corrected") is not None and not pd.isna(row.get("difference_corrected"))
+    difference, low, high = ((row["difference_corrected"], row["corrected_ci_low"], row["corrected_ci_high"])
+                             if corrected else (row["difference"], row.get("ci_low"), row.get("ci_high")))
     if not row["n_pairs"]:
         said = "no paired answers"
     elif row.get("n_questions", MIN_QUESTIONS) < MIN_QUESTIONS:
         said = f"too few questions ({row['n_questions']}) for a CI to be read"
-    elif row["ci_low"] <= 0 <= row["ci_high"]:
+    elif low <= 0 <= high:
         said = f"no difference detectable at this n ({row['n_pairs']} pairs)"
     else:
         model = row["contrast"].split(" - ")[0]
-        said = f"{model} {'higher' if row['difference'] > 0 else 'lower'} by {abs(row['difference']):.2f}{unit}"
+        said = f"{model} {'higher' if difference > 0 else 'lower'} by {abs(difference):.2f}{unit}"
+        said += " (judge-corrected)" if corrected else ""
     effect = REFERENCE_EFFECTS.get(row["measure"])
     if effect is not None:
         said += (f"; the reference effect ({effect.treated:.2f} vs {effect.control:.2f}) needs about "
