@@ -2,9 +2,12 @@
 line, cut at the report's <h2 id="..."> anchors.
 
     .venv/bin/python scripts/report_screenshots.py artifacts/runs/quickstart/report.html docs/quickstart-report \
-        behaviour-under-nudges= honesty-under-pressure-and-capability=-honesty \
+        findings-what-differs-between-the-models= behaviour-under-nudges=-behaviour \
+        honesty-under-pressure-and-capability=-honesty \
         directions-and-probes-held-out-metrics-folds-split-by-prompt=-directions \
-        steering-dose-response-beside-the-random-control=-steering
+        token-by-token-the-misalignment-direction-on-insecure-s-answers=-tokens \
+        steering-quickstart-misalignment-dose-response-beside-the-random-control=-steering-misalignment \
+        steering-quickstart-refusal-dose-response-beside-the-random-control=-steering-refusal
 """
 
 from __future__ import annotations

@@ -232,7 +232,8 @@ def steer_blocks(folder: Path) -> list[Block]:
     adjusted = paired.p_bh if "p_bh" in paired else pd.Series(1.0, index=paired.index)
     paired["verdict"] = [steer_verdict(r, p) for r, p in zip(paired.to_dict("records"), adjusted, strict=True)]
     cfg = read_json(folder / "cfg.json")
-    return [Block("heading", "Steering: dose-response beside the random control"),
+    name = cfg.get("spec", {}).get("name") or Path(cfg["direction"]).name
+    return [Block("heading", f"Steering ({name}): dose-response beside the random control"),
             Block("text", f"Direction {Path(cfg['direction']).name} at layer {cfg['layer']} ({cfg['site']}). Each "
                           "steered condition minus the same condition with a random vector of the same norm, paired "
                           "by prompt and seed; 95 % CI and p from a bootstrap over questions, the verdict at a Benjamini-Hochberg "
