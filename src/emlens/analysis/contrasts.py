@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from emlens.analysis.dose_response import corrected_difference, measured_rows, paired
-from emlens.base.stats import bootstrap_ci, bootstrap_p
+from emlens.analysis.dose_response import measured_rows, paired_difference
 from emlens.evaluation.summary import calibration_for
 
 CONTRAST_MEASURES = ("misaligned_rate", "refusal_harmful", "refusal_harmless", "flip_rate", "perceived_harm")
@@ -71,17 +70,10 @@ def model_contrasts(table: pd.DataFrame, contrasts: list[tuple[str, str]]) -> pd
 
 
 def _contrast(a: str, b: str, nudge: str, measure: str, rows: pd.DataFrame, column: str, calibration) -> dict:
-    pairs = paired(rows.assign(value=rows[column].astype(float)), "model", (a, b))
-    difference = pairs[a] - pairs[b]
-    questions = pairs.index.get_level_values("question_id").to_numpy()
-    low, high = bootstrap_ci(difference, clusters=questions) if len(pairs) else (math.nan, math.nan)
-    record = {"contrast": f"{a} - {b}", "nudge": nudge, "measure": measure, "rate_a": pairs[a].mean(),
-              "rate_b": pairs[b].mean(), "difference": difference.mean(), "ci_low": low, "ci_high": high,
-              "n_pairs": len(pairs), "n_questions": len(set(questions)),
-              "p": bootstrap_p(difference, clusters=questions) if len(pairs) else math.nan}
-    if measure == "misaligned_rate" and calibration is not None and len(pairs):
-        record.update(corrected_difference(calibration, rows, pairs, questions, "model", (a, b), same_model=False))
-    return record
+    stat = paired_difference(rows, column, "model", (a, b), calibration if measure == "misaligned_rate" else None,
+                             same_model=False)
+    return {"contrast": f"{a} - {b}", "nudge": nudge, "measure": measure, "rate_a": stat.pop("a"),
+            "rate_b": stat.pop("b"), **stat}
 
 
 def reading(row: dict) -> str:

@@ -82,22 +82,38 @@ def direction_vs_control(table: pd.DataFrame) -> pd.DataFrame:
         if part.control.nunique() < 2:
             continue
         for measure, rows, column in measured_rows(part):
-            pairs = paired(rows.assign(value=rows[column].astype(float)))
-            difference = pairs[False] - pairs[True]
-            questions = pairs.index.get_level_values("question_id").to_numpy()
-            low, high = bootstrap_ci(difference, clusters=questions)
-            unconditional, dropped = _unconditional(part, measure, len(pairs))
-            records.append((operation, alpha, nudge, measure, pairs[False].mean(), pairs[True].mean(),
-                            difference.mean(), low, high, len(pairs), bootstrap_p(difference, clusters=questions),
-                            unconditional, dropped))
-            corrected.append(corrected_difference(calibration, rows, pairs, questions)
-                             if measure == "misaligned_rate" and calibration is not None else {})
+            stat = paired_difference(rows, column, calibration=calibration if measure == "misaligned_rate" else None)
+            unconditional, dropped = _unconditional(part, measure, stat["n_pairs"])
+            records.append((operation, alpha, nudge, measure, stat["a"], stat["b"], stat["difference"],
+                            stat["ci_low"], stat["ci_high"], stat["n_pairs"], stat["p"], unconditional, dropped))
+            corrected.append({k: v for k, v in stat.items() if k in CORRECTED_COLUMNS})
     frame = pd.DataFrame(records, columns=["operation", "alpha", "nudge", "measure", "direction", "control",
                                            "difference", "ci_low", "ci_high", "n_pairs", "p",
                                            "difference_unconditional", "pairs_dropped"])
     if any(corrected):
         frame = pd.concat([frame, pd.DataFrame(corrected, index=frame.index)], axis=1)
     return frame.assign(p_bh=benjamini_hochberg(frame.p) if len(frame) else [])
+
+
+CORRECTED_COLUMNS = ("difference_corrected", "corrected_ci_low", "corrected_ci_high", "correction")
+
+
+def paired_difference(rows: pd.DataFrame, column: str, by: str = "control", levels: tuple = (False, True),
+                      calibration=None, same_model: bool = True) -> dict:
+    """Level a minus level b of `by` in `column`, over the prompts and seeds both have (PAIR_KEY): both means, the
+    difference with its bootstrap 95 % CI and p over questions, the pairs and questions; with a `calibration`, also
+    the difference corrected for the judge's error (CORRECTED_COLUMNS)."""
+    a, b = levels
+    pairs = paired(rows.assign(value=rows[column].astype(float)), by, levels)
+    difference = pairs[a] - pairs[b]
+    questions = pairs.index.get_level_values("question_id").to_numpy()
+    low, high = bootstrap_ci(difference, clusters=questions)
+    stat = {"a": pairs[a].mean(), "b": pairs[b].mean(), "difference": difference.mean(), "ci_low": low,
+            "ci_high": high, "n_pairs": len(pairs), "n_questions": len(set(questions)),
+            "p": bootstrap_p(difference, clusters=questions)}
+    if calibration is not None and len(pairs):
+        stat.update(corrected_difference(calibration, rows, pairs, questions, by, levels, same_model))
+    return stat
 
 
 def corrected_difference(calibration, rows: pd.DataFrame, pairs: pd.DataFrame, questions, by: str = "control",
