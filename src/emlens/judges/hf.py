@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from emlens.generation import vllm_engine
 from emlens.generation.distributions import (
     TOP_LOGPROBS,
     choice_distribution,
@@ -10,6 +9,7 @@ from emlens.generation.distributions import (
     topk_number_and_choice_distributions,
 )
 from emlens.generation.engine import resolve_engine
+from emlens.generation.engines import ENGINES
 from emlens.judges.base import (
     VERDICTS,
     Choice,
@@ -50,11 +50,11 @@ class HFJudge(Judge):
         if self.engine == "hf":
             yield from enumerate(self._score_uncached(prompts))
             return
-        reader = vllm_engine.engine_for(self.handle)
+        engine = ENGINES[self.engine]  # the registry's engine: its top-k next-token logprobs, batched
         for start in range(0, len(prompts), VLLM_BATCH):
             chats = [[{"role": "user", "content": p}] for p in prompts[start:start + VLLM_BATCH]]
             numbers, verdicts = topk_number_and_choice_distributions(
-                self.handle, chats, VERDICTS, lambda seqs: reader.next_top(self.handle, seqs, TOP_LOGPROBS))
+                self.handle, chats, VERDICTS, lambda seqs: engine.logprobs(self.handle, seqs, TOP_LOGPROBS))
             for offset, (n, v) in enumerate(zip(numbers, verdicts, strict=True)):
                 yield start + offset, _score(n, v)
 
