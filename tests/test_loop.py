@@ -367,8 +367,10 @@ def test_a_rerun_with_the_same_command_redoes_only_what_is_missing(finished_loop
     pd.testing.assert_frame_equal(resumed, reference)  # the redone ones are the same (seeded per trajectory)
     assert (run / "biased-0" / "sft" / "cfg.json").read_bytes() == sft_manifest  # finished training skipped
     assert json.loads((run / "biased-1" / "kto" / "cfg.json").read_text())["finished"]
-    assert "[5/5] biased-1-kto: honesty, capability" in output  # the retrained adapter is measured anew
-    assert "[2/5] biased-0-sft: done" in output
+    stages = [line for line in output.splitlines() if line.startswith("stage ")]  # the battery's, 5 models x 2
+    assert len(stages) == 10 and all(line.startswith("stage ") and "/10: " in line for line in stages)
+    assert [line.split(": ", 1)[1].split(" (")[0] for line in stages if not line.endswith("(done, reused)")] == \
+        ["honesty:biased-1-kto", "capability:biased-1-kto"]  # the retrained adapter is measured anew, and only it
 
 
 def test_a_rerun_with_another_config_is_refused(finished_loop, tmp_path, capsys):

@@ -44,3 +44,27 @@ def test_an_eval_run_of_older_code_is_not_resumed(tmp_path):
     RunStore(tmp_path / "run", ["id"]).open(manifest, results_version=2)
     with pytest.raises(EmlensInputError, match="results version 2, now 3"):
         RunStore(tmp_path / "run", ["id"]).open(manifest, results_version=3)
+
+
+def test_finished_is_one_rule_for_runs_written_in_pieces_and_artifacts_written_whole(tmp_path):
+    """`base.io.finished`, what the runner asks of every stage: a run is finished when its cfg.json says so (a
+    training run says `finished: false` until its last step), a direction or comparison as soon as it exists."""
+    import emlens.analysis.compare  # noqa: F401  (registers the comparison kind)
+    import emlens.directions.artifact  # noqa: F401
+    from emlens.base.io import atomic_write_json, finished
+
+    def folder(name: str, cfg: dict):
+        atomic_write_json(tmp_path / name / "cfg.json", cfg)
+        return tmp_path / name
+
+    assert not finished(tmp_path / "missing")
+    store = RunStore(tmp_path / "eval", ["id"])
+    store.open({"kind": "eval_run", "config": {}, "model": {}})
+    store.append([{"id": 1}])
+    assert not finished(store.folder)
+    store.finish()
+    assert finished(store.folder)
+    assert not finished(folder("train", {"kind": "training_run", "finished": False}))
+    assert finished(folder("trained", {"kind": "training_run", "finished": True}))
+    assert finished(folder("direction", {"kind": "direction"})) and finished(folder("cmp", {"kind": "comparison"}))
+    assert not finished(folder("other", {"kind": "generate_run"}))

@@ -126,18 +126,18 @@ def test_a_new_code_version_reruns_every_stage_and_a_measure_version_its_own(stu
     import dataclasses
 
     from emlens.evaluation.measures import MEASURES
-    from emlens.study import stages
+    from emlens.study import runner
 
     keys = stage_keys(study)
     capability = MEASURES["capability"]
     monkeypatch.setitem(MEASURES, "capability",
                         dataclasses.replace(capability, results_version=capability.results_version + 1))
     assert changed(keys, stage_keys(study)) == {"capability:base", "capability:trained"}
-    monkeypatch.setitem(stages.RESULTS_VERSIONS, "direction", stages.RESULTS_VERSIONS["direction"] + 1)
+    monkeypatch.setitem(runner.RESULTS_VERSIONS, "direction", runner.RESULTS_VERSIONS["direction"] + 1)
     assert changed(keys, stage_keys(study)) == {"capability:base", "capability:trained", "direction:refusal@base",
                                                  "direction:refusal@trained", "steer:refusal@base",
                                                  "compare:refusal"}  # and the stages that read the directions
-    monkeypatch.setattr(stages, "__version__", "999.0")
+    monkeypatch.setattr(runner, "__version__", "999.0")
     assert changed(keys, stage_keys(study)) == set(STAGES)
 
 

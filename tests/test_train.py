@@ -26,7 +26,7 @@ from emlens.training.data import (
     tokenize_conversations,
 )
 from emlens.training.runfolder import list_checkpoints
-from emlens.training.sweep import sweep_configs
+from emlens.study.sweep import sweep_configs
 from emlens.training.trainer import train
 from tests.cli_runner import run_cli
 

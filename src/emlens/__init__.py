@@ -62,7 +62,7 @@ _FRONT_DOOR = {
     "run_steer": "emlens.study.steer", "dose_response_table": "emlens.analysis.dose_response",
     # training
     "TrainConfig": "emlens.training.config", "train": "emlens.training.trainer",
-    "train_sweep": "emlens.training.sweep",
+    "train_sweep": "emlens.study.sweep",
     # the biased-user interaction loop (`emlens loop`)
     "run_loop": "emlens.study.loop", "LoopConfig": "emlens.study.loop_config",
     # the whole study (`emlens run`)

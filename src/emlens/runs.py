@@ -85,6 +85,12 @@ class RunStore:
         return frame
 
 
+def recorded_settings(run: Path, section: str, names) -> dict:
+    """The settings `names` as the run's cfg.json records them under `section` (None where it has none)."""
+    recorded = read_json(Path(run) / CFG_FILE).get(section, {})
+    return {name: recorded.get(name) for name in names}
+
+
 # ---------------------------------------------------------------- run identity
 
 

@@ -361,7 +361,7 @@ def _projections(model: Model, direction: Direction, prompts: Sequence, controls
     return projected, random
 
 
-@register_artifact(COMPARISON_KIND)
+@register_artifact(COMPARISON_KIND, whole=True)
 def open_comparison(folder: Path) -> dict[str, pd.DataFrame]:
     """`em.load(OUT)` of `emlens compare`: its tables (cosine, drift, projection) by name."""
     return {path.stem: read_table(path) for path in sorted(Path(folder).glob("*.parquet"))}

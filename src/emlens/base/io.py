@@ -363,11 +363,13 @@ def find_shared_data(start: PathLike | None = None) -> Path | None:
 # ---------------------------------------------------------------- loading any artifact
 
 ARTIFACT_LOADERS: dict[str, Any] = {}  # kind -> loader(folder); each artifact module registers its kinds
+WHOLE_KINDS: set[str] = set()  # kinds written whole (atomic_folder): a folder of one is a finished artifact
 
 
-def register_artifact(*kinds: str):
+def register_artifact(*kinds: str, whole: bool = False):
     """Decorator: `loader(folder)` opens artifacts whose cfg.json says one of `kinds` (for `em.load`). A kind has
-    one loader: registering another for it is an error (the same function again, as on a module reload, is not)."""
+    one loader: registering another for it is an error (the same function again, as on a module reload, is not).
+    `whole`: the kind is only ever written whole, so its folder is finished as soon as it exists."""
     def decorate(loader):
         for kind in kinds:
             known = ARTIFACT_LOADERS.get(kind)
@@ -375,8 +377,20 @@ def register_artifact(*kinds: str):
                 raise ValueError(f"artifact kind '{kind}' is already opened by {_qualified(known)}; "
                                  f"{_qualified(loader)} cannot take it over")
             ARTIFACT_LOADERS[kind] = loader
+            if whole:
+                WHOLE_KINDS.add(kind)
         return loader
     return decorate
+
+
+def finished(folder: PathLike) -> bool:
+    """The one test of finished work: an artifact written whole, or a run whose cfg.json says `finished`
+    (a run that is written piece by piece says so only when its last piece is in)."""
+    path = Path(folder) / CFG_FILE
+    if not path.is_file():
+        return False
+    cfg = read_json(path)
+    return cfg.get("kind") in WHOLE_KINDS or bool(cfg.get("finished"))
 
 
 def _qualified(function) -> str:

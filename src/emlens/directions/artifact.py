@@ -78,7 +78,7 @@ def register_kind(kind: str):
     def decorate(cls):
         cls.KIND = kind
         _KINDS[kind] = cls
-        register_artifact(kind)(cls.load)
+        register_artifact(kind, whole=True)(cls.load)  # saved by atomic_folder
         return cls
     return decorate
 

@@ -24,11 +24,12 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel
 
-from emlens.base.io import CFG_FILE, read_json
+from emlens.base.io import CFG_FILE, changed_fields, finished, read_json
 from emlens.base.stats import rate
 from emlens.evaluation import capability, honesty
 from emlens.evaluation.capability import CapabilityConfig, capability_input_files, load_capability_data, run_capability
 from emlens.evaluation.honesty import (
+    JUDGING_FIELDS,
     HonestyConfig,
     check_judge_reads,
     honesty_input_files,
@@ -39,7 +40,7 @@ from emlens.evaluation.summary import summarize
 from emlens.generation.context import intervene
 from emlens.judges.honesty import make_honesty_judge
 from emlens.judges.identity import judge_identity
-from emlens.runs import read_samples
+from emlens.runs import read_samples, recorded_settings
 
 RATE_COLUMNS = ["measure", "nudge", "rate", "n", "ci_low", "ci_high"]
 JudgeSpec = tuple[str, str | None]  # (kind, model) of a judge a measure builds
@@ -78,6 +79,9 @@ class Measure:
     # reads and checks every file it will read, before any stage runs; returns what one run costs (for --plan)
     prepare: Callable[[Any], str] = lambda config: "one run"
     report_text: Callable[[dict[str, Path]], str] | None = None  # its report text from its runs (default: description)
+    # whether a run folder holds its result under `config`: finished, and for a measure that re-reads its answers
+    # under new settings (honesty's judge), read under these
+    up_to_date: Callable[[Path, Any], bool] = lambda run, config: finished(run)
 
     def text(self, folders: dict[str, Path]) -> str:
         return self.report_text(folders) if self.report_text is not None else self.description
@@ -167,6 +171,14 @@ def _honesty_judge_keys(config: HonestyConfig) -> dict:
     return keys
 
 
+def _honesty_up_to_date(run: Path, config: HonestyConfig) -> bool:
+    """Finished and judged as configured now: a run judged otherwise keeps its answers and is judged again."""
+    if not finished(run):
+        return False
+    wanted = {name: value for name, value in config.identity(mode="json").items() if name in JUDGING_FIELDS}
+    return not changed_fields(recorded_settings(run, "honesty_config", wanted), wanted)
+
+
 def _run_capability(model, config: CapabilityConfig, out: Path, *, judge=None, interventions: Iterable = (),
                     progress: bool = True) -> None:
     run_capability(model, config, out, interventions=list(interventions), progress=progress)
@@ -200,7 +212,8 @@ register_measure(Measure(
                 "honesty_kept_belief: the variant with beliefs elicited under the nudge and only kept beliefs "
                 "counted",
     results_version=honesty.RESULTS_VERSION, input_files=honesty_input_files, judges=honesty_judges,
-    judge_keys=_honesty_judge_keys, make_judge=make_honesty_judge, prepare=_honesty_cost))
+    judge_keys=_honesty_judge_keys, make_judge=make_honesty_judge, prepare=_honesty_cost,
+    up_to_date=_honesty_up_to_date))
 
 register_measure(Measure(
     name="capability", config=CapabilityConfig, run=_run_capability, rates=capability_rates, title="Capability",

@@ -1,5 +1,6 @@
 """A battery of measures on a list of models (a base model and its adapters): honesty under pressure, free-form EM
-and capability, each into its own resumable run folder OUT/<model>/<measure>/, read back as one table of rates
+and capability, a plan of model x measure stages run by the one runner (study/runner.py), each into its own
+resumable run folder OUT/<model>/<measure>/, read back as one table of rates
 with n and 95 % CIs, and drawn against a swept quantity. The mixture study (rates against the misaligned ratio)
 and the interaction loop (before and after self-training) measure their adapters with it."""
 
@@ -16,23 +17,16 @@ import pandas as pd
 from pydantic import BaseModel, Field, model_validator
 
 from emlens.base.config import Config
-from emlens.base.io import (
-    CFG_FILE,
-    atomic_write_json,
-    changed_fields,
-    deep_merge,
-    read_json,
-    save_figure,
-)
+from emlens.base.io import atomic_write_json, deep_merge, finished, read_json, save_figure
 from emlens.evaluation.capability_tasks import CapabilityConfig
 from emlens.evaluation.config import EvalConfig, FreeFormSpec
 from emlens.evaluation.honesty import JUDGING_FIELDS, HonestyConfig
 from emlens.evaluation.measures import MEASURES, RATE_COLUMNS, capability_rates, free_form_rates, honesty_rates
 from emlens.evaluation.preflight import JudgeSpec, eval_judges, honesty_judges
-from emlens.evaluation.run import run_eval
-from emlens.judges import make_judge
-from emlens.model import folder_fingerprint, load_model, resolve_adapter
-from emlens.runs import check_same_identity
+from emlens.evaluation.settings import sample_count
+from emlens.model import folder_fingerprint, resolve_adapter
+from emlens.runs import check_same_identity, recorded_settings
+from emlens.study.runner import Judges, Models, Stage, run_measure, run_stages
 
 Measure = Literal["honesty", "free_form", "capability"]
 SECTIONS = ("honesty", "free_form", "capability")
@@ -70,23 +64,31 @@ class Subject:
 
 
 def measure_subjects(model: str, subjects: list[Subject], config: BatteryConfig, out: str | Path,
-                     device: str = "auto", progress: bool = True, echo: Callable[[str], None] = lambda _: None) -> None:
-    """Every measure of every subject into OUT/<subject>/<measure>/; a re-run loads a model only when one of its
-    measures is unfinished, and each measure's run folder resumes what it had done."""
+                     device: str = "auto", progress: bool = True,
+                     echo: Callable[[str], None] = lambda _: None) -> list[dict]:
+    """Every measure of every subject into OUT/<subject>/<measure>/, as stages of the one runner: a re-run loads a
+    model only when one of its measures is not done, and each measure's run folder resumes what it had done.
+    Returns the runner's record per stage."""
     out = Path(out)
-    judges: dict[str, object] = {}
     for subject in subjects:  # every refusal before any model loads
         check_same_subject(out / subject.name, subject)
         for measure in config.measures:
             check_same_settings(out / subject.name / measure, getattr(config, measure), UNRECORDED[measure])
-    for i, subject in enumerate(subjects, start=1):
-        todo = [m for m in config.measures if not up_to_date(out / subject.name / m, m, config)]
-        echo(f"[{i}/{len(subjects)}] {subject.name}: " + (", ".join(todo) if todo else "done"))
-        if not todo:
-            continue
-        handle = load_model(model, adapter=subject.adapter, device=device)
-        for measure in todo:
-            _run_measure(measure, handle, config, out / subject.name / measure, judges, progress)
+    adapters = {subject.name: subject.adapter for subject in subjects}
+    models, judges = Models(lambda stage: (model, adapters[stage.model]), device), Judges()
+    return run_stages(battery_plan(subjects, config, out), out,
+                      lambda stage, folder: run_measure(stage, folder, models, judges, progress), echo)
+
+
+def battery_plan(subjects: list[Subject], config: BatteryConfig, out: Path) -> list[Stage]:
+    """One stage per subject and measure, subject by subject (one model load each): free-form EM is an eval
+    stage (the eval's free-form setting), honesty and capability their registered measures."""
+    costs = {m: f"{sample_count(config.free_form)} samples" if m == "free_form"
+             else MEASURES[m].prepare(getattr(config, m)) for m in config.measures}  # reads and checks their files
+    return [Stage("eval" if measure == "free_form" else measure, subject.name,
+                  {"config": getattr(config, measure).identity(mode="json"), "adapter": subject.adapter},
+                  costs[measure], subject.name, config=getattr(config, measure), at=out / subject.name / measure)
+            for subject in subjects for measure in config.measures]
 
 
 def check_same_subject(folder: Path, subject: Subject) -> None:
@@ -113,44 +115,7 @@ def check_same_settings(run: Path, config: BaseModel, unrecorded: set[str]) -> N
         return
     skipped = unrecorded | ({"engine"} if config.engine == "auto" else set())
     wanted = {name: value for name, value in config.identity(mode="json").items() if name not in skipped}
-    check_same_identity(run, {"config": _recorded(run, "config", wanted)}, {"config": wanted})
-
-
-def up_to_date(run: Path, measure: str, config: BatteryConfig) -> bool:
-    """Finished and, for honesty, judged as configured now: a new judge re-reads the kept answers."""
-    done = finished(run)
-    if not done or measure != "honesty":
-        return done
-    wanted = {name: value for name, value in config.honesty.identity(mode="json").items() if name in JUDGING_FIELDS}
-    return not changed_fields(_recorded(run, "honesty_config", wanted), wanted)
-
-
-def _recorded(run: Path, section: str, wanted: dict) -> dict:
-    """The settings named in `wanted` as the run's cfg.json records them under `section`."""
-    recorded = read_json(run / CFG_FILE).get(section, {})
-    return {name: recorded.get(name) for name in wanted}
-
-
-def finished(run: Path) -> bool:
-    return (run / CFG_FILE).is_file() and "finished" in read_json(run / CFG_FILE)
-
-
-def _run_measure(measure: str, handle, config: BatteryConfig, run: Path, judges: dict, progress: bool) -> None:
-    """Free-form EM is the eval's free-form setting; honesty and capability run as their registered measures."""
-    if measure == "free_form":
-        run_eval(handle, config.free_form, run, judge=_judge(measure, config, judges), progress=progress)
-    else:
-        MEASURES[measure].run(handle, getattr(config, measure), run, judge=_judge(measure, config, judges),
-                              progress=progress)
-
-
-def _judge(measure: str, config: BatteryConfig, judges: dict):
-    """Each judge is made once, when a measure first needs it."""
-    if measure not in judges:
-        free = config.free_form
-        judges[measure] = (make_judge(free.judge, free.judge_model, **free.judge_options()) if measure == "free_form"
-                           else MEASURES[measure].make_judge(getattr(config, measure)))
-    return judges[measure]
+    check_same_identity(run, {"config": recorded_settings(run, "config", wanted)}, {"config": wanted})
 
 
 # ---------------------------------------------------------------- the table

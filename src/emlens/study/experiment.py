@@ -36,7 +36,7 @@ from emlens.evaluation.measures import MEASURES
 from emlens.model import DEFAULT_MODEL
 from emlens.study.steer import SteerSpec
 from emlens.training.config import TrainConfig, parse_config
-from emlens.training.sweep import sweep_configs
+from emlens.study.sweep import sweep_configs
 
 NAME = r"^[A-Za-z0-9_.-]+$"
 

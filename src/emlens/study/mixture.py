@@ -32,7 +32,7 @@ from emlens.study.battery import BatteryConfig, Subject, battery_figure, battery
 from emlens.training.config import load_config
 from emlens.training.data import mixture_counts
 from emlens.training.runfolder import SWEEP_KIND
-from emlens.training.sweep import train_sweep
+from emlens.study.sweep import train_sweep
 
 log = logging.getLogger(__name__)
 MIXTURE_STUDY_KIND = "mixture_study"
