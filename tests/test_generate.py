@@ -152,3 +152,36 @@ def test_grouped_decode_attention_equals_transformers_sdpa_with_its_repeated_cac
     finally:
         tiny.model.set_attn_implementation(NAME)
     assert grouped == repeated
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_reserved_kv_cache_generates_what_transformers_growing_cache_does(tiny, monkeypatch, temperature):
+    """The engine writes keys and values into room reserved for the whole generation instead of concatenating them
+    each step: the same tokens as transformers' DynamicCache, padded batch or serial prefill."""
+    from transformers import DynamicCache
+
+    from emlens.generation import hf_engine
+
+    config = GenerationConfig(max_new_tokens=12, temperature=temperature, batch_size=5)
+    ways = [config, config.model_copy(update={"serial_prefill_from": 1})]
+    reserved = [[c.token_ids for c in generate(tiny, requests(), way, progress=False)] for way in ways]
+    monkeypatch.setattr(hf_engine, "reserved_cache",
+                        lambda model_config, room, cache=None: cache or DynamicCache(config=model_config))
+    grown = [[c.token_ids for c in generate(tiny, requests(), way, progress=False)] for way in ways]
+    assert reserved == grown
+
+
+def test_a_reserved_layer_grows_past_its_room_and_keeps_the_rows_it_is_told_to():
+    import torch
+
+    from emlens.generation.reserved_cache import ReservedLayer
+
+    layer, keys = ReservedLayer(capacity=3), torch.arange(2 * 5 * 4.0).reshape(2, 1, 5, 4)
+    layer.update(keys[:, :, :2], -keys[:, :, :2])
+    for t in range(2, 5):  # past the 3 positions reserved
+        got_keys, got_values = layer.update(keys[:, :, t:t + 1], -keys[:, :, t:t + 1])
+    assert torch.equal(got_keys, keys) and torch.equal(got_values, -keys) and layer.get_seq_length() == 5
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.keys, keys[1:]) and torch.equal(layer.values, -keys[1:])
+    layer.update(keys[1:, :, :1], keys[1:, :, :1])
+    assert torch.equal(layer.keys[:, :, :5], keys[1:]) and layer.get_seq_length() == 6

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 import emlens as em
 from emlens.base.io import read_json
 from emlens.study.mixture import MixtureStudyConfig, build_study_config, read_sweep, run_mixture_study
-from emlens.training.config import parse_config
 from emlens.study.sweep import train_sweep
+from emlens.training.config import parse_config
 from tests.cli_runner import one_line_error, run_cli
 from tests.test_train import chat, write_jsonl, write_yaml
 

@@ -49,7 +49,7 @@ def test_an_eval_run_of_older_code_is_not_resumed(tmp_path):
 def test_finished_is_one_rule_for_runs_written_in_pieces_and_artifacts_written_whole(tmp_path):
     """`base.io.finished`, what the runner asks of every stage: a run is finished when its cfg.json says so (a
     training run says `finished: false` until its last step), a direction or comparison as soon as it exists."""
-    import emlens.analysis.compare  # noqa: F401  (registers the comparison kind)
+    import emlens.analysis.compare
     import emlens.directions.artifact  # noqa: F401
     from emlens.base.io import atomic_write_json, finished
 

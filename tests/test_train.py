@@ -16,6 +16,7 @@ from emlens.data.chat import Conversation
 from emlens.sae.train import SAETrainConfig
 from emlens.study.loop_config import load_loop_config
 from emlens.study.mixture import build_study_config
+from emlens.study.sweep import sweep_configs
 from emlens.training.config import load_config, parse_config
 from emlens.training.data import (
     IGNORE_INDEX,
@@ -26,7 +27,6 @@ from emlens.training.data import (
     tokenize_conversations,
 )
 from emlens.training.runfolder import list_checkpoints
-from emlens.study.sweep import sweep_configs
 from emlens.training.trainer import train
 from tests.cli_runner import run_cli
 

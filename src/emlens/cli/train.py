@@ -101,8 +101,8 @@ def train_sweep_command(
     no_progress: bool = NO_PROGRESS_OPT,
 ) -> None:
     """One adapter per mixture ratio and/or dataset; finished runs are skipped, a killed one resumes."""
-    from emlens.training.config import load_config, with_sweep
     from emlens.study.sweep import train_sweep
+    from emlens.training.config import load_config, with_sweep
 
     spec = with_sweep(load_config(config), ratios=parse_fractions(ratios), datasets=_parse_datasets(dataset))
     sweep_out = out or _default_out(config)
@@ -118,8 +118,8 @@ def train_sweep_command(
 @app.command("checkpoints")
 def checkpoints_command(run: Path = typer.Argument(..., help="a training run folder, or a sweep folder")) -> None:
     """List the checkpoint series of a run (step, loss, RUN@STEP spec to pass as --adapter)."""
-    from emlens.training.runfolder import list_checkpoints, read_run
     from emlens.study.sweep import sweep_runs
+    from emlens.training.runfolder import list_checkpoints, read_run
 
     runs = sweep_runs(run)
     for folder in runs or [run]:

@@ -27,6 +27,7 @@ from emlens.generation.requests import (
     left_pad,
     prompt_token_ids,
 )
+from emlens.generation.reserved_cache import reserved_cache
 from emlens.model import Model
 from emlens.sites import hook_site, site_name
 
@@ -122,14 +123,13 @@ def generate_hf(handle: Model, requests: Sequence[Request], config: GenerationCo
 @torch.inference_mode()
 def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int],
                     config: GenerationConfig) -> list[Completion]:
-    from transformers import DynamicCache
-
     model, device = handle.model, handle.device
     eos = torch.tensor(sorted(eos_token_ids(handle)), device=device)
     input_ids, attention = left_pad(prompts, handle.tokenizer.pad_token_id, device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-    cache = DynamicCache(config=handle.base_model.config)
+    room = input_ids.shape[1] + config.max_new_tokens  # the most any row can hold: reserved, never concatenated
+    cache = reserved_cache(handle.base_model.config, room)
 
     live = list(range(len(prompts)))  # original row of each row still decoding
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -139,7 +139,8 @@ def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int],
     separately = padded and serial_prefill(handle, prompts, config)
     for step in range(-1, config.max_new_tokens - 1):
         if step == -1 and separately:
-            logits, cache = _prefill_separately(handle, prompts)
+            logits, stacked = _prefill_separately(handle, prompts)
+            cache = reserved_cache(handle.base_model.config, room, stacked)
         else:
             with describe(handle, prompt_mask, response_mask, step):
                 logits = model(input_ids=input_ids, attention_mask=attention if padded else None,

@@ -35,8 +35,8 @@ from emlens.evaluation.honesty import HonestyConfig
 from emlens.evaluation.measures import MEASURES
 from emlens.model import DEFAULT_MODEL
 from emlens.study.steer import SteerSpec
-from emlens.training.config import TrainConfig, parse_config
 from emlens.study.sweep import sweep_configs
+from emlens.training.config import TrainConfig, parse_config
 
 NAME = r"^[A-Za-z0-9_.-]+$"
 

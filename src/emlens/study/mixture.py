@@ -29,10 +29,10 @@ from emlens.base.io import (
 )
 from emlens.evaluation.capability import held_out_for
 from emlens.study.battery import BatteryConfig, Subject, battery_figure, battery_table, measure_subjects
+from emlens.study.sweep import train_sweep
 from emlens.training.config import load_config
 from emlens.training.data import mixture_counts
 from emlens.training.runfolder import SWEEP_KIND
-from emlens.study.sweep import train_sweep
 
 log = logging.getLogger(__name__)
 MIXTURE_STUDY_KIND = "mixture_study"
