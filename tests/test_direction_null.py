@@ -47,3 +47,32 @@ def test_every_model_is_one_curve_of_one_figure(tmp_path):
     fits = {name: fit_direction(*activations(seed=seed)) for seed, name in enumerate(["base", "insecure", "secure"])}
     path = layer_metrics_figure(fits, tmp_path / "direction.png", "planted")
     assert path.stat().st_size > 5000
+
+
+def test_auroc_is_sklearns_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from emlens.directions.fitting import auroc
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        y = rng.integers(0, 2, 30)
+        y[:2] = [0, 1]
+        scores = rng.integers(0, 6, 30).astype(float)  # many ties
+        assert auroc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+
+
+def test_layers_fitted_across_processes_give_what_a_loop_gives(monkeypatch):
+    """fit_sites spreads the layers over the cores; every fit is seeded by its own arguments, so one process gives
+    the same tensors and table."""
+    from emlens.directions import fitting
+
+    rng = np.random.default_rng(0)
+    y, groups = np.repeat([1, 0], 20), np.arange(40)
+    acts = {f"blocks.{layer}.hook_resid_post": rng.normal(size=(40, 8)) + layer * y[:, None] for layer in range(4)}
+    monkeypatch.setattr(fitting.os, "sched_getaffinity", lambda pid: {0, 1})
+    spread = fitting.fit_sites(acts, y, groups, None, "logistic")
+    monkeypatch.setattr(fitting, "MAX_FIT_WORKERS", 1)
+    looped = fitting.fit_sites(acts, y, groups, None, "logistic")
+    assert all(np.array_equal(spread[0][key], looped[0][key]) for key in looped[0])
+    assert spread[1].equals(looped[1]) and spread[1].auroc.iloc[-1] > 0.9

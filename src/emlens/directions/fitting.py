@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,6 +116,17 @@ class _Scorer:
         return self.scaler.fold(self.model.coef_[0], float(self.model.intercept_[0]))
 
 
+def auroc(y: np.ndarray, scores: np.ndarray) -> float:
+    """Binary AUROC as the Mann-Whitney U over average ranks (ties count a half): sklearn's roc_auc_score without
+    its input validation, which costs more than the small fits it scores here (thousands per direction)."""
+    from scipy.stats import rankdata
+
+    positive = np.asarray(y) == 1
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def _separation(scores: np.ndarray, y: np.ndarray) -> float:
     pos, neg = scores[y == 1], scores[y == 0]
     pooled = np.sqrt((pos.var() + neg.var()) / 2) if len(pos) > 1 and len(neg) > 1 else 0.0
@@ -123,8 +135,6 @@ def _separation(scores: np.ndarray, y: np.ndarray) -> float:
 
 def classification_metrics(X, y, groups, pairs, method: str, folds: int, regularization: float, seed: int) -> dict:
     """Held-out AUROC, accuracy and separation (d') of the method's scores, folds split by prompt group."""
-    from sklearn.metrics import roc_auc_score
-
     aurocs, accuracies, separations = [], [], []
     for train, test in _folds(groups, folds).split(X, y, groups):
         if len(np.unique(y[train])) < 2:
@@ -133,7 +143,7 @@ def classification_metrics(X, y, groups, pairs, method: str, folds: int, regular
         scores = scorer.score(X[test])
         accuracies.append(float(((scores > scorer.threshold) == (y[test] == 1)).mean()))
         if len(np.unique(y[test])) == 2:
-            aurocs.append(float(roc_auc_score(y[test], scores)))
+            aurocs.append(auroc(y[test], scores))
             separations.append(_separation(scores, y[test]))
     return {"auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
             "auroc_std": float(np.std(aurocs)) if aurocs else float("nan"),
@@ -217,8 +227,9 @@ def nested_selection(acts: dict[str, np.ndarray], y: np.ndarray, groups: np.ndar
         if len(np.unique(groups[train])) < 2 or (method != "ridge" and (len(np.unique(y[train])) < 2
                                                                         or len(np.unique(y[test])) < 2)):
             continue
-        inner = {name: _inner_metric(acts[name][train], y[train], groups[train], pairs[train], method, folds,
-                                     regularization, seed) for name in names}
+        inner = dict(zip(names, each_layer(_inner_metric, [(acts[name][train], y[train], groups[train], pairs[train],
+                                                            method, folds, regularization, seed) for name in names]),
+                         strict=True))
         best = max(names, key=lambda name: (np.nan_to_num(inner[name], nan=-np.inf), -names.index(name)))
         scores.append(_outer_score(acts[best], y, pairs, train, test, method, regularization, seed))
         chosen.append(parse_site(best, 10**6).layer)
@@ -234,14 +245,14 @@ def _inner_metric(X, y, groups, pairs, method, folds, regularization, seed) -> f
 
 def _outer_score(X, y, pairs, train, test, method, regularization, seed) -> float:
     from sklearn.linear_model import Ridge
-    from sklearn.metrics import r2_score, roc_auc_score
+    from sklearn.metrics import r2_score
     from sklearn.pipeline import make_pipeline
 
     if method == "ridge":
         model = make_pipeline(IsotropicScaler(), Ridge(alpha=regularization)).fit(X[train], y[train])
         return float(r2_score(y[test], model.predict(X[test])))
     scorer = _Scorer(method, regularization, seed).fit(X, y, pairs, train)
-    return float(roc_auc_score(y[test], scorer.score(X[test])))
+    return auroc(y[test], scorer.score(X[test]))
 
 
 NULL_PERMUTATIONS = 5  # label shuffles per layer: the per-layer metric's null, drawn as a band beside it
@@ -280,22 +291,42 @@ def fit_sites(acts: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray, pa
               method: str, folds: int = 5, regularization: float = 1.0, seed: int = 0,
               progress: bool = False) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
     """Fit every site (name -> (n, d_model) activations): stacked tensors (layers first) and per-layer metrics."""
-    from tqdm import tqdm
-
     pairs = np.arange(len(y)) if pairs is None else pairs
-    fits, records = [], []
-    for name, X in tqdm(acts.items(), desc=f"fit ({method})", disable=not progress):
-        if method == "ridge":
-            fit = fit_ridge_layer(X, y, groups, folds, regularization, seed)
-        else:
-            fit = fit_classification_layer(X, y, groups, pairs, method, folds, regularization, seed)
-        fits.append(fit)
-        counts = {} if method == "ridge" else {"n_positive": int((y == 1).sum()), "n_negative": int((y == 0).sum())}
-        records.append({"layer": parse_site(name, 10**6).layer, "site": name, "method": method, "n": len(y), **counts,
-                        "n_groups": int(len(np.unique(groups))), **fit.metrics, "raw_norm": fit.raw_norm,
-                        **shuffled_null(X, y, groups, pairs, method, folds, regularization, seed)})
+    settings = (y, groups, pairs, method, folds, regularization, seed)
+    fitted = each_layer(_fit_site, [(name, X, *settings) for name, X in acts.items()], progress, f"fit ({method})")
+    fits, records = zip(*fitted, strict=True)
     tensors = {"directions": np.stack([f.direction for f in fits]), "raw_norm": np.array([f.raw_norm for f in fits]),
                "layers": np.array([r["layer"] for r in records])}
     for key in fits[0].extras:
         tensors[key] = np.stack([f.extras[key] for f in fits])
-    return tensors, pd.DataFrame(records)
+    return tensors, pd.DataFrame(list(records))
+
+
+def _fit_site(name: str, X, y, groups, pairs, method: str, folds: int, regularization: float,
+              seed: int) -> tuple[LayerFit, dict]:
+    """One site's fit and its row of the per-layer table (with its shuffled-label null)."""
+    if method == "ridge":
+        fit = fit_ridge_layer(X, y, groups, folds, regularization, seed)
+    else:
+        fit = fit_classification_layer(X, y, groups, pairs, method, folds, regularization, seed)
+    counts = {} if method == "ridge" else {"n_positive": int((y == 1).sum()), "n_negative": int((y == 0).sum())}
+    return fit, {"layer": parse_site(name, 10**6).layer, "site": name, "method": method, "n": len(y), **counts,
+                 "n_groups": int(len(np.unique(groups))), **fit.metrics, "raw_norm": fit.raw_norm,
+                 **shuffled_null(X, y, groups, pairs, method, folds, regularization, seed)}
+
+
+MAX_FIT_WORKERS = 8  # each layer's fits are small and single-threaded: one process per core, up to this many
+
+
+def each_layer(function, arguments: list[tuple], progress: bool = False, desc: str = "") -> list:
+    """`function(*args)` for every layer's arguments, in order, spread over the cores this process may use (the
+    results are those of a loop: every fit is seeded by its arguments alone)."""
+    from tqdm import tqdm
+
+    workers = min(len(os.sched_getaffinity(0)), MAX_FIT_WORKERS, len(arguments))
+    if workers < 2:
+        return [function(*args) for args in tqdm(arguments, desc=desc, disable=not progress)]
+    from joblib import Parallel, delayed
+
+    results = Parallel(n_jobs=workers, return_as="generator")(delayed(function)(*args) for args in arguments)
+    return list(tqdm(results, total=len(arguments), desc=desc, disable=not progress))
