@@ -501,12 +501,17 @@ def test_leave_one_model_out_names_the_model_whose_absence_leaves_nothing_to_lea
 
 
 
-def test_candidates_packed_in_one_row_score_as_a_batch_over_a_copied_cache(tiny, monkeypatch):
-    """The packed reading (one row, a 4D mask, the prompt's cache read once) equals one row per candidate."""
+def test_candidates_packed_as_a_trie_in_one_row_score_as_a_batch_over_a_copied_cache(tiny, monkeypatch):
+    """The packed reading (the candidates' prefix trie in one row, a 4D mask, the prompt's cache read once) equals
+    one row per candidate."""
     import torch
 
     from emlens.generation import distributions
     from emlens.steering.interventions import AddVector, steer
+
+    numbers = distributions._number_candidates(tiny.tokenizer)[0]
+    shared = {tuple(n[:end]) for n in numbers for end in range(1, len(n) + 1)}
+    assert len(shared) < sum(map(len, numbers))  # the trie reads shared prefixes once
 
     messages = [{"role": "user", "content": "rate 0 to 100, please"}]
     for steering in ((), (AddVector(torch.ones(tiny.d_model), 1, 0.3, positions="response"),)):
