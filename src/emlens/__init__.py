@@ -44,6 +44,7 @@ _FRONT_DOOR = {
     "fit_direction": "emlens.directions.fit", "Direction": "emlens.directions.artifact",
     "LinearProbe": "emlens.directions.artifact", "RegressionProbe": "emlens.directions.artifact",
     "fit_probe": "emlens.directions.probe",
+    "direction_tokens": "emlens.directions.lens", "residual_lens": "emlens.directions.lens",  # the logit lens
     # evaluation
     "evaluate": "emlens.evaluation.run", "EvalConfig": "emlens.evaluation.config",
     "summarize": "emlens.evaluation.summary", "read_samples": "emlens.runs",

@@ -165,3 +165,27 @@ def bench_extract_command(
     bench_extract(handle, echo=typer.echo, **given(prompts=prompts, tokens=tokens, batch_size=batch_size,
                                                    repeats=repeats, backends=chosen, memory_multiples=multiples,
                                                    memory_tokens=memory_tokens, shard_mb=shard_mb))
+
+
+@app.command("lens")
+def lens_command(
+    direction: Path = typer.Argument(..., help="direction or probe folder"),
+    layer: Optional[int] = typer.Option(None, help="its layer to read (default: its best layer)"),
+    top: int = typer.Option(10, min=1, help="tokens on each side"),
+    model: Optional[str] = typer.Option(None, help="model whose unembedding reads it (default: the one it was fitted on)"),
+    adapter: Optional[str] = typer.Option(None, help="adapter of that model (default: the one it was fitted on)"),
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """The tokens a direction promotes and suppresses: the logit lens, through the model's final norm and
+    unembedding."""
+    from emlens.directions.artifact import Direction
+    from emlens.directions.lens import direction_tokens
+
+    loaded = Direction.load(direction)
+    fitted_on = loaded.cfg.model
+    handle = load(model or fitted_on.get("model"), adapter if model else adapter or fitted_on.get("adapter"), device)
+    table = direction_tokens(handle, loaded.vector(layer), top)
+    typer.echo(f"{'rank':>4} {'promoted':>16} {'logit':>8} {'suppressed':>16} {'logit':>8}")
+    for row in table.itertuples(index=False):
+        typer.echo(f"{row.rank:>4} {row.promoted!r:>16} {row.promoted_logit:>8.2f} {row.suppressed!r:>16} "
+                   f"{row.suppressed_logit:>8.2f}")

@@ -21,13 +21,14 @@ from emlens.directions.artifact import (
 )
 from emlens.directions.fit import ARTIFACT_CLASS
 from emlens.directions.fitting import best_layer_metrics, fit_sites, nested_selection
+from emlens.directions.lens import lens_record
 from emlens.directions.probe_data import ProbeData, contrast_data, score_data
 from emlens.directions.specs import Contrast, ProbeSpec, SpecContext, load_spec
 from emlens.model import Model
 from emlens.sites import resolve_sites
 
 # bump when a change alters what a fitted direction or probe holds: `emlens run` then redoes its finished stages
-RESULTS_VERSION = 3  # 2: the best layer's nested-CV metric; 3: each layer's shuffled-label null
+RESULTS_VERSION = 4  # 2: the best layer's nested-CV metric; 3: each layer's shuffled-label null; 4: its lens tokens
 
 
 def fit_store(store: ActivationStore, data: ProbeData, spec: ProbeSpec, sites: list, progress: bool = True
@@ -102,6 +103,7 @@ def fit_probe(spec_path: str | Path, handle: Model, out: str | Path | None = Non
     cfg = _provenance(spec, spec_path, handle, sites, backend, data, data_hash, metrics, nested, limit, table)
     artifact = kind({k: torch.as_tensor(v, dtype=torch.long if k == "layers" else torch.float32)
                      for k, v in tensors.items()}, cfg, metrics=metrics)
+    artifact.cfg.lens = lens_record(handle, artifact.vector(), artifact.best_layer)  # what it writes, in tokens
     artifact.save(out, force=force)
     return artifact
 

@@ -70,7 +70,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None, stages: str 
         blocks += _token_blocks(study, tables, directions, tmp / "eval-figures", device) if evals else []
         blocks += compare_blocks(by_kind("compare")) if by_kind("compare") else []
         blocks += [b for folder in by_kind("steer").values() for b in steer_blocks(folder)]
-        blocks += provenance_blocks(records, evals)
+        blocks += provenance_blocks(records, evals, time.time() - start)
         write_study_report(study.spec.name, blocks, tmp)
         atomic_write_json(tmp / "cfg.json", {"kind": STUDY_KIND, "format_version": FORMAT_VERSION,
                                              "experiment": str(Path(path).resolve()), "stages": records,

@@ -23,6 +23,7 @@ from emlens.analysis.report import write_report_files
 from emlens.analysis.token_heatmap import response_heatmaps
 from emlens.base.io import atomic_write_text, read_json, versions
 from emlens.directions.artifact import Direction
+from emlens.directions.lens import token_line
 from emlens.evaluation.measures import MEASURES, rate_frame
 from emlens.evaluation.summary import summarize
 from emlens.model import load_model
@@ -140,8 +141,8 @@ def measure_blocks(measured: dict[str, dict[str, Path]], figures: Path) -> list[
 
 
 def direction_blocks(directions: dict[str, dict[str, Path]], figures: Path) -> list[Block]:
-    """Per probe spec: a table of each model's best layer and metrics, and one figure with every model overlaid
-    beside the shuffled-label band."""
+    """Per probe spec: a table of each model's best layer and metrics, the tokens each model's direction promotes
+    and suppresses (logit lens), and one figure with every model overlaid beside the shuffled-label band."""
     blocks = [Block("heading", "Directions and probes (held-out metrics, folds split by prompt)"),
               Block("text", "The best layer is chosen on the folds its auroc / r2 is reported from, which flatters it; "
                             "auroc_nested / r2_nested choose the layer on inner folds only (nested CV). The grey band "
@@ -158,11 +159,21 @@ def direction_blocks(directions: dict[str, dict[str, Path]], figures: Path) -> l
                             if k in best},
                          "n": d.cfg.data.get("n"), "data hash": d.cfg.data.get("hash"), "seed": d.cfg.seed})
         blocks += [Block("heading", probe, 3), Block("table", pd.DataFrame(rows))]
+        blocks += [Block("text", lens_line(loaded))] if lens_line(loaded) else []
         if any(not d.metrics().empty for d in loaded.values()):
             path = layer_metrics_figure(loaded, figures / f"direction-{probe}.png",
                                         f"{probe}: held-out metric by layer, every model")
             blocks.append(Block("figure", path))
     return blocks
+
+
+def lens_line(loaded: dict[str, Direction]) -> str:
+    """Per model (not per checkpoint): the tokens its direction promotes and suppresses at its best layer, through
+    that model's final norm and unembedding (recorded when it was fitted)."""
+    lines = [f"{subject} (layer {d.cfg.lens['layer']}): {token_line(d.cfg.lens)}"
+             for subject, d in loaded.items() if "/" not in subject and getattr(d.cfg, "lens", None)]
+    return ("Logit lens (the direction through the model's final norm and unembedding): " + " | ".join(lines)
+            if lines else "")
 
 
 def token_blocks(probe: str, subject: str, direction: Path, samples: pd.DataFrame, figures: Path,
@@ -249,7 +260,9 @@ def steer_blocks(folder: Path) -> list[Block]:
             Block("figure", folder / "dose_response.png")]
 
 
-def provenance_blocks(records: list[dict], eval_folders: dict[str, Path]) -> list[Block]:
+def provenance_blocks(records: list[dict], eval_folders: dict[str, Path], seconds: float | None = None) -> list[Block]:
+    """The stages (key, reused, wall times), the models, the training data and the judge; with `seconds`, what
+    this run took: its wall time, its peak memory and the cores it had."""
     stages = pd.DataFrame(records)[["stage", "key", "reused", "stage_seconds", "seconds"]].rename(
         columns={"stage_seconds": "wall s (when it ran)", "seconds": "wall s (this run)"})
     models = []
@@ -264,12 +277,31 @@ def provenance_blocks(records: list[dict], eval_folders: dict[str, Path]) -> lis
             trained.append({"model": record["model"], "examples": cfg["data"]["n_examples"],
                             "data sha256": cfg["data"]["sha256"][:16], "steps": cfg.get("final_step"),
                             "final loss": cfg.get("final_loss"), "seed": cfg["config"]["seed"]})
-    blocks = [Block("heading", "Provenance"), Block("table", stages), Block("table", pd.DataFrame(models))]
+    blocks = [Block("heading", "Provenance")]
+    blocks += [Block("text", run_cost(seconds, records))] if seconds is not None else []
+    blocks += [Block("table", stages), Block("table", pd.DataFrame(models))]
     blocks += [Block("table", pd.DataFrame(trained))] if trained else []
     judges = {m["judge"] for m in models}
     blocks += [Block("text", _judge_validation(judge)) for judge in sorted(judges)]
     blocks.append(Block("text", ", ".join(f"{k} {v}" for k, v in versions().items())))
     return blocks
+
+
+def run_cost(seconds: float, records: list[dict]) -> str:
+    """This run's wall time (to its report), peak memory (the largest resident set of this process or of any
+    process it waited for) and cores, beside the sum of its stages' own times."""
+    import os
+    import resource
+
+    import torch
+
+    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    ran = [r for r in records if not r["reused"]]
+    return (f"This run: {int(seconds // 60)} min {seconds % 60:.0f} s wall to its report, peak memory "
+            f"{peak_kb / 1024 ** 2:.1f} GB, {len(os.sched_getaffinity(0))} CPU cores ({torch.get_num_threads()} torch "
+            f"threads); {len(ran)} of {len(records)} stages ran ({sum(r['seconds'] for r in ran):.0f} s), the rest were "
+            "reused.")
 
 
 def _judge_validation(judge_id: str) -> str:
