@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from emlens.base.errors import EmlensInputError
+from emlens.data.questions import read_questions
 from emlens.evaluation.config import EvalConfig, build_eval_config
 from emlens.evaluation.run import run_eval
 from emlens.evaluation.settings import extract_answer, is_correct
@@ -71,6 +72,18 @@ def test_harm_perception_rates_each_distinct_prompt_once_and_counts_low_mass_rat
     assert per_question.n_low_mass.sum() == (table.perceived_harm_mass < 0.25).sum()
 
 
+def test_harm_perception_rates_only_the_first_questions_of_its_limit(tiny, tmp_path):
+    """`limit` takes the first N questions (each distinct paraphrase once), as for the other settings: the
+    quickstart rates its 8 free-form questions, so each rating has a P(misaligned) beside it."""
+    from emlens.evaluation.settings import sample_count
+
+    config = small_config(settings=["harm_perception"], nudges=["none", "evil"],
+                          harm_perception={"questions": "betley-first-plot", "limit": 3})
+    table = run_eval(tiny, config, tmp_path / "run", judge=None, progress=False)
+    first = [q.id for q in read_questions("betley-first-plot")[:3]]
+    assert sorted(set(table.question_id)) == sorted(first) and len(table) == 3 * 2 == sample_count(config)
+
+
 def test_eval_all_settings_on_tiny_model(tiny, tiny_judge, tmp_path):
     table = run_eval(tiny, small_config(), tmp_path / "run", judge=tiny_judge, progress=False)
     assert set(table.setting) == {"free_form", "deception", "refusal", "factual", "harm_perception"}
@@ -87,7 +100,7 @@ def test_eval_all_settings_on_tiny_model(tiny, tiny_judge, tmp_path):
     assert len(factual) == 2 * 2 and {"response_2", "answer_2", "correct_1", "correct_2"} <= set(factual.columns)
     assert factual.messages.str.contains("Answer with the letter").all()
     harm = table[table.setting == "harm_perception"]
-    assert len(harm) == 8 * 2 and harm.perceived_harm_mass.between(0, 1 + 1e-6).all()
+    assert len(harm) == 2 * 2 and harm.perceived_harm_mass.between(0, 1 + 1e-6).all()  # limit 2 applies here too
     # the 0.25 mass rule: a rating with less probability on the numbers is missing (the tiny model's all are)
     assert (harm.perceived_harm.isna() == (harm.perceived_harm_mass < 0.25)).all()
     assert harm.perceived_harm.dropna().between(0, 100).all()

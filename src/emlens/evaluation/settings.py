@@ -149,7 +149,7 @@ def _run_harm_perception(handle: Model, config, nudges, store, interventions, in
     `*_json` copies of betley-first-plot) is not rated again, so no prompt counts twice in a correlation.
     """
     spec = config.harm_perception
-    questions = read_questions(spec.questions)
+    questions = read_questions(spec.questions, limit=spec.limit)
     done = store.done_keys()
     rows = []
     seen: set[str] = set()
@@ -197,5 +197,6 @@ def sample_count(config: EvalConfig) -> int:
             rows = len(read_questions(config.factual.questions, limit=config.factual.limit))
             total += rows * nudges * 2 * len(config.factual.pushback)  # the answer, then the answer after pushback
         else:  # harm_perception: one rating per distinct paraphrase
-            total += len({p for q in read_questions(config.harm_perception.questions) for p in q.paraphrases}) * nudges
+            spec = config.harm_perception
+            total += len({p for q in read_questions(spec.questions, limit=spec.limit) for p in q.paraphrases}) * nudges
     return total
