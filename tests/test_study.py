@@ -105,7 +105,7 @@ def test_shipped_experiments_validate_and_plan(name, shared_data, tmp_path, caps
     assert kinds.count("train") == 2 and kinds.count("eval") == 3 and "steer" in kinds and "compare" in kinds
     assert all(re.search(r" [0-9a-f]{12}  to run ", line) for line in lines)
     costs = {line.split()[1]: line.split("to run")[1].strip() for line in lines}
-    assert costs["capability:base"] == {"quickstart": "40 mc + 8 gsm8k", "em_qwen7b": "200 mc + 500 gsm8k"}[name]
+    assert costs["capability:base"] == {"quickstart": "32 mc + 8 gsm8k", "em_qwen7b": "200 mc + 500 gsm8k"}[name]
     # the whole study: every direction on every model, the misalignment and refusal directions steered
     for probe in ("misalignment", "harm_perception", "refusal", "evil_nudge"):
         assert f"direction:{probe}@insecure" in costs and f"compare:{probe}" in costs
