@@ -61,6 +61,7 @@ _FRONT_DOOR = {
     # analysis
     "compare": "emlens.analysis.compare", "compare_models": "emlens.analysis.compare", "monitor": "emlens.analysis.monitor",
     "run_steer": "emlens.study.steer", "dose_response_table": "emlens.analysis.dose_response",
+    "patch": "emlens.analysis.patching", "PatchItem": "emlens.analysis.patching",  # activation patching
     # training
     "TrainConfig": "emlens.training.config", "train": "emlens.training.trainer",
     "train_sweep": "emlens.study.sweep",

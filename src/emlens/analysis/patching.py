@@ -1,0 +1,181 @@
+"""Activation patching: where in the network a fine-tune's behaviour is carried.
+
+The donor run is the model with its adapter, the receiving run the same loaded model with the adapter disabled,
+both on the same token sequences. Each cell (layer x site x position group) re-runs the receiving model with the
+donor's activation at that cell, and reads a metric that needs no judge: log P(target) - log P(alternative) of two
+continuations of the same prompt (for EM: a misaligned and an aligned answer). The cell's normalised effect is
+mean(patched - receiving) / mean(donor - receiving) over prompts: 0 as the receiving run, 1 as the donor run, with
+a bootstrap CI over prompts. TransformerLens's and nnsight's patching tutorials read the same quantity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from emlens.base.errors import EmlensInputError
+from emlens.base.io import save_figure
+from emlens.model import Model
+from emlens.sites import check_site_kind, hook_site
+
+SITES = ("resid_pre", "attn_out", "mlp_out")
+POSITIONS = ("all", "prompt", "last", "response")  # every token, the prompt's, its last one, the continuation's
+
+
+@dataclass
+class PatchItem:
+    prompt: str | list[dict]  # text, or a chat (templated with the generation prompt)
+    target: str  # the continuation the metric favours (the donor's behaviour, e.g. a misaligned answer)
+    alternative: str  # the other continuation (e.g. an aligned answer)
+
+
+@dataclass
+class _Batch:
+    ids: Tensor  # (2n, L): per item its prompt + target, then its prompt + alternative; right-padded
+    attention: Tensor
+    groups: dict[str, Tensor]  # position group -> (2n, L) bool
+    continuation: Tensor  # (2n, L) bool: the continuation's tokens, whose log-probabilities the metric sums
+
+
+def _encode(handle: Model, items: Sequence[PatchItem]) -> _Batch:
+    rows, prompt_lengths = [], []
+    for i, item in enumerate(items):
+        text = item.prompt if isinstance(item.prompt, str) else handle.chat_text(item.prompt)
+        prompt = handle.tokenizer(text, add_special_tokens=False)["input_ids"]
+        for continuation in (item.target, item.alternative):
+            tokens = handle.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            if not prompt or not tokens:
+                raise EmlensInputError(f"patch item {i}: an empty prompt or continuation")
+            rows.append(prompt + tokens)
+            prompt_lengths.append(len(prompt))
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), handle.tokenizer.pad_token_id or 0, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)], attention[r, :len(row)] = torch.tensor(row), 1
+    position = torch.arange(width)[None]
+    prompt_length, length = torch.tensor(prompt_lengths)[:, None], attention.sum(1, keepdim=True)
+    prompt = position < prompt_length
+    continuation = (position >= prompt_length) & (position < length)
+    groups = {"all": prompt | continuation, "prompt": prompt, "last": position == prompt_length - 1,
+              "response": continuation}
+    device = handle.device
+    return _Batch(ids.to(device), attention.to(device), {k: v.to(device) for k, v in groups.items()},
+                  continuation.to(device))
+
+
+def _metric(handle: Model, batch: _Batch) -> np.ndarray:
+    """Per item: log P(target | prompt) - log P(alternative | prompt), teacher-forced."""
+    logits = handle.model(input_ids=batch.ids, attention_mask=batch.attention).logits.float()
+    logprobs = logits[:, :-1].log_softmax(-1).gather(-1, batch.ids[:, 1:, None])[..., 0]
+    summed = (logprobs * batch.continuation[:, 1:]).sum(1).cpu().numpy()
+    return summed[0::2] - summed[1::2]
+
+
+@torch.inference_mode()
+def patch(handle: Model, items: Sequence[PatchItem], layers: Sequence[int] | None = None,
+          sites: Sequence[str] = SITES, positions: Sequence[str] = POSITIONS, n_boot: int = 1000,
+          seed: int = 0) -> pd.DataFrame:
+    """Activation patching from the model with its adapter (donor) into the model without it (receiving), every
+    cell of layers x sites x positions. Rows: layer, site, positions, effect, ci_low, ci_high (normalised), delta
+    (mean patched - receiving metric), total (mean donor - receiving), n (prompts)."""
+    if not handle.adapter or not hasattr(handle.model, "disable_adapter"):
+        raise EmlensInputError("patch: the model has no adapter to patch from (load it with --adapter)")
+    if not items:
+        raise EmlensInputError("patch: no items (prompt, target, alternative)")
+    layers = list(range(handle.n_layers)) if layers is None else list(layers)
+    if any(not 0 <= layer < handle.n_layers for layer in layers):
+        raise EmlensInputError(f"patch layers {layers}: the model has layers 0-{handle.n_layers - 1}")
+    for site in sites:
+        check_site_kind(handle.base_model, site)
+    unknown = sorted(set(positions) - set(POSITIONS))
+    if unknown:
+        raise EmlensInputError(f"patch positions {unknown}: known are {', '.join(POSITIONS)}")
+    batch = _encode(handle, items)
+    cells = [(layer, site) for layer in layers for site in sites]
+    donor_acts, donor = _record(handle, batch, cells)
+    with handle.model.disable_adapter():
+        receiving = _metric(handle, batch)
+        rows = []
+        for layer, site in cells:
+            for group in positions:
+                with _patched(handle, layer, site, donor_acts[(layer, site)], batch.groups[group]):
+                    patched = _metric(handle, batch)
+                rows.append({"layer": layer, "site": site, "positions": group,
+                             **_effect(patched - receiving, donor - receiving, n_boot, seed)})
+    return pd.DataFrame(rows)
+
+
+def _record(handle: Model, batch: _Batch, cells: list[tuple[int, str]]) -> tuple[dict, np.ndarray]:
+    """The donor's activation at every cell, and its metric."""
+    seen: dict[tuple[int, str], Tensor] = {}
+    hooks = [hook_site(handle.base_model, layer, site, _keep(seen, (layer, site))) for layer, site in cells]
+    try:
+        metric = _metric(handle, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen, metric
+
+
+def _keep(seen: dict, cell: tuple[int, str]):
+    def read(hidden: Tensor) -> None:
+        seen[cell] = hidden.detach().clone()
+    return read
+
+
+class _patched:
+    """The donor's values at one cell's positions, in place of the receiving run's."""
+
+    def __init__(self, handle: Model, layer: int, site: str, donor: Tensor, where: Tensor):
+        self.args = (handle.base_model, layer, site)
+        self.donor, self.where = donor, where[..., None]
+
+    def __enter__(self):
+        self.hook = hook_site(*self.args, lambda hidden: torch.where(self.where, self.donor.to(hidden.dtype), hidden))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hook.remove()
+
+
+def _effect(delta: np.ndarray, total: np.ndarray, n_boot: int, seed: int) -> dict:
+    """The normalised effect mean(delta) / mean(total) with a bootstrap CI over prompts (NaN where the donor and
+    the receiving run do not differ)."""
+    n = len(delta)
+    mean_total = float(total.mean())
+    effect = float(delta.mean()) / mean_total if mean_total else float("nan")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(n_boot, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = delta[draws].mean(1) / total[draws].mean(1)
+    low, high = (np.nanpercentile(boot, [2.5, 97.5]) if np.isfinite(boot).any() else (float("nan"),) * 2)
+    return {"effect": effect, "ci_low": float(low), "ci_high": float(high), "delta": float(delta.mean()),
+            "total": mean_total, "n": n}
+
+
+def patch_figure(table: pd.DataFrame, path: Path, title: str = "activation patching") -> Path:
+    """One heat-map per position group: sites x layers, the normalised effect (0 receiving, 1 donor)."""
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(table.positions))
+    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 1.2 + 0.9 * len(groups) * table.site.nunique() / 2),
+                             squeeze=False)
+    for ax, group in zip(axes[:, 0], groups, strict=True):
+        grid = table[table.positions == group].pivot(index="site", columns="layer", values="effect")
+        image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_yticks(range(len(grid.index)), grid.index)
+        ax.set_xticks(range(len(grid.columns)), grid.columns, fontsize=6)
+        ax.set_title(f"{title}: {group} positions (n={int(table.n.iloc[0])} prompts)", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.02)
+    axes[-1, 0].set_xlabel("layer")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,79 @@
+"""Activation patching (issue 28, item 1): a planted mechanism is found where it was planted."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from emlens.analysis.patching import PatchItem, patch, patch_figure
+from emlens.base.errors import EmlensInputError
+from emlens.model import load_model
+
+ITEMS = [PatchItem("The quick brown fox", " jumps over", " sleeps"),
+         PatchItem([{"role": "user", "content": "hi there"}], "Hello!", "Go away."),
+         PatchItem("def f(x): return", " x + 1", " None")]
+
+
+def planted_adapter(tiny_model_dir, folder, layer: int, scale: float):
+    """A LoRA on one layer's MLP down-projection only: the adapter writes at that layer's mlp_out and nowhere
+    else."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"], layers_to_transform=[layer],
+                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(scale)
+    model.save_pretrained(folder)
+    return folder
+
+
+def effects(table, site, positions="all"):
+    return table[(table.site == site) & (table.positions == positions)].set_index("layer").effect
+
+
+def test_a_planted_write_is_found_at_its_cell_and_nowhere_before_it(tiny_model_dir, tmp_path):
+    handle = load_model(str(tiny_model_dir), adapter=str(planted_adapter(tiny_model_dir, tmp_path / "a", 1, 5.0)))
+    table = patch(handle, ITEMS, n_boot=200)
+    assert len(table) == 3 * 3 * 4 and (table.total != 0).all()
+    assert effects(table, "mlp_out")[1] == pytest.approx(1, abs=1e-4)  # the planted cell carries all of it
+    assert effects(table, "resid_pre")[2] == pytest.approx(1, abs=1e-4)  # and so does the stream after it
+    for site, layers in (("resid_pre", [0, 1]), ("attn_out", [0, 1]), ("mlp_out", [0])):
+        assert np.allclose(effects(table, site)[layers], 0, atol=1e-4), site  # before it, nothing differs
+    row = table[(table.site == "mlp_out") & (table.layer == 1) & (table.positions == "all")].iloc[0]
+    assert row.ci_low <= row.effect <= row.ci_high and row.n == 3
+    assert (tmp_path / "p.png").exists() is False and patch_figure(table, tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_the_front_door_patches(tiny_model_dir, tmp_path):
+    import emlens as em
+
+    handle = em.load_model(str(tiny_model_dir), adapter=str(planted_adapter(tiny_model_dir, tmp_path / "a", 2, 5.0)))
+    table = em.patch(handle, [em.PatchItem("The quick brown fox", " jumps", " sleeps")], layers=[2],
+                     sites=["mlp_out"], positions=["all"], n_boot=20)
+    assert table.effect.iloc[0] == pytest.approx(1, abs=1e-4)
+
+
+def test_a_sham_adapter_patches_to_nothing(tiny_model_dir, tmp_path):
+    """B = 0: the donor is the receiving run, so every patched metric equals the receiving one."""
+    handle = load_model(str(tiny_model_dir), adapter=str(planted_adapter(tiny_model_dir, tmp_path / "a", 1, 0.0)))
+    table = patch(handle, ITEMS[:2], layers=[0, 2], positions=["all", "last"], n_boot=50)
+    assert (table.delta.abs() < 1e-5).all() and (table.total.abs() < 1e-5).all()
+    assert table.effect.map(math.isnan).all()  # 0 / 0 is not read as an effect
+
+
+def test_bad_patch_requests_are_one_line_errors(tiny, tiny_model_dir, tmp_path):
+    with pytest.raises(EmlensInputError, match="no adapter"):
+        patch(tiny, ITEMS)
+    handle = load_model(str(tiny_model_dir), adapter=str(planted_adapter(tiny_model_dir, tmp_path / "a", 0, 1.0)))
+    with pytest.raises(EmlensInputError, match="layers 0-2"):
+        patch(handle, ITEMS, layers=[3])
+    with pytest.raises(EmlensInputError, match="positions"):
+        patch(handle, ITEMS, positions=["middle"])
+    with pytest.raises(EmlensInputError, match="site kind"):
+        patch(handle, ITEMS, sites=["resid_sideways"])
