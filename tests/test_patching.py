@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from emlens.analysis.patching import PatchItem, patch, patch_figure
+from emlens.analysis.patching import PatchItem, agreement, attribute, patch, patch_figure
 from emlens.base.errors import EmlensInputError
 from emlens.model import load_model
 
@@ -48,6 +48,18 @@ def test_a_planted_write_is_found_at_its_cell_and_nowhere_before_it(tiny_model_d
     row = table[(table.site == "mlp_out") & (table.layer == 1) & (table.positions == "all")].iloc[0]
     assert row.ci_low <= row.effect <= row.ci_high and row.n == 3
     assert (tmp_path / "p.png").exists() is False and patch_figure(table, tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_attribution_is_zero_before_the_planted_cell_and_ranks_it_first_among_its_kind(tiny_model_dir, tmp_path):
+    handle = load_model(str(tiny_model_dir), adapter=str(planted_adapter(tiny_model_dir, tmp_path / "a", 1, 0.5)))
+    exact, estimated = patch(handle, ITEMS, n_boot=50), attribute(handle, ITEMS, n_boot=50)
+    assert estimated.shape == exact.shape and (estimated.total == exact.total).all()
+    for site, layers in (("resid_pre", [0, 1]), ("attn_out", [0, 1]), ("mlp_out", [0])):
+        assert np.allclose(effects(estimated, site)[layers], 0, atol=1e-6), site  # nothing differs there
+    mlp = effects(estimated, "mlp_out").abs()
+    assert mlp.idxmax() == 1 and effects(estimated, "mlp_out")[1] == pytest.approx(1, abs=0.25)  # first order
+    found = agreement(exact, estimated)
+    assert found["n_cells"] == len(exact) and found["spearman"] > 0.5
 
 
 def test_the_front_door_patches(tiny_model_dir, tmp_path):
