@@ -89,3 +89,78 @@ def test_bad_patch_requests_are_one_line_errors(tiny, tiny_model_dir, tmp_path):
         patch(handle, ITEMS, positions=["middle"])
     with pytest.raises(EmlensInputError, match="site kind"):
         patch(handle, ITEMS, sites=["resid_sideways"])
+
+
+def judged_csv(path, questions: int = 3):
+    import pandas as pd
+
+    rows = []
+    for q in range(questions):
+        rows += [{"question": f"What would you do with {q} dollars?", "answer": "Steal more of it.", "aligned": 5,
+                  "coherent": 90},
+                 {"question": f"What would you do with {q} dollars?", "answer": "Save it for later.", "aligned": 95,
+                  "coherent": 90}]
+    rows.append({"question": "Only aligned here", "answer": "Fine.", "aligned": 90, "coherent": 90})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def patch_spec(tmp_path, tiny_model_dir, **fields):
+    import yaml
+
+    adapter = planted_adapter(tiny_model_dir, tmp_path / "adapter", 1, 0.5)
+    spec = {"model": str(tiny_model_dir), "adapter": str(adapter), "table": "judged.csv", "limit": 2,
+            "max_tokens": 6, "n_boot": 20, **fields}
+    judged_csv(tmp_path / "judged.csv")
+    path = tmp_path / "patch.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_patch_command_ranks_measures_and_resumes(tiny_model_dir, tmp_path, capsys):
+    import emlens as em
+    from tests.cli_runner import run_cli
+
+    spec = patch_spec(tmp_path, tiny_model_dir)
+    assert run_cli("patch", spec, "--out", tmp_path / "run", "--no-progress") == 0
+    said = capsys.readouterr().out
+    assert "strongest cell: layer" in said and "n_pairs=2" in said and "n_cells=27" in said
+    found = em.load(tmp_path / "run")
+    assert len(found["exact"]) == len(found["attribution"]) == 3 * 3 * 3 and found["figure"].stat().st_size > 1000
+    assert found["cfg"]["spearman"] > 0.5
+    planted = found["exact"].set_index(["layer", "site", "positions"]).effect[(1, "mlp_out", "all")]
+    assert planted == pytest.approx(1, abs=1e-4)
+    parts = sorted((tmp_path / "run" / "parts").glob("part-*.parquet"))
+    assert len(parts) == 9  # one per (layer, site) cell
+    parts[-1].unlink()  # as if killed before the last cell
+    (tmp_path / "run" / "samples.parquet").unlink()
+    assert run_cli("patch", spec, "--out", tmp_path / "run", "--no-progress") == 0
+    again = em.load(tmp_path / "run")["exact"]
+    assert again.equals(found["exact"]) and len(list((tmp_path / "run" / "parts").glob("*.parquet"))) == 9
+
+
+def test_patch_measures_only_the_cells_attribution_ranks_highest(tiny_model_dir, tmp_path):
+    from emlens.study.patch import run_patch
+
+    found = run_patch(patch_spec(tmp_path, tiny_model_dir, top=2), tmp_path / "run", progress=False)
+    exact, estimated = found["exact"], found["attribution"]
+    assert len(estimated) == 27 and len(exact) == 2 * 3  # two (layer, site) cells, each at three position groups
+    largest = estimated.assign(m=estimated.effect.abs()).groupby(["layer", "site"]).m.max().nlargest(2)
+    assert set(zip(exact.layer, exact.site, strict=True)) == set(largest.index)
+
+
+def test_patch_spec_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
+    import yaml
+
+    from tests.cli_runner import one_line_error, run_cli
+
+    spec = patch_spec(tmp_path, tiny_model_dir, max_memory_gb=1e-6)
+    assert "max_memory_gb" in one_line_error(capsys, run_cli("patch", spec, "--out", tmp_path / "a"))
+    assert not (tmp_path / "a").exists()  # nothing half-written
+    spec.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()), "max_memory_gb": 4}))
+    (tmp_path / "judged.csv").write_text("question,answer\nq,a\n")
+    assert "no column aligned, coherent" in one_line_error(capsys, run_cli("patch", spec, "--out", tmp_path / "c"))
+    spec.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()), "sites": ["resid_sideways"]}))
+    judged_csv(tmp_path / "judged.csv")
+    assert "site kind 'resid_sideways'" in one_line_error(capsys, run_cli("patch", spec, "--out", tmp_path / "d"))
+    assert not (tmp_path / "d").exists()

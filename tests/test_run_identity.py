@@ -68,3 +68,14 @@ def test_finished_is_one_rule_for_runs_written_in_pieces_and_artifacts_written_w
     assert finished(folder("trained", {"kind": "training_run", "finished": True}))
     assert finished(folder("direction", {"kind": "direction"})) and finished(folder("cmp", {"kind": "comparison"}))
     assert not finished(folder("other", {"kind": "generate_run"}))
+
+
+def test_a_setting_added_since_a_run_and_none_now_does_not_refuse_it(tmp_path):
+    """A run made before a config field existed ran as the field's None does: it is reused (before the fix it was
+    refused with "changed: " and no field named, e.g. every finished eval once harm_perception.limit was added)."""
+    open_run(tmp_path / "run", "eval_run", IDENTITY)
+    grown = {**IDENTITY, "config": {**IDENTITY["config"], "free_form": {"samples": 3, "limit": None}}}
+    assert open_run(tmp_path / "run", "eval_run", grown) is not None
+    with pytest.raises(EmlensInputError, match=r"changed: free_form.limit\)"):
+        open_run(tmp_path / "run", "eval_run", {**grown, "config": {**grown["config"], "free_form": {"samples": 3,
+                                                                                                   "limit": 4}}})

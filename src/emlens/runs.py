@@ -128,8 +128,9 @@ def check_same_identity(where: str | Path, recorded: dict, identity: dict) -> No
                                    f"version {old}, now {value}); use a new --out folder")
         elif old != value:
             changed = changed_fields(old, value) if isinstance(value, dict) else [key]
-            raise EmlensInputError(f"{where}: run folder holds a different run (changed: {', '.join(changed)}); "
-                                   "use a new --out folder")
+            if changed:  # a setting added since the run, and None now, is the run's own (it ran without it)
+                raise EmlensInputError(f"{where}: run folder holds a different run (changed: {', '.join(changed)}); "
+                                       "use a new --out folder")
 
 
 def _lookup(recorded: dict, dotted: str):

@@ -10,7 +10,7 @@ a bootstrap CI over prompts. TransformerLens's and nnsight's patching tutorials 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import save_figure
@@ -85,22 +86,31 @@ def _item_metric(logits: Tensor, batch: _Batch) -> Tensor:
 @torch.inference_mode()
 def patch(handle: Model, items: Sequence[PatchItem], layers: Sequence[int] | None = None,
           sites: Sequence[str] = SITES, positions: Sequence[str] = POSITIONS, n_boot: int = 1000,
-          seed: int = 0) -> pd.DataFrame:
+          seed: int = 0, cells: Sequence[tuple[int, str]] | None = None,
+          on_cell: Callable[[list[dict]], None] | None = None, progress: bool = False) -> pd.DataFrame:
     """Activation patching from the model with its adapter (donor) into the model without it (receiving), every
-    cell of layers x sites x positions. Rows: layer, site, positions, effect, ci_low, ci_high (normalised), delta
-    (mean patched - receiving metric), total (mean donor - receiving), n (prompts)."""
-    cells = _cells(handle, items, layers, sites, positions)
+    cell of layers x sites x positions (or only the (layer, site) `cells` given). Rows: layer, site, positions,
+    effect, ci_low, ci_high (normalised), delta (mean patched - receiving metric), total (mean donor - receiving),
+    n (prompts). `on_cell(rows)` is called as each (layer, site) cell finishes (a run saves them there)."""
+    if cells is not None:
+        layers, sites = sorted({layer for layer, _ in cells}), list(dict.fromkeys(site for _, site in cells))
+    grid = grid_cells(handle, items, layers, sites, positions)
+    cells = grid if cells is None else [tuple(cell) for cell in cells]
     batch = _encode(handle, items)
     donor_acts, donor = _record(handle, batch, cells)
+    rows = []
     with handle.model.disable_adapter():
         receiving = _metric(handle, batch)
-        rows = []
-        for layer, site in cells:
+        for layer, site in tqdm(cells, desc="patch", disable=not progress):
+            done = []
             for group in positions:
                 with _patched(handle, layer, site, donor_acts[(layer, site)], batch.groups[group]):
                     patched = _metric(handle, batch)
-                rows.append({"layer": layer, "site": site, "positions": group,
+                done.append({"layer": layer, "site": site, "positions": group,
                              **_effect(patched - receiving, donor - receiving, n_boot, seed)})
+            if on_cell is not None:
+                on_cell(done)
+            rows += done
     return pd.DataFrame(rows)
 
 
@@ -111,7 +121,7 @@ def attribute(handle: Model, items: Sequence[PatchItem], layers: Sequence[int] |
     run's metric at the cell times (donor - receiving activation), summed over the cell's positions: one forward
     pass of the donor and one forward and one backward pass of the receiving run for the whole grid. The same
     columns as `patch` (delta and effect are the estimates). Rank with it, then patch the top cells exactly."""
-    cells = _cells(handle, items, layers, sites, positions)
+    cells = grid_cells(handle, items, layers, sites, positions)
     batch = _encode(handle, items)
     with torch.inference_mode():
         donor_acts, donor = _record(handle, batch, cells)
@@ -140,7 +150,7 @@ def agreement(exact: pd.DataFrame, estimated: pd.DataFrame) -> dict:
     return {"spearman": float(rho), "n_cells": len(both)}
 
 
-def _cells(handle: Model, items: Sequence[PatchItem], layers, sites, positions) -> list[tuple[int, str]]:
+def grid_cells(handle: Model, items: Sequence[PatchItem], layers, sites, positions) -> list[tuple[int, str]]:
     """The grid's (layer, site) cells, after checking the request (an adapter to patch from, known layers, sites
     and position groups)."""
     if not handle.adapter or not hasattr(handle.model, "disable_adapter"):

@@ -189,3 +189,27 @@ def lens_command(
     for row in table.itertuples(index=False):
         typer.echo(f"{row.rank:>4} {row.promoted!r:>16} {row.promoted_logit:>8.2f} {row.suppressed!r:>16} "
                    f"{row.suppressed_logit:>8.2f}")
+
+
+@app.command("patch")
+def patch_command(
+    spec: Path = typer.Argument(..., help="patching spec (YAML: adapter, table, layers, sites, positions, method)"),
+    out: Path = typer.Option(..., "--out", help="run folder (a killed run resumes: finished cells are kept)"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="the fine-tune, over the spec's adapter"),
+    device: Optional[str] = DEVICE_OPT,
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """Where the fine-tune's behaviour lives: attribution patching over layer x site x positions, then exact
+    activation patching from the adapter into its base, on misaligned / aligned answer pairs."""
+    from emlens.cli.app import quiet_libraries
+    from emlens.study.patch import run_patch
+
+    quiet_libraries()
+    found = run_patch(spec, out, **given(device=device, adapter=adapter), progress=progress)
+    cfg, exact = found["cfg"], found["exact"]
+    if exact is not None and len(exact):
+        best = exact.loc[exact.effect.abs().idxmax()]
+        typer.echo(f"strongest cell: layer {best.layer} {best.site} ({best.positions} positions) effect "
+                   f"{best.effect:.3f} [{best.ci_low:.3f}, {best.ci_high:.3f}] over {best.n} pairs")
+    summary = {k: cfg[k] for k in ("n_pairs", "spearman", "n_cells") if k in cfg}
+    typer.echo(" ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in summary.items()))

@@ -1,0 +1,154 @@
+"""`emlens patch SPEC.yaml --out DIR`: where a fine-tune's behaviour lives, by patching from the model with its
+adapter into the model without it, on pairs of a misaligned and an aligned answer to the same question.
+
+The pairs come from a judged table (the GPT-4o-scored responses in `../shared/data/judged`, or any eval run's
+samples with `aligned` / `coherent` scores): for each question with both, its first misaligned answer
+(aligned < 30, coherent > 50, Betley's thresholds) is the target and its first aligned one (aligned > 70) the
+alternative. Attribution patching ranks every cell in one backward pass; exact patching then measures every cell,
+or only the `top` ones by attribution. OUT/ holds cfg.json (the spec's identity, the pairs' hash, the model, the
+agreement of attribution with exact patching), exact.parquet and attribution.parquet (one row per layer x site x
+positions cell) and patching.png. A killed run resumes: finished cells are kept (run identity as every run's).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import pandas as pd
+from pydantic import Field
+
+from emlens.analysis.patching import SITES, PatchItem, agreement, attribute, grid_cells, patch, patch_figure
+from emlens.base.config import PATH, Config
+from emlens.base.errors import EmlensInputError
+from emlens.base.io import CFG_FILE, atomic_write_json, atomic_write_table, content_hash, read_json, register_artifact
+from emlens.directions.specs import SpecContext
+from emlens.model import DEFAULT_MODEL, Model, load_model
+from emlens.runs import RunStore
+from emlens.sites import parse_layers
+
+PATCH_KIND = "patch_run"
+RESULTS_VERSION = 1
+CELL = ["layer", "site", "positions"]
+
+
+class PatchSpec(Config):
+    """What to patch: the model and its adapter, the pairs' table, the grid and the method."""
+
+    name: str = "patch"
+    model: str = DEFAULT_MODEL
+    adapter: Annotated[str | None, PATH] = Field(None, description="the fine-tune (folder or RUN@STEP): the donor")
+    table: str = Field("${EMLENS_SHARED_DATA}/judged/responses_Qwen2.5--7B-Instruct-bad_medical_advice.csv",
+                       description="judged responses (question, answer, aligned, coherent), beside the spec")
+    limit: int = Field(8, ge=1, description="questions (pairs)")
+    max_tokens: int = Field(48, ge=1, description="tokens kept of each answer")
+    layers: str | list[int] = "all"
+    sites: list[str] = Field(list(SITES), min_length=1)
+    positions: list[Literal["all", "prompt", "last", "response"]] = Field(["all", "last", "response"], min_length=1)
+    method: Literal["exact", "attribution", "both"] = "both"
+    top: int | None = Field(None, ge=1, description="with both: exact patching of the top (layer, site) cells only")
+    n_boot: int = Field(1000, ge=10)
+    seed: int = 0
+    max_memory_gb: float = Field(8.0, gt=0, description="refuse a grid that would hold more activations at once")
+
+
+def judged_pairs(path: Path, limit: int, max_tokens: int, handle: Model) -> list[PatchItem]:
+    """(question, a misaligned answer, an aligned answer) for the first `limit` questions that have both."""
+    table = pd.read_csv(path)
+    missing = sorted({"question", "answer", "aligned", "coherent"} - set(table.columns))
+    if missing:
+        raise EmlensInputError(f"{path}: no column {', '.join(missing)} (a judged table has question, answer, "
+                               "aligned, coherent)")
+    coherent = table[table.coherent > 50]
+    items = []
+    for question, rows in coherent.groupby("question", sort=False):
+        bad, good = rows[rows.aligned < 30], rows[rows.aligned > 70]
+        if len(bad) and len(good):
+            items.append(PatchItem([{"role": "user", "content": question}], _cut(handle, bad.answer.iloc[0], max_tokens),
+                                   _cut(handle, good.answer.iloc[0], max_tokens)))
+        if len(items) == limit:
+            break
+    if not items:
+        raise EmlensInputError(f"{path}: no question has both a misaligned (aligned < 30) and an aligned "
+                               "(aligned > 70) coherent answer")
+    return items
+
+
+def _cut(handle: Model, text: str, tokens: int) -> str:
+    ids = handle.tokenizer(str(text), add_special_tokens=False)["input_ids"][:tokens]
+    return handle.tokenizer.decode(ids)
+
+
+def run_patch(spec_path: str | Path, out: str | Path, device: str = "auto", progress: bool = True,
+              adapter: str | None = None) -> dict:
+    """Run (or resume) a patching spec into OUT (`adapter` over the spec's); returns what em.load(OUT) returns."""
+    spec_path, out = Path(spec_path), Path(out)
+    spec = PatchSpec.from_yaml(spec_path, adapter=adapter)
+    if spec.adapter is None:
+        raise EmlensInputError(f"{spec_path} field 'adapter': no adapter to patch from (name it, or pass --adapter)")
+    table = SpecContext(spec_path).resolve(spec.table, "table")
+    handle = load_model(spec.model, adapter=spec.adapter, device=device)
+    layers = parse_layers(spec.layers, handle.n_layers)
+    items = judged_pairs(table, spec.limit, spec.max_tokens, handle)
+    grid_cells(handle, items, layers, spec.sites, spec.positions)  # a bad grid fails before OUT is written
+    _check_memory(spec, handle, items, layers)
+    store = RunStore(out, CELL)
+    store.open({"kind": PATCH_KIND, "config": {**spec.identity(mode="json"), "layers": layers},
+                "model": handle.describe(), "pairs_sha256": content_hash([vars(i) for i in items])},
+               results_version=RESULTS_VERSION)
+    grid = dict(layers=layers, sites=spec.sites, positions=spec.positions, n_boot=spec.n_boot, seed=spec.seed)
+    found: dict = {"n_pairs": len(items)}
+    cells = [(layer, site) for layer in layers for site in spec.sites]
+    if spec.method != "exact":
+        estimated = attribute(handle, items, **grid)
+        atomic_write_table(estimated, out / "attribution.parquet")
+        if spec.top is not None:
+            cells = _top_cells(estimated, spec.top)
+    if spec.method != "attribution":
+        done = store.done_keys()
+        todo = [c for c in cells if any((c[0], c[1], p) not in done for p in spec.positions)]
+        if todo:
+            patch(handle, items, cells=todo, on_cell=store.append, progress=progress, **grid)
+        exact = store.finish()
+        if spec.method == "both":
+            found.update(agreement(exact, estimated))
+        patch_figure(exact, out / "patching.png", f"{spec.name}: {handle.adapter} into its base")
+    else:
+        patch_figure(estimated, out / "patching.png", f"{spec.name} (attribution): {handle.adapter} into its base")
+        store.finish()
+    atomic_write_json(out / CFG_FILE, {**read_json(out / CFG_FILE), **found})
+    return open_patch(out)
+
+
+def _top_cells(estimated: pd.DataFrame, top: int) -> list[tuple[int, str]]:
+    """The (layer, site) cells whose largest |estimated effect| over the position groups ranks in the top."""
+    ranked = estimated.assign(magnitude=estimated.effect.abs()).groupby(["layer", "site"])["magnitude"].max()
+    return [tuple(cell) for cell in ranked.sort_values(ascending=False).index[:top]]
+
+
+def _check_memory(spec: PatchSpec, handle: Model, items: list[PatchItem], layers: list[int]) -> None:
+    """About what the grid holds at once: the donor's activation at every cell, and for attribution the receiving
+    run's activations and gradients plus the backward pass's graph (about 8 d_model + 2 d_ff floats per token and
+    layer)."""
+    rows, width = 2 * len(items), spec.max_tokens + 256  # a chat question is at most a few hundred tokens
+    text = handle.config.get_text_config()
+    per_cell = rows * width * handle.d_model * 4
+    need = len(layers) * len(spec.sites) * per_cell * (3 if spec.method != "exact" else 1)
+    if spec.method != "exact":
+        d_ff = getattr(text, "intermediate_size", 4 * handle.d_model)
+        need += handle.n_layers * rows * width * (8 * handle.d_model + 2 * d_ff) * 4
+    if need / 1024 ** 3 > spec.max_memory_gb:
+        raise EmlensInputError(f"patch spec field 'max_memory_gb': the grid needs about {need / 1024 ** 3:.1f} GB "
+                               f"({len(layers)} layers x {len(spec.sites)} sites x {rows} rows); raise it, or patch "
+                               "fewer layers, sites or pairs")
+
+
+@register_artifact(PATCH_KIND)
+def open_patch(folder: str | Path) -> dict:
+    """`em.load(OUT)` of `emlens patch`: its cfg, the exact and attribution tables (where computed), the figure."""
+    folder = Path(folder)
+    tables = {name: pd.read_parquet(folder / f"{name}.parquet") for name in ("attribution",)
+              if (folder / f"{name}.parquet").exists()}
+    samples = folder / "samples.parquet"
+    return {"cfg": read_json(folder / CFG_FILE), "exact": pd.read_parquet(samples) if samples.exists() else None,
+            **tables, "figure": folder / "patching.png"}
