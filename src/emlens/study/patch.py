@@ -19,7 +19,7 @@ import pandas as pd
 from pydantic import Field
 
 from emlens.analysis.patching import SITES, PatchItem, agreement, attribute, grid_cells, patch, patch_figure
-from emlens.base.config import PATH, Config
+from emlens.base.config import NOT_IDENTITY, PATH, Config
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import CFG_FILE, atomic_write_json, atomic_write_table, content_hash, read_json, register_artifact
 from emlens.directions.specs import SpecContext
@@ -49,7 +49,8 @@ class PatchSpec(Config):
     top: int | None = Field(None, ge=1, description="with both: exact patching of the top (layer, site) cells only")
     n_boot: int = Field(1000, ge=10)
     seed: int = 0
-    max_memory_gb: float = Field(8.0, gt=0, description="refuse a grid that would hold more activations at once")
+    max_memory_gb: Annotated[float, NOT_IDENTITY] = Field(8.0, gt=0, description="refuse a grid that would hold "
+                                                                                  "more activations at once")
 
 
 def judged_pairs(path: Path, limit: int, max_tokens: int, handle: Model) -> list[PatchItem]:

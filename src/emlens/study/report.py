@@ -159,7 +159,8 @@ def direction_blocks(directions: dict[str, dict[str, Path]], figures: Path) -> l
                             if k in best},
                          "n": d.cfg.data.get("n"), "data hash": d.cfg.data.get("hash"), "seed": d.cfg.seed})
         blocks += [Block("heading", probe, 3), Block("table", pd.DataFrame(rows))]
-        blocks += [Block("text", lens_line(loaded))] if lens_line(loaded) else []
+        lens = lens_line(loaded)
+        blocks += [Block("text", lens)] if lens else []
         if any(not d.metrics().empty for d in loaded.values()):
             path = layer_metrics_figure(loaded, figures / f"direction-{probe}.png",
                                         f"{probe}: held-out metric by layer, every model")
