@@ -64,7 +64,7 @@ def test_run_writes_one_report_and_a_second_experiment_reuses_the_shared_stages(
     assert "tuned - base" in findings and "refusal_harmful" in findings and "pairs" in findings
     cost = re.search(r"This run: (\d+) min (\d+) s wall to its report, peak memory ([\d.]+) GB, (\d+) CPU cores", markdown)
     assert cost and 0.1 < float(cost[3]) < 64 and int(cost[4]) >= 1  # the run's own time and memory, in provenance
-    assert re.search(r"Logit lens .*: base \(layer \d+\): promotes '.*'; suppresses '", markdown)  # each card's tokens
+    assert re.search(r"Logit lens .*: base \(layer \d+\): promotes .+; suppresses .+", markdown)  # each card's tokens
     again = plan_lines(capsys, path, stages)
     assert all("done (reused)" in line for line in again), again
 
