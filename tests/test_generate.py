@@ -185,3 +185,19 @@ def test_a_reserved_layer_grows_past_its_room_and_keeps_the_rows_it_is_told_to()
     assert torch.equal(layer.keys, keys[1:]) and torch.equal(layer.values, -keys[1:])
     layer.update(keys[1:, :, :1], keys[1:, :, :1])
     assert torch.equal(layer.keys[:, :, :5], keys[1:]) and layer.get_seq_length() == 6
+
+
+@pytest.mark.parametrize("crop", [-2, 3, 9])
+def test_a_reserved_layer_crops_as_transformers_layer_does(crop):
+    """A negative number removes that many tokens; a positive one (the legacy form) is the length to keep."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from emlens.generation.reserved_cache import ReservedLayer
+
+    keys = torch.arange(5 * 4.0).reshape(1, 1, 5, 4)
+    reserved, plain = ReservedLayer(capacity=8), DynamicLayer()
+    for layer in (reserved, plain):
+        layer.update(keys, -keys)
+        layer.crop(crop)
+    assert torch.equal(reserved.keys, plain.keys) and reserved.get_seq_length() == plain.get_seq_length()

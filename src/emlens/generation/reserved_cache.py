@@ -57,8 +57,11 @@ class ReservedLayer(DynamicLayer):
             self._view()
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            self.length -= abs(tokens_to_remove)
+        """As DynamicLayer's: a negative number removes that many tokens, a positive one (its legacy form) is the
+        length to keep."""
+        keep = min(self.length, tokens_to_remove) if tokens_to_remove > 0 else self.length + tokens_to_remove
+        if keep != self.length:
+            self.length = max(keep, 0)
             self._view()
 
     def reset(self) -> None:
