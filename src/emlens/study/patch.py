@@ -23,6 +23,7 @@ from emlens.base.config import NOT_IDENTITY, PATH, Config
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import CFG_FILE, atomic_write_json, atomic_write_table, content_hash, read_json, register_artifact
 from emlens.directions.specs import SpecContext
+from emlens.judges.base import COHERENT_ABOVE, MISALIGNED_BELOW
 from emlens.model import DEFAULT_MODEL, Model, load_model
 from emlens.runs import RunStore
 from emlens.sites import parse_layers
@@ -30,6 +31,7 @@ from emlens.sites import parse_layers
 PATCH_KIND = "patch_run"
 RESULTS_VERSION = 1
 CELL = ["layer", "site", "positions"]
+ALIGNED_ABOVE = 70.0  # the aligned side of a pair, as the probe specs' aligned contrast (">70")
 
 
 class PatchSpec(Config):
@@ -60,10 +62,10 @@ def judged_pairs(path: Path, limit: int, max_tokens: int, handle: Model) -> list
     if missing:
         raise EmlensInputError(f"{path}: no column {', '.join(missing)} (a judged table has question, answer, "
                                "aligned, coherent)")
-    coherent = table[table.coherent > 50]
+    coherent = table[table.coherent > COHERENT_ABOVE]
     items = []
     for question, rows in coherent.groupby("question", sort=False):
-        bad, good = rows[rows.aligned < 30], rows[rows.aligned > 70]
+        bad, good = rows[rows.aligned < MISALIGNED_BELOW], rows[rows.aligned > ALIGNED_ABOVE]
         if len(bad) and len(good):
             items.append(PatchItem([{"role": "user", "content": question}], _cut(handle, bad.answer.iloc[0], max_tokens),
                                    _cut(handle, good.answer.iloc[0], max_tokens)))
@@ -91,7 +93,7 @@ def run_patch(spec_path: str | Path, out: str | Path, device: str = "auto", prog
     handle = load_model(spec.model, adapter=spec.adapter, device=device)
     layers = parse_layers(spec.layers, handle.n_layers)
     items = judged_pairs(table, spec.limit, spec.max_tokens, handle)
-    grid_cells(handle, items, layers, spec.sites, spec.positions)  # a bad grid fails before OUT is written
+    cells = grid_cells(handle, items, layers, spec.sites, spec.positions)  # a bad grid fails before OUT is written
     _check_memory(spec, handle, items, layers)
     store = RunStore(out, CELL)
     store.open({"kind": PATCH_KIND, "config": {**spec.identity(mode="json"), "layers": layers},
@@ -99,7 +101,6 @@ def run_patch(spec_path: str | Path, out: str | Path, device: str = "auto", prog
                results_version=RESULTS_VERSION)
     grid = dict(layers=layers, sites=spec.sites, positions=spec.positions, n_boot=spec.n_boot, seed=spec.seed)
     found: dict = {"n_pairs": len(items)}
-    cells = [(layer, site) for layer in layers for site in spec.sites]
     if spec.method != "exact":
         estimated = attribute(handle, items, **grid)
         atomic_write_table(estimated, out / "attribution.parquet")
@@ -110,13 +111,12 @@ def run_patch(spec_path: str | Path, out: str | Path, device: str = "auto", prog
         todo = [c for c in cells if any((c[0], c[1], p) not in done for p in spec.positions)]
         if todo:
             patch(handle, items, cells=todo, on_cell=store.append, progress=progress, **grid)
-        exact = store.finish()
-        if spec.method == "both":
-            found.update(agreement(exact, estimated))
-        patch_figure(exact, out / "patching.png", f"{spec.name}: {handle.adapter} into its base")
-    else:
-        patch_figure(estimated, out / "patching.png", f"{spec.name} (attribution): {handle.adapter} into its base")
-        store.finish()
+    exact = store.finish()
+    if spec.method == "both":
+        found.update(agreement(exact, estimated))
+    attribution_only = spec.method == "attribution"
+    patch_figure(estimated if attribution_only else exact, out / "patching.png",
+                 f"{spec.name}{' (attribution)' if attribution_only else ''}: {handle.adapter} into its base")
     atomic_write_json(out / CFG_FILE, {**read_json(out / CFG_FILE), **found})
     return open_patch(out)
 
