@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from emlens.base.errors import EmlensInputError
+from emlens.generation.hf_engine import capture_hf
 from emlens.model import Model
-from emlens.sites import decoder_of, hook_site
+from emlens.sites import decoder_of, site_name
 
 FINAL_NORMS = ("norm", "final_layer_norm", "final_norm", "ln_f")  # the decoder's last norm, by family
 
@@ -92,22 +93,10 @@ def residual_lens(handle: Model, prompts: Sequence[str | list[dict]], top: int =
 
 
 def _last_token_residuals(handle: Model, text: str, layers: list[int]) -> Tensor:
-    """resid_post of each layer at the text's last token, (len(layers), d_model)."""
-    seen: dict[int, Tensor] = {}
-    hooks = [hook_site(handle.base_model, layer, "resid_post", _keep(seen, layer)) for layer in layers]
-    try:
-        ids = handle.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(handle.device)
-        handle.model(input_ids=ids, logits_to_keep=1)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.stack([seen[layer] for layer in layers])
-
-
-def _keep(seen: dict[int, Tensor], layer: int):
-    def read(hidden: Tensor) -> None:
-        seen[layer] = hidden[0, -1].detach()
-    return read
+    """resid_post of each layer at the text's last token, (len(layers), d_model): the hf engine's capture."""
+    ids = handle.tokenizer(text, add_special_tokens=False)["input_ids"]
+    found = capture_hf(handle, [(ids, len(ids))], [(layer, "resid_post") for layer in layers], "last_prompt")[0]
+    return torch.cat([found[site_name(layer)] for layer in layers])
 
 
 def _next_token(handle: Model, text: str) -> int:
