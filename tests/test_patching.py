@@ -105,10 +105,10 @@ def judged_csv(path, questions: int = 3):
     return path
 
 
-def patch_spec(tmp_path, tiny_model_dir, **fields):
+def patch_spec(tmp_path, tiny_model_dir, scale: float = 0.5, **fields):
     import yaml
 
-    adapter = planted_adapter(tiny_model_dir, tmp_path / "adapter", 1, 0.5)
+    adapter = planted_adapter(tiny_model_dir, tmp_path / "adapter", 1, scale)
     spec = {"model": str(tiny_model_dir), "adapter": str(adapter), "table": "judged.csv", "limit": 2,
             "max_tokens": 6, "n_boot": 20, **fields}
     judged_csv(tmp_path / "judged.csv")
@@ -164,3 +164,12 @@ def test_patch_spec_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     judged_csv(tmp_path / "judged.csv")
     assert "site kind 'resid_sideways'" in one_line_error(capsys, run_cli("patch", spec, "--out", tmp_path / "d"))
     assert not (tmp_path / "d").exists()
+
+
+def test_patch_command_on_a_sham_adapter_names_no_cell(tiny_model_dir, tmp_path, capsys):
+    from tests.cli_runner import run_cli
+
+    spec = patch_spec(tmp_path, tiny_model_dir, scale=0.0, layers=[0], method="exact")
+    assert run_cli("patch", spec, "--out", tmp_path / "run", "--no-progress") == 0
+    said = capsys.readouterr().out
+    assert "strongest cell" not in said and "n_pairs=2" in said

@@ -207,7 +207,7 @@ def patch_command(
     quiet_libraries()
     found = run_patch(spec, out, **given(device=device, adapter=adapter), progress=progress)
     cfg, exact = found["cfg"], found["exact"]
-    if exact is not None and len(exact):
+    if exact is not None and exact.effect.notna().any():  # a sham adapter moves nothing: no cell to name
         best = exact.loc[exact.effect.abs().idxmax()]
         typer.echo(f"strongest cell: layer {best.layer} {best.site} ({best.positions} positions) effect "
                    f"{best.effect:.3f} [{best.ci_low:.3f}, {best.ci_high:.3f}] over {best.n} pairs")
