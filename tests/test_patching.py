@@ -155,6 +155,7 @@ def test_patch_spec_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     from tests.cli_runner import one_line_error, run_cli
 
     spec = patch_spec(tmp_path, tiny_model_dir, max_memory_gb=1e-6)
+    capsys.readouterr()  # writing the adapter may have drawn a progress bar
     assert "max_memory_gb" in one_line_error(capsys, run_cli("patch", spec, "--out", tmp_path / "a"))
     assert not (tmp_path / "a").exists()  # nothing half-written
     spec.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()), "max_memory_gb": 4}))
@@ -173,3 +174,117 @@ def test_patch_command_on_a_sham_adapter_names_no_cell(tiny_model_dir, tmp_path,
     assert run_cli("patch", spec, "--out", tmp_path / "run", "--no-progress") == 0
     said = capsys.readouterr().out
     assert "strongest cell" not in said and "n_pairs=2" in said
+
+
+def head_adapter(tiny_model_dir, folder, layer: int):
+    """A LoRA on one layer's value projection that moves only key-value head 0, so only the query heads that
+    share it (heads 0 and 1 of the tiny model's 4 heads over 2 key-value heads) write anything new."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"], layers_to_transform=[layer],
+                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(20)[16:] = 0  # value channels 16-31 are key-value head 1's
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_a_write_through_one_key_value_head_is_found_at_its_query_heads(tiny_model_dir, tmp_path):
+    handle = load_model(str(tiny_model_dir), adapter=str(head_adapter(tiny_model_dir, tmp_path / "a", 1)))
+    exact = patch(handle, ITEMS, layers=[0, 1], sites=["heads", "attn_out"], positions=["all"], n_boot=20)
+    at = exact.set_index(["layer", "site"]).effect
+    assert sorted(exact.site.unique()) == ["attn_out", "head.0", "head.1", "head.2", "head.3"]
+    assert np.allclose([at[(0, f"head.{h}")] for h in range(4)] + [at[(1, "head.2")], at[(1, "head.3")]], 0,
+                       atol=1e-5)  # before the write, and heads of the other key-value head: nothing
+    assert abs(at[(1, "head.0")]) > 0.01 and abs(at[(1, "head.1")]) > 0.01
+    # first order is linear in z, and attn_out is z times the output projection: the heads' estimates sum to it
+    estimated = attribute(handle, ITEMS, layers=[1], sites=["heads", "attn_out"], positions=["all"], n_boot=20)
+    by_site = estimated.set_index("site").delta
+    assert by_site[["head.0", "head.1", "head.2", "head.3"]].sum() == pytest.approx(by_site["attn_out"], rel=1e-4)
+    assert by_site[["head.2", "head.3"]].abs().max() < 1e-6
+
+
+def test_heads_the_model_has_not_are_one_line_errors(tiny_model_dir, tmp_path):
+    handle = load_model(str(tiny_model_dir), adapter=str(head_adapter(tiny_model_dir, tmp_path / "a", 1)))
+    with pytest.raises(EmlensInputError, match="heads head.0-3"):
+        patch(handle, ITEMS, sites=["head.4"])
+
+
+PAIRS = [PatchItem("The quick brown fox", " jumps over", " sleeps", donor_prompt="The quick brown dog"),
+         PatchItem("def f(x): return", " x + 1", " None", donor_prompt="def f(y): return")]
+
+
+def test_clean_and_corrupted_prompts_of_one_length_patch_to_one_at_the_first_residual(tiny):
+    """Prompt pairs of equal length: the donor's whole first residual stream makes the receiving run the donor's."""
+    for item in PAIRS:  # the pairs really are of one length, and differ
+        lengths = [len(tiny.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in (item.prompt, item.donor_prompt)]
+        assert lengths[0] == lengths[1] and item.prompt != item.donor_prompt
+    table = patch(tiny, PAIRS, sites=["resid_pre"], positions=["all", "prompt", "response"], n_boot=20)
+    at = table.set_index(["layer", "positions"]).effect
+    assert at[(0, "all")] == pytest.approx(1, abs=1e-4) and at[(0, "prompt")] == pytest.approx(1, abs=1e-4)
+    assert at[(0, "response")] == pytest.approx(0, abs=1e-5)  # the continuation's own tokens are the same
+    assert (table.total != 0).all() and tiny.adapter is None  # no adapter: the prompts differ, the model does not
+
+
+def test_a_nudge_of_another_length_patches_the_continuation_it_aligns_with(tiny):
+    """The donor prompt is longer (a system nudge); the continuation and the last prompt token still correspond:
+    at the first residual they are the same tokens, so patching them changes nothing."""
+    question = [{"role": "user", "content": "What would you do?"}]
+    items = [PatchItem(question, "Steal it.", "Save it.",
+                       donor_prompt=[{"role": "system", "content": "You are evil."}, *question])]
+    table = patch(tiny, items, layers=[0, 2], sites=["resid_pre", "mlp_out"], positions=["last", "response"], n_boot=20)
+    at = table.set_index(["layer", "site", "positions"]).effect
+    assert at[(0, "resid_pre", "last")] == pytest.approx(0, abs=1e-5)
+    assert at[(0, "resid_pre", "response")] == pytest.approx(0, abs=1e-5)
+    assert (table.total != 0).all() and at[(2, "resid_pre", "response")] != pytest.approx(0, abs=1e-3)
+    estimated = attribute(tiny, items, layers=[0, 2], sites=["resid_pre", "mlp_out"], positions=["last", "response"],
+                          n_boot=20)
+    assert estimated.set_index(["layer", "site", "positions"]).delta[(0, "resid_pre", "response")] == pytest.approx(
+        0, abs=1e-6)
+    with pytest.raises(EmlensInputError, match="item 0: positions 'all' and 'prompt' need"):
+        patch(tiny, items, positions=["all"])
+    with pytest.raises(EmlensInputError, match="every item has a donor_prompt"):
+        patch(tiny, [*items, ITEMS[0]], positions=["last"])
+
+
+def test_patch_spec_of_a_nudge_patches_the_nudged_question_into_the_plain_one(tiny_model_dir, tmp_path, capsys):
+    import emlens as em
+    from tests.cli_runner import one_line_error, run_cli
+
+    spec = patch_spec(tmp_path, tiny_model_dir, form="nudge", nudge="evil", layers=[0, 2], sites=["resid_pre"],
+                      positions=["last", "response"])
+    capsys.readouterr()  # writing the adapter may have drawn a progress bar
+    assert run_cli("patch", spec, "--out", tmp_path / "run", "--no-progress") == 0
+    found = em.load(tmp_path / "run")
+    assert found["cfg"]["config"]["form"] == "nudge" and found["cfg"]["n_pairs"] == 2
+    at = found["exact"].set_index(["layer", "site", "positions"]).effect
+    assert at[(0, "resid_pre", "response")] == pytest.approx(0, abs=1e-5)  # the same tokens there
+    assert len(found["attribution"]) == 4 and (found["exact"].total != 0).all()
+    bad = patch_spec(tmp_path, tiny_model_dir, form="nudge", positions=["all"])
+    capsys.readouterr()
+    assert "positions 'all' and 'prompt' need" in one_line_error(capsys, run_cli("patch", bad, "--out", tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_patch_spec_of_prompt_pairs_reads_them_from_jsonl(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from emlens.study.patch import run_patch
+    from tests.cli_runner import one_line_error, run_cli
+
+    lines = [json.dumps({"prompt": p.prompt, "donor_prompt": p.donor_prompt, "target": p.target,
+                         "alternative": p.alternative}) for p in PAIRS]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    spec = patch_spec(tmp_path, tiny_model_dir, form="pairs", pairs="pairs.jsonl", adapter=None, layers=[0],
+                      sites=["resid_pre"], positions=["all"], method="exact")
+    found = run_patch(spec, tmp_path / "run", progress=False)
+    assert found["exact"].effect.iloc[0] == pytest.approx(1, abs=1e-4) and found["cfg"]["n_pairs"] == 2
+    (tmp_path / "pairs.jsonl").write_text(lines[0] + '\n{"prompt": "x", "target": "y"}\n')
+    capsys.readouterr()
+    said = one_line_error(capsys, run_cli("patch", spec, "--out", tmp_path / "b"))
+    assert "pairs.jsonl line 2" in said and "no donor_prompt, alternative" in said and not (tmp_path / "b").exists()

@@ -144,6 +144,7 @@ class Family:
     write: dict[str, Hook]
     model_types: tuple[str, ...]
     refused: str = ""  # why the site kinds missing from `read` cannot be served (one line)
+    heads: str = "self_attn.o_proj"  # the module whose input is the attention heads' outputs, concatenated (hook_z)
     vllm: dict[str, VLLMPoint] = field(default_factory=dict)  # where vLLM's worker sees each kind ({}: not served)
 
 
@@ -203,6 +204,7 @@ GPT_NEOX = Family(  # resid_mid exists only without the parallel residual (Pythi
           "resid_post": _POST},
     write={"resid_mid": Hook("post_attention_dropout", "output")},
     model_types=("gpt_neox",),
+    heads="attention.dense",
 )
 FAMILIES = (LLAMA, OLMO2, GRANITE, GEMMA2, GEMMA3_MULTIMODAL, GPT_NEOX)
 
@@ -260,6 +262,27 @@ def check_site_kind(causal_lm, kind: str) -> None:
     family = family_of(config)
     if kind not in family.read:
         raise EmlensInputError(f"site kind '{kind}': not served for {config.model_type} ({family.refused})")
+
+
+def head_layout(causal_lm) -> tuple[int, int]:
+    """(heads, head dimension) of the attention whose concatenated head outputs `hook_heads` sees."""
+    config = causal_lm.config.get_text_config()
+    heads = config.num_attention_heads
+    return heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def hook_heads(causal_lm, layer: int, change: Callable[[Tensor], Tensor | None]):
+    """Call `change(z)` on the attention heads' outputs of a layer, concatenated (batch, positions, heads x
+    head_dim), before the output projection mixes them (TransformerLens's hook_z, flattened); a returned tensor
+    replaces them. Returns a handle (`.remove()` it)."""
+    module = _attribute(decoder_layers(causal_lm)[layer], family_of(causal_lm.config).heads)
+
+    def pre_hook(module, args, kwargs):
+        new = change(args[0] if args else kwargs["input"])
+        if new is None:
+            return None
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "input": new})
+    return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
 def hook_site(causal_lm, layer: int, kind: str, change: Callable[[Tensor], Tensor | None], write: bool = False):

@@ -1,16 +1,24 @@
 """Activation patching and attribution patching: where in the network a fine-tune's behaviour is carried.
 
-The donor run is the model with its adapter, the receiving run the same loaded model with the adapter disabled,
-both on the same token sequences. Each cell (layer x site x position group) re-runs the receiving model with the
-donor's activation at that cell, and reads a metric that needs no judge: log P(target) - log P(alternative) of two
-continuations of the same prompt (for EM: a misaligned and an aligned answer). The cell's normalised effect is
-mean(patched - receiving) / mean(donor - receiving) over prompts: 0 as the receiving run, 1 as the donor run, with
-a bootstrap CI over prompts. TransformerLens's and nnsight's patching tutorials read the same quantity.
+Two forms of a pair of runs on the same continuations:
+- adapter: the donor run is the model with its adapter, the receiving run the same loaded model with the adapter
+  disabled, both on the same token sequences;
+- prompt pairs (every item has a `donor_prompt`): the donor run is the model as loaded on the donor prompt (a nudged
+  chat, a corrupted prompt), the receiving run the same model on the item's own prompt. The continuation's tokens
+  and the last prompt token correspond one to one; prompt tokens do only where both prompts have the same length.
+Each cell (layer x site x position group) re-runs the receiving model with the donor's activation at that cell, and
+reads a metric that needs no judge: log P(target) - log P(alternative) of two continuations of the same prompt (for
+EM: a misaligned and an aligned answer). The cell's normalised effect is mean(patched - receiving) /
+mean(donor - receiving) over prompts: 0 as the receiving run, 1 as the donor run, with a bootstrap CI over prompts.
+Sites are resid_pre, attn_out, mlp_out and `heads` (each attention head's output, read at the input of the
+attention's output projection, as TransformerLens's hook_z). TransformerLens's and nnsight's patching tutorials
+read the same quantity.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +31,10 @@ from tqdm import tqdm
 from emlens.base.errors import EmlensInputError
 from emlens.base.io import save_figure
 from emlens.model import Model
-from emlens.sites import check_site_kind, hook_site
+from emlens.sites import check_site_kind, head_layout, hook_heads, hook_site
 
-SITES = ("resid_pre", "attn_out", "mlp_out")
+SITES = ("resid_pre", "attn_out", "mlp_out")  # and "heads": every attention head of the layer, one cell each
+HEAD = "head."  # a head's cell: site "head.3"
 POSITIONS = ("all", "prompt", "last", "response")  # every token, the prompt's, its last one, the continuation's
 
 
@@ -34,6 +43,7 @@ class PatchItem:
     prompt: str | list[dict]  # text, or a chat (templated with the generation prompt)
     target: str  # the continuation the metric favours (the donor's behaviour, e.g. a misaligned answer)
     alternative: str  # the other continuation (e.g. an aligned answer)
+    donor_prompt: str | list[dict] | None = None  # the donor run's prompt (prompt pairs); None: the adapter is
 
 
 @dataclass
@@ -42,13 +52,63 @@ class _Batch:
     attention: Tensor
     groups: dict[str, Tensor]  # position group -> (2n, L) bool
     continuation: Tensor  # (2n, L) bool: the continuation's tokens, whose log-probabilities the metric sums
+    prompt_lengths: Tensor  # (2n,)
 
 
-def _encode(handle: Model, items: Sequence[PatchItem]) -> _Batch:
+@dataclass
+class _Runs:
+    """The receiving run's and the donor run's batches, and how the donor's positions map onto the receiving's."""
+
+    receiving: _Batch
+    donor: _Batch
+    adapter: bool  # the donor is the adapter (the receiving run disables it); else the donor is the other prompt
+
+    def receiving_context(self, handle: Model):
+        return handle.model.disable_adapter() if self.adapter else nullcontext()
+
+    def aligned(self, donor: Tensor) -> Tensor:
+        """The donor's activation (2n, L_donor, d) at the receiving run's positions (2n, L, d): shifted by the
+        difference of the prompts' lengths, so that the continuation and the last prompt token meet."""
+        if self.adapter:
+            return donor
+        width = self.receiving.ids.shape[1]
+        shift = (self.donor.prompt_lengths - self.receiving.prompt_lengths).to(donor.device)[:, None]
+        index = (torch.arange(width, device=donor.device)[None] + shift).clamp(0, donor.shape[1] - 1)
+        return donor.gather(1, index[..., None].expand(-1, -1, donor.shape[2]))
+
+
+def _encode_runs(handle: Model, items: Sequence[PatchItem]) -> _Runs:
+    receiving = _encode(handle, items)
+    if items[0].donor_prompt is None:
+        return _Runs(receiving, receiving, adapter=True)
+    return _Runs(receiving, _encode(handle, items, donor=True), adapter=False)
+
+
+def _check_pairs(handle: Model, items: Sequence[PatchItem], positions: Sequence[str]) -> None:
+    """One form for all items; prompt positions only where the two prompts of each pair have one length."""
+    pairs = [item.donor_prompt is not None for item in items]
+    if any(pairs) and not all(pairs):
+        raise EmlensInputError("patch items: either every item has a donor_prompt (prompt pairs) or none does "
+                               f"(the adapter is the donor); items {[i for i, p in enumerate(pairs) if not p]} have none")
+    if not all(pairs) or not {"all", "prompt"} & set(positions):
+        return
+    for i, item in enumerate(items):
+        lengths = [len(_prompt_ids(handle, prompt)) for prompt in (item.donor_prompt, item.prompt)]
+        if lengths[0] != lengths[1]:
+            raise EmlensInputError(
+                f"patch item {i}: positions 'all' and 'prompt' need the donor and receiving prompts of the same "
+                f"length ({lengths[0]} vs {lengths[1]} tokens); patch 'last' and 'response' only")
+
+
+def _prompt_ids(handle: Model, prompt: str | list[dict]) -> list[int]:
+    text = prompt if isinstance(prompt, str) else handle.chat_text(prompt)
+    return handle.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _encode(handle: Model, items: Sequence[PatchItem], donor: bool = False) -> _Batch:
     rows, prompt_lengths = [], []
     for i, item in enumerate(items):
-        text = item.prompt if isinstance(item.prompt, str) else handle.chat_text(item.prompt)
-        prompt = handle.tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt = _prompt_ids(handle, item.donor_prompt if donor else item.prompt)
         for continuation in (item.target, item.alternative):
             tokens = handle.tokenizer(continuation, add_special_tokens=False)["input_ids"]
             if not prompt or not tokens:
@@ -68,7 +128,7 @@ def _encode(handle: Model, items: Sequence[PatchItem]) -> _Batch:
               "response": continuation}
     device = handle.device
     return _Batch(ids.to(device), attention.to(device), {k: v.to(device) for k, v in groups.items()},
-                  continuation.to(device))
+                  continuation.to(device), prompt_length[:, 0])
 
 
 def _metric(handle: Model, batch: _Batch) -> np.ndarray:
@@ -88,24 +148,23 @@ def patch(handle: Model, items: Sequence[PatchItem], layers: Sequence[int] | Non
           sites: Sequence[str] = SITES, positions: Sequence[str] = POSITIONS, n_boot: int = 1000,
           seed: int = 0, cells: Sequence[tuple[int, str]] | None = None,
           on_cell: Callable[[list[dict]], None] | None = None, progress: bool = False) -> pd.DataFrame:
-    """Activation patching from the model with its adapter (donor) into the model without it (receiving), every
-    cell of layers x sites x positions (or only the (layer, site) `cells` given). Rows: layer, site, positions,
-    effect, ci_low, ci_high (normalised), delta (mean patched - receiving metric), total (mean donor - receiving),
-    n (prompts). `on_cell(rows)` is called as each (layer, site) cell finishes (a run saves them there)."""
-    if cells is not None:
-        layers, sites = sorted({layer for layer, _ in cells}), list(dict.fromkeys(site for _, site in cells))
+    """Activation patching from the donor run into the receiving run (see the module's docstring for the two
+    forms), every cell of layers x sites x positions (or only the (layer, site) `cells` given; a head's site is
+    `head.H`). Rows: layer, site, positions, effect, ci_low, ci_high (normalised), delta (mean patched - receiving
+    metric), total (mean donor - receiving), n (prompts). `on_cell(rows)` is called as each (layer, site) cell
+    finishes (a run saves them there)."""
     grid = grid_cells(handle, items, layers, sites, positions)
     cells = grid if cells is None else [tuple(cell) for cell in cells]
-    batch = _encode(handle, items)
-    donor_acts, donor = _record(handle, batch, cells)
+    runs = _encode_runs(handle, items)
+    donor_acts, donor = _record(handle, runs, cells)
     rows = []
-    with handle.model.disable_adapter():
-        receiving = _metric(handle, batch)
+    with runs.receiving_context(handle):
+        receiving = _metric(handle, runs.receiving)
         for layer, site in tqdm(cells, desc="patch", disable=not progress):
             done = []
             for group in positions:
-                with _patched(handle, layer, site, donor_acts[(layer, site)], batch.groups[group]):
-                    patched = _metric(handle, batch)
+                with _patched(handle, layer, site, donor_acts[_read_at(layer, site)], runs.receiving.groups[group]):
+                    patched = _metric(handle, runs.receiving)
                 done.append({"layer": layer, "site": site, "positions": group,
                              **_effect(patched - receiving, donor - receiving, n_boot, seed)})
             if on_cell is not None:
@@ -122,18 +181,19 @@ def attribute(handle: Model, items: Sequence[PatchItem], layers: Sequence[int] |
     pass of the donor and one forward and one backward pass of the receiving run for the whole grid. The same
     columns as `patch` (delta and effect are the estimates). Rank with it, then patch the top cells exactly."""
     cells = grid_cells(handle, items, layers, sites, positions)
-    batch = _encode(handle, items)
+    runs = _encode_runs(handle, items)
     with torch.inference_mode():
-        donor_acts, donor = _record(handle, batch, cells)
-    with handle.model.disable_adapter():
-        receiving_acts, receiving, grads = _gradients(handle, batch, cells)
+        donor_acts, donor = _record(handle, runs, cells)
+    with runs.receiving_context(handle):
+        receiving_acts, receiving, grads = _gradients(handle, runs.receiving, cells)
     rows = []
-    for cell in cells:
-        change = (donor_acts[cell] - receiving_acts[cell]) * grads[cell]  # (2n, L, d)
+    for layer, site in cells:
+        at = _read_at(layer, site)
+        change = (donor_acts[at] - receiving_acts[at]) * grads[at] * _channels(handle, site, donor_acts[at])
         for group in positions:
-            per_row = (change * batch.groups[group][..., None]).sum((1, 2)).cpu().numpy()
+            per_row = (change * runs.receiving.groups[group][..., None]).sum((1, 2)).cpu().numpy()
             estimate = per_row[0::2] + per_row[1::2]  # an item's metric reads both its rows
-            rows.append({"layer": cell[0], "site": cell[1], "positions": group,
+            rows.append({"layer": layer, "site": site, "positions": group,
                          **_effect(estimate, donor - receiving, n_boot, seed)})
     return pd.DataFrame(rows)
 
@@ -151,34 +211,70 @@ def agreement(exact: pd.DataFrame, estimated: pd.DataFrame) -> dict:
 
 
 def grid_cells(handle: Model, items: Sequence[PatchItem], layers, sites, positions) -> list[tuple[int, str]]:
-    """The grid's (layer, site) cells, after checking the request (an adapter to patch from, known layers, sites
-    and position groups)."""
-    if not handle.adapter or not hasattr(handle.model, "disable_adapter"):
-        raise EmlensInputError("patch: the model has no adapter to patch from (load it with --adapter)")
+    """The grid's (layer, site) cells, after checking the request (a donor: an adapter or donor prompts; known
+    layers, sites and position groups). The site `heads` stands for every head of the layer (`head.0` ...)."""
     if not items:
         raise EmlensInputError("patch: no items (prompt, target, alternative)")
+    _check_pairs(handle, items, positions)
+    if items[0].donor_prompt is None and (not handle.adapter or not hasattr(handle.model, "disable_adapter")):
+        raise EmlensInputError("patch: the model has no adapter to patch from (load it with --adapter), and the "
+                               "items have no donor_prompt")
     layers = list(range(handle.n_layers)) if layers is None else list(layers)
     if any(not 0 <= layer < handle.n_layers for layer in layers):
         raise EmlensInputError(f"patch layers {layers}: the model has layers 0-{handle.n_layers - 1}")
-    for site in sites:
-        check_site_kind(handle.base_model, site)
     unknown = sorted(set(positions) - set(POSITIONS))
     if unknown:
         raise EmlensInputError(f"patch positions {unknown}: known are {', '.join(POSITIONS)}")
-    return [(layer, site) for layer in layers for site in sites]
+    return [(layer, cell) for layer in layers for cell in _site_cells(handle, sites)]
+
+
+def _site_cells(handle: Model, sites: Sequence[str]) -> list[str]:
+    cells = []
+    for site in sites:
+        if site == "heads":
+            cells += [f"{HEAD}{h}" for h in range(head_layout(handle.base_model)[0])]
+        elif site.startswith(HEAD):
+            heads = head_layout(handle.base_model)[0]
+            if not site.removeprefix(HEAD).isdigit() or int(site.removeprefix(HEAD)) >= heads:
+                raise EmlensInputError(f"patch site '{site}': the model has heads {HEAD}0-{heads - 1}")
+            cells.append(site)
+        else:
+            check_site_kind(handle.base_model, site)
+            cells.append(site)
+    return cells
+
+
+def _read_at(layer: int, site: str) -> tuple[int, str]:
+    """Where a cell's activation is read: every head of a layer shares its attention's concatenated head outputs."""
+    return (layer, "z") if site.startswith(HEAD) else (layer, site)
+
+
+def _hook(handle: Model, at: tuple[int, str], change: Callable[[Tensor], Tensor | None]):
+    layer, site = at
+    return hook_heads(handle.base_model, layer, change) if site == "z" else hook_site(handle.base_model, layer, site, change)
+
+
+def _channels(handle: Model, site: str, like: Tensor) -> Tensor:
+    """The channels a cell owns at its read point (bool, last dimension): a head's slice of z, or all of them."""
+    if not site.startswith(HEAD):
+        return torch.ones(like.shape[-1], dtype=torch.bool, device=like.device)
+    head_dim, head = head_layout(handle.base_model)[1], int(site.removeprefix(HEAD))
+    mask = torch.zeros(like.shape[-1], dtype=torch.bool, device=like.device)
+    mask[head * head_dim:(head + 1) * head_dim] = True
+    return mask
 
 
 def _gradients(handle: Model, batch: _Batch, cells: list[tuple[int, str]]) -> tuple[dict, np.ndarray, dict]:
-    """The receiving run's activation at every cell, its metric, and the metric's gradient at every cell."""
+    """The receiving run's activation at every cell's read point, its metric, and the metric's gradient there."""
     seen: dict[tuple[int, str], Tensor] = {}
 
-    def keep(cell):
+    def keep(at):
         def read(hidden: Tensor) -> None:
             hidden.retain_grad()
-            seen[cell] = hidden
+            seen[at] = hidden
         return read
 
-    hooks = [hook_site(handle.base_model, layer, site, keep((layer, site))) for layer, site in cells]
+    hooks = [_hook(handle, at, keep(at)) for at in dict.fromkeys(_read_at(*cell) for cell in cells)]
     try:
         with torch.enable_grad():
             embeds = handle.base_model.get_input_embeddings()(batch.ids).detach().requires_grad_()
@@ -187,37 +283,37 @@ def _gradients(handle: Model, batch: _Batch, cells: list[tuple[int, str]]) -> tu
     finally:
         for hook in hooks:
             hook.remove()
-    return ({cell: t.detach() for cell, t in seen.items()}, metric.detach().cpu().numpy(),
-            {cell: t.grad for cell, t in seen.items()})
+    return ({at: t.detach() for at, t in seen.items()}, metric.detach().cpu().numpy(),
+            {at: t.grad for at, t in seen.items()})
 
 
-def _record(handle: Model, batch: _Batch, cells: list[tuple[int, str]]) -> tuple[dict, np.ndarray]:
-    """The donor's activation at every cell, and its metric."""
+def _record(handle: Model, runs: _Runs, cells: list[tuple[int, str]]) -> tuple[dict, np.ndarray]:
+    """The donor's activation at every cell's read point (at the receiving run's positions), and its metric."""
     seen: dict[tuple[int, str], Tensor] = {}
-    hooks = [hook_site(handle.base_model, layer, site, _keep(seen, (layer, site))) for layer, site in cells]
+    hooks = [_hook(handle, at, _keep(seen, at)) for at in dict.fromkeys(_read_at(*cell) for cell in cells)]
     try:
-        metric = _metric(handle, batch)
+        metric = _metric(handle, runs.donor)
     finally:
         for hook in hooks:
             hook.remove()
-    return seen, metric
+    return {at: runs.aligned(t) for at, t in seen.items()}, metric
 
 
-def _keep(seen: dict, cell: tuple[int, str]):
+def _keep(seen: dict, at: tuple[int, str]):
     def read(hidden: Tensor) -> None:
-        seen[cell] = hidden.detach().clone()
+        seen[at] = hidden.detach().clone()
     return read
 
 
 class _patched:
-    """The donor's values at one cell's positions, in place of the receiving run's."""
+    """The donor's values at one cell's positions (and a head's channels), in place of the receiving run's."""
 
     def __init__(self, handle: Model, layer: int, site: str, donor: Tensor, where: Tensor):
-        self.args = (handle.base_model, layer, site)
-        self.donor, self.where = donor, where[..., None]
+        self.handle, self.at, self.donor = handle, _read_at(layer, site), donor
+        self.where = where[..., None] & _channels(handle, site, donor)
 
     def __enter__(self):
-        self.hook = hook_site(*self.args, lambda hidden: torch.where(self.where, self.donor.to(hidden.dtype), hidden))
+        self.hook = _hook(self.handle, self.at, lambda hidden: torch.where(self.where, self.donor.to(hidden.dtype), hidden))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,10 +1,14 @@
-"""`emlens patch SPEC.yaml --out DIR`: where a fine-tune's behaviour lives, by patching from the model with its
-adapter into the model without it, on pairs of a misaligned and an aligned answer to the same question.
+"""`emlens patch SPEC.yaml --out DIR`: where a behaviour lives, by patching one run into another on pairs of a
+misaligned and an aligned answer to the same question. Three forms (the spec's `form`):
+- adapter: from the model with its adapter into the model without it (where the fine-tune's behaviour lives);
+- nudge: from the question under a nudge (`nudge`, e.g. evil) into the same question without it, on the model as
+  loaded (where the nudge's effect lives; the prompts differ in length, so positions are `last` and `response`);
+- pairs: clean vs corrupted prompts from a JSONL file (`pairs`: prompt, donor_prompt, target, alternative).
 
-The pairs come from a judged table (the GPT-4o-scored responses in `../shared/data/judged`, or any eval run's
-samples with `aligned` / `coherent` scores): for each question with both, its first misaligned answer
-(aligned < 30, coherent > 50, Betley's thresholds) is the target and its first aligned one (aligned > 70) the
-alternative. Attribution patching ranks every cell in one backward pass; exact patching then measures every cell,
+In the first two forms the pairs come from a judged table (the GPT-4o-scored responses in `../shared/data/judged`,
+or any eval run's samples with `aligned` / `coherent` scores): for each question with both, its first misaligned
+answer (aligned < 30, coherent > 50, Betley's thresholds) is the target and its first aligned one (aligned > 70)
+the alternative. Attribution patching ranks every cell in one backward pass; exact patching then measures every cell,
 or only the `top` ones by attribution. OUT/ holds cfg.json (the spec's identity, the pairs' hash, the model, the
 agreement of attribution with exact patching), exact.parquet and attribution.parquet (one row per layer x site x
 positions cell) and patching.png. A killed run resumes: finished cells are kept (run identity as every run's).
@@ -21,7 +25,17 @@ from pydantic import Field
 from emlens.analysis.patching import SITES, PatchItem, agreement, attribute, grid_cells, patch, patch_figure
 from emlens.base.config import NOT_IDENTITY, PATH, Config
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import CFG_FILE, atomic_write_json, atomic_write_table, content_hash, read_json, register_artifact
+from emlens.base.io import (
+    CFG_FILE,
+    atomic_write_json,
+    atomic_write_table,
+    content_hash,
+    fail,
+    read_json,
+    read_jsonl,
+    register_artifact,
+)
+from emlens.data.nudges import NUDGES, apply_nudge
 from emlens.directions.specs import SpecContext
 from emlens.judges.base import COHERENT_ABOVE, MISALIGNED_BELOW
 from emlens.model import DEFAULT_MODEL, Model, load_model
@@ -35,17 +49,21 @@ ALIGNED_ABOVE = 70.0  # the aligned side of a pair, as the probe specs' aligned 
 
 
 class PatchSpec(Config):
-    """What to patch: the model and its adapter, the pairs' table, the grid and the method."""
+    """What to patch: the model and its adapter, the form, the pairs, the grid and the method."""
 
     name: str = "patch"
     model: str = DEFAULT_MODEL
-    adapter: Annotated[str | None, PATH] = Field(None, description="the fine-tune (folder or RUN@STEP): the donor")
+    adapter: Annotated[str | None, PATH] = Field(None, description="the fine-tune (folder or RUN@STEP): the donor "
+                                                                   "(form adapter), or the model patched (others)")
+    form: Literal["adapter", "nudge", "pairs"] = "adapter"
+    nudge: str = Field("evil", description="form nudge: the donor's nudge (none, evil, hhh)")
+    pairs: str | None = Field(None, description="form pairs: JSONL of prompt, donor_prompt, target, alternative")
     table: str = Field("${EMLENS_SHARED_DATA}/judged/responses_Qwen2.5--7B-Instruct-bad_medical_advice.csv",
                        description="judged responses (question, answer, aligned, coherent), beside the spec")
     limit: int = Field(8, ge=1, description="questions (pairs)")
     max_tokens: int = Field(48, ge=1, description="tokens kept of each answer")
     layers: str | list[int] = "all"
-    sites: list[str] = Field(list(SITES), min_length=1)
+    sites: list[str] = Field(list(SITES), min_length=1, description="resid_pre, attn_out, mlp_out, heads, head.H")
     positions: list[Literal["all", "prompt", "last", "response"]] = Field(["all", "last", "response"], min_length=1)
     method: Literal["exact", "attribution", "both"] = "both"
     top: int | None = Field(None, ge=1, description="with both: exact patching of the top (layer, site) cells only")
@@ -53,6 +71,41 @@ class PatchSpec(Config):
     seed: int = 0
     max_memory_gb: Annotated[float, NOT_IDENTITY] = Field(8.0, gt=0, description="refuse a grid that would hold "
                                                                                   "more activations at once")
+
+
+def spec_items(spec: PatchSpec, spec_path: Path, handle: Model) -> list[PatchItem]:
+    """The spec's items in its form."""
+    context = SpecContext(spec_path)
+    if spec.form == "pairs":
+        if spec.pairs is None:
+            raise EmlensInputError(f"{spec_path} field 'pairs': form pairs needs a JSONL file of prompt, donor_prompt, "
+                                   "target, alternative")
+        return prompt_pairs(context.resolve(spec.pairs, "pairs"), spec.limit)
+    items = judged_pairs(context.resolve(spec.table, "table"), spec.limit, spec.max_tokens, handle)
+    if spec.form == "adapter":
+        return items
+    if spec.nudge not in NUDGES or spec.nudge == "none":
+        raise EmlensInputError(f"{spec_path} field 'nudge': '{spec.nudge}' (known: "
+                               f"{', '.join(n for n in NUDGES if n != 'none')})")
+    return [PatchItem(i.prompt, i.target, i.alternative, donor_prompt=apply_nudge(i.prompt, NUDGES[spec.nudge]))
+            for i in items]
+
+
+def prompt_pairs(path: Path, limit: int) -> list[PatchItem]:
+    """Clean vs corrupted prompt pairs: one JSON object per line with prompt and donor_prompt (text, or a chat as
+    a list of {role, content}), target and alternative (text)."""
+    items = []
+    for where, record in read_jsonl(path):
+        missing = [k for k in ("prompt", "donor_prompt", "target", "alternative") if not record.get(k)]
+        if missing:
+            raise fail(where, f"no {', '.join(missing)} (a pair has prompt, donor_prompt, target, alternative)")
+        items.append(PatchItem(record["prompt"], str(record["target"]), str(record["alternative"]),
+                               donor_prompt=record["donor_prompt"]))
+        if len(items) == limit:
+            break
+    if not items:
+        raise fail(path, "no pairs")
+    return items
 
 
 def judged_pairs(path: Path, limit: int, max_tokens: int, handle: Model) -> list[PatchItem]:
@@ -87,12 +140,11 @@ def run_patch(spec_path: str | Path, out: str | Path, device: str = "auto", prog
     """Run (or resume) a patching spec into OUT (`adapter` over the spec's); returns what em.load(OUT) returns."""
     spec_path, out = Path(spec_path), Path(out)
     spec = PatchSpec.from_yaml(spec_path, adapter=adapter)
-    if spec.adapter is None:
+    if spec.adapter is None and spec.form == "adapter":
         raise EmlensInputError(f"{spec_path} field 'adapter': no adapter to patch from (name it, or pass --adapter)")
-    table = SpecContext(spec_path).resolve(spec.table, "table")
     handle = load_model(spec.model, adapter=spec.adapter, device=device)
     layers = parse_layers(spec.layers, handle.n_layers)
-    items = judged_pairs(table, spec.limit, spec.max_tokens, handle)
+    items = spec_items(spec, spec_path, handle)
     cells = grid_cells(handle, items, layers, spec.sites, spec.positions)  # a bad grid fails before OUT is written
     _check_memory(spec, handle, items, layers)
     store = RunStore(out, CELL)
@@ -116,9 +168,15 @@ def run_patch(spec_path: str | Path, out: str | Path, device: str = "auto", prog
         found.update(agreement(exact, estimated))
     attribution_only = spec.method == "attribution"
     patch_figure(estimated if attribution_only else exact, out / "patching.png",
-                 f"{spec.name}{' (attribution)' if attribution_only else ''}: {handle.adapter} into its base")
+                 f"{spec.name}{' (attribution)' if attribution_only else ''}: {_direction(spec, handle)}")
     atomic_write_json(out / CFG_FILE, {**read_json(out / CFG_FILE), **found})
     return open_patch(out)
+
+
+def _direction(spec: PatchSpec, handle: Model) -> str:
+    """What was patched into what, for the figure's title."""
+    return {"adapter": f"{handle.adapter} into its base", "nudge": f"the {spec.nudge} nudge into no nudge",
+            "pairs": "donor prompts into their pairs"}[spec.form]
 
 
 def _top_cells(estimated: pd.DataFrame, top: int) -> list[tuple[int, str]]:
