@@ -288,3 +288,23 @@ def test_patch_spec_of_prompt_pairs_reads_them_from_jsonl(tiny_model_dir, tmp_pa
     capsys.readouterr()
     said = one_line_error(capsys, run_cli("patch", spec, "--out", tmp_path / "b"))
     assert "pairs.jsonl line 2" in said and "no donor_prompt, alternative" in said and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_on_the_embedded_model_a_planted_write_is_localised_and_ranked_first(smol, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    lora = get_peft_model(smol.model, LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"],
+                                                  layers_to_transform=[10], init_lora_weights=False,
+                                                  task_type="CAUSAL_LM"))
+    lora.save_pretrained(tmp_path / "planted")
+    lora.unload()  # the session's model stays as it was
+    handle = load_model("smollm2-135m-instruct", adapter=str(tmp_path / "planted"), device="cpu")
+    grid = dict(layers=[9, 10, 11], sites=["resid_pre", "mlp_out"], positions=["all"], n_boot=50)
+    exact, estimated = patch(handle, ITEMS, **grid), attribute(handle, ITEMS, **grid)
+    at = exact.set_index(["layer", "site"]).effect
+    assert at[(10, "mlp_out")] == pytest.approx(1, abs=1e-3) and at[(11, "resid_pre")] == pytest.approx(1, abs=1e-3)
+    assert np.allclose([at[(9, "resid_pre")], at[(9, "mlp_out")], at[(10, "resid_pre")]], 0, atol=1e-3)
+    ranked = estimated[estimated.site == "mlp_out"].set_index("layer").effect.abs()
+    assert ranked.idxmax() == 10 and (exact.total.abs() > 0).all()

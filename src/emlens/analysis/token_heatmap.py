@@ -5,6 +5,9 @@ The projection of token t is (h_t - m) . u at `blocks.{layer}.hook_{site}`, m th
 class means (red: the token leans to the positive side, e.g. misaligned); the colour scale is symmetric about 0 and
 shared by every row, so rows compare. Each sequence's first token (the attention sink, whose residual is huge and
 the same for every prompt) is shown but left out of the scale.
+
+`run_token_heatmap` (`emlens tokens RUN --direction DIR --out OUT`) draws a few responses of any eval run: OUT gets
+tokens.png, tokens.html, tokens.parquet (one row per token) and cfg.json, written whole.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import html
 import json
 import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,11 +24,29 @@ import pandas as pd
 import torch
 from matplotlib import colors
 
-from emlens.base.io import atomic_write_text, save_figure
+from emlens.base.io import (
+    CFG_FILE,
+    FORMAT_VERSION,
+    SAMPLES_FILE,
+    atomic_folder,
+    atomic_write_json,
+    atomic_write_table,
+    atomic_write_text,
+    check_writable_folder,
+    fail,
+    read_table,
+    register_artifact,
+    save_figure,
+    versions,
+)
 from emlens.directions.artifact import Direction
 from emlens.generation.hf_engine import capture_hf
-from emlens.model import Model
+from emlens.model import Model, load_model
+from emlens.runs import read_samples
 from emlens.sites import parse_site
+
+TOKENS_KIND = "token_heatmap"  # the folder `emlens tokens` writes
+TABLE_FILE = "tokens.parquet"
 
 
 def token_projections(handle: Model, direction: Direction, chats: Sequence[list[dict]], responses: Sequence[str],
@@ -123,11 +145,12 @@ def heatmap_html(table: pd.DataFrame, path: Path, title: str, labels: Sequence[s
     return path
 
 
-def pick_responses(samples: pd.DataFrame, n: int = 4) -> pd.DataFrame:
-    """Free-form answers to show: the least and the most aligned by the judge (half each), without a nudge where
-    there are such answers."""
-    rows = samples[(samples.setting == "free_form") & samples.aligned.notna()]
-    rows = rows[rows.nudge == "none"] if (rows.nudge == "none").any() else rows
+def pick_responses(samples: pd.DataFrame, n: int = 4, setting: str = "free_form") -> pd.DataFrame:
+    """Answers of `setting` (free-form by default) to show: the least and the most aligned by the judge (half each),
+    without a nudge where there are such answers."""
+    rows = samples[(samples.setting == setting) & samples.aligned.notna()]
+    if "nudge" in rows and (rows.nudge == "none").any():
+        rows = rows[rows.nudge == "none"]
     ranked = rows.sort_values("aligned", kind="stable")
     picked = pd.concat([ranked.head(n - n // 2), ranked.tail(n // 2)])
     return picked[~picked.index.duplicated()]
@@ -152,4 +175,127 @@ def response_heatmaps(handle: Model, direction: Direction, samples: pd.DataFrame
     return figure, page, table.assign(label=[labels[r] for r in table.row])
 
 
-__all__ = ["heatmap_figure", "heatmap_html", "response_heatmaps", "token_projections"]
+# ---------------------------------------------------------------- any run: `emlens tokens`
+
+
+def answered(samples: pd.DataFrame) -> pd.Series:
+    """The rows that have a response to draw (not missing, not empty; blank lines are tokens too)."""
+    return samples.response.notna() & (samples.response.astype(str) != "")
+
+
+def select_responses(samples: pd.DataFrame, n: int = 4, setting: str | None = None,
+                     where: object = "samples") -> pd.DataFrame:
+    """The `n` rows to draw: where the judge scored `aligned` (in `setting`, default free_form), the least and
+    the most aligned (`pick_responses`); otherwise the first `n` rows with a response (of `setting`, if given)."""
+    if setting is not None:
+        if "setting" not in samples:
+            raise fail(where, f"no 'setting' column to pick setting '{setting}' from")
+        if not (samples.setting == setting).any():
+            known = ", ".join(sorted(samples.setting.dropna().astype(str).unique())) or "none"
+            raise fail(where, f"no row of setting '{setting}' (settings: {known})")
+    judged = setting or "free_form"
+    if {"aligned", "setting"} <= set(samples) and samples[samples.setting == judged].aligned.notna().any():
+        picked = pick_responses(samples[answered(samples)], n, judged)
+    else:
+        rows = samples if setting is None else samples[samples.setting == setting]
+        picked = rows[answered(rows)].head(n)
+    if picked.empty:
+        raise fail(where, "no row with a response" + (f" of setting '{setting}'" if setting else "") +
+                   " to draw")
+    return picked
+
+
+def row_label(sample: pd.Series) -> str:
+    """A heading for one drawn row: its judged alignment where there is one, its setting and nudge, its question."""
+    if pd.notna(sample.get("aligned")):
+        return describe_row(sample)
+    question = textwrap.shorten(str(sample.get("paraphrase") or sample.get("question_id") or ""), 70)
+    where = " / ".join(str(sample[c]) for c in ("setting", "nudge") if pd.notna(sample.get(c)))
+    return f"{where}: {question}" if where else question
+
+
+def _chat(value, where: object) -> list[dict]:
+    if not isinstance(value, str):
+        return list(value)
+    try:
+        chat = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise fail(where, f"column 'messages': a value is not JSON ({error.msg})") from None
+    if not isinstance(chat, list):
+        raise fail(where, "column 'messages': a value is not a list of chat messages")
+    return chat
+
+
+def run_model(picked: pd.DataFrame, where: object) -> tuple[str, str | None]:
+    """The model (and adapter) that wrote the drawn rows, from the samples' `model` and `adapter` columns."""
+    if "model" not in picked:
+        raise fail(where, "no 'model' column: cannot tell which model wrote the responses")
+    models = picked.model.dropna().astype(str).unique()
+    adapters = ([a for a in picked.adapter.dropna().astype(str).unique() if a] if "adapter" in picked else [])
+    if len(models) != 1 or len(adapters) > 1:
+        found = ", ".join([*models, *adapters]) or "none"
+        raise fail(where, f"the drawn rows come from more than one model or adapter ({found}); pick one with "
+                          "--setting")
+    return models[0], (adapters[0] if adapters else None)
+
+
+def run_token_heatmap(run: str | Path, direction: Direction | str | Path, out: str | Path, layer: int | None = None,
+                      n: int = 4, setting: str | None = None, adapter: str | None = None, device: str | None = None,
+                      force: bool = False, handle: Model | None = None) -> pd.DataFrame:
+    """`em.token_heatmap` / `emlens tokens`: each token's projection on `direction` (at `layer`, default its best)
+    over `n` responses of an eval run (the least and most aligned where judged, else the first answered ones).
+
+    The run's model and adapter (its samples' `model` and `adapter` columns) are loaded unless `handle` is given;
+    `adapter` replaces the run's. OUT, a new folder (or one this wrote before), gets tokens.png, tokens.html,
+    tokens.parquet and cfg.json, all at once. `force` allows a direction fitted on another base model. Returns the
+    token table: one row per token, with the drawn sample's label, setting, nudge and question.
+    """
+    run, out = Path(run), Path(out)
+    if not run.exists():
+        raise fail(run, "no such run folder")
+    if run.is_dir() and out.resolve().is_relative_to(run.resolve()):
+        raise fail(out, f"inside the run folder {run}, which another command wrote; choose a folder outside it")
+    samples = read_samples(run)
+    where = run / SAMPLES_FILE if run.is_dir() else run
+    missing = [c for c in ("messages", "response") if c not in samples]
+    if missing:
+        raise fail(where, f"no '{missing[0]}' column: not a table of prompts and responses")
+    loaded = direction if isinstance(direction, Direction) else Direction.load(direction)
+    layer = loaded.best_layer if layer is None else int(layer)
+    loaded.vector(layer)  # an unknown layer fails here, naming the artifact and its layers
+    picked = select_responses(samples, n, setting, where)
+    chats = [_chat(m, where) for m in picked.messages]
+    check_writable_folder(out, TOKENS_KIND)  # before the model is loaded
+    if handle is None:
+        spec, recorded = run_model(picked, where)
+        handle = load_model(spec, adapter=adapter or recorded, **({"device": device} if device else {}))
+    loaded.check_compatible(handle, force=force)  # width (never forceable), depth, base model
+    with torch.inference_mode():  # only here: a model loaded under it could not be trained or steered later
+        table = token_projections(handle, loaded, chats, [str(r) for r in picked.response], layer)
+    labels = [row_label(s) for _, s in picked.iterrows()]
+    keep = [c for c in ("setting", "nudge", "question_id", "paraphrase_index", "sample_index", "aligned")
+            if c in picked]
+    details = picked[keep].reset_index(drop=True).assign(label=labels)
+    table = table.join(details, on="row")
+    title = f"{loaded.name} direction (layer {layer}, {loaded.site_kind}) on {run.name}"
+    manifest = {"kind": TOKENS_KIND, "format_version": FORMAT_VERSION, "run": str(run),
+                "direction": str(loaded.path or loaded.name), "direction_name": loaded.name, "layer": layer,
+                "site": loaded.site(layer), "setting": setting, "n": n, "rows": len(picked), "tokens": len(table),
+                "response_tokens": int(table.response.sum()), "model": handle.describe(), "versions": versions(),
+                "created": time.time()}
+    with atomic_folder(out, TOKENS_KIND) as tmp:  # written whole: a failure leaves the old folder, or none
+        heatmap_figure(table, tmp / "tokens.png", title, labels)
+        heatmap_html(table, tmp / "tokens.html", title, labels)
+        atomic_write_table(table, tmp / TABLE_FILE)
+        atomic_write_json(tmp / CFG_FILE, manifest)
+    return table
+
+
+@register_artifact(TOKENS_KIND, whole=True)
+def open_token_heatmap(folder: str | Path) -> pd.DataFrame:
+    """`em.load(OUT)` of `emlens tokens`: its token table."""
+    return read_table(Path(folder) / TABLE_FILE)
+
+
+__all__ = ["heatmap_figure", "heatmap_html", "pick_responses", "response_heatmaps", "run_token_heatmap",
+           "select_responses", "token_projections"]
