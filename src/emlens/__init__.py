@@ -62,6 +62,8 @@ _FRONT_DOOR = {
     "compare": "emlens.analysis.compare", "compare_models": "emlens.analysis.compare", "monitor": "emlens.analysis.monitor",
     "run_steer": "emlens.study.steer", "dose_response_table": "emlens.analysis.dose_response",
     "patch": "emlens.analysis.patching", "PatchItem": "emlens.analysis.patching",  # activation patching
+    "attribute": "emlens.analysis.patching", "patch_agreement": ("emlens.analysis.patching", "agreement"),
+    "token_heatmap": ("emlens.analysis.token_heatmap", "run_token_heatmap"),  # `emlens tokens`
     # training
     "TrainConfig": "emlens.training.config", "train": "emlens.training.trainer",
     "train_sweep": "emlens.study.sweep",
