@@ -64,6 +64,7 @@ _FRONT_DOOR = {
     "patch": "emlens.analysis.patching", "PatchItem": "emlens.analysis.patching",  # activation patching
     "attribute": "emlens.analysis.patching", "patch_agreement": ("emlens.analysis.patching", "agreement"),
     "token_heatmap": ("emlens.analysis.token_heatmap", "run_token_heatmap"),  # `emlens tokens`
+    "direction_card": "emlens.analysis.card",  # `emlens card`
     # training
     "TrainConfig": "emlens.training.config", "train": "emlens.training.trainer",
     "train_sweep": "emlens.study.sweep",
