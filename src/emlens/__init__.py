@@ -65,6 +65,7 @@ _FRONT_DOOR = {
     "attribute": "emlens.analysis.patching", "patch_agreement": ("emlens.analysis.patching", "agreement"),
     "token_heatmap": ("emlens.analysis.token_heatmap", "run_token_heatmap"),  # `emlens tokens`
     "direction_card": "emlens.analysis.card",  # `emlens card`
+    "explain_latents": "emlens.sae.explain",  # autointerp: explanations scored by detection and fuzzing
     # training
     "TrainConfig": "emlens.training.config", "train": "emlens.training.trainer",
     "train_sweep": "emlens.study.sweep",

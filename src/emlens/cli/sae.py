@@ -14,6 +14,8 @@ sae_app = typer.Typer(help="Sparse autoencoders (sae-lens): train, eval, decompo
 app.add_typer(sae_app, name="sae")
 SAE_ARG = typer.Argument(..., help="SAE: an `emlens sae train` folder, a sae-lens folder, or RELEASE:SAE_ID of the "
                                    "sae-lens registry (online)")
+LABELS_OPT = typer.Option(None, "--labels", help="an `emlens sae explain` folder of this SAE: its explanations "
+                                                 "become a `label` column of the tables")
 
 
 def _figures(values: dict) -> str:
@@ -64,6 +66,7 @@ def sae_decompose_command(
     n_random: int = typer.Option(200, "--n-random", min=10, help="random directions in the control"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="for ${EMLENS_SHARED_DATA} in the spec"),
     force: bool = typer.Option(False, "--force", help="replace OUT"),
+    labels: Optional[Path] = LABELS_OPT,
     model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """A direction in SAE latents: decoder cosines and attribution on its contrast data, each beside random
@@ -72,13 +75,16 @@ def sae_decompose_command(
     from emlens.directions.artifact import Direction
     from emlens.sae.artifact import load_sae
     from emlens.sae.decompose import DECOMPOSITION_KIND, decompose_direction, save_decomposition
+    from emlens.sae.explain import read_labels
 
     check_writable_folder(out, DECOMPOSITION_KIND, force)
+    loaded = load_sae(sae)
+    latent_labels = read_labels(labels, loaded) if labels is not None else None
     found = Direction.load(direction)
     handle = load(model or found.cfg.model.get("model"), adapter or found.cfg.model.get("adapter"), device)
     found.check_compatible(handle)
-    result = decompose_direction(load_sae(sae), found, handle, top, limit=limit, data_root=data_root,
-                                 n_random=n_random, progress=True)
+    result = decompose_direction(loaded, found, handle, top, limit=limit, data_root=data_root,
+                                 n_random=n_random, progress=True, latent_labels=latent_labels)
     save_decomposition(result, out, force)
     for name in ("cosine", "attribution"):
         typer.echo(f"{name}: {_figures(result.summary[name])}")
@@ -100,6 +106,7 @@ def sae_diff_command(
     max_response_tokens: int = typer.Option(64, "--max-response-tokens", min=1),
     top: int = typer.Option(20, "--top", min=1, help="latents listed per model"),
     force: bool = typer.Option(False, "--force", help="replace OUT"),
+    labels: Optional[Path] = LABELS_OPT,
     model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Model diffing: the latents whose mean activation on the same prompts changes most from the base model to
@@ -109,15 +116,18 @@ def sae_diff_command(
     from emlens.runs import read_rows
     from emlens.sae.artifact import load_sae
     from emlens.sae.diff import DIFF_KIND, diff_models, save_diff
+    from emlens.sae.explain import read_labels
 
     check_writable_folder(out, DIFF_KIND, force)
     loaded = load_sae(sae)
+    latent_labels = read_labels(labels, loaded) if labels is not None else None
     items = (items_from_run_table(read_rows(table)) if table is not None
              else items_from_questions(questions))[:limit]
     models = {"base": load(model, None, device)}
     for adapter in adapters:
         models[adapter] = load(model, adapter, device)
-    result = diff_models(loaded, models, items, top, max_response_tokens=max_response_tokens, progress=True)
+    result = diff_models(loaded, models, items, top, max_response_tokens=max_response_tokens, progress=True,
+                         latent_labels=latent_labels)
     save_diff(result, out, force)
     for name, figures in result.summary["models"].items():
         part = result.table[result.table.model == name].head(5)
@@ -138,3 +148,65 @@ def bench_sae_command(
     from emlens.bench.sae import bench_sae
 
     bench_sae(tokens, store_tokens, d_model, repeats=repeats, echo=typer.echo)
+
+
+@sae_app.command("explain")
+def sae_explain_command(
+    sae: str = SAE_ARG,
+    latents: str = typer.Option(..., "--latents", "-l", help="latent ids (12,40,7), or an `emlens sae diff` / "
+                                                             "`sae decompose` folder: its --top latents"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    explainer: str = typer.Option(..., "--explainer", help="openai:MODEL (an OpenAI-compatible endpoint), "
+                                                            "hf:SPEC or vllm:SPEC (a local model)"),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="the same forms (default: the explainer's model)"),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="endpoint of openai: models (default: "
+                                                                    "EMLENS_JUDGE_BASE_URL, OPENAI_BASE_URL, OpenAI)"),
+    texts: Optional[list[Path]] = typer.Option(None, "--texts", help="repeatable: .csv (question, answer), .json "
+                                                                     "(Alpaca), .jsonl (chats) or .txt; default: "
+                                                                     "judged answers and Alpaca from the shared data"),
+    top: int = typer.Option(5, "--top", min=1, help="latents taken from a diff / decompose folder"),
+    limit: int = typer.Option(200, "--limit", min=1, help="texts drawn per file"),
+    window: int = typer.Option(32, "--window", min=4, help="tokens per context window"),
+    n_test: int = typer.Option(10, "--n-test", min=1, help="held-out activating windows scored per latent"),
+    per_prompt: int = typer.Option(5, "--per-prompt", min=1, help="windows per scorer request"),
+    explainer_tokens: int = typer.Option(160, "--explainer-tokens", min=1, help="most tokens an explanation may "
+                                                                                "take (more for reasoning models)"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="answers cached with the judge's (re-runs resume)"),
+    force: bool = typer.Option(False, "--force", help="replace OUT"),
+    model: Optional[str] = MODEL_OPT, adapter: Optional[str] = ADAPTER_OPT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Autointerp: an explainer writes what each latent means from its top-activating and silent windows, and a
+    scorer tests it on held-out windows by detection (balanced accuracy) and fuzzing (accuracy), with 95 % CIs.
+    An answer without an explanation or a parsable label list is a failure, printed and counted, never a score."""
+    from emlens.base.io import check_writable_folder
+    from emlens.judges.base import default_cache
+    from emlens.sae.artifact import load_sae
+    from emlens.sae.explain import (
+        EXPLANATIONS_KIND,
+        ExplainConfig,
+        explain_latents,
+        ranked_latents,
+        save_explanations,
+        scorer_tokens,
+    )
+    from emlens.sae.text_models import make_text_model
+
+    check_writable_folder(out, EXPLANATIONS_KIND, force)
+    config = ExplainConfig(window=window, n_test=n_test, per_prompt=per_prompt, limit=limit)
+    loaded = load_sae(sae)
+    handle = load(model or (loaded.cfg.get("model") or {}).get("model"), adapter, device)
+    chosen = ranked_latents(latents, loaded, loaded.check_fits(handle).name, top)
+    store = default_cache() if cache else None
+    reader = make_text_model(explainer, store, explainer_tokens, base_url, device or "auto", handle)
+    judge = make_text_model(scorer or explainer, store, scorer_tokens(per_prompt), base_url, device or "auto", handle)
+    result = explain_latents(loaded, handle, chosen, reader, judge, texts, config, progress=True)
+    save_explanations(result, out, force)
+    for failure in result.failures.itertuples():
+        typer.echo(f"failed: latent {failure.latent} {failure.stage}: {failure.reason}"
+                   + (f": {failure.answer!r}" if failure.answer else ""))
+    for row in result.scores.itertuples():
+        typer.echo(f"latent {row.latent}: {row.explanation!r} ({row.status}); " + "; ".join(
+            f"{task} {getattr(row, task):.3f} [{getattr(row, f'{task}_ci_low'):.3f}, "
+            f"{getattr(row, f'{task}_ci_high'):.3f}] n={getattr(row, f'{task}_n')}" for task in ("detection", "fuzzing"))
+            + f"; n_failed={row.n_failed}")
+    typer.echo(f"wrote {out}")

@@ -38,6 +38,7 @@ from emlens.directions.probe_data import contrast_data
 from emlens.directions.specs import ProbeSpec, SpecContext
 from emlens.model import Model
 from emlens.sae.artifact import LoadedSAE
+from emlens.sae.labels import with_labels
 from emlens.sae.latents import TokenActivations, token_activations, top_contexts
 
 N_RANDOM = 200
@@ -125,8 +126,10 @@ def contrast_tokens(direction: Direction, handle: Model, site, limit: int | None
 
 def decompose_direction(loaded: LoadedSAE, direction: Direction, handle: Model, top: int = 10,
                         contexts_per_latent: int = 5, limit: int | None = None, data_root: str | Path | None = None,
-                        n_random: int = N_RANDOM, seed: int = 0, progress: bool = False) -> Decomposition:
-    """Decoder cosines and attribution of `direction` (at the SAE's layer) with random controls and contexts."""
+                        n_random: int = N_RANDOM, seed: int = 0, progress: bool = False,
+                        latent_labels: dict[int, str] | None = None) -> Decomposition:
+    """Decoder cosines and attribution of `direction` (at the SAE's layer) with random controls and contexts;
+    `latent_labels` (latent -> explanation, `emlens sae explain`) become a `label` column of each table."""
     site = loaded.check_fits(handle)
     if direction.cfg.site_kind != site.kind:
         raise EmlensInputError(f"{direction.path}: direction read at {direction.cfg.site_kind}, the SAE at {site.name}")
@@ -143,7 +146,8 @@ def decompose_direction(loaded: LoadedSAE, direction: Direction, handle: Model, 
     summary = {"direction": str(direction.path), "layer": site.layer, "site": site.name, "n_random": n_random,
                "n_positive": int((labels == 1).sum()), "n_negative": int((labels == 0).sum()),
                "cosine": summary, "attribution": attribution_summary}
-    return Decomposition(cosine, table, contexts, summary)
+    return Decomposition(with_labels(cosine, latent_labels), with_labels(table, latent_labels),
+                         with_labels(contexts, latent_labels), summary)
 
 
 DECOMPOSITION_KIND = "sae_decomposition"

@@ -30,6 +30,7 @@ from emlens.base.io import (
 from emlens.capture.items import ExtractItem
 from emlens.model import Model
 from emlens.sae.artifact import LoadedSAE
+from emlens.sae.labels import with_labels
 from emlens.sae.latents import latent_row_means, token_activations, top_contexts
 
 N_BOOT = 1000
@@ -64,8 +65,9 @@ def sign_flip_threshold(changes: Tensor, n_boot: int = N_BOOT, seed: int = 0) ->
 
 def diff_models(loaded: LoadedSAE, models: dict[str, Model], items: Sequence[ExtractItem], top: int = 20,
                 contexts_per_latent: int = 5, n_boot: int = N_BOOT, seed: int = 0, max_response_tokens: int | None = None,
-                progress: bool = False) -> LatentDiff:
-    """`models`: name -> model, the first the base. Every other one is compared with the base, prompt by prompt."""
+                progress: bool = False, latent_labels: dict[int, str] | None = None) -> LatentDiff:
+    """`models`: name -> model, the first the base. Every other one is compared with the base, prompt by prompt.
+    `latent_labels` (latent -> explanation, `emlens sae explain`) become a `label` column of both tables."""
     names = list(models)
     site = loaded.check_fits(models[names[0]])
     tokens = {name: token_activations(handle, items, site, max_response_tokens=max_response_tokens, progress=progress)
@@ -90,7 +92,8 @@ def diff_models(loaded: LoadedSAE, models: dict[str, Model], items: Sequence[Ext
         found = top_contexts(loaded, tokens[name], order[:min(5, top)].tolist(), models[name].tokenizer,
                              contexts_per_latent)
         contexts.append(found.assign(model=name))
-    return LatentDiff(pd.concat(tables, ignore_index=True), pd.concat(contexts, ignore_index=True),
+    return LatentDiff(with_labels(pd.concat(tables, ignore_index=True), latent_labels),
+                      with_labels(pd.concat(contexts, ignore_index=True), latent_labels),
                       {"site": site.name, "base": names[0], "n_boot": n_boot, "models": summary})
 
 
