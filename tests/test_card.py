@@ -108,25 +108,31 @@ def test_the_top_sae_latents_carry_their_labels(fitted, tmp_path, capsys):
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
+    from emlens.sae.artifact import load_sae
+    from emlens.sae.explain import LatentExplanations, sae_identity, save_explanations
+
     toy = Direction.load(fitted["toy"])
     torch.manual_seed(0)
     sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=96, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")))
     with torch.no_grad():
         sae.W_dec[5] = -3.0 * toy.vector(1)
     sae.save_model(tmp_path / "sae")
-    (tmp_path / "explained").mkdir()
-    pd.DataFrame({"latent": [5, 7], "explanation": ["toxic persona", "code"]}).to_parquet(
-        tmp_path / "explained" / "explanations.parquet")
+    explained = LatentExplanations(pd.DataFrame({"latent": [5, 7], "explanation": ["toxic persona", "code"]}),
+                                   *[pd.DataFrame()] * 3, summary={"sae": sae_identity(load_sae(tmp_path / "sae"))})
+    save_explanations(explained, tmp_path / "explained")
     card = direction_card(fitted["toy"], tmp_path / "card", sae=tmp_path / "sae", labels=tmp_path / "explained", top=4)
     top = card["sae"]["latents"]
     assert top[0]["latent"] == 5 and top[0]["cosine"] == pytest.approx(-1.0, abs=1e-5) and top[0]["label"] == "toxic persona"
     assert len(top) == 4 and top[0]["random_p95"] < 0.6 and card["sae"]["layer"] == 1
     assert "toxic persona" in (tmp_path / "card" / "card.html").read_text()
-    (tmp_path / "explained" / "cfg.json").write_text(json.dumps({"kind": "sae_explanations",
-                                                                "sae": {"site": "blocks.2.hook_resid_post", "d_sae": 96}}))
+    other = StandardSAE(StandardSAEConfig(d_in=64, d_sae=96, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")))
+    other.save_model(tmp_path / "other-sae")
+    save_explanations(LatentExplanations(explained.scores, *[pd.DataFrame()] * 3,
+                                         summary={"sae": sae_identity(load_sae(tmp_path / "other-sae"))}),
+                      tmp_path / "explained", force=True)
     err = one_line_error(capsys, run_cli("card", fitted["toy"], "--sae", tmp_path / "sae", "--labels",
                                          tmp_path / "explained", "--out", tmp_path / "o"))
-    assert "explains an SAE at blocks.2.hook_resid_post" in err and not (tmp_path / "o").exists()
+    assert "explains another SAE" in err and not (tmp_path / "o").exists()
 
     other_site = StandardSAE(StandardSAEConfig(d_in=64, d_sae=8, metadata=SAEMetadata(hook_name="blocks.1.hook_mlp_out")))
     other_site.save_model(tmp_path / "mlp-sae")

@@ -53,7 +53,6 @@ from emlens.base.io import (
     check_writable_folder,
     fail,
     read_json,
-    read_table,
     register_artifact,
     versions,
 )
@@ -61,13 +60,13 @@ from emlens.directions.artifact import Direction
 from emlens.directions.lens import token_line
 from emlens.sae.artifact import load_sae
 from emlens.sae.decompose import decoder_cosines
+from emlens.sae.explain import read_labels
 from emlens.sites import parse_site
 from emlens.study.report import Block, render_html, steer_verdict
 from emlens.study.steer import EXPERIMENT_KIND
 
 CARD_KIND = "direction_card"
 NOT_RECORDED = "not recorded"
-LABELS_FILE = "explanations.parquet"  # `emlens sae explain`'s table: one explanation per latent
 CI_METHOD = {"auroc": "Hanley-McNeil, from n per class, rows taken as independent"}
 
 
@@ -166,24 +165,6 @@ def best_record(direction: Direction, key: str) -> dict:
 
 
 # ---------------------------------------------------------------- SAE latents
-
-
-def read_labels(folder: str | Path, loaded) -> dict[int, str]:
-    """latent -> explanation from an `emlens sae explain` folder's explanations.parquet (first one per latent);
-    a folder whose cfg.json names another SAE (site or width) is refused."""
-    path = Path(folder) / LABELS_FILE
-    if not path.is_file():
-        raise fail(folder, f"no {LABELS_FILE} (give the folder `emlens sae explain` wrote)")
-    explained = (read_json(Path(folder) / CFG_FILE) if (Path(folder) / CFG_FILE).is_file() else {}).get("sae") or {}
-    if explained and (explained.get("site"), explained.get("d_sae")) != (loaded.site_name, loaded.d_sae):
-        raise fail(folder, f"explains an SAE at {explained.get('site')} with {explained.get('d_sae')} latents; "
-                           f"{loaded.source} reads {loaded.site_name} with {loaded.d_sae}")
-    table = read_table(path)
-    column = next((c for c in ("explanation", "label") if c in table), None)
-    if "latent" not in table or column is None:
-        raise fail(path, f"needs columns latent and explanation (has {', '.join(map(str, table.columns))})")
-    table = table.dropna(subset=[column]).drop_duplicates("latent")
-    return {int(latent): str(text) for latent, text in zip(table.latent, table[column], strict=True)}
 
 
 def sae_site(loaded, direction: Direction, source: object):
