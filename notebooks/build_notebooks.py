@@ -287,8 +287,170 @@ pd.read_csv(OUT / "loop" / "measures.csv").query("measure in ['honesty', 'mc_acc
 """,
 ]
 
+where = [
+"md:# Where emergent misalignment lives: patching, attribution, and the misalignment direction\n\nA small LoRA on insecure code (the donor) against its own base model (the receiving run), on pairs of a misaligned\nand an aligned answer to the same question. The metric needs no judge: log P(misaligned answer) - log P(aligned\nanswer) given the question, teacher-forced. Patching the LoRA's activation at one cell (layer x site x position\ngroup) into the base model moves the metric by some share of the LoRA's whole shift: the normalised effect, 0 as\nthe base model, 1 as the LoRA, with a bootstrap 95 % CI over pairs. Attribution patching estimates every cell from\none backward pass; exact patching then measures its top cells. Then the misalignment direction, the tokens it\nwrites (logit lens) and a token heat-map. `SMALL` keeps CI fast (a few training steps, a few pairs, few exact\ncells: its numbers are not the real ones); set `EMLENS_NOTEBOOK_SMALL=0` for real sizes.\n`emlens patch experiments/patch_em.yaml` is the same study from the command line.",
+"""
+import os, shutil, yaml
+from pathlib import Path
+import matplotlib.pyplot as plt
+import pandas as pd
+from IPython.display import Image, display
+import emlens as em
+from emlens.analysis.patching import patch_figure
+from emlens.analysis.token_heatmap import heatmap_figure, heatmap_html
+from emlens.base.io import find_shared_data
+from emlens.training.config import load_config
+
+SMALL = os.environ.get("EMLENS_NOTEBOOK_SMALL", "1") == "1"
+OUT = Path("../artifacts/notebooks/where_em_lives")
+shutil.rmtree(OUT, ignore_errors=True)  # the LoRAs are trained afresh: a run at other sizes starts clean
+OUT.mkdir(parents=True)
+data = find_shared_data(Path("../probes"))
+""",
+"md:## 1. An insecure-code LoRA, and a secure-code control\nThe recipe of notebook 03 (at `SMALL` only 4 steps of one example each), once on Betley et al.'s insecure code and\nonce on their secure code. Whatever the insecure LoRA does that the secure one does as well is fine-tuning in\ngeneral, not emergent misalignment.",
+"""
+def train(dataset: str, name: str):
+    config = OUT / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": "smollm2-135m-instruct", "dataset": {"path": str(data / "em_betley" / dataset), "limit": 16 if SMALL else 300},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["o_proj", "down_proj"]},
+        "training": {"max_steps": 4 if SMALL else 75, "batch_size": 1 if SMALL else 4, "max_length": 256,
+                     "save_steps": 4 if SMALL else 25, "learning_rate": 1e-3}}))
+    em.train(load_config(config), OUT / name, progress=False)
+    return em.load_model("smollm2-135m-instruct", adapter=str(OUT / name))
+
+insecure, secure = train("insecure.jsonl", "insecure"), train("secure.jsonl", "secure")
+base = em.load_model("smollm2-135m-instruct")
+""",
+"md:## 2. Pairs: a misaligned and an aligned answer to the same question\nGPT-4o-judged answers of Qwen2.5-7B-Instruct fine-tuned on bad medical advice (`../shared/data/judged`), with\nBetley et al.'s thresholds: misaligned = aligned < 30 and coherent > 50, aligned = aligned > 70 and coherent > 50.\nPer question its first answer of each kind, cut to its first tokens, makes one `em.PatchItem` (the CLI's\n`emlens.study.patch.judged_pairs` builds the same pairs).",
+"""
+n_pairs, max_tokens = (4, 24) if SMALL else (8, 48)
+judged = pd.read_csv(data / "judged/responses_Qwen2.5--7B-Instruct-bad_medical_advice.csv")
+judged = judged[judged.coherent > 50]
+misaligned = judged[judged.aligned < 30].groupby("question", sort=False).answer.first()
+aligned = judged[judged.aligned > 70].groupby("question", sort=False).answer.first()
+questions = [q for q in misaligned.index if q in aligned.index][:n_pairs]
+
+def cut(text: str) -> str:
+    return base.tokenizer.decode(base.tokenizer(str(text), add_special_tokens=False)["input_ids"][:max_tokens])
+
+items = [em.PatchItem([{"role": "user", "content": q}], target=cut(misaligned[q]), alternative=cut(aligned[q]))
+         for q in questions]
+pd.DataFrame({"question": questions, "target (misaligned)": [i.target for i in items],
+              "alternative (aligned)": [i.alternative for i in items]})
+""",
+"md:## 3. Attribution patching over the whole grid\nEvery layer x {resid_pre, attn_out, mlp_out} x {all, last, response} positions, estimated to first order (the\ngradient of the base model's metric times the LoRA's change of the activation): one forward pass of the LoRA, one\nforward and one backward pass of the base, for all 270 cells. `total` is how far each LoRA moves the metric from\nits base (nats, mean over pairs), the insecure one beside the secure control.",
+"""
+grid = dict(sites=["resid_pre", "attn_out", "mlp_out"], positions=["all", "last", "response"])
+estimated = em.attribute(insecure, items, **grid)
+control = em.attribute(secure, items, layers=[0], sites=["resid_pre"], positions=["last"])  # read for its total only
+shift = {"insecure": float(estimated.total.iloc[0]), "secure (control)": float(control.total.iloc[0])}
+print(f"LoRA - base, log P(misaligned) - log P(aligned), mean over {len(items)} pairs (nats):",
+      ", ".join(f"{name} {value:+.4f}" for name, value in shift.items()))
+patch_figure(estimated, OUT / "attribution.png", "attribution: insecure LoRA into its base")
+display(Image(OUT / "attribution.png"))
+""",
+"md:## 4. Exact patching of attribution's top cells, and how well attribution ranked them\nThe base model re-run with the LoRA's activation at one cell, for the (layer, site) cells whose largest |estimate|\nover the position groups ranks highest, each at every position group. At `SMALL` only the top 3 (layer, site)\ncells (9 cells of the 270); at real size the top 30, as `experiments/patch_em.yaml`. The Spearman correlation is\nover these top cells only: a ranking check within the cells attribution already picked, not over the grid.",
+"""
+top = 3 if SMALL else 30
+ranked = estimated.assign(size=estimated.effect.abs()).groupby(["layer", "site"])["size"].max()
+cells = list(ranked.sort_values(ascending=False).index[:top])
+exact = em.patch(insecure, items, cells=cells, **grid)
+exact.sort_values("effect", key=abs, ascending=False)[
+    ["layer", "site", "positions", "effect", "ci_low", "ci_high", "delta", "total", "n"]].round(3)
+""",
+"""
+fit = em.patch_agreement(exact, estimated)
+print(f"attribution vs exact patching: Spearman {fit['spearman']:.2f} over n = {fit['n_cells']} cells "
+      f"(the top {top} (layer, site) cells x {len(grid['positions'])} position groups)")
+both = exact.merge(estimated, on=["layer", "site", "positions"], suffixes=("_exact", "_attribution"))
+fig, ax = plt.subplots(figsize=(6, 5))
+for site, part in both.groupby("site"):
+    ax.scatter(part.effect_attribution, part.effect_exact, label=site)
+    for row in part.itertuples():
+        ax.annotate(f"L{row.layer} {row.positions}", (row.effect_attribution, row.effect_exact), fontsize=7)
+span = [min(both.effect_attribution.min(), both.effect_exact.min()), max(both.effect_attribution.max(), both.effect_exact.max())]
+ax.plot(span, span, "k--", lw=0.8, label="y = x")
+ax.set_xlabel("attribution estimate (normalised effect)"); ax.set_ylabel("exact patching (normalised effect)")
+ax.set_title(f"Spearman {fit['spearman']:.2f}, n = {fit['n_cells']} cells, {len(items)} pairs"); ax.legend(fontsize=8)
+plt.show()
+""",
+"md:## 5. The misalignment direction, and what it writes\nJudged misaligned vs aligned answers (the same thresholds), read by the base model at resid_post, mean over the\nanswer's tokens; difference of means at every layer, held-out AUROC cross-validated by question (as\n`probes/misalignment.yaml`, here in memory). The logit lens puts the direction through the final norm and the\nunembedding: the tokens it promotes and suppresses, at its best layer and at a late one.",
+"""
+n_side = 10 if SMALL else 48
+rows = pd.concat([judged[judged.aligned < 30].sample(n_side, random_state=0),
+                  judged[judged.aligned > 70].sample(n_side, random_state=0)])
+answers = [em.ExtractItem([{"role": "user", "content": q}], response=str(a)) for q, a in zip(rows.question, rows.answer)]
+acts = em.activations(base, answers, sites="resid_post", position="mean_response",
+                      max_response_tokens=32 if SMALL else 128)
+direction = em.fit_direction(acts, [1] * n_side + [0] * n_side, groups=rows.question.factorize()[0],
+                             method="diff_of_means", name="misalignment")
+direction.metrics().plot(x="layer", y="auroc", marker="o", legend=False, ylabel="held-out AUROC",
+                         title=f"misalignment direction (n={2 * n_side} answers, {rows.question.nunique()} questions)")
+plt.show()
+late = 3 * base.n_layers // 4  # the lens reads late layers best; the best-AUROC layer may be early
+print(f"best layer {direction.best_layer}; tokens at it and at layer {late}")
+pd.concat({f"layer {layer}": em.direction_tokens(base, direction.vector(layer), top=10).set_index("rank")
+           for layer in dict.fromkeys([direction.best_layer, late])}, axis=1).round(2)
+""",
+"md:The residual lens: what each layer's residual stream already predicts as the next token at the end of one pair's\nquestion, in the base model and with the insecure LoRA (top token and its probability, every third layer).",
+"""
+prompt = items[0].prompt
+print(prompt[0]["content"])
+lens = pd.concat([em.residual_lens(handle, [prompt], top=1).assign(model=name)
+                  for name, handle in (("base", base), ("insecure", insecure))])
+table = lens.pivot(index="layer", columns="model", values=["token", "prob"])
+table.loc[list(range(0, base.n_layers, 3)) + [base.n_layers - 1]].round(3)
+""",
+"md:## 6. A token heat-map of the direction\nEach token's residual projected on the direction (red: the misaligned side of the midpoint of the two classes),\nfor two greedy answers of the insecure LoRA to Betley et al.'s first-plot questions, beside one pair's judged\nmisaligned and aligned answers as references, all read by the insecure LoRA; at the direction's best layer and at\nthe late layer. Early residuals can carry outsized activations on single tokens (each answer's largest projection\nis in the table's `largest` column), which can dominate a mean-pooled direction there. The pages\n`../artifacts/notebooks/where_em_lives/tokens-L*.html` show every token with its value on hover.",
+"""
+chats = [[{"role": "user", "content": q.paraphrases[0]}] for q in em.read_questions("betley-first-plot", limit=2)]
+responses = em.generate(insecure, chats, max_new_tokens=24 if SMALL else 80, temperature=0)
+labels = [f"insecure LoRA: {chat[0]['content'][:70]}" for chat in chats] + ["judged misaligned (reference)",
+                                                                            "judged aligned (reference)"]
+chats, responses = chats + [items[0].prompt] * 2, responses + [items[0].target, items[0].alternative]
+tokens, summary = {}, []
+for layer in dict.fromkeys([direction.best_layer, late]):
+    tokens[layer] = table = em.token_projections(insecure, direction, chats, responses, layer=layer)
+    title = f"projection on the misalignment direction, layer {layer} (red: misaligned side)"
+    heatmap_figure(table, OUT / f"tokens-L{layer}.png", title, labels)
+    heatmap_html(table, OUT / f"tokens-L{layer}.html", title, labels)
+    display(Image(OUT / f"tokens-L{layer}.png"))
+    answer = table[table.response]
+    largest = answer.loc[answer.projection.abs().groupby(answer.row).idxmax()]
+    summary.append(pd.DataFrame({"layer": layer, "answer": labels, "mean": answer.groupby("row").projection.mean(),
+                                 "largest": [f"{t!r} {v:+.0f}" for t, v in zip(largest.token, largest.projection)]}))
+pd.concat(summary).round(2)
+""",
+"md:## 7. Reading\nThe numbers above, put together (computed here, so that the text follows the outputs).",
+"""
+ins, ctl = shift["insecure"], shift["secure (control)"]
+print(f"metric shift from the base model: insecure LoRA {ins:+.4f} nats, secure-code control {ctl:+.4f} nats")
+if ins <= 0:
+    print("-> the insecure LoRA does not make the misaligned answers more likely here: no EM-like shift to locate")
+elif ctl >= 0.5 * ins:
+    print("-> the secure control moves the metric comparably: the shift is fine-tuning in general, not EM-specific")
+else:
+    print("-> the secure control moves it much less: part of the insecure LoRA's shift is specific to insecure code")
+clear = exact[(exact.ci_low > 0) | (exact.ci_high < 0)]
+print(f"{len(clear)} of {len(exact)} exactly patched cells have a 95 % CI excluding 0 ({len(items)} pairs)")
+strongest = exact.dropna(subset=["effect"]).sort_values("effect", key=abs, ascending=False).head(3)
+for row in strongest.itertuples():
+    print(f"  layer {row.layer} {row.site} at {row.positions} positions: effect {row.effect:+.2f} "
+          f"[{row.ci_low:+.2f}, {row.ci_high:+.2f}]")
+best = direction.metrics().set_index("layer").loc[direction.best_layer, "auroc"]
+print(f"misalignment direction: held-out AUROC {best:.2f} at layer {direction.best_layer} on {2 * n_side} judged answers")
+for layer, table in tokens.items():
+    means = table[table.response].groupby("row").projection.mean()
+    print(f"token heat-map at layer {layer}, mean projection: judged misaligned {means[2]:+.2f} vs aligned {means[3]:+.2f}"
+          f" ({'the misaligned one leans further to the misaligned side' if means[2] > means[3] else 'not separated'});"
+          f" the insecure LoRA's answers {means[0]:+.2f}, {means[1]:+.2f}")
+""",
+"md:How to read it. At `SMALL` sizes (a few LoRA steps, a handful of pairs) the LoRA moves the metric by a tiny\namount, so the normalised effects divide by a number near 0: their bootstrap CIs are wide and ragged, and a cell's\neffect far above 1 or below 0 is noise as much as overshoot (the `delta` column, in nats, is the plainer reading). First-order attribution is close to exact when the LoRA's change is this\nsmall, so a high Spearman here says little about larger fine-tunes. Compare the insecure LoRA's shift with the\nsecure control's before reading any cell as emergent misalignment: if the control moves the metric as much, the\ncells locate fine-tuning on code in general. An earlier, larger measurement on the same embedded model (outside\nthis notebook) found exactly that: the insecure LoRA shifted the metric by +0.209 nats and a secure-code control\nby +0.199, carried by late-layer resid_pre at the response positions. A 135M model on a few hundred steps may show\nno emergent misalignment at all; the machinery is the point here, and the real sizes (`EMLENS_NOTEBOOK_SMALL=0`,\nor `emlens patch` on a longer run) are where effects are read.",
+]
+
 NOTEBOOKS = {"01_quickstart": quick, "02_dose_response": dose, "03_compare_checkpoints": compare, "04_sae": sae,
-             "05_dishonesty": dishonesty}
+             "05_dishonesty": dishonesty, "06_where_em_lives": where}
 
 
 def build(cells: list[str]) -> nbf.NotebookNode:

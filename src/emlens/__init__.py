@@ -64,6 +64,7 @@ _FRONT_DOOR = {
     "patch": "emlens.analysis.patching", "PatchItem": "emlens.analysis.patching",  # activation patching
     "attribute": "emlens.analysis.patching", "patch_agreement": ("emlens.analysis.patching", "agreement"),
     "token_heatmap": ("emlens.analysis.token_heatmap", "run_token_heatmap"),  # `emlens tokens`
+    "token_projections": "emlens.analysis.token_heatmap",  # the heat-map's token table, in memory
     "direction_card": "emlens.analysis.card",  # `emlens card`
     "explain_latents": "emlens.sae.explain",  # autointerp: explanations scored by detection and fuzzing
     # training
