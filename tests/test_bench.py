@@ -22,6 +22,7 @@ TINY = {
     "hf-judge": (["--n", 1], "vllm_vs_hf"),  # the embedded model: vLLM's CPU attention needs head_dim >= 32
     "loop": (["--model", "{model}", "--steps", 2, "--batch-size", 2, "--max-length", 256, "--repeats", 1, "--rank", 2],
              "vs_trl"),
+    "diff": (["--model", "{model}", "--rows", 2, "--repeats", 1], "kl_vs_forwards"),  # a random adapter
     "extract": (["--model", "{model}", "--prompts", 2, "--tokens", 8, "--batch-size", 2, "--repeats", 1,
                  "--memory-tokens", 4, "--memory-multiples", "1,2",
                  "--backends", "torch-hooks,transformerlens,nnsight"],  # vLLM's CPU attention needs head_dim >= 32

@@ -93,3 +93,20 @@ def bench_steer_command(
 
     handle = load(model, None, device, tensor_parallel_size=tensor_parallel_size)
     bench_steer(handle, batch, new_tokens, layer, engine=engine, echo=typer.echo, **given(repeats=repeats))
+
+
+@bench_app.command("diff")
+def bench_diff_command(
+    rows: int = typer.Option(8, "--rows", min=1, help="judged answers in the batch"),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="answer tokens kept of each"),
+    repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="interleaved runs of each; the best counts"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="PEFT adapter folder or RUN@STEP "
+                                                                         "(default: a random LoRA)"),
+    model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """`emlens diff`'s per-token KL pass over two plain forward passes of the same tokens; last line includes
+    kl_vs_forwards."""
+    from emlens.bench.diff import bench_diff
+
+    handle = load(model, None, device)
+    bench_diff(handle, rows, max_tokens, adapter=adapter, echo=typer.echo, **given(repeats=repeats))
