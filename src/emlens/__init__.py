@@ -66,6 +66,7 @@ _FRONT_DOOR = {
     "token_heatmap": ("emlens.analysis.token_heatmap", "run_token_heatmap"),  # `emlens tokens`
     "token_projections": "emlens.analysis.token_heatmap",  # the heat-map's token table, in memory
     "direction_card": "emlens.analysis.card",  # `emlens card`
+    "export_direction": "emlens.directions.export",  # llama.cpp control vector, repeng, steering-vectors, Neuronpedia
     "diff": "emlens.study.diff",  # model diffing with controls (`emlens diff`)
     "explain_latents": "emlens.sae.explain",  # autointerp: explanations scored by detection and fuzzing
     # training

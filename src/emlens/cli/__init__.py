@@ -13,7 +13,7 @@ import typer
 from pydantic import ValidationError
 
 from emlens.base.errors import EmlensInputError
-from emlens.cli import capability, card, diff, eval, honesty, loop, probe, sae, steer, study, tokens, train  # noqa: F401  (registers their commands)
+from emlens.cli import capability, card, diff, eval, export, honesty, loop, probe, sae, steer, study, tokens, train  # noqa: F401  (registers their commands)
 from emlens.cli.app import app
 
 
