@@ -45,6 +45,7 @@ _FRONT_DOOR = {
     "LinearProbe": "emlens.directions.artifact", "RegressionProbe": "emlens.directions.artifact",
     "fit_probe": "emlens.directions.probe",
     "direction_tokens": "emlens.directions.lens", "residual_lens": "emlens.directions.lens",  # the logit lens
+    "export_direction": "emlens.directions.export",  # llama.cpp control vector, repeng, steering-vectors, Neuronpedia
     # evaluation
     "evaluate": "emlens.evaluation.run", "EvalConfig": "emlens.evaluation.config",
     "summarize": "emlens.evaluation.summary", "read_samples": "emlens.runs",
@@ -58,17 +59,16 @@ _FRONT_DOOR = {
     "load_sae": "emlens.sae.artifact", "SAETrainConfig": "emlens.sae.train", "train_sae": "emlens.sae.train",
     "evaluate_sae": "emlens.sae.quality", "decompose_direction": "emlens.sae.decompose",
     "diff_models": "emlens.sae.diff", "AblateLatent": "emlens.sae.steer",
+    "explain_latents": "emlens.sae.explain",  # autointerp: explanations scored by detection and fuzzing
     # analysis
     "compare": "emlens.analysis.compare", "compare_models": "emlens.analysis.compare", "monitor": "emlens.analysis.monitor",
     "run_steer": "emlens.study.steer", "dose_response_table": "emlens.analysis.dose_response",
     "patch": "emlens.analysis.patching", "PatchItem": "emlens.analysis.patching",  # activation patching
+    "diff": "emlens.study.diff",  # model diffing with controls (`emlens diff`)
     "attribute": "emlens.analysis.patching", "patch_agreement": ("emlens.analysis.patching", "agreement"),
     "token_heatmap": ("emlens.analysis.token_heatmap", "run_token_heatmap"),  # `emlens tokens`
-    "token_projections": "emlens.analysis.token_heatmap",  # the heat-map's token table, in memory
     "direction_card": "emlens.analysis.card",  # `emlens card`
-    "export_direction": "emlens.directions.export",  # llama.cpp control vector, repeng, steering-vectors, Neuronpedia
-    "diff": "emlens.study.diff",  # model diffing with controls (`emlens diff`)
-    "explain_latents": "emlens.sae.explain",  # autointerp: explanations scored by detection and fuzzing
+    "token_projections": "emlens.analysis.token_heatmap",  # the heat-map's token table, in memory
     # training
     "TrainConfig": "emlens.training.config", "train": "emlens.training.trainer",
     "train_sweep": "emlens.study.sweep",
