@@ -27,6 +27,7 @@ TINY = {
                  "--memory-tokens", 4, "--memory-multiples", "1,2",
                  "--backends", "torch-hooks,transformerlens,nnsight"],  # vLLM's CPU attention needs head_dim >= 32
                 "default_vs_forward"),
+    "patch": (["--model", "{model}", "--pairs", 2, "--repeats", 1], "patch_vs_forwards"),  # a random adapter
     "sae": (["--tokens", 2048, "--store-tokens", 2048, "--d-model", 16, "--repeats", 1], "vs_saelens"),
     "steer": (["--model", "{model}", "--batch", 2, "--new-tokens", 4, "--repeats", 1], "steered_vs_plain"),
     "train": (["--model", "{model}", "--data", "{data}", "--steps", 2, "--batch-size", 2, "--max-length", 64,
@@ -66,6 +67,23 @@ def test_bench_generate_on_long_prompts_prints_the_batched_over_serial_ratio(tin
     assert float(pairs["batched_vs_serial_long"]) > 0 and float(pairs["padded_vs_serial_long"]) > 0
     low, high = (int(n) for n in pairs["prompt_tokens"].split("-"))
     assert 200 <= high and low < high  # rows of other lengths: the batch is padded
+
+
+def test_bench_patch_times_the_grid_it_was_asked_for_against_forwards_and_attribution(tiny_model_dir, tmp_path,
+                                                                                      capsys):
+    """Exact patching over layers x sites x position groups, with a random LoRA written on the fly (or --adapter)."""
+    from emlens.bench.patch import random_adapter
+
+    adapter = random_adapter(str(tiny_model_dir), tmp_path / "adapter")
+    assert run_cli("bench", "patch", "--model", tiny_model_dir, "--adapter", adapter, "--pairs", 3, "--layers", "0,2",
+                   "--sites", "resid_pre,mlp_out", "--positions", "all,last", "--repeats", 1) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    pairs = dict(pair.split("=", 1) for pair in lines[-1].split())
+    for ratio in ("patch_vs_forwards", "attribution_vs_patching"):
+        assert math.isfinite(float(pairs[ratio])) and float(pairs[ratio]) > 0, lines[-1]
+    assert int(pairs["cells"]) == 2 * 2 and int(pairs["groups"]) == 2 and int(pairs["pairs"]) == 3
+    assert int(pairs["forwards"]) == 2 * 2 * 2 + 2  # a patched forward per cell and group, the donor, the receiving
+    assert any(line.startswith("exact") for line in lines) and any(line.startswith("attribution") for line in lines)
 
 
 def test_the_gpu_check_says_it_needs_cuda_in_one_line_and_exits_0_on_a_cpu():

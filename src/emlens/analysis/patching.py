@@ -78,10 +78,10 @@ class _Runs:
 
 
 def _encode_runs(handle: Model, items: Sequence[PatchItem]) -> _Runs:
-    receiving = _encode(handle, items)
+    receiving = encode_items(handle, items)
     if items[0].donor_prompt is None:
         return _Runs(receiving, receiving, adapter=True)
-    return _Runs(receiving, _encode(handle, items, donor=True), adapter=False)
+    return _Runs(receiving, encode_items(handle, items, donor=True), adapter=False)
 
 
 def _check_pairs(handle: Model, items: Sequence[PatchItem], positions: Sequence[str]) -> None:
@@ -105,7 +105,8 @@ def _prompt_ids(handle: Model, prompt: str | list[dict]) -> list[int]:
     return handle.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _encode(handle: Model, items: Sequence[PatchItem], donor: bool = False) -> _Batch:
+def encode_items(handle: Model, items: Sequence[PatchItem], donor: bool = False) -> _Batch:
+    """The batch a run reads: per item its prompt (or donor prompt) + target, then + alternative; right-padded."""
     rows, prompt_lengths = [], []
     for i, item in enumerate(items):
         prompt = _prompt_ids(handle, item.donor_prompt if donor else item.prompt)

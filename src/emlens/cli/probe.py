@@ -213,3 +213,36 @@ def patch_command(
                    f"{best.effect:.3f} [{best.ci_low:.3f}, {best.ci_high:.3f}] over {best.n} pairs")
     summary = {k: cfg[k] for k in ("n_pairs", "spearman", "n_cells") if k in cfg}
     typer.echo(" ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in summary.items()))
+
+
+@bench_app.command("patch")
+def bench_patch_command(
+    pairs: Optional[int] = typer.Option(None, "--pairs", min=1, help="prompts (each a target and an alternative)"),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", help="all (the default), 15, 0-5,10"),
+    sites: Optional[str] = typer.Option(None, "--sites", help="comma-separated (default: resid_pre,attn_out,mlp_out)"),
+    positions: Optional[str] = typer.Option(None, "--positions", help="comma-separated (default: all)"),
+    repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="interleaved runs of each phase; the best "
+                                                                       "counts (default 1: a phase is the whole grid)"),
+    model: Optional[str] = MODEL_OPT,
+    adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="the donor (default: a random LoRA on q_proj, "
+                                                                       "v_proj, written to a temporary folder)"),
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Exact activation patching vs the forward passes it needs (patch_vs_forwards) and vs attribution patching
+    on the same grid (attribution_vs_patching)."""
+    import tempfile
+
+    from emlens.bench.patch import bench_patch, random_adapter
+    from emlens.cli.app import model_name
+    from emlens.sites import parse_layers
+
+    def names(text: Optional[str]) -> Optional[list[str]]:
+        return [part.strip() for part in text.split(",") if part.strip()] if text is not None else None
+
+    with tempfile.TemporaryDirectory(prefix="emlens-bench-") as tmp:
+        if adapter is None:
+            adapter = str(random_adapter(model_name(model), Path(tmp) / "adapter"))
+        handle = load(model, adapter, device)
+        chosen = parse_layers(layers, handle.n_layers) if layers is not None else None
+        bench_patch(handle, echo=typer.echo, **given(pairs=pairs, layers=chosen, sites=names(sites),
+                                                     positions=names(positions), repeats=repeats))
