@@ -308,3 +308,22 @@ def test_on_the_embedded_model_a_planted_write_is_localised_and_ranked_first(smo
     assert np.allclose([at[(9, "resid_pre")], at[(9, "mlp_out")], at[(10, "resid_pre")]], 0, atol=1e-3)
     ranked = estimated[estimated.site == "mlp_out"].set_index("layer").effect.abs()
     assert ranked.idxmax() == 10 and (exact.total.abs() > 0).all()
+
+
+def test_an_adapter_of_another_base_model_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    """Before, peft's size-mismatch traceback; now every command that loads an adapter checks its shapes first."""
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.cli_runner import one_line_error, run_cli
+
+    narrow = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    get_peft_model(LlamaForCausalLM(narrow), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+                   ).save_pretrained(tmp_path / "narrow")
+    spec = patch_spec(tmp_path, tiny_model_dir)
+    spec.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()), "adapter": str(tmp_path / "narrow")}))
+    capsys.readouterr()
+    said = one_line_error(capsys, run_cli("patch", spec, "--out", tmp_path / "run"))
+    assert "narrow" in said and "made for another base model" in said and not (tmp_path / "run").exists()

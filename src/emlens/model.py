@@ -22,7 +22,7 @@ import torch
 
 from emlens.attention import use_grouped_decode_attention
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import atomic_write_json, file_sha256, folder_beside, swap_in
+from emlens.base.io import CFG_FILE, atomic_write_json, file_sha256, folder_beside, read_json, swap_in
 from emlens.sites import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -342,7 +342,7 @@ def wrap_model(model, tokenizer, *, spec: str, base_fingerprint: str | None = No
     use_grouped_decode_attention(model)  # no KV-cache copy per decode step under a padding mask
     adapter_fp = None
     if adapter is not None:
-        adapter_path = resolve_adapter(adapter)
+        adapter_path = adapter_fits(model, base_fp, spec, adapter)
         model = attach_adapter(model, adapter_path, merge=merge)
         adapter_fp = folder_fingerprint(adapter_path)
         adapter = str(adapter_path)
@@ -366,6 +366,53 @@ def _input_device(device_map: dict) -> torch.device:
     if first in ("cpu", "disk"):
         return torch.device("cpu")
     return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+
+
+def adapter_fits(causal_lm, base_fingerprint: str, spec: str, adapter: str) -> Path:
+    """The adapter's folder, after checking that it was made for this base model: every LoRA matrix's shape
+    against its module's, and the base fingerprint its training run recorded (where it has one). An adapter of
+    another model is one line, not peft's size-mismatch traceback."""
+    path = resolve_adapter(adapter)
+    recorded = _recorded_base_fingerprint(path)
+    if recorded and recorded != base_fingerprint:
+        raise EmlensInputError(f"adapter '{adapter}': trained on another base model (base fingerprint {recorded}; "
+                               f"{spec} is {base_fingerprint})")
+    weights = path / "adapter_model.safetensors"
+    if weights.exists():
+        _check_shapes(causal_lm, spec, adapter, weights)
+    return path
+
+
+def _recorded_base_fingerprint(path: Path) -> str | None:
+    """The base fingerprint an emlens training run recorded beside the adapter (RUN, or RUN/checkpoints/step-N)."""
+    for folder in (path, path.parent.parent if path.parent.name == "checkpoints" else None):
+        if folder is not None and (folder / CFG_FILE).is_file():
+            found = read_json(folder / CFG_FILE).get("base_fingerprint")
+            if found:
+                return found
+    return None
+
+
+def _check_shapes(causal_lm, spec: str, adapter: str, weights: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as tensors:
+        for key in tensors.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            module_path = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+            try:
+                module = causal_lm.get_submodule(module_path)
+            except AttributeError:
+                raise EmlensInputError(f"adapter '{adapter}': made for another base model ({spec} has no "
+                                       f"module {module_path})") from None
+            shape = tuple(tensors.get_slice(key).get_shape())
+            expected = getattr(module, "in_features" if ".lora_A." in key else "out_features", None)
+            found = shape[1] if ".lora_A." in key else shape[0]
+            if expected is not None and found != expected:
+                raise EmlensInputError(f"adapter '{adapter}': made for another base model ({key} is "
+                                       f"{'x'.join(map(str, shape))}; {spec}'s {module_path} is "
+                                       f"{module.out_features}x{module.in_features})")
 
 
 def resolve_adapter(adapter: str) -> Path:

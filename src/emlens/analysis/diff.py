@@ -35,10 +35,9 @@ from tqdm import tqdm
 
 from emlens.analysis.patching import PatchItem
 from emlens.base.errors import EmlensInputError
-from emlens.base.io import CFG_FILE, read_json
 from emlens.directions.lens import direction_tokens
 from emlens.generation.loglik import continuation_logprobs, encode_pair
-from emlens.model import Model, resolve_adapter
+from emlens.model import Model, adapter_fits
 from emlens.sites import hook_site
 from emlens.steering.interventions import AddVector, random_like, steer
 from emlens.steering.weights import RESIDUAL_WRITERS
@@ -54,49 +53,8 @@ STEER_CONTRASTS = {  # the steering conditions' differences a diff reports: name
 
 
 def check_adapter_fits(handle: Model, adapter: str) -> Path:
-    """The adapter's folder, after checking that it was made for this base model: every LoRA matrix's shape
-    against its module's, and the base fingerprint its training run recorded (where it has one)."""
-    path = resolve_adapter(adapter)
-    recorded = _recorded_base_fingerprint(path)
-    if recorded and recorded != handle.base_fingerprint:
-        raise EmlensInputError(f"adapter '{adapter}': trained on another base model (base fingerprint {recorded}; "
-                               f"{handle.spec} is {handle.base_fingerprint})")
-    weights = path / "adapter_model.safetensors"
-    if weights.exists():
-        _check_shapes(handle, adapter, weights)
-    return path
-
-
-def _recorded_base_fingerprint(path: Path) -> str | None:
-    """The base fingerprint an emlens training run recorded beside the adapter (RUN, or RUN/checkpoints/step-N)."""
-    for folder in (path, path.parent.parent if path.parent.name == "checkpoints" else None):
-        if folder is not None and (folder / CFG_FILE).is_file():
-            found = read_json(folder / CFG_FILE).get("base_fingerprint")
-            if found:
-                return found
-    return None
-
-
-def _check_shapes(handle: Model, adapter: str, weights: Path) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as tensors:
-        for key in tensors.keys():
-            if ".lora_A." not in key and ".lora_B." not in key:
-                continue
-            module_path = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
-            try:
-                module = handle.base_model.get_submodule(module_path)
-            except AttributeError:
-                raise EmlensInputError(f"adapter '{adapter}': made for another base model ({handle.spec} has no "
-                                       f"module {module_path})") from None
-            shape = tuple(tensors.get_slice(key).get_shape())
-            expected = getattr(module, "in_features" if ".lora_A." in key else "out_features", None)
-            found = shape[1] if ".lora_A." in key else shape[0]
-            if expected is not None and found != expected:
-                raise EmlensInputError(f"adapter '{adapter}': made for another base model ({key} is "
-                                       f"{'x'.join(map(str, shape))}; {handle.spec}'s {module_path} is "
-                                       f"{module.out_features}x{module.in_features})")
+    """The adapter's folder, after checking that it was made for this base model (`emlens.model.adapter_fits`)."""
+    return adapter_fits(handle.base_model, handle.base_fingerprint, handle.spec, adapter)
 
 
 def attach_adapters(handle: Model, adapters: dict[str, Path]) -> Model:
