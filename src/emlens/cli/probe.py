@@ -9,7 +9,18 @@ import typer
 
 from emlens.base.errors import EmlensInputError
 from emlens.capture.config import ExtractConfig
-from emlens.cli.app import ADAPTER_OPT, DEVICE_OPT, MODEL_OPT, TP_OPT, app, bench_app, config_option, given, load
+from emlens.cli.app import (
+    ADAPTER_OPT,
+    DEVICE_OPT,
+    MODEL_OPT,
+    TP_OPT,
+    app,
+    bench_app,
+    config_option,
+    given,
+    load,
+    quiet_libraries,
+)
 
 probe_app = typer.Typer(help="Fit linear probes and directions from a spec (probes/*.yaml).", no_args_is_help=True)
 app.add_typer(probe_app, name="probe")
@@ -201,7 +212,6 @@ def patch_command(
 ) -> None:
     """Where the fine-tune's behaviour lives: attribution patching over layer x site x positions, then exact
     activation patching from the adapter into its base, on misaligned / aligned answer pairs."""
-    from emlens.cli.app import quiet_libraries
     from emlens.study.patch import run_patch
 
     quiet_libraries()
@@ -235,6 +245,8 @@ def bench_patch_command(
     from emlens.bench.patch import bench_patch, random_adapter
     from emlens.cli.app import model_name
     from emlens.sites import parse_layers
+
+    quiet_libraries()  # the random adapter is written before the model loads
 
     def names(text: Optional[str]) -> Optional[list[str]]:
         return [part.strip() for part in text.split(",") if part.strip()] if text is not None else None
