@@ -138,9 +138,13 @@ def _metric(handle: Model, batch: _Batch) -> np.ndarray:
 
 
 def _item_metric(logits: Tensor, batch: _Batch) -> Tensor:
-    """Per item: log P(target | prompt) - log P(alternative | prompt), teacher-forced."""
-    logprobs = logits.float()[:, :-1].log_softmax(-1).gather(-1, batch.ids[:, 1:, None])[..., 0]
-    summed = (logprobs * batch.continuation[:, 1:]).sum(1)
+    """Per item: log P(target | prompt) - log P(alternative | prompt), teacher-forced. Only the positions that
+    predict a continuation token are normalised over the vocabulary (a full-width log-softmax cost a patched
+    forward a fifth of its time on the embedded model)."""
+    rows, positions = batch.continuation[:, 1:].nonzero(as_tuple=True)
+    predicted = batch.ids[rows, positions + 1]
+    logprobs = logits[rows, positions].float().log_softmax(-1).gather(-1, predicted[:, None])[:, 0]
+    summed = torch.zeros(len(logits), dtype=logprobs.dtype, device=logprobs.device).index_add(0, rows, logprobs)
     return summed[0::2] - summed[1::2]
 
 
