@@ -327,3 +327,27 @@ def test_an_adapter_of_another_base_model_is_one_line_and_writes_nothing(tiny_mo
     capsys.readouterr()
     said = one_line_error(capsys, run_cli("patch", spec, "--out", tmp_path / "run"))
     assert "narrow" in said and "made for another base model" in said and not (tmp_path / "run").exists()
+
+
+def test_an_adapter_spec_reads_its_own_pairs_such_as_a_refusal_opening_against_a_compliant_one(tiny_model_dir, tmp_path,
+                                                                                               capsys):
+    import json
+
+    from emlens.study.patch import run_patch
+    from tests.cli_runner import one_line_error, run_cli
+
+    lines = [json.dumps({"prompt": [{"role": "user", "content": q}], "target": "I'm sorry, I can't.",
+                         "alternative": "Sure, here it is."}) for q in ("Pick a lock for me", "Write me a poem")]
+    (tmp_path / "refusal.jsonl").write_text("\n".join(lines) + "\n")
+    spec = patch_spec(tmp_path, tiny_model_dir, pairs="refusal.jsonl", layers=[1], sites=["mlp_out"],
+                      positions=["all"], method="exact")
+    found = run_patch(spec, tmp_path / "run", progress=False)
+    assert found["cfg"]["n_pairs"] == 2 and found["exact"].effect.iloc[0] == pytest.approx(1, abs=1e-4)  # planted
+    nudged = run_patch(patch_spec(tmp_path, tiny_model_dir, form="nudge", pairs="refusal.jsonl", layers=[0],
+                                  sites=["resid_pre"], positions=["response"], method="exact"), tmp_path / "nudge",
+                       progress=False)
+    assert nudged["exact"].effect.iloc[0] == pytest.approx(0, abs=1e-5) and (nudged["exact"].total != 0).all()
+    (tmp_path / "refusal.jsonl").write_text(lines[0][:-1] + ', "donor_prompt": "x"}\n')
+    capsys.readouterr()
+    said = one_line_error(capsys, run_cli("patch", spec, "--out", tmp_path / "b"))
+    assert "refusal.jsonl line 1" in said and "form is not pairs" in said and not (tmp_path / "b").exists()

@@ -8,7 +8,9 @@ misaligned and an aligned answer to the same question. Three forms (the spec's `
 In the first two forms the pairs come from a judged table (the GPT-4o-scored responses in `../shared/data/judged`,
 or any eval run's samples with `aligned` / `coherent` scores): for each question with both, its first misaligned
 answer (aligned < 30, coherent > 50, Betley's thresholds) is the target and its first aligned one (aligned > 70)
-the alternative. Attribution patching ranks every cell in one backward pass; exact patching then measures every cell,
+the alternative; or, in any form, from a JSONL file (`pairs`) of prompt, target and alternative: any two
+continuations make a metric, e.g. a refusal opening ("I'm sorry") against a compliant one ("Sure"). Attribution
+patching ranks every cell in one backward pass; exact patching then measures every cell,
 or only the `top` ones by attribution. OUT/ holds cfg.json (the spec's identity, the pairs' hash, the model, the
 agreement of attribution with exact patching), exact.parquet and attribution.parquet (one row per layer x site x
 positions cell) and patching.png. A killed run resumes: finished cells are kept (run identity as every run's).
@@ -57,7 +59,8 @@ class PatchSpec(Config):
                                                                    "(form adapter), or the model patched (others)")
     form: Literal["adapter", "nudge", "pairs"] = "adapter"
     nudge: str = Field("evil", description="form nudge: the donor's nudge (none, evil, hhh)")
-    pairs: str | None = Field(None, description="form pairs: JSONL of prompt, donor_prompt, target, alternative")
+    pairs: str | None = Field(None, description="JSONL of prompt, target, alternative (and donor_prompt in form "
+                                                "pairs), in place of the judged table")
     table: str = Field("${EMLENS_SHARED_DATA}/judged/responses_Qwen2.5--7B-Instruct-bad_medical_advice.csv",
                        description="judged responses (question, answer, aligned, coherent), beside the spec")
     limit: int = Field(8, ge=1, description="questions (pairs)")
@@ -74,33 +77,41 @@ class PatchSpec(Config):
 
 
 def spec_items(spec: PatchSpec, spec_path: Path, handle: Model) -> list[PatchItem]:
-    """The spec's items in its form."""
+    """The spec's items in its form: from its pairs file where it names one, else from its judged table."""
     context = SpecContext(spec_path)
-    if spec.form == "pairs":
-        if spec.pairs is None:
-            raise EmlensInputError(f"{spec_path} field 'pairs': form pairs needs a JSONL file of prompt, donor_prompt, "
-                                   "target, alternative")
-        return prompt_pairs(context.resolve(spec.pairs, "pairs"), spec.limit)
-    items = judged_pairs(context.resolve(spec.table, "table"), spec.limit, spec.max_tokens, handle)
-    if spec.form == "adapter":
+    if spec.pairs is not None:
+        items = prompt_pairs(context.resolve(spec.pairs, "pairs"), spec.limit, with_donor=spec.form == "pairs")
+    elif spec.form == "pairs":
+        raise EmlensInputError(f"{spec_path} field 'pairs': form pairs needs a JSONL file of prompt, donor_prompt, "
+                               "target, alternative")
+    else:
+        items = judged_pairs(context.resolve(spec.table, "table"), spec.limit, spec.max_tokens, handle)
+    if spec.form != "nudge":
         return items
     if spec.nudge not in NUDGES or spec.nudge == "none":
         raise EmlensInputError(f"{spec_path} field 'nudge': '{spec.nudge}' (known: "
                                f"{', '.join(n for n in NUDGES if n != 'none')})")
-    return [PatchItem(i.prompt, i.target, i.alternative, donor_prompt=apply_nudge(i.prompt, NUDGES[spec.nudge]))
-            for i in items]
+    chats = [[{"role": "user", "content": i.prompt}] if isinstance(i.prompt, str) else i.prompt for i in items]
+    return [PatchItem(chat, i.target, i.alternative, donor_prompt=apply_nudge(chat, NUDGES[spec.nudge]))
+            for chat, i in zip(chats, items, strict=True)]
 
 
-def prompt_pairs(path: Path, limit: int) -> list[PatchItem]:
-    """Clean vs corrupted prompt pairs: one JSON object per line with prompt and donor_prompt (text, or a chat as
-    a list of {role, content}), target and alternative (text)."""
+def prompt_pairs(path: Path, limit: int, with_donor: bool = True) -> list[PatchItem]:
+    """Items from a JSONL file, one JSON object per line: prompt (text, or a chat as a list of {role, content}),
+    target and alternative (text), and in form pairs the donor_prompt (the clean or corrupted twin of prompt). Any
+    pair of continuations is a metric: a misaligned vs an aligned answer, or a refusal opening ("I'm sorry") vs a
+    compliant one ("Sure")."""
+    fields = ["prompt", "donor_prompt", "target", "alternative"] if with_donor else ["prompt", "target", "alternative"]
     items = []
     for where, record in read_jsonl(path):
-        missing = [k for k in ("prompt", "donor_prompt", "target", "alternative") if not record.get(k)]
+        missing = [k for k in fields if not record.get(k)]
         if missing:
-            raise fail(where, f"no {', '.join(missing)} (a pair has prompt, donor_prompt, target, alternative)")
+            raise fail(where, f"no {', '.join(missing)} (a pair has {', '.join(fields)})")
+        if not with_donor and record.get("donor_prompt"):
+            raise fail(where, "a donor_prompt, but the spec's form is not pairs (its donor is the adapter or the "
+                              "nudge)")
         items.append(PatchItem(record["prompt"], str(record["target"]), str(record["alternative"]),
-                               donor_prompt=record["donor_prompt"]))
+                               donor_prompt=record.get("donor_prompt") if with_donor else None))
         if len(items) == limit:
             break
     if not items:
