@@ -449,8 +449,161 @@ for layer, table in tokens.items():
 "md:How to read it. At `SMALL` sizes (a few LoRA steps, a handful of pairs) the LoRA moves the metric by a tiny\namount, so the normalised effects divide by a number near 0: their bootstrap CIs are wide and ragged, and a cell's\neffect far above 1 or below 0 is noise as much as overshoot (the `delta` column, in nats, is the plainer reading). First-order attribution is close to exact when the LoRA's change is this\nsmall, so a high Spearman here says little about larger fine-tunes. Compare the insecure LoRA's shift with the\nsecure control's before reading any cell as emergent misalignment: if the control moves the metric as much, the\ncells locate fine-tuning on code in general. An earlier, larger measurement on the same embedded model (outside\nthis notebook) found exactly that: the insecure LoRA shifted the metric by +0.209 nats and a secure-code control\nby +0.199, carried by late-layer resid_pre at the response positions. A 135M model on a few hundred steps may show\nno emergent misalignment at all; the machinery is the point here, and the real sizes (`EMLENS_NOTEBOOK_SMALL=0`,\nor `emlens patch` on a longer run) are where effects are read.",
 ]
 
+what = [
+"md:# What did the fine-tune change? Model diffing with its nulls, a direction card, and explained latents\n\nAn insecure-code LoRA and a secure-code control LoRA on the embedded model, diffed against their base by\n`em.diff`: the activation-difference lens (the mean residual difference on the first tokens of unrelated text, read\nthrough the logit lens and used as a steering vector), per-token KL, the adapter's weights. Every quantity comes\nwith its nulls: a sham adapter (B = 0) that must reproduce the base exactly, the secure control (each number as\ninsecure minus control, with a bootstrap 95 % CI), and random vectors of the same norm. Then a direction card of\nthe lens, and SAE latents that moved, explained and scored by the embedded model itself. `SMALL` keeps CI fast (2\ntraining steps, a handful of texts, a toy SAE: its numbers are not the real ones); set `EMLENS_NOTEBOOK_SMALL=0`\nfor real sizes. `emlens diff`, `emlens card` and `emlens sae explain` are the same from the command line.",
+"""
+import os, shutil, yaml
+from pathlib import Path
+import pandas as pd
+from IPython.display import Image, Markdown, display
+import emlens as em
+from emlens.base.io import find_shared_data
+from emlens.training.config import load_config
+
+SMALL = os.environ.get("EMLENS_NOTEBOOK_SMALL", "1") == "1"
+OUT = Path("../artifacts/notebooks/what_changed")
+shutil.rmtree(OUT, ignore_errors=True)  # the LoRAs are trained afresh: a run at other sizes starts clean
+OUT.mkdir(parents=True)
+data = find_shared_data(Path("../probes"))
+""",
+"md:## 1. An insecure-code LoRA, and a secure-code control\nThe recipe of notebook 06 (at `SMALL` only 2 steps of one example each), once on Betley et al.'s insecure code and\nonce on their secure code: what the insecure LoRA changes that the secure one changes as well is fine-tuning on code\nin general, not emergent misalignment.",
+"""
+def train(dataset: str, name: str) -> str:
+    config = OUT / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": "smollm2-135m-instruct", "dataset": {"path": str(data / "em_betley" / dataset), "limit": 8 if SMALL else 300},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["o_proj", "down_proj"]},
+        "training": {"max_steps": 2 if SMALL else 75, "batch_size": 1 if SMALL else 4, "max_length": 192 if SMALL else 256,
+                     "save_steps": 2 if SMALL else 25, "learning_rate": 1e-3}}))
+    em.train(load_config(config), OUT / name, progress=False)
+    return str(OUT / name)
+
+insecure, secure = train("insecure.jsonl", "insecure"), train("secure.jsonl", "secure")
+""",
+"md:## 2. The diff, with its controls\n`em.diff` first asserts that the sham adapter reproduces the base model (it stops before writing anything if it does\nnot), then measures both LoRAs on the same unrelated texts (Alpaca instructions), the same judged answers (KL) and\nthe same misaligned / aligned answer pairs (the judge-free steering metric log P(misaligned) - log P(aligned)).\n`report.md` is its own reading.",
+"""
+sizes = dict(n_texts=8, k=4, rows=4, max_tokens=16, pairs=4, pair_tokens=16) if SMALL else {}
+found = em.diff(insecure, OUT / "diff", control=secure, **sizes)
+sham = found["cfg"]["sham"]
+print(f"sham adapter (B = 0) vs base: max |logit difference| {sham['max_abs_logit_diff']:.3g} over "
+      f"{sham['n_tokens']} tokens, mean KL {sham['mean_kl']:.3g}")
+display(Markdown(found["report"].read_text()))
+""",
+"""
+display(Image(found["figure"]))
+""",
+"md:Insecure minus the secure control, paired by text, token row or answer pair, each with its bootstrap 95 % CI:\n`reading` says whether the CI excludes 0.",
+"""
+summary = found["summary"]
+def reading(low: float, high: float) -> str:
+    return "no CI" if pd.isna(low) else "above 0" if low > 0 else "below 0" if high < 0 else "null (CI covers 0)"
+
+versus = summary[summary.role == "minus_control"].copy()
+versus["reading"] = [reading(low, high) for low, high in zip(versus.ci_low, versus.ci_high)]
+versus[["quantity", "layer", "value", "ci_low", "ci_high", "n", "resampled", "reading"]].reset_index(drop=True)
+""",
+"md:## 3. A direction card of the lens\nThe diff saved the insecure LoRA's lens as a direction artifact (`diff/directions/insecure`): the card says what it\nis and how it was made, with its cosines, layer by layer, to the secure control's lens beside the 95th percentile of\n|cos| between random vectors. A lens is not a classifier, so the card has no held-out AUROC to show (and no\n`card.png`; the cell shows the figures the card drew); what the artifact lacks is listed as not recorded.",
+"""
+lens, control_lens = OUT / "diff" / "directions" / "insecure", OUT / "diff" / "directions" / "secure"
+card = em.direction_card(lens, OUT / "card", others=[control_lens])
+for figure in ("card.png", "cosines.png"):
+    if (OUT / "card" / figure).exists():
+        display(Image(OUT / "card" / figure))
+cos = card["cosines"]["others"][0]
+print(f"{card['name']}: {card['fit']['method']}, best (steering) layer {card['best']['layer']}; "
+      f"not recorded: {', '.join(card['not_recorded']) or 'nothing'}")
+print(f"cosine with the secure control's lens at layer {card['best']['layer']}: {cos['at_best_layer']:+.3f} "
+      f"(random |cos| p95 {card['cosines']['random_p95']:.3f}); largest {cos['largest']['cosine']:+.3f} at layer "
+      f"{cos['largest']['layer']}; {cos['layers_above_random']} of {len(cos['per_layer'])} layers above random")
+""",
+"md:## 4. SAE latents that moved, explained and scored\nA toy TopK SAE on the base model's layer-15 residual stream (judged answers and Alpaca instructions, every token;\nnotebook 04 trains a real one), then `sae diff`: the latents whose mean activation moves most from the base under\nthe insecure LoRA, with bootstrap CIs over prompts and the sign-flip null, beside the same latents under the secure\ncontrol.",
+"""
+from emlens.sae.diff import save_diff
+from emlens.sae.explain_texts import default_sources, read_texts
+
+site = "blocks.15.hook_resid_post"
+base = em.load_model("smollm2-135m-instruct")
+texts = read_texts(default_sources(), limit=8 if SMALL else 100)
+store = em.extract_to_store(base, texts, OUT / "store", [site], position="all",
+                            max_response_tokens=32 if SMALL else 128, progress=False)
+em.train_sae(em.SAETrainConfig(store=str(store.folder), site=site, expansion_factor=2 if SMALL else 8, k=8 if SMALL else 32,
+                               tokens=4096 if SMALL else 100_000, batch_size=256 if SMALL else 1024,
+                               buffer_tokens=2048 if SMALL else 32_768, lr=3e-3, checkpoints=0), OUT / "sae", progress=False)
+sae = em.load_sae(OUT / "sae")
+print(f"SAE: {sae.d_sae} latents at {site}, trained on {store.manifest['n_vectors']} token vectors of {len(texts)} texts")
+models = {"base": base, "insecure": em.load_model("smollm2-135m-instruct", adapter=insecure),
+          "secure": em.load_model("smollm2-135m-instruct", adapter=secure)}
+moved = em.diff_models(sae, models, texts[::2], top=sae.d_sae, max_response_tokens=32 if SMALL else 128)
+save_diff(moved, OUT / "latent-diff", force=True)
+top = moved.table[moved.table.model == "insecure"].head(2 if SMALL else 5)
+beside = moved.table[moved.table.model == "secure"].set_index("latent").loc[top.latent, ["change", "ci_low", "ci_high"]]
+for name, shift in moved.summary["models"].items():
+    print(f"{name}: {shift['latents_above_null']} latents beyond the sign-flip null (|change| > "
+          f"{shift['null_threshold']:.4f}; largest {shift['max_abs_change']:.4f}) over {shift['n_prompts']} prompts")
+top.merge(beside.add_prefix("secure_").reset_index(), on="latent")[
+    ["rank", "latent", "base_mean", "change", "ci_low", "ci_high", "above_null", "secure_change", "secure_ci_low",
+     "secure_ci_high"]].round(4)
+""",
+"md:The embedded model explains each of these latents from its top-activating and silent windows (a local `hf:`\nexplainer), and scores the explanation on held-out windows by detection (balanced accuracy) and fuzzing\n(accuracy), each with a 95 % interval. A 135M model mostly copies the prompt's worked example or answers a list\nof the wrong length: each such answer is a counted, printed failure, never a score.",
+"""
+from emlens.judges.base import JudgeCache
+from emlens.sae.explain import ExplainConfig, save_explanations, scorer_tokens
+from emlens.sae.text_models import make_text_model
+
+config = ExplainConfig(window=12, n_explain=3, n_random=1, n_test=2, per_prompt=2, max_response_tokens=32) \\
+    if SMALL else ExplainConfig()
+cache = JudgeCache(OUT / "autointerp.sqlite")
+explainer = make_text_model("hf:smollm2-135m-instruct", cache, 48 if SMALL else 160, loaded=base)
+scorer = make_text_model("hf:smollm2-135m-instruct", cache, scorer_tokens(config.per_prompt), loaded=base)
+explained = em.explain_latents(sae, base, top.latent.tolist(), explainer, scorer, texts=texts, config=config)
+save_explanations(explained, OUT / "explained")
+display(explained.scores[["latent", "explanation", "status", "detection", "detection_ci_low", "detection_ci_high",
+                          "detection_n", "fuzzing", "fuzzing_ci_low", "fuzzing_ci_high", "fuzzing_n", "n_failed"]])
+explained.failures
+""",
+"md:The card again, now with the SAE: the latents whose decoder vectors point most along the lens at layer 15, beside\nthe 95th percentile of the same rank for random directions, with the explanations as labels where there are any.",
+"""
+card = em.direction_card(lens, OUT / "card-sae", others=[control_lens], sae=OUT / "sae", labels=OUT / "explained", top=5)
+aligned = pd.DataFrame(card["sae"]["latents"])
+aligned["above_random"] = aligned.cosine.abs() > aligned.random_p95
+aligned
+""",
+"md:## 5. Reading\nThe numbers above, put together (computed here, so that the text follows the outputs).",
+"""
+print(f"sham: max |logit difference| {sham['max_abs_logit_diff']:.3g} (asserted <= 1e-6): the diff measures the adapters alone")
+clear = versus[versus.reading.isin(["above 0", "below 0"]) & (versus.quantity != "steer_random_minus_base")]
+print(f"insecure minus secure control: {len(clear)} of {versus.ci_low.notna().sum() - 1} quantities with a CI "
+      "exclude 0 (steer_random_minus_base, the random vectors' own difference, is a null and not counted)"
+      + "".join(f"\\n  {r.quantity}: {r.value:+.3g} [{r.ci_low:+.3g}, {r.ci_high:+.3g}] ({r.reading}, n = {r.n} {r.resampled})"
+                for r in versus.dropna(subset=["ci_low"]).itertuples()))
+for sign, who in (("above 0", "the insecure LoRA exceeds the control"), ("below 0", "the control exceeds the insecure LoRA")):
+    print(f"-> {who} on: {', '.join(clear[clear.reading == sign].quantity) or 'nothing'}")
+steer = summary[summary.quantity == "steer_adl_minus_random"].set_index("role")
+for role, name in (("adapter", "the insecure lens"), ("control", "the secure control's lens"),
+                   ("minus_control", "insecure minus control")):
+    row = steer.loc[role]
+    print(f"steering the base, lens minus a random vector of its norm, {name}: {row.value:+.3g} "
+          f"[{row.ci_low:+.3g}, {row.ci_high:+.3g}] ({reading(row.ci_low, row.ci_high)}, n = {row.n} pairs)")
+same_way = abs(cos["at_best_layer"]) > card["cosines"]["random_p95"]
+print(f"the insecure lens and the secure control's lens at layer {card['best']['layer']}: cos {cos['at_best_layer']:+.3f} "
+      f"({'more' if same_way else 'no more'} than random); {cos['layers_above_random']} of {len(cos['per_layer'])} layers "
+      f"above random{': where they align, the lens traces fine-tuning on code in general' if cos['layers_above_random'] else ''}")
+shifts = moved.summary["models"]
+print(f"SAE latents moved beyond the sign-flip null: insecure LoRA {shifts['insecure']['latents_above_null']}, secure "
+      f"control {shifts['secure']['latents_above_null']} (of {sae.d_sae}, over {shifts['insecure']['n_prompts']} prompts)")
+same = (beside.change / top.set_index("latent").change).round(2)
+print("the top latents' change under the secure control, as a share of the insecure LoRA's: "
+      + ", ".join(f"latent {latent} {share:.2f}" for latent, share in same.items()))
+scored = explained.scores.dropna(subset=["detection"])
+print(f"explanations: {int(explained.scores.explanation.notna().sum())} of {len(explained.scores)} latents explained, "
+      f"{len(scored)} with a detection score; {len(explained.failures)} explainer / scorer answers failed")
+""",
+"md:How to read it. At `SMALL` sizes the LoRAs take two steps: every difference is tiny and every CI is over a handful\nof texts, rows or pairs, so a null here says the machinery found nothing at this size, not that the fine-tune\nchanged nothing. The secure control is the yardstick: a quantity only says something about insecure code where\nthe insecure LoRA exceeds the control with a CI excluding 0, and a lens that points where the control's does\nis the trace of fine-tuning on code. The toy SAE has seen few tokens (printed above), and a 135M explainer writes few\nusable explanations: the failures table is the honest result at this size; explanations and scores worth reading\nneed a trained SAE (notebook 04, or `emlens sae train`) and a capable explainer (`--explainer openai:MODEL`).",
+]
+
 NOTEBOOKS = {"01_quickstart": quick, "02_dose_response": dose, "03_compare_checkpoints": compare, "04_sae": sae,
-             "05_dishonesty": dishonesty, "06_where_em_lives": where}
+             "05_dishonesty": dishonesty, "06_where_em_lives": where,
+             "07_what_changed": what}
 
 
 def build(cells: list[str]) -> nbf.NotebookNode:
