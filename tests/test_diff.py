@@ -142,6 +142,8 @@ def test_the_run_loads_resumes_refuses_other_settings_and_saves_a_steerable_lens
     adl = found["adl"][found["adl"].adapter == "adapter"].set_index("layer")
     assert lens.raw_norm(1) == pytest.approx(adl.norm[1], rel=1e-5) and lens.best_layer == 1  # the middle one
     assert found["cfg"]["members"][0]["steering_layer"] == 1
+    tokens = em.direction_tokens(load_model(str(tiny_model_dir), device="cpu"), lens.vector(1))
+    assert lens.cfg.lens["layer"] == 1 and lens.cfg.lens["promoted"] == tokens.promoted.tolist()  # its card shows them
     part = out / "parts" / "adapter" / "cfg.json"
     stamp = part.stat().st_mtime_ns
     again = run_diff(tiny_model_dir, inputs, out)

@@ -82,6 +82,7 @@ from emlens.base.io import (
 )
 from emlens.base.stats import bootstrap_ci
 from emlens.directions.artifact import Direction, DirectionConfig
+from emlens.directions.lens import lens_record
 from emlens.model import DEFAULT_MODEL, Model, folder_fingerprint, load_model
 from emlens.runs import open_run
 from emlens.study.diff_report import Member, diff_figure, kl_top_markdown, report_text
@@ -447,8 +448,10 @@ def adl_direction(handle: Model, cfg: DiffConfig, member: Member, part: dict, ad
         data={"text_sha256": inputs.hashes["text_sha256"], "n": int(part["text_differences"].shape[0]), "k": cfg.k},
         adapter={"path": str(member.path), "fingerprint": member.fingerprint}, versions=versions())
     metrics = rows[["layer", "norm", "relative_norm"]].rename(columns={"norm": "raw_norm"}).reset_index(drop=True)
-    return Direction({"directions": units.float(), "raw_norm": norms.float(),
-                      "layers": torch.arange(handle.n_layers)}, config, metrics=metrics)
+    direction = Direction({"directions": units.float(), "raw_norm": norms.float(),
+                           "layers": torch.arange(handle.n_layers)}, config, metrics=metrics)
+    direction.cfg.lens = lens_record(handle, direction.vector(), direction.best_layer)  # as every fitted direction
+    return direction
 
 
 def unit_values(part: dict) -> dict[str, tuple[np.ndarray, np.ndarray | None, str]]:
