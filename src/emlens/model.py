@@ -342,7 +342,7 @@ def wrap_model(model, tokenizer, *, spec: str, base_fingerprint: str | None = No
     use_grouped_decode_attention(model)  # no KV-cache copy per decode step under a padding mask
     adapter_fp = None
     if adapter is not None:
-        adapter_path = adapter_fits(model, base_fp, spec, adapter)
+        adapter_path = adapter_fits(model, None, spec, adapter)  # shapes only: a hub model's fingerprint varies with dtype
         model = attach_adapter(model, adapter_path, merge=merge)
         adapter_fp = folder_fingerprint(adapter_path)
         adapter = str(adapter_path)
@@ -368,13 +368,13 @@ def _input_device(device_map: dict) -> torch.device:
     return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
 
 
-def adapter_fits(causal_lm, base_fingerprint: str, spec: str, adapter: str) -> Path:
+def adapter_fits(causal_lm, base_fingerprint: str | None, spec: str, adapter: str) -> Path:
     """The adapter's folder, after checking that it was made for this base model: every LoRA matrix's shape
-    against its module's, and the base fingerprint its training run recorded (where it has one). An adapter of
-    another model is one line, not peft's size-mismatch traceback."""
+    against its module's, and (given `base_fingerprint`) the base fingerprint its training run recorded, where it has
+    one. An adapter of another model is one line, not peft's size-mismatch traceback."""
     path = resolve_adapter(adapter)
     recorded = _recorded_base_fingerprint(path)
-    if recorded and recorded != base_fingerprint:
+    if recorded and base_fingerprint and recorded != base_fingerprint:
         raise EmlensInputError(f"adapter '{adapter}': trained on another base model (base fingerprint {recorded}; "
                                f"{spec} is {base_fingerprint})")
     weights = path / "adapter_model.safetensors"
