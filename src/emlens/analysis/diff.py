@@ -33,7 +33,7 @@ from scipy import stats
 from torch import Tensor
 from tqdm import tqdm
 
-from emlens.analysis.patching import PatchItem
+from emlens.analysis.patching import PatchItem, right_padded
 from emlens.base.errors import EmlensInputError
 from emlens.directions.lens import direction_tokens
 from emlens.generation.loglik import continuation_logprobs, encode_pair
@@ -238,11 +238,7 @@ def chat_rows(handle: Model, pairs: Sequence[tuple[str, str]], max_tokens: int) 
         response = handle.tokenizer(str(answer), add_special_tokens=False)["input_ids"][:max_tokens]
         rows.append(prompt + response)
         prompt_lengths.append(len(prompt))
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), handle.tokenizer.pad_token_id or 0, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)], attention[r, :len(row)] = torch.tensor(row), 1
+    ids, attention = right_padded(rows, handle.tokenizer.pad_token_id or 0)
     return TokenRows(ids, attention, torch.tensor(prompt_lengths))
 
 

@@ -116,11 +116,8 @@ def encode_items(handle: Model, items: Sequence[PatchItem], donor: bool = False)
                 raise EmlensInputError(f"patch item {i}: an empty prompt or continuation")
             rows.append(prompt + tokens)
             prompt_lengths.append(len(prompt))
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), handle.tokenizer.pad_token_id or 0, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)], attention[r, :len(row)] = torch.tensor(row), 1
+    ids, attention = right_padded(rows, handle.tokenizer.pad_token_id or 0)
+    width = ids.shape[1]
     position = torch.arange(width)[None]
     prompt_length, length = torch.tensor(prompt_lengths)[:, None], attention.sum(1, keepdim=True)
     prompt = position < prompt_length
@@ -135,6 +132,16 @@ def encode_items(handle: Model, items: Sequence[PatchItem], donor: bool = False)
 def _metric(handle: Model, batch: _Batch) -> np.ndarray:
     logits = handle.model(input_ids=batch.ids, attention_mask=batch.attention).logits
     return _item_metric(logits, batch).cpu().numpy()
+
+
+def right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token rows of unequal length as one right-padded batch: (ids, attention mask)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)], attention[r, :len(row)] = torch.tensor(row), 1
+    return ids, attention
 
 
 def _item_metric(logits: Tensor, batch: _Batch) -> Tensor:
