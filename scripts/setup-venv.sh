@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or reuse .venv in the repository root and install emlens with the given extras (comma-separated:
-# test, server, notebooks, vllm, sae, loop, gemma).
+# test, server, serve, notebooks, vllm, sae, loop, gemma).
 # torch 2.13.0 goes in first where there is no CUDA (the CPU build; a bare `torch` requirement would pull CUDA).
 set -euo pipefail
 cd "$(dirname "$0")/.."

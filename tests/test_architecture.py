@@ -16,7 +16,7 @@ LAYERS = {  # top-level module or subpackage of emlens -> layer (DESIGN.md, "Lay
     "generation": 3,
     "capture": 4, "steering": 4, "judges": 4,
     "directions": 5, "evaluation": 5, "sae": 5,
-    "analysis": 6, "training": 6, "study": 6,
+    "analysis": 6, "training": 6, "study": 6, "serve": 6,
     "cli": 7, "bench": 7,
     "__init__": 8, "__main__": 8,  # the front door imports lazily from every layer
 }

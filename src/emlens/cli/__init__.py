@@ -13,7 +13,22 @@ import typer
 from pydantic import ValidationError
 
 from emlens.base.errors import EmlensInputError
-from emlens.cli import capability, card, diff, eval, export, honesty, loop, probe, sae, steer, study, tokens, train  # noqa: F401  (registers their commands)
+from emlens.cli import (  # noqa: F401  (registers their commands)
+    capability,
+    card,
+    diff,
+    eval,
+    export,
+    honesty,
+    loop,
+    probe,
+    sae,
+    serve,
+    steer,
+    study,
+    tokens,
+    train,
+)
 from emlens.cli.app import app
 
 

@@ -21,6 +21,7 @@ from emlens.generation.requests import (
     Completion,
     GenerationConfig,
     Request,
+    TokenLogprob,
     decode_completion,
     eos_token_ids,
     kv_cache,
@@ -110,7 +111,8 @@ def generate_hf(handle: Model, requests: Sequence[Request], config: GenerationCo
             for start in range(0, len(order), config.batch_size):
                 batch = order[start:start + config.batch_size]
                 completions = _generate_batch(handle, [prompt_ids[i] for i in batch],
-                                              [requests[i].seed for i in batch], config)
+                                              [requests[i].seed for i in batch], config,
+                                              [requests[i].logprobs for i in batch])
                 for i, completion in zip(batch, completions, strict=True):
                     results[i] = completion
                 if on_batch is not None:
@@ -121,9 +123,11 @@ def generate_hf(handle: Model, requests: Sequence[Request], config: GenerationCo
 
 
 @torch.inference_mode()
-def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int],
-                    config: GenerationConfig) -> list[Completion]:
+def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int], config: GenerationConfig,
+                    logprobs: list[int | None] | None = None) -> list[Completion]:
     model, device = handle.model, handle.device
+    logprobs = logprobs or [None] * len(prompts)
+    recorded: list[list[TokenLogprob] | None] = [None if k is None else [] for k in logprobs]
     eos = torch.tensor(sorted(eos_token_ids(handle)), device=device)
     input_ids, attention = left_pad(prompts, handle.tokenizer.pad_token_id, device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
@@ -146,9 +150,12 @@ def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int],
                 logits = model(input_ids=input_ids, attention_mask=attention if padded else None,
                                position_ids=positions, **kv_cache(handle, cache), use_cache=True,
                                logits_to_keep=1).logits[:, -1, :].float()
+        raw = _log_probs(logits, [logprobs[r] for r in live])  # the model's, before EOS suppression
         if step + 1 < config.min_new_tokens:
             logits[:, eos] = float("-inf")
         next_ids = _pick_tokens(logits, config, [generators[r] for r in live])
+        if raw is not None:
+            _record_logprobs(raw, next_ids, [logprobs[r] for r in live], [recorded[r] for r in live])
         done = torch.isin(next_ids, eos)
         for row, (token, is_done) in enumerate(zip(next_ids.tolist(), done.tolist(), strict=False)):
             tokens[live[row]].append(token)
@@ -166,7 +173,21 @@ def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int],
         positions = positions[:, -1:] + 1
         prompt_mask = torch.zeros((len(live), 1), dtype=torch.bool, device=device)
         response_mask = torch.ones((len(live), 1), dtype=torch.bool, device=device)
-    return [decode_completion(handle, tokens[i], len(prompts[i]), finish[i]) for i in range(len(prompts))]
+    return [decode_completion(handle, tokens[i], len(prompts[i]), finish[i], recorded[i]) for i in range(len(prompts))]
+
+
+def _log_probs(logits: Tensor, wanted: list[int | None]) -> Tensor | None:
+    """The next-token log-probabilities of the rows, where any row asked for them."""
+    return None if all(k is None for k in wanted) else logits.log_softmax(-1)
+
+
+def _record_logprobs(raw: Tensor, picked: Tensor, wanted: list[int | None], into: list) -> None:
+    chosen = raw.gather(-1, picked[:, None]).squeeze(-1).tolist()
+    top_values, top_ids = raw.topk(max(k or 0 for k in wanted), dim=-1)
+    for row, k in enumerate(wanted):
+        if k is not None:
+            top = dict(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist(), strict=True))
+            into[row].append(TokenLogprob(int(picked[row]), chosen[row], top))
 
 
 def serial_prefill(handle: Model, prompts: list[list[int]], config: GenerationConfig) -> bool:

@@ -53,6 +53,18 @@ class Request:
     messages: list[dict]
     seed: int = 0
     interventions: tuple = ()  # this request's own, on top of those of the whole call
+    prompt: str | None = None  # raw text to continue instead of the chat-templated messages (a plain completion)
+    logprobs: int | None = None  # record each generated token's log-probability and this many most likely ones
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model (before temperature and top-p, as vLLM reports
+    them), and the `top` most likely tokens at that step with theirs."""
+
+    token: int
+    logprob: float
+    top: dict[int, float]
 
 
 @dataclass
@@ -61,6 +73,7 @@ class Completion:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str  # "eos" or "length"
+    logprobs: list[TokenLogprob] | None = None  # per generated token, where the request asked for them
 
 
 def eos_token_ids(handle: Model) -> set[int]:
@@ -87,17 +100,21 @@ def kv_cache(handle: Model, cache) -> dict:
     return {"cache" if "cache" in parameters else "past_key_values": cache}
 
 
-def decode_completion(handle: Model, token_ids: list[int], prompt_tokens: int, finish: str) -> Completion:
+def decode_completion(handle: Model, token_ids: list[int], prompt_tokens: int, finish: str,
+                      logprobs: list[TokenLogprob] | None = None) -> Completion:
     """The text of a completion: its tokens up to (not including) an end-of-sequence token."""
     stop = eos_token_ids(handle)
     text_ids = token_ids[:-1] if token_ids and token_ids[-1] in stop else token_ids
     text = handle.tokenizer.decode(text_ids, skip_special_tokens=True)
-    return Completion(text=text, token_ids=token_ids, prompt_tokens=prompt_tokens, finish_reason=finish)
+    return Completion(text=text, token_ids=token_ids, prompt_tokens=prompt_tokens, finish_reason=finish,
+                      logprobs=logprobs)
 
 
 def prompt_token_ids(handle: Model, requests) -> list[list[int]]:
-    """Each request's chat-templated prompt, tokenized the one way every engine uses."""
-    return [handle.tokenizer(handle.chat_text(r.messages), add_special_tokens=False)["input_ids"] for r in requests]
+    """Each request's prompt tokenized the one way every engine uses: the chat template (its special tokens
+    written in the text), or a raw prompt as the tokenizer reads plain text."""
+    return [handle.tokenizer(r.prompt)["input_ids"] if r.prompt is not None else
+            handle.tokenizer(handle.chat_text(r.messages), add_special_tokens=False)["input_ids"] for r in requests]
 
 
 def sample_seed(base_seed: int, *parts: Any) -> int:

@@ -38,6 +38,7 @@ from emlens.generation.requests import (
     Completion,
     GenerationConfig,
     Request,
+    TokenLogprob,
     decode_completion,
     eos_token_ids,
     prompt_token_ids,
@@ -212,10 +213,10 @@ class VLLMEngine:
                 params = [SamplingParams(
                     n=1, temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
                     min_tokens=config.min_new_tokens, seed=requests[i].seed, stop_token_ids=stop, detokenize=False,
-                    extra_args={"emlens": keys[i]} if keys[i] in programs else None) for i in indices]
+                    logprobs=requests[i].logprobs, extra_args={"emlens": keys[i]} if keys[i] in programs else None) for i in indices]
                 outputs = self._run(prompts, params, lora)
-                completions = [_completion(handle, out, len(prompt_ids[i])) for i, out in zip(indices, outputs,
-                                                                                               strict=True)]
+                completions = [_completion(handle, out, len(prompt_ids[i]), requests[i].logprobs)
+                               for i, out in zip(indices, outputs, strict=True)]
                 results.extend(completions)
                 if on_batch is not None:
                     on_batch(indices, completions)
@@ -382,10 +383,16 @@ def _digest_bytes(value) -> bytes:
     return repr(value).encode()
 
 
-def _completion(handle: Model, output, prompt_tokens: int) -> Completion:
+def _completion(handle: Model, output, prompt_tokens: int, logprobs: int | None = None) -> Completion:
     result = output.outputs[0]
     finish = "length" if result.finish_reason == "length" else "eos"
-    return decode_completion(handle, list(result.token_ids), prompt_tokens, finish)
+    recorded = None
+    if logprobs is not None:  # each step's dict holds the top `logprobs` (by rank) and the sampled token
+        recorded = [TokenLogprob(token, step[token].logprob,
+                                 {t: lp.logprob for t, lp in sorted(step.items(), key=lambda item: item[1].rank)
+                                  if lp.rank <= logprobs})
+                    for token, step in zip(result.token_ids, result.logprobs or [], strict=True)]
+    return decode_completion(handle, list(result.token_ids), prompt_tokens, finish, recorded)
 
 
 @contextlib.contextmanager

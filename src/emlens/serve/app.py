@@ -1,0 +1,324 @@
+"""The OpenAI-compatible HTTP API of `emlens serve`: FastAPI routes on uvicorn, over one batching model thread.
+
+Routes: `GET /v1/models`, `GET /v1/emlens` (what may be steered with: registered directions and SAEs with their
+fingerprints), `POST /v1/chat/completions` and `POST /v1/completions` (streaming and not, n, temperature,
+top_p, max_tokens, seed, logprobs / top_logprobs, stop). Every response carries an `emlens` field saying what
+was applied (each op with its direction's fingerprint, layer, site, scale and alpha; the engine; the model and
+adapter), so a client can check that steering happened. A streamed response is sent once its completions are
+generated (the engines generate whole batches), as OpenAI-style chunks whose text adds up to the whole.
+
+Every refusal is an OpenAI-style JSON error naming the field (`param`), with status 400 (401 for a missing or
+wrong key, 404 for an unknown model, 500 for a fault of the server, whose traceback goes to the server's log,
+never to the client); the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from emlens.base.errors import EmlensInputError
+from emlens.generation.engine import GenerationConfig, Request
+from emlens.generation.requests import Completion, TokenLogprob, eos_token_ids, prompt_token_ids
+from emlens.serve.config import API_KEY_ENV
+from emlens.serve.protocol import ChatRequest, CompletionRequest, ServeError, error_param
+from emlens.serve.server import Served, Server
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Choice:
+    """One finished completion as the API returns it: text cut at a stop string, its tokens and log-probs."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # stop | length
+    logprobs: list[TokenLogprob] | None
+    generated: int  # tokens generated (usage)
+    prompt_tokens: int
+
+
+def finish_choice(handle, completion: Completion, stops: list[str]) -> Choice:
+    ids = list(completion.token_ids)
+    generated = len(ids)
+    if ids and ids[-1] in eos_token_ids(handle):
+        ids = ids[:-1]
+    text, finish = completion.text, "stop" if completion.finish_reason == "eos" else "length"
+    cuts = [text.find(s) for s in stops if s in text]
+    if cuts:
+        text, finish = text[:min(cuts)], "stop"
+        for k in range(1, len(ids) + 1):  # generation would have stopped at the token completing a stop string
+            if any(s in handle.tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stops):
+                ids, generated = ids[:k], k
+                break
+    logprobs = None if completion.logprobs is None else completion.logprobs[:len(ids)]
+    return Choice(text, ids, finish, logprobs, generated, completion.prompt_tokens)
+
+
+def text_pieces(handle, choice: Choice) -> Iterator[tuple[str, int, int]]:
+    """(text, first token, end token) pieces of a choice for streaming: one per token where it decodes to whole
+    characters (a token ending inside a UTF-8 character waits for the next); the pieces add up to the text."""
+    emitted, start = "", 0
+    for end in range(1, len(choice.token_ids) + 1):
+        text = handle.tokenizer.decode(choice.token_ids[:end], skip_special_tokens=True)[:len(choice.text)]
+        if text.endswith("\ufffd") or not text.startswith(emitted) or len(text) == len(emitted):
+            continue
+        yield text[len(emitted):], start, end
+        emitted, start = text, end
+    if len(emitted) < len(choice.text):
+        yield choice.text[len(emitted):], start, len(choice.token_ids)
+
+
+def token_text(handle, token: int) -> str:
+    return handle.tokenizer.decode([token])
+
+
+def chat_logprobs(handle, entries: list[TokenLogprob] | None) -> dict | None:
+    if entries is None:
+        return None
+
+    def item(token: int, logprob: float) -> dict:
+        text = token_text(handle, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top.items()]}
+                        for e in entries]}
+
+
+def completion_logprobs(handle, entries: list[TokenLogprob] | None) -> dict | None:
+    if entries is None:
+        return None
+    tokens = [token_text(handle, e.token) for e in entries]
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_text(handle, t): lp for t, lp in e.top.items()} for e in entries],
+            "text_offset": offsets}
+
+
+class Guard:
+    """ASGI middleware before any route: the bearer key (when EMLENS_API_KEY is set) and the body-size limit.
+    The body is read whole (it is at most the limit) and handed on, so an oversize one is refused before any
+    route parses it."""
+
+    def __init__(self, app, key: str | None, max_body_bytes: int):
+        self.app, self.key, self.max_body = app, key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.key and not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.key}".encode()):
+            return await _send_error(send, ServeError("missing or wrong API key (send Authorization: Bearer KEY)",
+                                                      status=401, code="invalid_api_key"))
+        too_big = ServeError(f"request body exceeds the limit of {self.max_body} bytes", "body")
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body:
+            return await _send_error(send, too_big)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                return await _send_error(send, too_big)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _send_error(send, error: ServeError) -> None:
+    payload = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def build_app(server: Server) -> FastAPI:
+    app = FastAPI(title="emlens serve", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, error: RequestValidationError):
+        first = error.errors()[0]
+        param = error_param(tuple(first.get("loc", ())))
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return _json_error(ServeError(f"{param}: {message}" if param else message, param))
+
+    @app.exception_handler(ServeError)
+    async def _refused(_request, error: ServeError):
+        return _json_error(error)
+
+    @app.exception_handler(Exception)
+    async def _fault(_request, error: Exception):
+        log.exception("emlens serve: request failed")
+        return _json_error(ServeError(f"internal error: {type(error).__name__}", status=500, kind="server_error"))
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "emlens",
+                                            "emlens": served.describe()} for name, served in server.models.items()]}
+
+    @app.get("/v1/emlens")
+    async def steering():
+        return {"engine": server.config.engine, "models": {n: s.describe() for n, s in server.models.items()},
+                **server.registered.describe()}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):
+        served, choices, extension = await _generate(server, body, [(body.chat(), None)])
+        return _respond(served, body, choices, extension, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        served, choices, extension = await _generate(server, body, [([], p) for p in body.prompts()])
+        return _respond(served, body, choices, extension, chat=False)
+
+    app.add_middleware(Guard, key=os.environ.get(API_KEY_ENV) or None, max_body_bytes=server.config.max_body_bytes)
+    return app
+
+
+def _json_error(error: ServeError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _served(server: Server, name: str) -> Served:
+    if name not in server.models:
+        raise ServeError(f"model '{name}' is not served (served: {', '.join(server.models)})", "model", status=404,
+                         code="model_not_found")
+    return server.models[name]
+
+
+def _token_limit(server: Server, body, served: Served, prompts: list[Request]) -> int:
+    limit, config = body.token_limit, server.config
+    if limit is not None and limit > config.max_tokens:
+        raise ServeError(f"max_tokens {limit} exceeds this server's limit of {config.max_tokens}", "max_tokens")
+    longest = max(len(ids) for ids in prompt_token_ids(served.handle, prompts))
+    room = server.context - longest if server.context else config.max_tokens
+    if room < 1 or (limit is not None and limit > room):
+        raise ServeError(f"the prompt ({longest} tokens) and max_tokens {limit} exceed the model's context of "
+                         f"{server.context} tokens", "max_tokens" if room >= 1 else "messages")
+    return limit if limit is not None else min(config.default_max_tokens, config.max_tokens, room)
+
+
+async def _generate(server: Server, body, prompts: list[tuple[list[dict], str | None]]):
+    served = _served(server, body.model)
+    if body.n > server.config.max_n:
+        raise ServeError(f"n {body.n} exceeds this server's limit of {server.config.max_n}", "n")
+    interventions, applied = server.steerings.resolve(body.emlens.steer)
+    seed = body.seed if body.seed is not None else secrets.randbelow(1 << 31)
+    requests = [Request(messages, seed=seed + i * body.n + j, interventions=interventions, prompt=prompt,
+                        logprobs=body.top_k_logprobs)
+                for i, (messages, prompt) in enumerate(prompts) for j in range(body.n)]
+    config = GenerationConfig(max_new_tokens=_token_limit(server, body, served, requests[::body.n]),
+                              temperature=body.temperature, top_p=body.top_p, engine=server.config.engine,
+                              batch_size=server.config.max_batch)
+    try:
+        completions = await asyncio.wrap_future(server.batcher.submit(served.handle, requests, config))
+    except EmlensInputError as error:
+        raise ServeError(str(error)) from None
+    choices = [finish_choice(served.handle, c, body.stops) for c in completions]
+    extension = {"engine": server.config.engine, "model": served.handle.spec, "adapter": served.adapter,
+                 "fingerprint": served.handle.fingerprint, "seed": seed, "steer": applied}
+    return served, choices, extension
+
+
+def _respond(served: Served, body, choices: list[Choice], extension: dict, chat: bool):
+    handle = served.handle
+    prompt_tokens = sum(c.prompt_tokens for c in choices[::body.n])  # each prompt once, not once per choice
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(c.generated for c in choices),
+             "total_tokens": prompt_tokens + sum(c.generated for c in choices)}
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": served.name}
+    if body.stream:
+        return StreamingResponse(_stream(handle, body, choices, extension, head, usage, chat),
+                                 media_type="text/event-stream")
+    if chat:
+        rows = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+                 "logprobs": chat_logprobs(handle, c.logprobs)} for i, c in enumerate(choices)]
+    else:
+        rows = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                 "logprobs": completion_logprobs(handle, c.logprobs)} for i, c in enumerate(choices)]
+    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": rows, "usage": usage,
+            "emlens": extension}
+
+
+def _stream(handle, body, choices: list[Choice], extension: dict, head: dict, usage: dict, chat: bool):
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(rows: list[dict], **extra) -> str:
+        return f"data: {json.dumps({**head, 'object': kind, 'choices': rows, **extra})}\n\n"
+
+    for index, choice in enumerate(choices):
+        if chat:
+            yield event([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}], emlens=extension)
+        for piece, start, end in text_pieces(handle, choice):
+            entries = None if choice.logprobs is None else choice.logprobs[start:end]
+            row = ({"index": index, "delta": {"content": piece}, "logprobs": chat_logprobs(handle, entries),
+                    "finish_reason": None} if chat else
+                   {"index": index, "text": piece, "logprobs": completion_logprobs(handle, entries),
+                    "finish_reason": None})
+            yield event([row]) if chat else event([row], emlens=extension)
+        yield event([{"index": index, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason} if chat
+                     else {"index": index, "text": "", "logprobs": None, "finish_reason": choice.finish_reason}])
+    if (body.stream_options or {}).get("include_usage"):
+        yield event([], usage=usage)
+    yield "data: [DONE]\n\n"
+
+
+def run_server(server: Server, echo=print) -> None:
+    """Serve in the foreground until interrupted (`emlens serve`)."""
+    config = server.config
+    echo(f"serving {', '.join(server.models)} on http://{config.host}:{config.port}/v1 (engine {config.engine}; "
+         f"directions: {', '.join(server.registered.directions) or 'none'}; "
+         f"SAEs: {', '.join(server.registered.saes) or 'none'})")
+    try:
+        uvicorn.run(build_app(server), host=config.host, port=config.port, log_level="warning")
+    finally:
+        server.close()
+
+
+@contextlib.contextmanager
+def serving(server: Server, timeout_s: float = 60.0) -> Iterator[str]:
+    """Serve on the configured host and port (port 0: a free one) in a background thread; yields the base URL
+    (`http://127.0.0.1:PORT/v1`) and stops the server on exit (tests, benchmarks, notebooks)."""
+    uv = uvicorn.Server(uvicorn.Config(build_app(server), host=server.config.host, port=server.config.port,
+                                       log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=uv.run, name="emlens-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not uv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise EmlensInputError(f"emlens serve: could not start on {server.config.host}:{server.config.port}")
+        time.sleep(0.02)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{server.config.host}:{port}/v1"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
