@@ -219,3 +219,22 @@ def test_serve_refuses_a_direction_of_another_width_in_one_line(tiny_model_dir, 
     narrow = planted_direction(tmp_path / "narrow", width=32)
     code = run_cli("serve", "--model", str(tiny_model_dir), "--direction", f"narrow={narrow}", "--device", "cpu")
     assert "narrow" in one_line_error(capsys, code)
+
+
+def test_an_inspect_task_runs_against_the_served_steered_model(served, client, tmp_path, monkeypatch):
+    pytest.importorskip("inspect_ai")
+    from inspect_ai import Task
+    from inspect_ai import eval as inspect_eval
+    from inspect_ai.dataset import Sample
+    from inspect_ai.scorer import includes
+    from inspect_ai.solver import generate
+
+    monkeypatch.setenv("LOCAL_API_KEY", "unused")  # inspect's openai-api/local provider reads LOCAL_API_KEY
+    extra = steer({"op": "add", "direction": "planted", "scale": 5.0})
+    task = Task(dataset=[Sample(input=CHAT[0]["content"], target="world")], solver=generate(), scorer=includes())
+    log = inspect_eval(task, model=f"openai-api/local/{model_name(served)}", model_base_url=served[1],
+                       log_dir=str(tmp_path / "logs"), display="none", max_tokens=12, temperature=0,
+                       extra_body=extra)[0]
+    assert log.status == "success", log.error
+    direct = chat(client, model_name(served), extra_body=extra).choices[0].message.content
+    assert log.samples[0].output.completion == direct

@@ -219,3 +219,19 @@ def test_latent_ablation_runs_in_the_worker_as_under_hf(smol, architecture):
     hf, vllm = (run(smol, requests(chats), engine, interventions=[ablation]) for engine in ("hf", "vllm"))
     assert same_tokens(hf, vllm) >= 14
     assert same_tokens(plain, vllm) < 16
+
+
+def test_token_logprobs_match_hf(smol):
+    """Each generated token's log-probability and the top-3 at each step, as both engines report them."""
+    config = GREEDY.model_copy(update={"max_new_tokens": 8})
+    hf, vllm = (run(smol, requests(prompts(8), logprobs=3), engine, config) for engine in ("hf", "vllm"))
+    compared = 0
+    for h, v in zip(hf, vllm, strict=True):
+        if h.token_ids != v.token_ids:
+            continue
+        for a, b in zip(h.logprobs, v.logprobs, strict=True):
+            assert a.token == b.token and abs(a.logprob - b.logprob) < 2e-3
+            assert sorted(a.top) == sorted(b.top)
+            assert max(abs(a.top[t] - b.top[t]) for t in a.top) < 2e-3
+            compared += 1
+    assert compared >= 48

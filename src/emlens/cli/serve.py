@@ -6,7 +6,18 @@ from typing import Optional
 
 import typer
 
-from emlens.cli.app import DEVICE_OPT, TP_OPT, app, config_option, given, quiet_libraries, use_vllm_options
+from emlens.cli.app import (
+    DEVICE_OPT,
+    MODEL_OPT,
+    TP_OPT,
+    app,
+    bench_app,
+    config_option,
+    given,
+    load,
+    quiet_libraries,
+    use_vllm_options,
+)
 from emlens.serve.config import ServeConfig
 
 
@@ -54,3 +65,21 @@ def serve_command(
     server = load_server(**given(model=model_option or model, device=device, dtype=dtype, name=name), **named,
                          config=config, force=force)
     run_server(server, echo=typer.echo)
+
+
+@bench_app.command("serve")
+def bench_serve_command(
+    engine: str = typer.Option("hf", "--engine", help="hf or vllm"),
+    requests: int = typer.Option(16, "--requests", min=1, help="requests per phase"),
+    concurrency: int = typer.Option(8, "--concurrency", min=2, help="clients at once in the concurrent phases"),
+    new_tokens: int = typer.Option(32, "--new-tokens", min=1, help="tokens every request generates"),
+    repeats: int = typer.Option(2, "--repeats", min=1, help="interleaved runs of each; the best counts"),
+    model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT, tensor_parallel_size: Optional[int] = TP_OPT,
+) -> None:
+    """Requests/s through the server at concurrency 1 and N, plain and steered; last line includes
+    concurrent_vs_serial and steered_vs_plain."""
+    from emlens.bench.serve import bench_serve
+
+    handle = load(model, None, device, tensor_parallel_size=tensor_parallel_size)
+    bench_serve(handle, engine=engine, requests=requests, concurrency=concurrency, new_tokens=new_tokens,
+                repeats=repeats, echo=typer.echo)

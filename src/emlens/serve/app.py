@@ -234,7 +234,10 @@ async def _generate(server: Server, body, prompts: list[tuple[list[dict], str | 
     requests = [Request(messages, seed=seed + i * body.n + j, interventions=interventions, prompt=prompt,
                         logprobs=body.top_k_logprobs)
                 for i, (messages, prompt) in enumerate(prompts) for j in range(body.n)]
-    config = GenerationConfig(max_new_tokens=_token_limit(server, body, served, requests[::body.n]),
+    max_new_tokens = _token_limit(server, body, served, requests[::body.n])
+    if body.min_tokens > max_new_tokens:
+        raise ServeError(f"min_tokens {body.min_tokens} exceeds max_tokens {max_new_tokens}", "min_tokens")
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=body.min_tokens,
                               temperature=body.temperature, top_p=body.top_p, engine=server.config.engine,
                               batch_size=server.config.max_batch)
     try:
