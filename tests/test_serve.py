@@ -42,7 +42,7 @@ def served(tiny_model_dir, tmp_path_factory):
                                 LoraConfig(r=4, target_modules=["o_proj", "down_proj"], init_lora_weights=False))
     peft_model.save_pretrained(folder / "adapter")
     direction = planted_direction(folder / "planted")
-    config = ServeConfig(port=0, max_body_bytes=8192, batch_window_ms=300, max_tokens=64)
+    config = ServeConfig(port=0, max_body_bytes=8192, batch_window_ms=300, max_tokens=400)
     server = load_server(str(tiny_model_dir), adapters={"lora": str(folder / "adapter")},
                          directions={"planted": str(direction)}, config=config, device="cpu")
     with serving(server) as base_url:
@@ -150,12 +150,28 @@ def test_logprobs_are_the_models_and_greedy_picks_the_top_token(served, client):
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
 
 
-def test_a_stop_string_cuts_the_text(served, client):
+def test_a_stop_string_ends_generation_there_streamed_or_not(served, client):
     base = model_name(served)
     text = chat(client, base, max_tokens=24).choices[0].message.content
     stop = text[len(text) // 2: len(text) // 2 + 2]
-    cut = chat(client, base, max_tokens=24, stop=[stop]).choices[0]
-    assert cut.message.content == text[:text.find(stop)] and cut.finish_reason == "stop"
+    cut = chat(client, base, max_tokens=24, stop=[stop])
+    assert cut.choices[0].message.content == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < 24  # the engine stopped at the stop string, not at max_tokens
+    pieces = [c.choices[0].delta.content or "" for c in chat(client, base, max_tokens=24, stop=[stop], stream=True)
+              if c.choices]
+    assert "".join(pieces) == cut.choices[0].message.content and not any(stop in p for p in pieces)
+
+
+def test_a_stream_sends_tokens_as_they_are_generated(served, client):
+    import time
+
+    start, arrivals = time.perf_counter(), []
+    for chunk in chat(client, model_name(served), stream=True, max_tokens=400, temperature=1.0,
+                      extra_body={"min_tokens": 400}):
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter() - start)
+    assert len(arrivals) > 100
+    assert arrivals[0] < 0.5 * arrivals[-1]  # the first text came long before the last: not sent at the end
 
 
 @pytest.mark.parametrize("body, status, param", [

@@ -80,7 +80,7 @@ def test_concurrent_requests_with_different_steering_equal_their_solo_runs(clien
     solo = [ask(client, steer=c).choices[0].message.content for c in conditions]
     assert len(set(solo)) >= 3
     found: dict[int, str] = {}
-    calls = server.batcher.calls
+    calls, server.batcher.peak = server.batcher.calls, 0
     threads = [threading.Thread(target=lambda i=i, c=c: found.__setitem__(i, ask(client, steer=c).choices[0]
                                                                               .message.content))
                for i, c in enumerate(conditions)]
@@ -89,7 +89,10 @@ def test_concurrent_requests_with_different_steering_equal_their_solo_runs(clien
     for thread in threads:
         thread.join()
     assert [found[i] for i in range(len(conditions))] == solo
-    assert server.batcher.calls - calls == 1  # one engine call held all four
+    # hf: one engine call held all four; vllm: they decoded in one running batch
+    assert server.batcher.peak >= len(conditions)
+    if server.config.engine == "hf":
+        assert server.batcher.calls - calls == 1
 
 
 def test_streaming_logprobs_and_the_adapter(client):
@@ -107,3 +110,12 @@ def test_streaming_logprobs_and_the_adapter(client):
             assert entry.logprob <= entry.top_logprobs[0].logprob + 1e-5 and len(entry.top_logprobs) == 2
     adapted = ask(client, model="smollm2-135m-instruct:lora").choices[0].message.content
     assert adapted != ask(client).choices[0].message.content
+
+
+def test_a_stop_string_ends_the_request_in_the_engine(client):
+    client, _ = client
+    text = ask(client).choices[0].message.content
+    stop = text[len(text) // 3: len(text) // 3 + 3]
+    cut = ask(client, stop=[stop])
+    assert cut.choices[0].message.content == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < ask(client).usage.completion_tokens

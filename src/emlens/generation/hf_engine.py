@@ -112,7 +112,8 @@ def generate_hf(handle: Model, requests: Sequence[Request], config: GenerationCo
                 batch = order[start:start + config.batch_size]
                 completions = _generate_batch(handle, [prompt_ids[i] for i in batch],
                                               [requests[i].seed for i in batch], config,
-                                              [requests[i].logprobs for i in batch])
+                                              [requests[i].logprobs for i in batch],
+                                              [requests[i].on_token for i in batch])
                 for i, completion in zip(batch, completions, strict=True):
                     results[i] = completion
                 if on_batch is not None:
@@ -124,9 +125,10 @@ def generate_hf(handle: Model, requests: Sequence[Request], config: GenerationCo
 
 @torch.inference_mode()
 def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int], config: GenerationConfig,
-                    logprobs: list[int | None] | None = None) -> list[Completion]:
+                    logprobs: list[int | None] | None = None, on_token: list | None = None) -> list[Completion]:
     model, device = handle.model, handle.device
     logprobs = logprobs or [None] * len(prompts)
+    on_token = on_token or [None] * len(prompts)
     recorded: list[list[TokenLogprob] | None] = [None if k is None else [] for k in logprobs]
     eos = torch.tensor(sorted(eos_token_ids(handle)), device=device)
     input_ids, attention = left_pad(prompts, handle.tokenizer.pad_token_id, device)
@@ -158,9 +160,13 @@ def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int], c
             _record_logprobs(raw, next_ids, [logprobs[r] for r in live], [recorded[r] for r in live])
         done = torch.isin(next_ids, eos)
         for row, (token, is_done) in enumerate(zip(next_ids.tolist(), done.tolist(), strict=False)):
-            tokens[live[row]].append(token)
+            original = live[row]
+            tokens[original].append(token)
             if is_done:
-                finish[live[row]] = "eos"
+                finish[original] = "eos"
+            elif on_token[original] is not None and on_token[original](
+                    token, recorded[original][-1] if recorded[original] else None):
+                finish[original], done[row] = "stop", True
         if step + 2 >= config.max_new_tokens or bool(done.all()):
             break
         keep = (~done).nonzero().squeeze(-1)

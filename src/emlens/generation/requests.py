@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,10 @@ class Request:
     interventions: tuple = ()  # this request's own, on top of those of the whole call
     prompt: str | None = None  # raw text to continue instead of the chat-templated messages (a plain completion)
     logprobs: int | None = None  # record each generated token's log-probability and this many most likely ones
+    # called with each generated token but end-of-sequence (and its TokenLogprob where asked for) as it is
+    # generated; returning True ends the request there (finish_reason "stop"): a server streams through it and
+    # ends a request at a stop string
+    on_token: Callable[[int, TokenLogprob | None], bool] | None = None
 
 
 @dataclass
@@ -72,7 +77,7 @@ class Completion:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "length", or "stop" (the request's on_token ended it)
     logprobs: list[TokenLogprob] | None = None  # per generated token, where the request asked for them
 
 
@@ -108,6 +113,22 @@ def decode_completion(handle: Model, token_ids: list[int], prompt_tokens: int, f
     text = handle.tokenizer.decode(text_ids, skip_special_tokens=True)
     return Completion(text=text, token_ids=token_ids, prompt_tokens=prompt_tokens, finish_reason=finish,
                       logprobs=logprobs)
+
+
+def replay_tokens(handle: Model, request: Request, completion: Completion) -> Completion:
+    """A completion generated whole, its tokens handed to the request's `on_token` in order, and cut where that
+    asks to stop (engines that cannot call it step by step give the same result this way)."""
+    if request.on_token is None:
+        return completion
+    stop = eos_token_ids(handle)
+    for i, token in enumerate(completion.token_ids):
+        if token in stop:
+            break
+        entry = completion.logprobs[i] if completion.logprobs is not None else None
+        if request.on_token(token, entry) and i + 1 < len(completion.token_ids):
+            kept = completion.logprobs[:i + 1] if completion.logprobs is not None else None
+            return decode_completion(handle, completion.token_ids[:i + 1], completion.prompt_tokens, "stop", kept)
+    return completion
 
 
 def prompt_token_ids(handle: Model, requests) -> list[list[int]]:

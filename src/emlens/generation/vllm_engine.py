@@ -42,6 +42,7 @@ from emlens.generation.requests import (
     decode_completion,
     eos_token_ids,
     prompt_token_ids,
+    replay_tokens,
 )
 from emlens.model import Model, resolve_checkpoint
 from emlens.sites import FAMILIES, SITE_KINDS, family_of, site_name, vllm_point
@@ -215,7 +216,8 @@ class VLLMEngine:
                     min_tokens=config.min_new_tokens, seed=requests[i].seed, stop_token_ids=stop, detokenize=False,
                     logprobs=requests[i].logprobs, extra_args={"emlens": keys[i]} if keys[i] in programs else None) for i in indices]
                 outputs = self._run(prompts, params, lora)
-                completions = [_completion(handle, out, len(prompt_ids[i]), requests[i].logprobs)
+                completions = [replay_tokens(handle, requests[i], _completion(handle, out, len(prompt_ids[i]),
+                                                                              requests[i].logprobs))
                                for i, out in zip(indices, outputs, strict=True)]
                 results.extend(completions)
                 if on_batch is not None:
@@ -387,12 +389,106 @@ def _completion(handle: Model, output, prompt_tokens: int, logprobs: int | None 
     result = output.outputs[0]
     finish = "length" if result.finish_reason == "length" else "eos"
     recorded = None
-    if logprobs is not None:  # each step's dict holds the top `logprobs` (by rank) and the sampled token
-        recorded = [TokenLogprob(token, step[token].logprob,
-                                 {t: lp.logprob for t, lp in sorted(step.items(), key=lambda item: item[1].rank)
-                                  if lp.rank <= logprobs})
+    if logprobs is not None:
+        recorded = [_token_logprob(token, step, logprobs)
                     for token, step in zip(result.token_ids, result.logprobs or [], strict=True)]
     return decode_completion(handle, list(result.token_ids), prompt_tokens, finish, recorded)
+
+
+def _token_logprob(token: int, step: dict, k: int) -> TokenLogprob:
+    """One step's vLLM logprobs: a dict holding the top k (by rank) and the sampled token."""
+    return TokenLogprob(token, step[token].logprob,
+                        {t: lp.logprob for t, lp in sorted(step.items(), key=lambda item: item[1].rank) if lp.rank <= k})
+
+
+class LiveRequests:
+    """vLLM's engine stepped by its caller (a server's model thread), for continuous batching and streaming:
+    requests join between steps while others decode; each step's new tokens go to the request's `on_token` as
+    they come (which may end the request), and each finished request's Completion (or the error that ended it)
+    to its `done`. Base and adapter requests share the steps; each request runs under its own worker program,
+    kept registered while any live request needs it."""
+
+    def __init__(self, handle: Model):
+        self.engine = engine_for(handle)
+        self._live: dict[str, dict] = {}
+        self._programs: dict[str, list[dict]] = {}
+        self._users: dict[str, int] = {}
+        self._count = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._live)
+
+    @property
+    def count(self) -> int:
+        return len(self._live)
+
+    def add(self, handle: Model, request: Request, config: GenerationConfig,
+            done: Callable[[Completion | Exception], None]) -> None:
+        from vllm import SamplingParams, TokensPrompt
+
+        if engine_for(handle) is not self.engine:
+            raise EmlensInputError(f"engine vllm: {handle.spec} is not served by this engine's base model")
+        ops = program_of(handle, list(request.interventions), self.engine.shape)
+        key = _program_key(ops)
+        if ops:
+            if key not in self._programs:
+                self._programs[key] = ops
+                self.engine._set_programs(dict(self._programs))
+            self._users[key] = self._users.get(key, 0) + 1
+        prompt_ids = prompt_token_ids(handle, [request])[0]
+        params = SamplingParams(
+            n=1, temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
+            min_tokens=config.min_new_tokens, seed=request.seed, stop_token_ids=sorted(eos_token_ids(handle)),
+            detokenize=False, logprobs=request.logprobs, extra_args={"emlens": key} if ops else None)
+        self._count += 1
+        request_id = f"emlens-live-{self._count}"
+        self.engine.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=key),
+                                               params, lora_request=self.engine._lora(handle))
+        self._live[request_id] = {"handle": handle, "request": request, "prompt": len(prompt_ids), "key": key,
+                                  "done": done, "seen": 0}
+
+    def step(self) -> None:
+        try:
+            with _quiet():
+                outputs = self.engine.llm.llm_engine.step()
+        except Exception as error:  # every live request hears of it
+            for request_id in list(self._live):
+                self._finish(request_id, error)
+            raise
+        for output in outputs:
+            if output.request_id in self._live:
+                self._advance(output)
+
+    def _advance(self, output) -> None:
+        live = self._live[output.request_id]
+        handle, request, result = live["handle"], live["request"], output.outputs[0]
+        stop = eos_token_ids(handle)
+        for i in range(live["seen"], len(result.token_ids)):
+            live["seen"] = i + 1
+            token = result.token_ids[i]
+            if token in stop or request.on_token is None:
+                continue
+            entry = _token_logprob(token, result.logprobs[i], request.logprobs) if request.logprobs is not None else None
+            if request.on_token(token, entry):
+                if not output.finished:
+                    self.engine.llm.llm_engine.abort_request([output.request_id])
+                kept = result.token_ids[:i + 1]
+                entries = (None if request.logprobs is None else
+                           [_token_logprob(t, result.logprobs[j], request.logprobs) for j, t in enumerate(kept)])
+                self._finish(output.request_id, decode_completion(handle, list(kept), live["prompt"], "stop", entries))
+                return
+        if output.finished:
+            self._finish(output.request_id, _completion(handle, output, live["prompt"], request.logprobs))
+
+    def _finish(self, request_id: str, result: Completion | Exception) -> None:
+        live = self._live.pop(request_id)
+        key = live["key"]
+        if key in self._users:
+            self._users[key] -= 1
+            if self._users[key] == 0:  # dropped from the next program set the workers receive
+                del self._users[key], self._programs[key]
+        live["done"](result)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import uvicorn
@@ -54,35 +55,57 @@ class Choice:
     prompt_tokens: int
 
 
-def finish_choice(handle, completion: Completion, stops: list[str]) -> Choice:
-    ids = list(completion.token_ids)
-    generated = len(ids)
-    if ids and ids[-1] in eos_token_ids(handle):
-        ids = ids[:-1]
-    text, finish = completion.text, "stop" if completion.finish_reason == "eos" else "length"
-    cuts = [text.find(s) for s in stops if s in text]
-    if cuts:
-        text, finish = text[:min(cuts)], "stop"
-        for k in range(1, len(ids) + 1):  # generation would have stopped at the token completing a stop string
-            if any(s in handle.tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stops):
-                ids, generated = ids[:k], k
-                break
-    logprobs = None if completion.logprobs is None else completion.logprobs[:len(ids)]
-    return Choice(text, ids, finish, logprobs, generated, completion.prompt_tokens)
+class Watch:
+    """One choice as it is generated, called from the model thread with each token: the text so far, cut at the
+    first stop string (which ends the request there), and, when streaming, the text sent on in whole characters,
+    holding back a tail that may begin a stop string. A client that leaves cancels it: the request ends at its
+    next token."""
 
+    def __init__(self, handle, stops: list[str], send=None):
+        self.handle, self.stops, self.send = handle, stops, send
+        self.ids: list[int] = []
+        self.entries: list[TokenLogprob] = []
+        self.text, self.sent, self.entries_sent = "", 0, 0
+        self.stopped = self.cancelled = False
 
-def text_pieces(handle, choice: Choice) -> Iterator[tuple[str, int, int]]:
-    """(text, first token, end token) pieces of a choice for streaming: one per token where it decodes to whole
-    characters (a token ending inside a UTF-8 character waits for the next); the pieces add up to the text."""
-    emitted, start = "", 0
-    for end in range(1, len(choice.token_ids) + 1):
-        text = handle.tokenizer.decode(choice.token_ids[:end], skip_special_tokens=True)[:len(choice.text)]
-        if text.endswith("\ufffd") or not text.startswith(emitted) or len(text) == len(emitted):
-            continue
-        yield text[len(emitted):], start, end
-        emitted, start = text, end
-    if len(emitted) < len(choice.text):
-        yield choice.text[len(emitted):], start, len(choice.token_ids)
+    def __call__(self, token: int, entry: TokenLogprob | None) -> bool:
+        self.ids.append(token)
+        if entry is not None:
+            self.entries.append(entry)
+        if self.cancelled:
+            return True
+        text = self.handle.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # inside a UTF-8 character: wait for the rest of it
+            return False
+        cuts = [text.find(s) for s in self.stops if s in text]
+        self.text, self.stopped = (text[:min(cuts)], True) if cuts else (text, False)
+        self.pass_on(len(self.text) - (0 if cuts else self._held(text)))
+        return self.stopped
+
+    def _held(self, text: str) -> int:
+        """How many characters at the end may begin a stop string."""
+        return max((k for stop in self.stops for k in range(min(len(stop) - 1, len(text)), 0, -1)
+                    if text.endswith(stop[:k])), default=0)
+
+    def pass_on(self, upto: int | None = None) -> None:
+        upto = len(self.text) if upto is None else upto
+        if self.send is not None and (upto > self.sent or len(self.entries) > self.entries_sent):
+            self.send(self.text[self.sent:upto], self.entries[self.entries_sent:])
+            self.sent, self.entries_sent = max(self.sent, upto), len(self.entries)
+
+    def finish(self, completion: Completion) -> Choice:
+        """The choice the API returns; a stream's held-back tail is sent on."""
+        ids = list(completion.token_ids)
+        generated = len(ids)
+        if ids and ids[-1] in eos_token_ids(self.handle):
+            ids = ids[:-1]
+        self.text = self.text if self.stopped else completion.text
+        if completion.logprobs is not None:
+            self.entries = completion.logprobs[:len(ids)]
+        self.pass_on()
+        return Choice(self.text, ids, "length" if completion.finish_reason == "length" else "stop",
+                      None if completion.logprobs is None else completion.logprobs[:len(ids)], generated,
+                      completion.prompt_tokens)
 
 
 def token_text(handle, token: int) -> str:
@@ -190,13 +213,11 @@ def build_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
-        served, choices, extension = await _generate(server, body, [(body.chat(), None)])
-        return _respond(served, body, choices, extension, chat=True)
+        return await _respond(_submit(server, body, [(body.chat(), None)]), body, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        served, choices, extension = await _generate(server, body, [([], p) for p in body.prompts()])
-        return _respond(served, body, choices, extension, chat=False)
+        return await _respond(_submit(server, body, [([], p) for p in body.prompts()]), body, chat=False)
 
     app.add_middleware(Guard, key=os.environ.get(API_KEY_ENV) or None, max_body_bytes=server.config.max_body_bytes)
     return app
@@ -225,14 +246,43 @@ def _token_limit(server: Server, body, served: Served, prompts: list[Request]) -
     return limit if limit is not None else min(config.default_max_tokens, config.max_tokens, room)
 
 
-async def _generate(server: Server, body, prompts: list[tuple[list[dict], str | None]]):
+@dataclass
+class Pending:
+    """A request handed to the model thread: its choices' watches, the future of its completions, and (when
+    streaming) the queue its pieces arrive on."""
+
+    served: Served
+    watches: list[Watch]
+    future: Future
+    events: asyncio.Queue | None
+    extension: dict
+
+    async def choices(self) -> list[Choice]:
+        try:
+            completions = await asyncio.wrap_future(self.future)
+        except EmlensInputError as error:
+            raise ServeError(str(error)) from None
+        return [watch.finish(c) for watch, c in zip(self.watches, completions, strict=True)]
+
+
+def _submit(server: Server, body, prompts: list[tuple[list[dict], str | None]]) -> Pending:
+    """Check the request, then hand it to the model thread (a refusal is raised before any work starts)."""
     served = _served(server, body.model)
     if body.n > server.config.max_n:
         raise ServeError(f"n {body.n} exceeds this server's limit of {server.config.max_n}", "n")
     interventions, applied = server.steerings.resolve(body.emlens.steer)
     seed = body.seed if body.seed is not None else secrets.randbelow(1 << 31)
+    loop = asyncio.get_running_loop()
+    events = asyncio.Queue() if body.stream else None
+
+    def sender(index: int):
+        return lambda piece, entries: loop.call_soon_threadsafe(events.put_nowait, (index, piece, entries))
+
+    count = len(prompts) * body.n
+    watches = [Watch(served.handle, body.stops, sender(i) if events else None) for i in range(count)]
+    watched = bool(body.stops) or body.stream  # otherwise nothing needs the tokens before the end
     requests = [Request(messages, seed=seed + i * body.n + j, interventions=interventions, prompt=prompt,
-                        logprobs=body.top_k_logprobs)
+                        logprobs=body.top_k_logprobs, on_token=watches[i * body.n + j] if watched else None)
                 for i, (messages, prompt) in enumerate(prompts) for j in range(body.n)]
     max_new_tokens = _token_limit(server, body, served, requests[::body.n])
     if body.min_tokens > max_new_tokens:
@@ -240,58 +290,78 @@ async def _generate(server: Server, body, prompts: list[tuple[list[dict], str | 
     config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=body.min_tokens,
                               temperature=body.temperature, top_p=body.top_p, engine=server.config.engine,
                               batch_size=server.config.max_batch)
-    try:
-        completions = await asyncio.wrap_future(server.batcher.submit(served.handle, requests, config))
-    except EmlensInputError as error:
-        raise ServeError(str(error)) from None
-    choices = [finish_choice(served.handle, c, body.stops) for c in completions]
     extension = {"engine": server.config.engine, "model": served.handle.spec, "adapter": served.adapter,
                  "fingerprint": served.handle.fingerprint, "seed": seed, "steer": applied}
-    return served, choices, extension
+    return Pending(served, watches, server.batcher.submit(served.handle, requests, config), events, extension)
 
 
-def _respond(served: Served, body, choices: list[Choice], extension: dict, chat: bool):
-    handle = served.handle
-    prompt_tokens = sum(c.prompt_tokens for c in choices[::body.n])  # each prompt once, not once per choice
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(c.generated for c in choices),
-             "total_tokens": prompt_tokens + sum(c.generated for c in choices)}
+async def _respond(pending: Pending, body, chat: bool):
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": served.name}
+            "model": pending.served.name}
     if body.stream:
-        return StreamingResponse(_stream(handle, body, choices, extension, head, usage, chat),
-                                 media_type="text/event-stream")
+        return StreamingResponse(_stream(pending, body, head, chat), media_type="text/event-stream")
+    handle, choices = pending.served.handle, await pending.choices()
     if chat:
         rows = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                  "logprobs": chat_logprobs(handle, c.logprobs)} for i, c in enumerate(choices)]
     else:
         rows = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
                  "logprobs": completion_logprobs(handle, c.logprobs)} for i, c in enumerate(choices)]
-    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": rows, "usage": usage,
-            "emlens": extension}
+    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": rows,
+            "usage": _usage(choices, body.n), "emlens": pending.extension}
 
 
-def _stream(handle, body, choices: list[Choice], extension: dict, head: dict, usage: dict, chat: bool):
-    kind = "chat.completion.chunk" if chat else "text_completion"
+def _usage(choices: list[Choice], n: int) -> dict:
+    prompt = sum(c.prompt_tokens for c in choices[::n])  # each prompt once, not once per choice
+    generated = sum(c.generated for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+async def _stream(pending: Pending, body, head: dict, chat: bool):
+    """Server-sent events as the tokens come: OpenAI-style chunks whose text adds up to the whole."""
+    handle, kind = pending.served.handle, "chat.completion.chunk" if chat else "text_completion"
 
     def event(rows: list[dict], **extra) -> str:
         return f"data: {json.dumps({**head, 'object': kind, 'choices': rows, **extra})}\n\n"
 
-    for index, choice in enumerate(choices):
+    def piece(index: int, text: str, entries) -> str:
         if chat:
+            return event([{"index": index, "delta": {"content": text}, "logprobs": chat_logprobs(handle, entries),
+                           "finish_reason": None}])
+        return event([{"index": index, "text": text, "logprobs": completion_logprobs(handle, entries),
+                       "finish_reason": None}])
+
+    try:
+        for index in range(len(pending.watches) if chat else 1):  # the first chunk says what was applied
             yield event([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}], emlens=extension)
-        for piece, start, end in text_pieces(handle, choice):
-            entries = None if choice.logprobs is None else choice.logprobs[start:end]
-            row = ({"index": index, "delta": {"content": piece}, "logprobs": chat_logprobs(handle, entries),
-                    "finish_reason": None} if chat else
-                   {"index": index, "text": piece, "logprobs": completion_logprobs(handle, entries),
-                    "finish_reason": None})
-            yield event([row]) if chat else event([row], emlens=extension)
-        yield event([{"index": index, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason} if chat
-                     else {"index": index, "text": "", "logprobs": None, "finish_reason": choice.finish_reason}])
-    if (body.stream_options or {}).get("include_usage"):
-        yield event([], usage=usage)
-    yield "data: [DONE]\n\n"
+                          "finish_reason": None} if chat else
+                         {"index": index, "text": "", "logprobs": None, "finish_reason": None}],
+                        **({"emlens": pending.extension} if index == 0 else {}))
+        finished = asyncio.ensure_future(pending.choices())
+        while True:
+            arrived = asyncio.ensure_future(pending.events.get())
+            await asyncio.wait({arrived, finished}, return_when=asyncio.FIRST_COMPLETED)
+            if not arrived.done():
+                arrived.cancel()
+                break
+            yield piece(*arrived.result())
+        try:
+            choices = finished.result()
+        except ServeError as error:
+            yield f"data: {json.dumps(error.body())}\n\n"
+            return
+        while not pending.events.empty():  # the last pieces, sent on as the choices finished
+            yield piece(*pending.events.get_nowait())
+        for index, choice in enumerate(choices):
+            yield event([{"index": index, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason}
+                         if chat else {"index": index, "text": "", "logprobs": None,
+                                       "finish_reason": choice.finish_reason}])
+        if (body.stream_options or {}).get("include_usage"):
+            yield event([], usage=_usage(choices, body.n))
+        yield "data: [DONE]\n\n"
+    finally:  # a client that left stops its requests at their next token
+        for watch in pending.watches:
+            watch.cancelled = True
 
 
 def run_server(server: Server, echo=print) -> None:

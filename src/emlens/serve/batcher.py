@@ -1,9 +1,12 @@
-"""One thread owns the model: requests that arrive while it generates are batched into its next engine call.
+"""One thread owns the model; HTTP handlers submit jobs (a served model, its requests, decoding settings) and await
+a future. Tokens reach a request's `on_token` as they are generated (a stream reads them there).
 
-HTTP handlers submit jobs (a served model, its requests, decoding settings) and await a future. The thread
-takes every job queued (waiting `window_s` after the first for batch-mates, up to `max_batch` requests), groups
-them by model and decoding settings, and runs each group as one `generate` call: on the vllm engine one pass
-where each request carries its own steering program; on the hf engine one padded batch per distinct steering.
+- hf engine (`Batcher`): every job queued while the engine works (waiting `window_s` after the first for
+  batch-mates, up to `max_batch` requests) is grouped by model and decoding settings, and each group runs as one
+  `generate` call: one padded batch per distinct steering.
+- vllm engine (`LiveBatcher`): continuous batching. Requests join vLLM's running batch between engine steps, each
+  under its own steering program, base and adapter requests together.
+
 A request's completion depends on its own seed, never on its batch-mates (both engines draw per request).
 """
 
@@ -16,6 +19,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from emlens.generation.engine import GenerationConfig, Request, generate
+from emlens.generation.requests import Completion
+from emlens.generation.vllm_engine import LiveRequests
 from emlens.model import Model
 
 
@@ -25,19 +30,36 @@ class Job:
     requests: list[Request]
     config: GenerationConfig
     future: Future = field(default_factory=Future)
+    results: dict[int, Completion] = field(default_factory=dict)
 
     @property
     def group(self) -> tuple:
         return id(self.handle), self.config.model_dump_json()
 
+    def finished_one(self, index: int):
+        """The callback of request `index`: the job's future resolves when all its requests have."""
+        def done(result: Completion | Exception) -> None:
+            if self.future.done():
+                return
+            if isinstance(result, Exception):
+                self.future.set_exception(result)
+                return
+            self.results[index] = result
+            if len(self.results) == len(self.requests):
+                self.future.set_result([self.results[i] for i in range(len(self.requests))])
+        return done
 
-class Batcher:
-    def __init__(self, window_s: float = 0.01, max_batch: int = 64):
-        self.window_s, self.max_batch = window_s, max_batch
+
+class _Loop:
+    """The model thread and its queue."""
+
+    def __init__(self):
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="emlens-serve-batcher", daemon=True)
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="emlens-serve-model", daemon=True)
         self._thread.start()
-        self.calls = 0  # engine calls made (a test reads it to see that batching happened)
+        self.calls = 0  # engine calls (hf) or steps that took new requests (vllm): a test reads it
+        self.peak = 0  # the most requests in one engine call (hf) or in vLLM's running batch at once
 
     def submit(self, handle: Model, requests: list[Request], config: GenerationConfig) -> Future:
         job = Job(handle, requests, config)
@@ -48,36 +70,48 @@ class Batcher:
         self._queue.put(None)
         self._thread.join(timeout=60)
 
-    def _take(self, first: Job) -> list[Job]:
-        jobs, size = [first], len(first.requests)
-        deadline = time.monotonic() + self.window_s
-        while size < self.max_batch:
+    def _take(self, block: bool, window_s: float = 0.0, max_requests: int | None = None) -> list[Job]:
+        """Queued jobs: waiting for the first when `block`, then for `window_s` more, up to `max_requests`."""
+        jobs: list[Job] = []
+        deadline = None
+        while not self._closing and (max_requests is None or sum(len(j.requests) for j in jobs) < max_requests):
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                if block and not jobs:
+                    job = self._queue.get()
+                    deadline = time.monotonic() + window_s
+                else:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if deadline else \
+                        self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is None:
-                self._queue.put(None)  # close after this batch
+                self._closing = True
                 break
             jobs.append(job)
-            size += len(job.requests)
         return jobs
 
-    def _loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Batcher(_Loop):
+    def __init__(self, window_s: float = 0.01, max_batch: int = 64):
+        self.window_s, self.max_batch = window_s, max_batch
+        super().__init__()
+
+    def _run(self) -> None:
+        while not self._closing:
             groups: dict[tuple, list[Job]] = {}
-            for job in self._take(first):
+            for job in self._take(True, self.window_s, self.max_batch):
                 groups.setdefault(job.group, []).append(job)
             for jobs in groups.values():
-                self._run(jobs)
+                self._generate(jobs)
 
-    def _run(self, jobs: list[Job]) -> None:
+    def _generate(self, jobs: list[Job]) -> None:
         requests = [r for job in jobs for r in job.requests]
+        self.calls += 1
+        self.peak = max(self.peak, len(requests))
         try:
-            self.calls += 1
             completions = generate(jobs[0].handle, requests, jobs[0].config, progress=False)
         except Exception as error:  # every waiting request hears of it; the thread keeps serving
             for job in jobs:
@@ -87,3 +121,27 @@ class Batcher:
         for job in jobs:
             job.future.set_result(completions[start:start + len(job.requests)])
             start += len(job.requests)
+
+
+class LiveBatcher(_Loop):
+    def __init__(self, handle: Model):
+        self.live = LiveRequests(handle)  # builds (or finds) the engine now, not on the first request
+        super().__init__()
+
+    def _run(self) -> None:
+        while not self._closing or self.live.busy:
+            jobs = self._take(block=not self.live.busy)
+            if jobs:
+                self.calls += 1
+            for job in jobs:
+                for index, request in enumerate(job.requests):
+                    try:
+                        self.live.add(job.handle, request, job.config, job.finished_one(index))
+                    except Exception as error:
+                        job.finished_one(index)(error)
+            self.peak = max(self.peak, self.live.count)
+            if self.live.busy:
+                try:
+                    self.live.step()
+                except Exception:  # the live requests were told; the thread keeps serving
+                    continue

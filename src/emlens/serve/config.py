@@ -20,5 +20,7 @@ class ServeConfig(Config):
                                                            "max_tokens and the model's context)")
     max_n: int = Field(8, ge=1, description="the most completions one request may ask for")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body accepted")
-    batch_window_ms: float = Field(10.0, ge=0, description="how long the first request of a batch waits for others")
-    max_batch: int = Field(64, ge=1, description="the most requests one engine call holds")
+    # the hf engine batches requests that arrive together; vLLM adds them to its running batch as they come
+    batch_window_ms: float = Field(10.0, ge=0, description="hf engine: how long the first request of a batch waits "
+                                                           "for others")
+    max_batch: int = Field(64, ge=1, description="hf engine: the most requests one engine call holds")

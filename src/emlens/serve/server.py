@@ -22,7 +22,7 @@ from emlens.model import (
     folder_fingerprint,
     load_model,
 )
-from emlens.serve.batcher import Batcher
+from emlens.serve.batcher import Batcher, LiveBatcher
 from emlens.serve.config import ServeConfig
 from emlens.serve.steering import Registered, Steerings
 
@@ -45,7 +45,8 @@ class Server:
         self.models, self.registered, self.config = models, registered, config
         self.base = next(iter(models.values())).handle
         self.steerings = Steerings(self.base, registered)
-        self.batcher = Batcher(config.batch_window_ms / 1000, config.max_batch)
+        self.batcher = (LiveBatcher(self.base) if config.engine == "vllm" else
+                        Batcher(config.batch_window_ms / 1000, config.max_batch))
         self.context = int(getattr(self.base.config.get_text_config(), "max_position_embeddings", 0) or 0)
 
     def close(self) -> None:
