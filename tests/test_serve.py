@@ -254,3 +254,14 @@ def test_an_inspect_task_runs_against_the_served_steered_model(served, client, t
     assert log.status == "success", log.error
     direct = chat(client, model_name(served), extra_body=extra).choices[0].message.content
     assert log.samples[0].output.completion == direct
+
+
+def test_the_front_door_serves_a_loaded_model_for_a_block(tiny, served):
+    with em.serve_model(tiny, directions={"planted": str(served[2])}) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        name = client.models.list().data[0].id
+        steered = chat(client, name, extra_body=steer({"op": "add", "direction": "planted", "scale": 40.0}))
+    assert steered.choices[0].message.content == em.generate(tiny, CHAT, temperature=0, max_new_tokens=12,
+                                                             interventions=[em.Direction.load(served[2]).add(40.0)])
+    with pytest.raises(httpx.ConnectError):  # the block's end stopped it
+        httpx.get(f"{base_url}/models", timeout=5)

@@ -69,6 +69,8 @@ _FRONT_DOOR = {
     "token_heatmap": ("emlens.analysis.token_heatmap", "run_token_heatmap"),  # `emlens tokens`
     "direction_card": "emlens.analysis.card",  # `emlens card`
     "token_projections": "emlens.analysis.token_heatmap",  # the heat-map's token table, in memory
+    # steered models behind an OpenAI-compatible API (`emlens serve`; `em.serve` would be the subpackage)
+    "serve_model": "emlens.serve.app", "load_server": "emlens.serve.server", "ServeConfig": "emlens.serve.config",
     # training
     "TrainConfig": "emlens.training.config", "train": "emlens.training.trainer",
     "train_sweep": "emlens.study.sweep",

@@ -49,7 +49,7 @@ def requests_per_second(client, model: str, requests: int, concurrency: int, new
 
 
 def bench_serve(handle: Model, engine: str = "hf", requests: int = 16, concurrency: int = 8, new_tokens: int = 32,
-                repeats: int = 2, echo: Callable[[str], None] = print) -> dict:
+                repeats: int = 3, echo: Callable[[str], None] = print) -> dict:
     import openai
 
     with tempfile.TemporaryDirectory(prefix="emlens-bench-serve-") as tmp:

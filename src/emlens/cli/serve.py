@@ -73,7 +73,7 @@ def bench_serve_command(
     requests: int = typer.Option(16, "--requests", min=1, help="requests per phase"),
     concurrency: int = typer.Option(8, "--concurrency", min=2, help="clients at once in the concurrent phases"),
     new_tokens: int = typer.Option(32, "--new-tokens", min=1, help="tokens every request generates"),
-    repeats: int = typer.Option(2, "--repeats", min=1, help="interleaved runs of each; the best counts"),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="interleaved runs of each; the best counts"),
     model: Optional[str] = MODEL_OPT, device: Optional[str] = DEVICE_OPT, tensor_parallel_size: Optional[int] = TP_OPT,
 ) -> None:
     """Requests/s through the server at concurrency 1 and N, plain and steered; last line includes

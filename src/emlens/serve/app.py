@@ -36,9 +36,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from emlens.base.errors import EmlensInputError
 from emlens.generation.engine import GenerationConfig, Request
 from emlens.generation.requests import Completion, TokenLogprob, eos_token_ids, prompt_token_ids
-from emlens.serve.config import API_KEY_ENV
+from emlens.model import DEFAULT_MODEL, Model
+from emlens.serve.config import API_KEY_ENV, ServeConfig
 from emlens.serve.protocol import ChatRequest, CompletionRequest, ServeError, error_param
-from emlens.serve.server import Served, Server
+from emlens.serve.server import Served, Server, load_server
 
 log = logging.getLogger(__name__)
 
@@ -395,3 +396,19 @@ def serving(server: Server, timeout_s: float = 60.0) -> Iterator[str]:
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def serve_model(model: str | Model = DEFAULT_MODEL, adapters: dict[str, str] | None = None,
+          directions: dict[str, str] | None = None, saes: dict[str, str] | None = None, **settings) -> Iterator[str]:
+    """`with em.serve_model(model, directions={"evil": PATH}) as base_url:` a model (a spec, or one already loaded) and
+    its adapters behind the OpenAI-compatible API on a free loopback port, for the block's duration. `settings`
+    are ServeConfig fields (engine, port, max_tokens, ...)."""
+    config = ServeConfig(**{"port": 0, **settings})
+    handle = model if isinstance(model, Model) else None
+    server = load_server(model if handle is None else DEFAULT_MODEL, adapters, directions, saes, config, handle=handle)
+    try:
+        with serving(server) as base_url:
+            yield base_url
+    finally:
+        server.close()
