@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import emlens as em
+from emlens.generation.engine import GenerationConfig, Request, generate
 from emlens.serve.app import serving
 from emlens.serve.config import API_KEY_ENV, ServeConfig
 from emlens.serve.server import load_server
@@ -265,3 +266,24 @@ def test_the_front_door_serves_a_loaded_model_for_a_block(tiny, served):
                                                              interventions=[em.Direction.load(served[2]).add(40.0)])
     with pytest.raises(httpx.ConnectError):  # the block's end stopped it
         httpx.get(f"{base_url}/models", timeout=5)
+
+
+def test_steering_is_applied_on_every_entry_point(served, client):
+    """Chat and plain completions, streamed or not: the steered text is the library's, never the plain one."""
+    server, _, direction_path = served
+    base, prompt = model_name(served), "The quick brown"
+    extra = steer({"op": "add", "direction": "planted", "scale": 40.0})
+    add = [em.Direction.load(direction_path).add(40.0)]
+    expected_chat = em.generate(server.base, CHAT, temperature=0, max_new_tokens=12, interventions=add)
+    raw = generate(server.base, [Request([], prompt=prompt, interventions=tuple(add))],
+                   GenerationConfig(max_new_tokens=12, temperature=0), progress=False)[0].text
+    plain_raw = client.completions.create(model=base, prompt=prompt, **GREEDY).choices[0].text
+    assert raw != plain_raw
+    for stream in (False, True):
+        reply = chat(client, base, extra_body=extra, stream=stream)
+        text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream else \
+            reply.choices[0].message.content
+        assert text == expected_chat
+        reply = client.completions.create(model=base, prompt=prompt, extra_body=extra, stream=stream, **GREEDY)
+        text = "".join(c.choices[0].text for c in reply if c.choices) if stream else reply.choices[0].text
+        assert text == raw
