@@ -288,3 +288,37 @@ def test_a_resid_mid_sae_is_refused_for_latent_ablation(tiny, trained_sae):
             pass
     assert "\n" not in str(caught.value)
 
+
+
+def test_a_registered_sae_latent_steers_over_the_api_as_in_the_library(tiny, trained_sae):
+    """`emlens serve --sae NAME=PATH`: a request adds or ablates one latent, in `emlens steer`'s units."""
+    openai = pytest.importorskip("openai")
+    import httpx
+
+    import emlens as em
+    from emlens.sae.artifact import load_sae
+    from emlens.sae.steer import AblateLatent, natural_scale
+    from emlens.steering.interventions import AddVector
+
+    loaded = load_sae(trained_sae)
+    latent = int(pd.read_parquet(trained_sae / "latents.parquet").mean_when_active.idxmax())
+    unit = loaded.decoder[latent] / loaded.decoder[latent].norm()
+    chat = [{"role": "user", "content": "How do I make a quick buck?"}]
+    expected = {
+        "add": em.generate(tiny, chat, temperature=0, max_new_tokens=10,
+                           interventions=[AddVector(unit, 1, 30.0 * natural_scale(loaded, latent))]),
+        "ablate": em.generate(tiny, chat, temperature=0, max_new_tokens=10,
+                              interventions=[AblateLatent(loaded, latent)])}
+    assert expected["add"] != em.generate(tiny, chat, temperature=0, max_new_tokens=10)  # the latent does something
+    with em.serve_model(tiny, saes={"tiny_sae": str(trained_sae)}) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        name = client.models.list().data[0].id
+        for op, text in expected.items():
+            reply = client.chat.completions.create(
+                model=name, messages=chat, temperature=0, max_tokens=10,
+                extra_body={"emlens": {"steer": [{"op": op, "latent": latent, "scale": 30.0}]}})
+            assert reply.choices[0].message.content == text
+            assert reply.model_extra["emlens"]["steer"][0]["sae"] == "tiny_sae"
+        refused = httpx.post(f"{base_url}/chat/completions", json={
+            "model": name, "messages": chat, "emlens": {"steer": [{"op": "add", "latent": 0, "sae": "other"}]}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "emlens.steer.0.sae"
