@@ -84,11 +84,13 @@ def test_interventions_see_token_masks_without_padding(tiny):
     config = GenerationConfig(max_new_tokens=4, min_new_tokens=4, temperature=0, batch_size=5)
     generate(tiny, requests(), config, interventions=[recorder], progress=False)
     lengths = [len(tiny.tokenizer(tiny.chat_text(c), add_special_tokens=False).input_ids) for c in CHATS]
-    prefill = recorder.seen[0]
-    assert prefill[0] == -1 and prefill[1] == sum(lengths) and prefill[2] == 0
-    assert prefill[3] == (5, max(lengths))  # padded width, but padding is in neither mask
-    assert [s[0] for s in recorder.seen[1:]] == [0, 1, 2]
-    assert all(s[1] == 0 and s[2] == 5 for s in recorder.seen[1:])
+    prefills = [s for s in recorder.seen if s[0] == -1]  # prompts of similar length are read together
+    assert sum(s[1] for s in prefills) == sum(lengths) and all(s[2] == 0 for s in prefills)
+    assert sum(s[3][0] for s in prefills) == 5 and max(s[3][1] for s in prefills) == max(lengths)
+    assert sum(s[3][0] * s[3][1] for s in prefills) > sum(lengths)  # padded somewhere, but padding in neither mask
+    decode = recorder.seen[len(prefills):]
+    assert [s[0] for s in decode] == [0, 1, 2]
+    assert all(s[1] == 0 and s[2] == 5 for s in decode)
     # the hook is removed when generation ends
     assert not tiny.decoder_layers[1]._forward_hooks
 
@@ -108,22 +110,27 @@ def test_embedded_greedy_batched_equals_unbatched(smol):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_prompts_read_one_row_at_a_time_decode_as_one_padded_batch_does(tiny, temperature):
-    """Serial prefill (each prompt alone, its cache left-padded into the batch's) gives every row the tokens of the
-    padded batch and of the row alone, steered or not."""
+def test_prompts_read_alone_or_in_groups_decode_as_one_padded_batch_does(tiny, temperature):
+    """Serial prefill (each prompt alone) and grouped prefill (prompts of similar length together), each cache
+    left-padded into the batch's, give every row the tokens of the padded batch and of the row alone, steered or
+    not."""
     import torch
 
+    from emlens.generation.hf_engine import prefill_groups
+    from emlens.generation.requests import prompt_token_ids
     from emlens.steering.interventions import AddVector, steer
 
     config = GenerationConfig(max_new_tokens=10, temperature=temperature, batch_size=5)
     ways = {name: config.model_copy(update=update) for name, update in (
         ("serial", {"serial_prefill_from": 1}), ("padded", {"serial_prefill_from": None}),
-        ("alone", {"batch_size": 1}))}
+        ("grouped", {}), ("alone", {"batch_size": 1}))}
+    lengths = [len(ids) for ids in prompt_token_ids(tiny, requests())]
+    assert len(prefill_groups(tiny, [[0] * n for n in lengths], config)) > 1  # these prompts are read in groups
     for steering in ((), (AddVector(torch.ones(tiny.d_model), 1, 0.5, positions="prompt"),)):
         with steer(tiny, *steering):
             tokens = {name: [c.token_ids for c in generate(tiny, requests(), way, progress=False)]
                       for name, way in ways.items()}
-        assert tokens["serial"] == tokens["padded"] == tokens["alone"], steering
+        assert tokens["serial"] == tokens["padded"] == tokens["grouped"] == tokens["alone"], steering
 
 
 def test_grouped_decode_attention_equals_transformers_sdpa_with_its_repeated_cache(tiny):

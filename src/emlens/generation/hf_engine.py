@@ -142,10 +142,10 @@ def _generate_batch(handle: Model, prompts: list[list[int]], seeds: list[int], c
     finish = ["length"] * len(prompts)
     prompt_mask, response_mask = attention.bool(), torch.zeros_like(attention, dtype=torch.bool)
     padded = not bool(attention.all())  # rows of one length never need a mask: the model skips building one
-    separately = padded and serial_prefill(handle, prompts, config)
+    groups = prefill_groups(handle, prompts, config) if padded else [list(range(len(prompts)))]
     for step in range(-1, config.max_new_tokens - 1):
-        if step == -1 and separately:
-            logits, stacked = _prefill_separately(handle, prompts)
+        if step == -1 and len(groups) > 1:
+            logits, stacked = _prefill_in_groups(handle, prompts, groups)
             cache = reserved_cache(handle.base_model.config, room, stacked)
         else:
             with describe(handle, prompt_mask, response_mask, step):
@@ -196,40 +196,72 @@ def _record_logprobs(raw: Tensor, picked: Tensor, wanted: list[int | None], into
             into[row].append(TokenLogprob(int(picked[row]), chosen[row], top))
 
 
-def serial_prefill(handle: Model, prompts: list[list[int]], config: GenerationConfig) -> bool:
-    """Whether a padded batch reads its prompts one row at a time: a padded prefill needs an explicit attention
-    mask, which takes attention off the fused causal kernel onto one that builds every (query, key) score, and
-    that costs more than the batch saves once prompts are long (`emlens bench generate --long-prompts`). Caches of
-    sliding-window layers keep only their window, so rows of other lengths cannot be stacked: those batch."""
-    if config.serial_prefill_from is None or max(len(p) for p in prompts) < config.serial_prefill_from:
-        return False
+PREFILL_FORWARD_COST = 32  # one more prefill forward pass costs about as much as this many padded prompt tokens
+
+
+def prefill_groups(handle: Model, prompts: list[list[int]], config: GenerationConfig) -> list[list[int]]:
+    """How a padded batch reads its prompts: in groups of rows, one forward pass each, whose KV caches are then
+    left-padded to the longest and stacked for the batch's decode steps.
+
+    One padded forward computes every row at the longest prompt's length, and a padded prefill needs an explicit
+    attention mask, which takes attention off the fused causal kernel: prompts of mixed lengths (a short question
+    beside a long one) can cost twice their tokens. So rows are split, in order of length, into the groups that
+    minimise padded tokens plus PREFILL_FORWARD_COST per forward; a batch whose longest prompt has
+    `serial_prefill_from` tokens reads each row alone (`emlens bench generate --long-prompts`), and
+    `serial_prefill_from=None` keeps one padded batch. Caches of sliding-window layers keep only their window, so
+    rows of other lengths cannot be stacked: those batches stay whole."""
+    whole = [list(range(len(prompts)))]
+    if config.serial_prefill_from is None or not _stackable(handle):
+        return whole
+    if max(len(p) for p in prompts) >= config.serial_prefill_from:
+        return [[i] for i in range(len(prompts))]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    lengths = [len(prompts[i]) for i in order]
+    best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):  # best[end]: the cheapest split of the `end` shortest rows
+        for start in range(end):
+            cost = best[start] + (end - start) * lengths[end - 1] + PREFILL_FORWARD_COST
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(order)
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def _stackable(handle: Model) -> bool:
     from transformers import DynamicCache
 
     return not any(DynamicCache(config=handle.base_model.config).is_sliding)
 
 
-def _prefill_separately(handle: Model, prompts: list[list[int]]):
-    """Each prompt read alone (no padding, so no mask: the causal kernel), its KV cache then left-padded to the
-    longest and stacked into one cache for the batch's decode steps (which mask the padding). Returns the
-    next-token logits of every row and the stacked cache."""
+def _prefill_in_groups(handle: Model, prompts: list[list[int]], groups: list[list[int]]):
+    """Each group of prompts read by one forward pass (no mask where its rows are of one length: the causal
+    kernel), its KV cache then left-padded to the longest prompt and the rows stacked, in batch order, into one
+    cache for the batch's decode steps (which mask the padding). Returns every row's next-token logits and the
+    stacked cache."""
     from transformers import DynamicCache
 
     width, device = max(len(p) for p in prompts), handle.device
-    logits, caches = [], []
-    for ids in prompts:
+    logits: list[Tensor | None] = [None] * len(prompts)
+    rows: list[list[tuple[Tensor, Tensor]] | None] = [None] * len(prompts)  # per row, per layer: (keys, values)
+    for group in groups:
+        ids, mask = left_pad([prompts[i] for i in group], handle.tokenizer.pad_token_id, device)
+        padded = not bool(mask.all())
         cache = DynamicCache(config=handle.base_model.config)
-        prompt = torch.ones((1, len(ids)), dtype=torch.bool, device=device)
-        with describe(handle, prompt, torch.zeros_like(prompt), -1):
-            out = handle.model(input_ids=torch.tensor([ids], device=device), **kv_cache(handle, cache),
+        with describe(handle, mask.bool(), torch.zeros_like(mask, dtype=torch.bool), -1):
+            out = handle.model(input_ids=ids, attention_mask=mask if padded else None,
+                               position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **kv_cache(handle, cache),
                                use_cache=True, logits_to_keep=1)
-        logits.append(out.logits[:, -1, :].float())
-        caches.append(cache)
-    stacked = []
-    for layer in range(len(caches[0].layers)):
-        keys, values = ([F.pad(getattr(c.layers[layer], part), (0, 0, width - len(ids), 0))
-                         for c, ids in zip(caches, prompts, strict=True)] for part in ("keys", "values"))
-        stacked.append((torch.cat(keys), torch.cat(values)))
-    return torch.cat(logits), DynamicCache(stacked, config=handle.base_model.config)
+        shift = width - ids.shape[1]
+        layers = [(F.pad(layer.keys, (0, 0, shift, 0)), F.pad(layer.values, (0, 0, shift, 0))) for layer in cache.layers]
+        for row, i in enumerate(group):
+            logits[i] = out.logits[row, -1, :].float()
+            rows[i] = [(keys[row:row + 1], values[row:row + 1]) for keys, values in layers]
+    stacked = [(torch.cat([r[layer][0] for r in rows]), torch.cat([r[layer][1] for r in rows]))
+               for layer in range(len(rows[0]))]
+    return torch.stack(logits), DynamicCache(stacked, config=handle.base_model.config)
 
 
 NUCLEUS_CANDIDATES = 512  # the top-p set is looked for among this many most likely tokens (a full sort if not there)

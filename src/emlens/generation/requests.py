@@ -33,7 +33,8 @@ class GenerationConfig(BaseModel):
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     engine: str = "auto"  # auto: the first registered engine that can apply every intervention (emlens.generation.engines)
     # hf engine: a padded batch whose longest prompt has this many tokens reads its prompts one row at a time
-    # (the causal kernel, no mask) and decodes them together; None: always as one padded batch
+    # (the causal kernel, no mask) and decodes them together; shorter ones are read in groups of similar length
+    # (`hf_engine.prefill_groups`); None: always as one padded batch
     serial_prefill_from: int | None = Field(SERIAL_PREFILL_FROM, ge=1)
 
     @model_validator(mode="after")
