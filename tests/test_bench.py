@@ -28,6 +28,8 @@ TINY = {
                  "--backends", "torch-hooks,transformerlens,nnsight"],  # vLLM's CPU attention needs head_dim >= 32
                 "default_vs_forward"),
     "patch": (["--model", "{model}", "--pairs", 2, "--repeats", 1], "patch_vs_forwards"),  # a random adapter
+    "serve": (["--model", "{model}", "--requests", 2, "--concurrency", 2, "--new-tokens", 4, "--repeats", 1,
+               "--device", "cpu"], "concurrent_vs_serial"),
     "sae": (["--tokens", 2048, "--store-tokens", 2048, "--d-model", 16, "--repeats", 1], "vs_saelens"),
     "steer": (["--model", "{model}", "--batch", 2, "--new-tokens", 4, "--repeats", 1], "steered_vs_plain"),
     "train": (["--model", "{model}", "--data", "{data}", "--steps", 2, "--batch-size", 2, "--max-length", 64,

@@ -4,8 +4,8 @@ Routes: `GET /v1/models`, `GET /v1/emlens` (what may be steered with: registered
 fingerprints), `POST /v1/chat/completions` and `POST /v1/completions` (streaming and not, n, temperature,
 top_p, max_tokens, seed, logprobs / top_logprobs, stop). Every response carries an `emlens` field saying what
 was applied (each op with its direction's fingerprint, layer, site, scale and alpha; the engine; the model and
-adapter), so a client can check that steering happened. A streamed response is sent once its completions are
-generated (the engines generate whole batches), as OpenAI-style chunks whose text adds up to the whole.
+adapter), so a client can check that steering happened. A stream sends each token's text as it is generated
+(OpenAI-style chunks whose text adds up to the whole), and a stop string ends its request in the engine.
 
 Every refusal is an OpenAI-style JSON error naming the field (`param`), with status 400 (401 for a missing or
 wrong key, 404 for an unknown model, 500 for a fault of the server, whose traceback goes to the server's log,

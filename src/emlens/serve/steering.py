@@ -131,8 +131,8 @@ class Steerings:
         elif op.op == "ablate":
             intervention = direction.ablate(layer)
         else:
-            intervention = compose(Clamp(direction.vector(layer), layer, alpha, site=direction.site_kind,
-                                         positions=op.positions))
+            intervention = Clamp(direction.vector(layer), layer, alpha, site=direction.site_kind,
+                                 positions=op.positions)
         applied = {"op": op.op, "direction": op.direction, "fingerprint": self.registered.fingerprints[op.direction],
                    "layer": layer, "site": direction.site_kind, "scale": op.scale,
                    "alpha": 0.0 if op.op == "ablate" else alpha, "positions": op.positions}
@@ -174,7 +174,7 @@ class Steerings:
         norm = float(vector.norm())
         if norm == 0:
             raise ServeError("inline vector is zero", f"{where}.vector")
-        # an inline vector has no natural norm: scale multiplies the vector as given
+        # an inline vector has no natural norm: scale multiplies the vector as given (alpha: the added norm)
         intervention = AddVector(vector, op.layer, op.scale, site="resid_post", positions=op.positions)
         applied = {"op": "add", "vector": tensor_digest(vector), "fingerprint": tensor_digest(vector),
                    "layer": op.layer, "site": "resid_post", "scale": op.scale, "alpha": op.scale * norm,
