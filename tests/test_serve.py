@@ -68,12 +68,23 @@ def model_name(served):
     return next(iter(served[0].models))
 
 
-def test_models_are_the_base_and_each_adapter(served, client):
+def test_models_are_the_base_and_each_adapter_on_one_copy_of_the_weights(served, client, tiny_model_dir):
+    from emlens.model import load_model
+
+    server = served[0]
     names = [m.id for m in client.models.list().data]
     base = model_name(served)
     assert names == [base, f"{base}:lora"]
-    plain, adapted = (chat(client, name).choices[0].message.content for name in names)
-    assert plain != adapted  # the adapter is applied (init_lora_weights=False: it changes the outputs)
+    adapter = server.models[f"{base}:lora"].handle
+    assert adapter.base_model is server.base.base_model  # the adapter runs on the base's weights, not a copy
+    plain, adapted, plain_again = (chat(client, name).choices[0].message.content for name in (*names, base))
+    assert plain != adapted and plain_again == plain  # the adapter is applied to its requests only
+    alone = load_model(str(tiny_model_dir), adapter=adapter.adapter, device="cpu")
+    assert adapted == em.generate(alone, CHAT, temperature=0, max_new_tokens=12)
+    # outside its engine calls the base model runs as loaded: the adapters' layers are off
+    fresh = load_model(str(tiny_model_dir), device="cpu")
+    assert em.generate(server.base, CHAT, temperature=0, max_new_tokens=12) == plain == \
+        em.generate(fresh, CHAT, temperature=0, max_new_tokens=12)
 
 
 def test_scale_zero_is_unsteered_and_scale_means_what_emlens_steer_means(served, client):
@@ -257,11 +268,16 @@ def test_an_inspect_task_runs_against_the_served_steered_model(served, client, t
     assert log.samples[0].output.completion == direct
 
 
-def test_the_front_door_serves_a_loaded_model_for_a_block(tiny, served):
-    with em.serve_model(tiny, directions={"planted": str(served[2])}) as base_url:
+def test_the_front_door_serves_a_loaded_model_for_a_block_and_gives_it_back_as_it_was(tiny, served):
+    before = em.generate(tiny, CHAT, temperature=0, max_new_tokens=12)
+    adapter = served[0].models[f"{model_name(served)}:lora"].handle.adapter
+    with em.serve_model(tiny, adapters={"lora": adapter}, directions={"planted": str(served[2])}) as base_url:
         client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
         name = client.models.list().data[0].id
+        assert chat(client, f"{name}:lora").choices[0].message.content != before
         steered = chat(client, name, extra_body=steer({"op": "add", "direction": "planted", "scale": 40.0}))
+    assert not [n for n, _ in tiny.model.named_modules() if "lora" in n]  # the adapters' layers taken out again
+    assert em.generate(tiny, CHAT, temperature=0, max_new_tokens=12) == before
     assert steered.choices[0].message.content == em.generate(tiny, CHAT, temperature=0, max_new_tokens=12,
                                                              interventions=[em.Direction.load(served[2]).add(40.0)])
     with pytest.raises(httpx.ConnectError):  # the block's end stopped it

@@ -89,10 +89,9 @@ def test_concurrent_requests_with_different_steering_equal_their_solo_runs(clien
     for thread in threads:
         thread.join()
     assert [found[i] for i in range(len(conditions))] == solo
-    # hf: one engine call held all four; vllm: they decoded in one running batch
-    assert server.batcher.peak >= len(conditions)
-    if server.config.engine == "hf":
-        assert server.batcher.calls - calls == 1
+    # they shared engine calls (hf: a padded batch per steering in one call; vllm: one running batch); how many
+    # share depends on when each thread's request arrives
+    assert server.batcher.peak >= 2 and server.batcher.calls - calls < len(conditions)
 
 
 def test_streaming_logprobs_and_the_adapter(client):

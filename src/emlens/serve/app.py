@@ -293,7 +293,8 @@ def _submit(server: Server, body, prompts: list[tuple[list[dict], str | None]]) 
                               batch_size=server.config.max_batch)
     extension = {"engine": server.config.engine, "model": served.handle.spec, "adapter": served.adapter,
                  "fingerprint": served.handle.fingerprint, "seed": seed, "steer": applied}
-    return Pending(served, watches, server.batcher.submit(served.handle, requests, config), events, extension)
+    future = server.batcher.submit(served.handle, requests, config, served.activate)
+    return Pending(served, watches, future, events, extension)
 
 
 async def _respond(pending: Pending, body, chat: bool):

@@ -12,9 +12,11 @@ A request's completion depends on its own seed, never on its batch-mates (both e
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -29,6 +31,7 @@ class Job:
     handle: Model
     requests: list[Request]
     config: GenerationConfig
+    activate: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # around the engine call
     future: Future = field(default_factory=Future)
     results: dict[int, Completion] = field(default_factory=dict)
 
@@ -61,8 +64,9 @@ class _Loop:
         self.calls = 0  # engine calls (hf) or steps that took new requests (vllm): a test reads it
         self.peak = 0  # the most requests in one engine call (hf) or in vLLM's running batch at once
 
-    def submit(self, handle: Model, requests: list[Request], config: GenerationConfig) -> Future:
-        job = Job(handle, requests, config)
+    def submit(self, handle: Model, requests: list[Request], config: GenerationConfig,
+               activate: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Future:
+        job = Job(handle, requests, config, activate)
         self._queue.put(job)
         return job.future
 
@@ -112,7 +116,8 @@ class Batcher(_Loop):
         self.calls += 1
         self.peak = max(self.peak, len(requests))
         try:
-            completions = generate(jobs[0].handle, requests, jobs[0].config, progress=False)
+            with jobs[0].activate():
+                completions = generate(jobs[0].handle, requests, jobs[0].config, progress=False)
         except Exception as error:  # every waiting request hears of it; the thread keeps serving
             for job in jobs:
                 job.future.set_exception(error)

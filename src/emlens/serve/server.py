@@ -6,8 +6,11 @@ before anything is served (`emlens.serve.app` serves it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from emlens.base.errors import EmlensInputError
@@ -34,6 +37,8 @@ class Served:
     name: str
     handle: Model
     adapter: str | None = None  # the adapter's registered name
+    # entered around each engine call of this model: on the hf engine, switches the shared peft model's adapter
+    activate: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext, repr=False)
 
     def describe(self) -> dict:
         return {"model": self.handle.spec, "adapter": self.adapter, "adapter_path": self.handle.adapter,
@@ -41,8 +46,9 @@ class Served:
 
 
 class Server:
-    def __init__(self, models: dict[str, Served], registered: Registered, config: ServeConfig):
-        self.models, self.registered, self.config = models, registered, config
+    def __init__(self, models: dict[str, Served], registered: Registered, config: ServeConfig,
+                 release: Callable[[], None] | None = None):
+        self.models, self.registered, self.config, self._release = models, registered, config, release
         self.base = next(iter(models.values())).handle
         self.steerings = Steerings(self.base, registered)
         self.batcher = (LiveBatcher(self.base) if config.engine == "vllm" else
@@ -51,6 +57,9 @@ class Server:
 
     def close(self) -> None:
         self.batcher.close()
+        if self._release is not None:  # the base model as it was loaded: the adapters' layers taken out
+            self._release()
+            self._release = None
 
 
 def served_name(spec: str) -> str:
@@ -58,14 +67,45 @@ def served_name(spec: str) -> str:
     return spec if spec in EMBEDDED else Path(spec.rstrip("/")).name
 
 
-def adapter_handle(base: Model, path: str, engine: str, device: str, dtype) -> Model:
-    """The base with an adapter. The vllm engine serves adapters as LoRA requests on the base weights, so it needs
-    only the adapter's identity beside the loaded base; the hf engine runs the adapter, so it gets its own copy."""
-    if engine == "hf":
-        return load_model(base.spec, adapter=path, device=device, dtype=dtype)
+def lora_handle(base: Model, path: str) -> Model:
+    """The base with an adapter, served by vLLM as LoRA requests on the base weights: only the adapter's identity
+    goes beside the loaded base."""
     folder = adapter_fits(base.base_model, None, base.spec, path)
     return dataclasses.replace(base, adapter=str(folder), runtime={},
                                fingerprint=combine_fingerprints(base.base_fingerprint, folder_fingerprint(folder)))
+
+
+def shared_adapters(base: Model, adapters: dict[str, str]) -> tuple[dict[str, Served], Callable[[], None]]:
+    """The hf engine's adapters as named adapters of one peft model over the base's weights (one copy of the weights
+    whatever their number). The adapters' layers are off except around an engine call of their model (so the base
+    model, and any other use of it, runs as loaded); returns the adapters' Served (named after the adapter) and the
+    release that takes the adapters' layers out of the base model again."""
+    from peft import PeftModel
+
+    handles, peft_model = {}, None
+    for name, path in adapters.items():
+        handle = lora_handle(base, path)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(base.model, handle.adapter, adapter_name=name)
+            else:
+                peft_model.load_adapter(handle.adapter, adapter_name=name)
+        handles[name] = dataclasses.replace(handle, model=peft_model)
+    layers = peft_model.eval().base_model
+    layers.disable_adapter_layers()
+
+    @contextlib.contextmanager
+    def switched_to(name: str):
+        peft_model.set_adapter(name)
+        layers.enable_adapter_layers()
+        try:
+            yield
+        finally:
+            layers.disable_adapter_layers()
+
+    served = {name: Served(name, handle, name, lambda n=name: switched_to(n)) for name, handle in handles.items()}
+    return served, peft_model.unload
 
 
 def load_server(model: str = DEFAULT_MODEL, adapters: dict[str, str] | None = None,
@@ -77,14 +117,18 @@ def load_server(model: str = DEFAULT_MODEL, adapters: dict[str, str] | None = No
     base = handle or load_model(model, device=device, dtype=dtype)
     resolve_engine(base, config.engine)  # one line now if the engine cannot serve this model
     base_name = name or served_name(base.spec)
-    models = {base_name: Served(base_name, base)}
-    for adapter_name, path in (adapters or {}).items():
+    for adapter_name in adapters or {}:
         if ":" in adapter_name or "/" in adapter_name:
-            raise EmlensInputError(f"--adapter {adapter_name}={path}: a name may not hold ':' or '/'")
-        full = f"{base_name}:{adapter_name}"
-        models[full] = Served(full, adapter_handle(base, path, config.engine, device, dtype), adapter_name)
+            raise EmlensInputError(f"--adapter {adapter_name}: a name may not hold ':' or '/'")
     registered = Registered.load(base, directions or {}, saes or {}, force=force)
+    models, release = {base_name: Served(base_name, base)}, None
+    if config.engine == "hf" and adapters:
+        served, release = shared_adapters(base, adapters)
+        models.update({f"{base_name}:{n}": dataclasses.replace(s, name=f"{base_name}:{n}") for n, s in served.items()})
+    else:
+        models.update({f"{base_name}:{n}": Served(f"{base_name}:{n}", lora_handle(base, path), n)
+                       for n, path in (adapters or {}).items()})
     if config.engine == "vllm":
         for served in sorted(models.values(), key=lambda s: s.handle.adapter is None):
             engine_for(served.handle)  # adapters first: the engine is built once, with room for their LoRA rank
-    return Server(models, registered, config)
+    return Server(models, registered, config, release)
