@@ -189,7 +189,7 @@ class VLLMEngine:
     def generate(self, handle: Model, requests: Sequence[Request], config: GenerationConfig,
                  interventions: Iterable = (), progress: bool = True,
                  on_batch: Callable[[list[int], list[Completion]], None] | None = None) -> list[Completion]:
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import TokensPrompt
 
         shared = list(interventions)
         keys, programs, key_of = [], {}, {}
@@ -211,10 +211,8 @@ class VLLMEngine:
             for start in range(0, len(requests), CHUNK):
                 indices = list(range(start, min(start + CHUNK, len(requests))))
                 prompts = [TokensPrompt(prompt_token_ids=prompt_ids[i], cache_salt=keys[i]) for i in indices]
-                params = [SamplingParams(
-                    n=1, temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
-                    min_tokens=config.min_new_tokens, seed=requests[i].seed, stop_token_ids=stop, detokenize=False,
-                    logprobs=requests[i].logprobs, extra_args={"emlens": keys[i]} if keys[i] in programs else None) for i in indices]
+                params = [_sampling_params(config, requests[i], stop, keys[i] if keys[i] in programs else None)
+                           for i in indices]
                 outputs = self._run(prompts, params, lora)
                 completions = [replay_tokens(handle, requests[i], _completion(handle, out, len(prompt_ids[i]),
                                                                               requests[i].logprobs))
@@ -385,6 +383,15 @@ def _digest_bytes(value) -> bytes:
     return repr(value).encode()
 
 
+def _sampling_params(config: GenerationConfig, request: Request, stop: list[int], program: str | None):
+    """One request's vLLM sampling: its own seed, the run's decoding settings, and its worker program if any."""
+    from vllm import SamplingParams
+
+    return SamplingParams(n=1, temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
+                          min_tokens=config.min_new_tokens, seed=request.seed, stop_token_ids=stop, detokenize=False,
+                          logprobs=request.logprobs, extra_args={"emlens": program} if program else None)
+
+
 def _completion(handle: Model, output, prompt_tokens: int, logprobs: int | None = None) -> Completion:
     result = output.outputs[0]
     finish = "length" if result.finish_reason == "length" else "eos"
@@ -425,7 +432,7 @@ class LiveRequests:
 
     def add(self, handle: Model, request: Request, config: GenerationConfig,
             done: Callable[[Completion | Exception], None]) -> None:
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import TokensPrompt
 
         if engine_for(handle) is not self.engine:
             raise EmlensInputError(f"engine vllm: {handle.spec} is not served by this engine's base model")
@@ -437,10 +444,7 @@ class LiveRequests:
                 self.engine._set_programs(dict(self._programs))
             self._users[key] = self._users.get(key, 0) + 1
         prompt_ids = prompt_token_ids(handle, [request])[0]
-        params = SamplingParams(
-            n=1, temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
-            min_tokens=config.min_new_tokens, seed=request.seed, stop_token_ids=sorted(eos_token_ids(handle)),
-            detokenize=False, logprobs=request.logprobs, extra_args={"emlens": key} if ops else None)
+        params = _sampling_params(config, request, sorted(eos_token_ids(handle)), key if ops else None)
         self._count += 1
         request_id = f"emlens-live-{self._count}"
         self.engine.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=key),

@@ -46,10 +46,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Choice:
-    """One finished completion as the API returns it: text cut at a stop string, its tokens and log-probs."""
+    """One finished completion as the API returns it: text cut at a stop string, its log-probs and counts."""
 
     text: str
-    token_ids: list[int]
     finish_reason: str  # stop | length
     logprobs: list[TokenLogprob] | None
     generated: int  # tokens generated (usage)
@@ -96,16 +95,13 @@ class Watch:
 
     def finish(self, completion: Completion) -> Choice:
         """The choice the API returns; a stream's held-back tail is sent on."""
-        ids = list(completion.token_ids)
-        generated = len(ids)
-        if ids and ids[-1] in eos_token_ids(self.handle):
-            ids = ids[:-1]
+        ids = completion.token_ids
+        text_tokens = len(ids) - bool(ids and ids[-1] in eos_token_ids(self.handle))  # an end-of-sequence has none
         self.text = self.text if self.stopped else completion.text
-        if completion.logprobs is not None:
-            self.entries = completion.logprobs[:len(ids)]
+        logprobs = None if completion.logprobs is None else completion.logprobs[:text_tokens]
+        self.entries = logprobs or []
         self.pass_on()
-        return Choice(self.text, ids, "length" if completion.finish_reason == "length" else "stop",
-                      None if completion.logprobs is None else completion.logprobs[:len(ids)], generated,
+        return Choice(self.text, "length" if completion.finish_reason == "length" else "stop", logprobs, len(ids),
                       completion.prompt_tokens)
 
 
