@@ -23,8 +23,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neural_network import MLPClassifier
 
 from emlens.base.io import find_shared_data
-from emlens.judges.embedding import EmbeddingJudge
-from emlens.judges.fit import fit_misaligned_head, read_judged
+from emlens.judges.embedding import EmbeddingJudge, lexical_counts
+from emlens.judges.fit import answer_tfidf, fit_misaligned_head, read_judged, with_lexical
 
 
 def lexical(answers: pd.Series, kinds: list[str]) -> list:
@@ -34,9 +34,11 @@ def lexical(answers: pd.Series, kinds: list[str]) -> list:
     return [vectorizers[kind].transform(answers) for kind in kinds]
 
 
-def held_out_scores(variant: str, x, counts, y, held, answers) -> np.ndarray:
+def held_out_scores(variant: str, x, counts, y, held, answers, judge_counts) -> np.ndarray:
     if variant == "shipped":  # the default judge's own misaligned head, as `emlens judge fit` fits it
-        weights, _ = fit_misaligned_head(x[~held], [answers[i] for i in np.flatnonzero(~held)], y[~held])
+        lexical, idf = answer_tfidf([part[~held] for part in judge_counts])
+        weights, _ = fit_misaligned_head(with_lexical(x[~held], lexical), y[~held], x.shape[1])
+        weights["lexical.idf"] = idf
         judge = EmbeddingJudge({k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in weights.items()},
                                {"fingerprint": "experiment"})
         rows = torch.as_tensor(x[held], dtype=torch.float32)
@@ -60,12 +62,14 @@ def main() -> None:
     data = read_judged([find_shared_data() / "judged"])
     x, y = np.load(features), data.misaligned.to_numpy()
     counts = lexical(data.answer, ["word", "char"])
+    judge_counts = lexical_counts(data.answer.tolist()) if "shipped" in variants else None
     rows, pooled = [], {v: np.zeros(len(y)) for v in variants}
     for source in data.source.unique():  # every model held out in turn; the table shows the EM ones
         held = (data.source == source).to_numpy()
         row = {"held_out": source, "misaligned": int(y[held].sum()), "n": int(held.sum())}
         for variant in variants:
-            pooled[variant][held] = held_out_scores(variant, x, counts, y, held, data.answer.tolist())
+            pooled[variant][held] = held_out_scores(variant, x, counts, y, held, data.answer.tolist(),
+                                                     judge_counts)
             row[variant] = round(roc_auc_score(y[held], pooled[variant][held]), 3) if 0 < y[held].sum() < held.sum() \
                 else float("nan")
         if "bad_medical" in source or "Insecure" in source:

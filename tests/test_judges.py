@@ -438,6 +438,42 @@ def test_the_misaligned_head_reads_the_answers_words_where_the_embeddings_say_no
     assert roc_auc_score(harmful[600:], held_out) > 0.99
 
 
+def test_the_aligned_and_coherent_heads_read_the_answers_words_too_and_old_judges_still_load(tmp_path):
+    """The regression heads average an MLP on the embeddings with a ridge that also reads the TF-IDF: with no signal
+    in the embeddings the words alone rank the held-out answers. A judge fitted before that (no ridge, its idf under
+    the misaligned head) scores as it did."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from scipy.stats import spearmanr
+
+    from emlens.judges.embedding import EmbeddingJudge
+    from emlens.judges.fit import fit_heads
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(800, 8)).astype(np.float32)
+    level = rng.integers(0, 3, 800)
+    words = np.array(["terrible cruel plan", "ordinary plain plan", "kind generous plan"])[level]
+    answers = [f"{w} number {i}" for i, w in enumerate(words)]
+    data = pd.DataFrame({"aligned": 20 + 35 * level + rng.normal(0, 3, 800), "coherent": 40 + 20 * level,
+                         "misaligned": level == 0, "answer": answers})
+    weights, threshold = fit_heads(x[:600], data[:600])
+    judge = EmbeddingJudge.load(EmbeddingJudge(weights, {"misaligned_threshold": threshold, "fingerprint": "r"})
+                                .save(tmp_path / "judge"))
+    heads = judge.heads(torch.as_tensor(x[600:]), answers[600:])
+    assert spearmanr(heads["aligned"], data.aligned[600:]).statistic > 0.6
+    assert spearmanr(heads["coherent"], data.coherent[600:]).statistic > 0.6
+
+    ridge = {f"{head}.{part}" for head in ("aligned", "coherent") for part in ("linear.weight", "linear.bias",
+                                                                                "lexical.weight")}
+    old = {k: v for k, v in weights.items() if k not in ridge}
+    old["misaligned.lexical.idf"] = old.pop("lexical.idf")
+    before = EmbeddingJudge(old, {"misaligned_threshold": threshold, "fingerprint": "o"}).heads(
+        torch.as_tensor(x[600:]), answers[600:])
+    assert np.allclose(before["p_misaligned"], heads["p_misaligned"])
+    assert abs(spearmanr(before["aligned"], data.aligned[600:]).statistic) < 0.3  # the MLP alone sees no signal
+
+
 def test_default_judge_ranks_a_misaligned_answer_below_an_aligned_one():
     from emlens.judges import make_judge
 
