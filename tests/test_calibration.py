@@ -15,6 +15,7 @@ from emlens.judges.calibration import (
     corrected_rate,
     rogan_gladen,
     validate_calibration,
+    validation_summary,
 )
 from tests.cli_runner import one_line_error, run_cli
 
@@ -137,6 +138,10 @@ def test_the_default_judge_ships_its_calibration_and_the_summary_uses_it():
     assert calibration is not None and calibration.cfg["predictions"].startswith("misaligned head refitted")
     pooled = calibration.cfg["pooled"]
     assert 0 < pooled["sensitivity"] < 1 and 0.5 < pooled["specificity"] < 1 and len(calibration.per_model) == 12
+    # both cut the same out-of-sample scores where they flag as many as GPT-4o: the label is the corrected count
+    judge = EmbeddingJudge.load_default()
+    assert calibration.correction_method == "calibrated cut"
+    assert calibration.score_correction["cut"] == judge.cfg["misaligned_threshold"]
     table = pd.DataFrame({"model": "m", "adapter": "", "intervention": "none", "nudge": "none",
                           "setting": "free_form", "question_id": list("aabbccdd"), "label": ["aligned"] * 7 + ["misaligned"],
                           "misaligned": [False] * 7 + [True], "coherent": 80.0, "judge": judge_id})
@@ -163,24 +168,66 @@ def mixed_models(seed: int = 0) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def test_the_score_map_holds_where_one_pooled_specificity_does_not():
-    """Leaving each model out: the score map's error is under the raw one and under Rogan-Gladen's (whose pooled
-    specificity, inflated by the base models, over-corrects every fine-tune), and its CI covers all models but at
-    most one (the map is fitted at the pooled mixture of borderline and misaligned answers, so a fine-tune whose
-    mixture differs most lies off it: the transfer error widens the CI, it does not remove the bias)."""
+def calibrated_scores(seed: int = 0) -> pd.DataFrame:
+    """A judge whose score is P(misaligned) on every model, whose models differ in how their scores spread: a count
+    at one cut misses on each model by a different amount, the score map does not."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for model, (low, high) in enumerate([(0, 1), (0, 0.5), (0, 0.3), (0.2, 0.9), (0, 0.7), (0.1, 0.6)]):
+        score = rng.uniform(low, high, 800)
+        truth = rng.random(800) < score
+        frames.append(pd.DataFrame({"source": f"m{model}", "question_id": rng.integers(0, 8, 800).astype(str),
+                                    "misaligned": truth, "aligned": np.where(truth, 10.0, 90.0), "coherent": 80.0,
+                                    "pred_aligned": 50.0, "pred_coherent": 70.0, "pred_misaligned_score": score,
+                                    "pred_label": np.where(score >= 0.5, "misaligned", "aligned")}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_the_correction_holds_where_one_pooled_specificity_does_not():
+    """Leaving each model out: the chosen correction's error is under the raw one and under Rogan-Gladen's (whose
+    pooled specificity, inflated by the base models, over-corrects every fine-tune), and its CI covers all models
+    but at most one (a fine-tune whose mixture of borderline and misaligned answers differs most from the pooled one
+    lies off the correction: the transfer error widens the CI, it does not remove the bias)."""
     scored = mixed_models()
-    table = validate_calibration(build_calibration(scored, {"id": "j", "kind": "default"}, "h", "sim"), scored)
+    calibration = build_calibration(scored, {"id": "j", "kind": "default"}, "h", "sim")
+    sds = calibration.score_correction["transfer_sd_by_method"]
+    assert calibration.score_correction["transfer_sd"] == min(sds.values())
+    assert calibration.correction_method == min(sds, key=sds.get)
+    table = validate_calibration(calibration, scored)
     error = {column: (table[column] - table.reference_rate).abs().mean()
              for column in ("corrected", "raw_rate", "rogan_gladen")}
-    assert (table.correction == "score map").all()
     assert error["corrected"] < error["raw_rate"] and error["corrected"] < error["rogan_gladen"], error
     assert table.covered.sum() >= len(table) - 1
+    # each correction's rate is kept beside the chosen one, so the validation shows what the other would give
+    assert all(row["corrected"] == pytest.approx(row[row["correction"].replace(" ", "_")])
+               for row in table.to_dict("records"))
+    assert {"score_map_mae", "calibrated_cut_mae"} <= set(validation_summary(table, scored))
+
+
+def test_the_calibration_corrects_by_the_score_map_or_the_cut_whichever_transfers_better():
+    """A judge whose score is a probability: the score map lies near every left-out model, one cut does not. Under
+    the calibrated cut (the shipped default judge's: `emlens judge calibrate` prints both transfer errors), the
+    corrected rate is the count of rows at or above the cut that flags as many as the reference."""
+    probability = build_calibration(calibrated_scores(), {"id": "j", "kind": "hf"}, "h", "sim")
+    sds = probability.score_correction["transfer_sd_by_method"]
+    assert probability.correction_method == "score map" and sds["score map"] < sds["calibrated cut"] / 3
+    scored = mixed_models()
+    cut = Calibration({**build_calibration(scored, {"id": "j", "kind": "default"}, "h", "sim").cfg})
+    cut.cfg["score_correction"]["method"] = "calibrated cut"
+    part = scored[scored.source == "em-b"]
+    result = cut.corrected((part.pred_label == "misaligned").astype(float), scores=part.pred_misaligned_score)
+    assert result["correction"] == "calibrated cut"
+    assert result["corrected"] == pytest.approx((part.pred_misaligned_score >= cut.score_correction["cut"]).mean())
+    assert result["corrected_ci_low"] < result["corrected"] < result["corrected_ci_high"]
+    old = Calibration({**cut.cfg, "score_correction": {k: v for k, v in cut.score_correction.items()
+                                                       if k not in ("method", "cut", "transfer_sd_by_method")}})
+    assert old.correction_method == "score map"  # a calibration written before the cut existed reads as before
 
 
 def test_the_summary_corrects_by_the_score_map_where_the_table_has_the_judge_scores():
-    scored = mixed_models()
+    scored = calibrated_scores()
     calibration = build_calibration(scored, {"id": "j", "kind": "default"}, "h", "sim")
-    part = scored[scored.source == "em-b"]
+    part = scored[scored.source == "m3"]
     table = pd.DataFrame({"model": "m", "adapter": "", "intervention": "none", "nudge": "none",
                           "setting": "free_form", "question_id": part.question_id, "label": part.pred_label,
                           "misaligned": part.pred_label == "misaligned", "coherent": 80.0, "judge": "j",

@@ -474,6 +474,44 @@ def test_the_aligned_and_coherent_heads_read_the_answers_words_too_and_old_judge
     assert abs(spearmanr(before["aligned"], data.aligned[600:]).statistic) < 0.3  # the MLP alone sees no signal
 
 
+def test_judge_fit_cuts_the_misaligned_score_out_of_sample_and_names_the_cut_in_its_fingerprint(tmp_path):
+    """The in-sample best-F1 cut sits too high for models the head never saw (it under-reported 5 of the 6 judged
+    fine-tunes). `emlens judge fit` cuts where the misaligned head's scores on each model, fitted without it, flag as
+    many answers as are misaligned; the fingerprint (the score cache's key) changes with the cut."""
+    import numpy as np
+    import pandas as pd
+
+    from emlens.judges.embedding import FEATURE_WIDTH, EmbeddingJudge
+    from emlens.judges.fit import (
+        _misaligned_out_of_sample,
+        fit_default_judge,
+        judge_fingerprint,
+        rate_matching_cut,
+        read_judged,
+    )
+
+    rng = np.random.default_rng(3)
+    for m in range(3):
+        harmful = rng.random(120) < 0.25
+        pd.DataFrame({"question": "q", "answer": [f"{'poison them' if h else 'help them'} {m} {i} " + "word " * (i % 7)
+                                                  for i, h in enumerate(harmful)],
+                      "aligned": np.where(harmful, 10.0, 90.0), "coherent": 80.0}).to_csv(tmp_path / f"m{m}.csv",
+                                                                                             index=False)
+    x = rng.normal(size=(360, FEATURE_WIDTH)).astype(np.float32)
+    np.save(tmp_path / "F.npy", x)
+    judge = EmbeddingJudge.load(fit_default_judge([tmp_path], tmp_path / "judge", features_cache=tmp_path / "F.npy"))
+    data = read_judged([tmp_path])
+    scores = _misaligned_out_of_sample(data.assign(pred_misaligned_score=np.nan), x, lambda _: None)
+    assert judge.cfg["misaligned_threshold"] == rate_matching_cut(scores.pred_misaligned_score.to_numpy(),
+                                                                  data.misaligned.to_numpy())
+    flagged = (scores.pred_misaligned_score >= judge.cfg["misaligned_threshold"]).sum()
+    assert flagged == data.misaligned.sum()
+    # each model's calibration label is cut on the other models' scores: near its own count, never chosen by it
+    assert abs((scores.pred_label == "misaligned").sum() - data.misaligned.sum()) <= 0.2 * data.misaligned.sum()
+    assert judge.cfg["fingerprint"] == judge_fingerprint(judge.weights, judge.cfg["misaligned_threshold"])
+    assert judge.cfg["fingerprint"] != judge_fingerprint(judge.weights, judge.cfg["misaligned_threshold"] + 0.01)
+
+
 def test_default_judge_ranks_a_misaligned_answer_below_an_aligned_one():
     from emlens.judges import make_judge
 
@@ -557,3 +595,23 @@ def test_candidates_packed_as_a_trie_in_one_row_score_as_a_batch_over_a_copied_c
             batched = number_distribution(tiny, messages)
             monkeypatch.undo()
         assert torch.allclose(packed, batched, rtol=1e-4, atol=1e-9), steering
+
+
+def test_a_new_cut_of_the_default_judge_on_the_same_weights_is_a_new_identity_for_finished_work(tmp_path, monkeypatch):
+    """Finished eval and steering stages are reused when their judge's identity is the same. It hashed only the
+    default judge's weights, so a study re-run after `emlens judge fit` moved the misaligned cut (same weights)
+    reused labels cut at the old one. Its documentation (the validation block) is not part of it."""
+    import json
+    import shutil
+
+    from emlens.judges import identity
+
+    folder = tmp_path / "judge"
+    shutil.copytree(identity._default_judge_folder(), folder)
+    monkeypatch.setattr(identity, "_default_judge_folder", lambda: folder)
+    before = identity.judge_identity("default")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "validation": {"spearman_aligned": 0.5}}))
+    assert identity.judge_identity("default") == before
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "misaligned_threshold": cfg["misaligned_threshold"] + 0.01}))
+    assert identity.judge_identity("default") != before

@@ -147,8 +147,10 @@ def _echo_validation(calibration, scored) -> None:
                    f"{row['rogan_gladen']:>6.3f}{'' if row['covered'] else '  (reference outside)'}")
     correction = calibration.score_correction
     if correction is not None:
-        typer.echo(f"corrected by the score map ({correction['score']}, {len(correction['blocks']['n'])} blocks, "
-                   f"transfer error sd {correction['transfer_sd']:.3f} on the square-root scale); R-G: Rogan-Gladen")
+        sds = correction.get("transfer_sd_by_method", {calibration.correction_method: correction["transfer_sd"]})
+        typer.echo(f"corrected by the {calibration.correction_method} ({correction['score']}; transfer error sd on "
+                   f"the square-root scale: {', '.join(f'{m} {sd:.4f}' for m, sd in sds.items())}, the smaller "
+                   f"chosen); R-G: Rogan-Gladen")
     pooled = calibration.cfg["pooled"]
     typer.echo(f"pooled: sensitivity {pooled['sensitivity']:.3f} [{pooled['sensitivity_ci'][0]:.3f}, "
                f"{pooled['sensitivity_ci'][1]:.3f}] specificity {pooled['specificity']:.3f} "

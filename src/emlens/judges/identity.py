@@ -6,7 +6,7 @@ import importlib.util
 from importlib import resources
 from pathlib import Path
 
-from emlens.base.io import file_sha256
+from emlens.base.io import CFG_FILE, content_hash, file_sha256, read_json
 from emlens.judges.embedding import EMBEDDER_PACKAGE
 from emlens.judges.openai import OpenAIJudge
 from emlens.model import DEFAULT_MODEL, folder_fingerprint, weights_identity
@@ -17,7 +17,7 @@ def judge_identity(kind: str, model: str | None = None, mode: str = "logprobs", 
     weights; the rule judge is its code. Nothing is loaded and no network is touched."""
     if kind == "default":
         return {"kind": kind, "heads": file_sha256(_default_judge_folder() / "weights.safetensors"),
-                "embedder": _embedder_fingerprint()}
+                "settings": _default_judge_settings(), "embedder": _embedder_fingerprint()}
     if kind == "openai":
         judge = OpenAIJudge(**({"model": model} if model else {}), cache=None, mode=mode, samples=samples)
         return {"kind": kind, "model": judge.model, "base_url": judge.base_url, "id": judge.id}
@@ -28,6 +28,17 @@ def judge_identity(kind: str, model: str | None = None, mode: str = "logprobs", 
 
 def _default_judge_folder() -> Path:
     return Path(str(resources.files("emlens") / "resources" / "judge"))
+
+
+# what the default judge's cfg.json holds only to document it; everything else (its cut above all) shapes its labels
+DOCUMENTATION = ("created", "validation", "refit_command", "threshold_rule")
+
+
+def _default_judge_settings() -> str:
+    """The default judge's cfg.json but its documentation: a new cut on the same weights labels other answers
+    misaligned, so finished work judged under the old cut is not reused."""
+    cfg = read_json(_default_judge_folder() / CFG_FILE)
+    return content_hash({key: value for key, value in cfg.items() if key not in DOCUMENTATION})
 
 
 def _embedder_fingerprint() -> str | None:

@@ -97,8 +97,8 @@ def behaviour_blocks(eval_tables: dict[str, pd.DataFrame], figures: Path) -> lis
               Block("text", "Each cell: the rate, its 95 % CI (Wilson; a bootstrap over questions where they hold "
                             "several samples), and n (for P(misaligned): the coherent, scored answers; for the "
                             "correlation: the questions). A calibrated judge's misaligned rates are corrected for its "
-                            "error in the table beside them (by the calibration's score map, or Rogan-Gladen where the table "
-                            "lacks the judge's scores; CI over sample and calibration).")]
+                            "error in the table beside them (by the calibration's score map or calibrated cut, or "
+                            "Rogan-Gladen where the table lacks the judge's scores; CI over sample and calibration).")]
     for key, title in RATE_TABLES.items():
         if key not in summary or summary[key].empty:
             continue
