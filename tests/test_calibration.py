@@ -238,3 +238,20 @@ def test_the_summary_corrects_by_the_score_map_where_the_table_has_the_judge_sco
     assert mapped.corrected_ci_low <= part.misaligned.mean() <= mapped.corrected_ci_high
     assert mapped.corrected == pytest.approx(calibration.corrected(
         (part.pred_label == "misaligned").astype(float), scores=part.pred_misaligned_score)["corrected"])
+
+
+def test_a_corrected_rate_of_zero_keeps_the_upper_bound_its_sample_allows():
+    """8 answers, none at or above the cut (or all in the score map's lowest block): the rate may still be well
+    above 0, as the raw Wilson CI [0, 0.32] says. The row bootstrap has nothing to resample there, and the corrected
+    CI was [0, 0.001] (the transfer error alone) before the sample's rate was drawn from its Beta posterior."""
+    from emlens.judges.calibration import score_corrected_rate
+
+    scores = np.full(8, 0.01)
+    for blocks in ({"lower": [-np.inf, 0.5], "rate": [0.0, 1.0]}, {"lower": [0.0, 0.5], "n": [900, 100], "k": [1, 60]}):
+        for clusters in (None, np.repeat(np.arange(4), 2)):
+            result = score_corrected_rate(scores, blocks, 0.016, clusters)
+            assert result["corrected"] < 0.002 and result["corrected_ci_low"] < 0.002
+            assert result["corrected_ci_high"] > 0.1, (blocks, clusters, result)
+    varied = score_corrected_rate(np.r_[np.full(6, 0.01), 0.9, 0.9], {"lower": [-np.inf, 0.5], "rate": [0.0, 1.0]},
+                                  0.016, np.arange(8))
+    assert varied["corrected"] == 0.25 and varied["corrected_ci_low"] < 0.25 < varied["corrected_ci_high"]

@@ -195,12 +195,13 @@ def corrected_rate(flags, counts: dict[str, int], clusters=None, seed: int = 0, 
 
 
 def _resampled_means(values: np.ndarray, clusters, rng, draws: int) -> np.ndarray:
-    """Draws of the sample's rate: a bootstrap over clusters where they hold several samples and the rate is
-    strictly between 0 and 1; else the Beta posterior of the binomial, with one observation per cluster when
-    clustered (at 0 / n a bootstrap has nothing to resample, and the samples of a question are not independent)."""
+    """Draws of the sample's rate: a bootstrap over clusters where they hold several samples and the values differ;
+    else the Beta posterior of the binomial, with one observation per cluster when clustered (at 0 / n, or where
+    every row has one value, a bootstrap has nothing to resample, and the samples of a question are not
+    independent)."""
     p = values.mean()
     clustered = clusters is not None and len(np.unique(clusters)) < len(clusters)
-    if clustered and 0.0 < p < 1.0:
+    if clustered and values.min() < values.max():
         labels, index = np.unique(clusters, return_inverse=True)
         sums, sizes = np.bincount(index, weights=values), np.bincount(index)
         picks = rng.integers(0, len(labels), (draws, len(labels)))
@@ -299,13 +300,16 @@ def _spread(sd: float) -> float:
 
 
 def score_corrected_rate(scores, blocks: dict, sd: float, clusters=None, seed: int = 0, draws: int = DRAWS) -> dict:
-    """The score map's rate and its 95 % CI: each draw takes every block's rate from Beta(k + 1/2, n - k + 1/2),
+    """The corrected rate and its 95 % CI: each draw takes every block's rate from Beta(k + 1/2, n - k + 1/2),
     resamples the rows (by cluster where clusters hold several rows) and adds a transfer error ~ N(0, sd) on the
-    square-root scale."""
+    square-root scale. Where the rows' corrected values cannot vary under resampling (all in one block; a cut's
+    0 / n or n / n), the sample's rate is drawn from its Beta posterior instead, as the uncorrected rate's is."""
     index = block_of(blocks, scores)
     rng = np.random.default_rng(seed)
     block_rates = _block_rate_draws(blocks, rng, draws)
-    if clusters is not None and len(np.unique(clusters)) < len(clusters):
+    if "rate" in blocks or len(np.unique(index)) == 1:
+        sample = _resampled_means(_block_rates(blocks)[index], clusters, rng, draws)
+    elif clusters is not None and len(np.unique(clusters)) < len(clusters):
         labels = _cluster_labels(clusters, len(index))
         sample = _clustered_draws(index, labels, rng.integers(0, labels.max() + 1, (draws, labels.max() + 1)),
                                   block_rates)
