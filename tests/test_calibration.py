@@ -255,3 +255,19 @@ def test_a_corrected_rate_of_zero_keeps_the_upper_bound_its_sample_allows():
     varied = score_corrected_rate(np.r_[np.full(6, 0.01), 0.9, 0.9], {"lower": [-np.inf, 0.5], "rate": [0.0, 1.0]},
                                   0.016, np.arange(8))
     assert varied["corrected"] == 0.25 and varied["corrected_ci_low"] < 0.25 < varied["corrected_ci_high"]
+
+
+def test_a_corrected_rate_and_difference_stay_within_their_range_under_the_transfer_error():
+    """Every steered answer flagged, no control answer: the transfer error added on the square-root scale pushed the
+    corrected difference's CI to [+0.939, +1.064] in the quickstart's steering table before rates were held to 1."""
+    from emlens.judges.calibration import score_corrected_rate
+
+    calibration = Calibration({"judge": {"id": "j"}, "per_model": [{"tp": 60, "fn": 40, "tn": 880, "fp": 20}],
+                               "score_correction": {"method": "calibrated cut", "cut": 0.5, "transfer_sd": 0.05,
+                                                    "blocks": {"lower": [0.0], "n": [1], "k": [0]}}})
+    scores_a, scores_b = np.full(12, 0.9), np.full(12, 0.1)
+    difference = calibration.corrected_difference(np.ones(12), np.zeros(12), np.arange(12), scores_a, scores_b)
+    assert difference["difference_corrected"] == 1.0 and difference["corrected_ci_high"] <= 1.0
+    assert difference["corrected_ci_low"] < 1.0
+    rate = score_corrected_rate(scores_a, calibration.correction_blocks(), 0.05)
+    assert rate["corrected"] == 1.0 and rate["corrected_ci_high"] <= 1.0 and rate["corrected_ci_low"] < 1.0

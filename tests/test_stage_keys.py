@@ -179,3 +179,22 @@ def test_an_experiments_eval_files_are_read_beside_it_from_any_folder(study, tmp
         assert section.refusal.harmful == [str(study.resolve() / "eval_harmful.json")]
         assert section.free_form.questions == "first_plot"
         assert section.input_files()["refusal.harmful.0"].read_bytes() == (study / "eval_harmful.json").read_bytes()
+
+
+def test_a_new_shipped_calibration_reruns_the_steering_stage_that_stored_its_corrected_figures(study, tmp_path,
+                                                                                               monkeypatch):
+    """A steering stage writes the misaligned difference corrected under the default judge's shipped calibration.
+    Its key named the judge but not the calibration, so a new calibration on the same judge kept the old corrected
+    figures in the quickstart's report. The eval stages store raw labels only: they stay."""
+    from emlens.judges import identity
+
+    folder = tmp_path / "judge-resources"
+    shutil.copytree(identity._default_judge_folder(), folder)
+    monkeypatch.setattr(identity, "_default_judge_folder", lambda: folder)
+    spec = yaml.safe_load((study / "keys.yaml").read_text())
+    default = {**spec["eval"], "judge": "default", "judge_model": None}
+    write_yaml(study / "keys.yaml", {**spec, "eval": default, "steer": {**spec["steer"], "eval": default}})
+    keys = stage_keys(study)
+    calibration = json.loads((folder / "calibration.json").read_text())
+    (folder / "calibration.json").write_text(json.dumps({**calibration, "created": "2027-01-01"}))
+    assert changed(keys, stage_keys(study)) == {"steer:refusal@base"}

@@ -128,7 +128,7 @@ class Calibration:
             block_rates = _block_rate_draws(blocks, rng, draws)
             shifts = rng.normal(0.0, _spread(correction["transfer_sd"]), (1 if same_model else 2, draws))
             rates = [np.clip(np.sqrt(_clustered_draws(block_of(blocks, scores), labels, picks, block_rates))
-                             + shifts[i % len(shifts)], 0.0, None) ** 2 for i, scores in enumerate((scores_a, scores_b))]
+                             + shifts[i % len(shifts)], 0.0, 1.0) ** 2 for i, scores in enumerate((scores_a, scores_b))]
             point = mapped_rate(blocks, scores_a) - mapped_rate(blocks, scores_b)
             method = self.correction_method
         else:
@@ -316,7 +316,7 @@ def score_corrected_rate(scores, blocks: dict, sd: float, clusters=None, seed: i
     else:  # a bootstrap of single rows: multinomial counts per block
         shares = np.bincount(index, minlength=block_rates.shape[1]) / len(index)
         sample = (rng.multinomial(len(index), shares, draws) * block_rates).sum(1) / len(index)
-    boot = np.clip(np.sqrt(sample) + rng.normal(0.0, _spread(sd), draws), 0.0, None) ** 2
+    boot = np.clip(np.sqrt(sample) + rng.normal(0.0, _spread(sd), draws), 0.0, 1.0) ** 2  # a rate stays in [0, 1]
     low, high = np.quantile(boot, [0.025, 0.975])
     return {"corrected": mapped_rate(blocks, scores), "corrected_ci_low": float(low), "corrected_ci_high": float(high)}
 

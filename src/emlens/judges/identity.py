@@ -26,6 +26,13 @@ def judge_identity(kind: str, model: str | None = None, mode: str = "logprobs", 
     return {"kind": kind}
 
 
+def calibration_identity(kind: str) -> str | None:
+    """The calibration a judge's rates are corrected with where emlens ships one (the default judge's): work that
+    stores corrected figures (a steering stage's tables) is redone when it changes."""
+    path = _default_judge_folder() / "calibration.json"
+    return file_sha256(path) if kind == "default" and path.exists() else None
+
+
 def _default_judge_folder() -> Path:
     return Path(str(resources.files("emlens") / "resources" / "judge"))
 

@@ -26,7 +26,7 @@ from emlens.evaluation.config import EvalConfig
 from emlens.evaluation.measures import MEASURES, Measure
 from emlens.evaluation.settings import sample_count
 from emlens.generation.engine import planned_engine
-from emlens.judges.identity import judge_identity
+from emlens.judges.identity import calibration_identity, judge_identity
 from emlens.model import folder_fingerprint, resolve_adapter, weights_identity
 from emlens.study.experiment import LoadedExperiment, ModelEntry
 from emlens.study.preflight import preflight_study
@@ -99,7 +99,7 @@ def plan(study: LoadedExperiment, device: str = "auto") -> list[Stage]:
         conditions = 1 + (len([s for s in steer.scales if s]) + (steer.operation != "add")) * (2 if steer.random_control else 1)
         stages.append(Stage("steer", f"{steer.direction}@{steer.model}",
                             {**reads.eval(steer.eval), "steer": steer.model_dump(mode="json", exclude={"eval"}),
-                             "model": identity[steer.model]},
+                             "model": identity[steer.model], "calibration": calibration_identity(steer.eval.judge)},
                             f"{conditions} conditions x {sample_count(steer.eval)} samples", steer.model, upstream,
                             probe=steer.direction))
     if spec.compare and len(spec.direction_models()) > 1:

@@ -50,7 +50,9 @@ from emlens.sites import SITE_KINDS
 from emlens.steering.interventions import Ablate, AddVector, Clamp, compose, random_like
 
 # bump when a change alters what a steering experiment holds: `emlens run` then redoes its finished stages
-RESULTS_VERSION = 3  # 2: issue 24's fixes (judge verdicts, rating floor, pushback, CIs, ablation); 3: response steering from the last prompt token
+# 2: issue 24's fixes (judge verdicts, rating floor, pushback, CIs, ablation); 3: response steering from the last
+# prompt token; 4: corrected rates held to [0, 1], and from the Beta posterior where resampling cannot vary them
+RESULTS_VERSION = 4
 
 log = logging.getLogger(__name__)
 
