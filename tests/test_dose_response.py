@@ -181,8 +181,8 @@ def test_the_paired_difference_says_what_the_coherence_filter_dropped():
 
 def test_the_misaligned_difference_is_corrected_for_the_judge_under_its_calibration():
     """With the shipped default judge's calibration the dose-response rows and the paired difference carry a
-    corrected figure (the score map where the table has the judge's P(misaligned), Rogan-Gladen without it) whose
-    CI holds it; the judge's raw difference is kept beside it."""
+    corrected figure (its calibrated cut where the table has the judge's P(misaligned), Rogan-Gladen without it)
+    whose CI holds it; the judge's raw difference is kept beside it."""
     import numpy as np
 
     from emlens.analysis.dose_response import direction_vs_control, dose_response_table
@@ -202,13 +202,13 @@ def test_the_misaligned_difference_is_corrected_for_the_judge_under_its_calibrat
     table = pd.DataFrame(rows)
     difference = direction_vs_control(table).set_index("measure").loc["misaligned_rate"]
     assert difference.difference == pytest.approx(15 / 60)
-    assert difference.correction == "score map"
+    assert difference.correction == "calibrated cut"
     assert difference.corrected_ci_low <= difference.difference_corrected <= difference.corrected_ci_high
     assert difference.corrected_ci_low > 0  # 20 vs 5 of 60 stays a difference after the correction
     plain = direction_vs_control(table.drop(columns="p_misaligned")).set_index("measure").loc["misaligned_rate"]
     assert plain.correction == "Rogan-Gladen" and plain.difference_corrected > plain.difference  # sens < 1
     curves = dose_response_table(table)
     mis = curves[curves.measure == "misaligned_rate"]
-    assert (mis.correction == "score map").all() and (mis.corrected_ci_low <= mis.corrected).all()
+    assert (mis.correction == "calibrated cut").all() and (mis.corrected_ci_low <= mis.corrected).all()
     other = direction_vs_control(table.assign(judge="another")).set_index("measure").loc["misaligned_rate"]
     assert "difference_corrected" not in other

@@ -47,7 +47,12 @@ def test_benjamini_hochberg_matches_scipy():
     np.testing.assert_allclose(benjamini_hochberg(p), stats.false_discovery_control(p))
 
 
-def test_identical_pairs_are_no_evidence():
-    assert bootstrap_p(np.full(5, 1.0)) == 1.0  # five pairs that all moved by one: no variance, no verdict
+def test_pairs_that_all_moved_alike_get_the_exact_sign_flip_p():
+    """Every pair moved by one: a bootstrap has nothing to resample, and returning 1 called a steering that flipped
+    all 40 answers 'not distinguishable from the control' while 40 flips and 10 ties were significant."""
+    assert bootstrap_p(np.full(5, 1.0)) == pytest.approx(2 / 2 ** 5)
+    assert bootstrap_p(np.full(40, 1.0)) < 1e-6
+    assert bootstrap_p(np.full(40, 1.0), clusters=np.repeat(np.arange(4), 10)) == pytest.approx(2 / 2 ** 4)
+    assert bootstrap_p(np.zeros(40)) == 1.0 and bootstrap_p(np.ones(1)) == 1.0
     assert bootstrap_p(np.r_[np.full(40, 1.0), np.zeros(10)]) < 0.01
     assert bootstrap_p(np.r_[np.full(10, 1.0), -np.ones(10)]) > 0.5

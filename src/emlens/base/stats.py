@@ -118,14 +118,20 @@ def benjamini_hochberg(p_values) -> np.ndarray:
 
 def bootstrap_p(values, n_boot: int = 2000, seed: int = 0, clusters=None) -> float:
     """Two-sided bootstrap p-value of a mean difference being zero: twice the smaller share of resampled means on
-    either side of zero (resampling questions whole with `clusters`); 1 when every difference is the same."""
+    either side of zero (resampling questions whole with `clusters`). Where every difference is the same there is
+    nothing to resample: 1 when they are all 0, else the exact sign-flip test's 2 / 2^units, over the questions
+    where clusters hold several pairs (each question's pairs flip together), else over the pairs."""
     values = np.asarray(values, dtype=float)
     keep = ~np.isnan(values)
     values = values[keep]
-    if len(values) < 2 or np.ptp(values) == 0:
-        return 1.0
+    clustered = clusters is not None and _clustered(np.asarray(clusters)[keep])
+    if len(values) == 0 or np.ptp(values) == 0:
+        if len(values) == 0 or values[0] == 0:
+            return 1.0
+        units = len(np.unique(np.asarray(clusters)[keep])) if clustered else len(values)
+        return float(min(1.0, 2 * 0.5 ** units))
     rng = np.random.default_rng(seed)
-    if clusters is not None and _clustered(np.asarray(clusters)[keep]):
+    if clustered:
         draws = _cluster_means(values, np.asarray(clusters)[keep], rng, n_boot)
     else:
         draws = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
