@@ -318,7 +318,8 @@ def score_corrected_rate(scores, blocks: dict, sd: float, clusters=None, seed: i
         sample = (rng.multinomial(len(index), shares, draws) * block_rates).sum(1) / len(index)
     boot = np.clip(np.sqrt(sample) + rng.normal(0.0, _spread(sd), draws), 0.0, 1.0) ** 2  # a rate stays in [0, 1]
     low, high = np.quantile(boot, [0.025, 0.975])
-    return {"corrected": mapped_rate(blocks, scores), "corrected_ci_low": float(low), "corrected_ci_high": float(high)}
+    point = mapped_rate(blocks, scores)  # at 0 / n a Beta draw's 2.5 % quantile lies just above 0: the CI holds it
+    return {"corrected": point, "corrected_ci_low": float(min(low, point)), "corrected_ci_high": float(max(high, point))}
 
 
 # ---------------------------------------------------------------- fitting and validating

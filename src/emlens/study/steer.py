@@ -51,7 +51,8 @@ from emlens.steering.interventions import Ablate, AddVector, Clamp, compose, ran
 
 # bump when a change alters what a steering experiment holds: `emlens run` then redoes its finished stages
 # 2: issue 24's fixes (judge verdicts, rating floor, pushback, CIs, ablation); 3: response steering from the last
-# prompt token; 4: corrected rates held to [0, 1], and from the Beta posterior where resampling cannot vary them;
+# prompt token; 4: corrected rates held to [0, 1], and from the Beta posterior (holding the point) where
+# resampling cannot vary them;
 # 5: the exact sign-flip p where every pair moved alike (the bootstrap's was 1)
 RESULTS_VERSION = 5
 
