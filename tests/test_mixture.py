@@ -176,3 +176,29 @@ def test_a_training_yaml_is_swept_first_into_the_study_folder(tiny_model_dir, tm
                               progress=False)
     assert (out / "sweep" / "ratio-50pct" / "adapter_config.json").is_file()
     assert list(dict.fromkeys(table.model)) == ["ratio-0pct", "ratio-50pct"]
+
+
+def test_a_finished_free_form_run_is_judged_again_when_its_judges_weights_change(sweep, tiny_model_dir, tmp_path):
+    """The battery's folders have no key: a free-form run finished under one judge was reused after the judge's
+    weights (or the default judge's cut) changed, its labels the old judge's. It is now judged again, on the same
+    answers; and reused while the judge stays the same."""
+    from emlens.study.runner import JUDGE_KEY
+
+    judge = tmp_path / "judge"
+    shutil.copytree(tiny_model_dir, judge)
+    out = tmp_path / "study"
+    config = small_study(judge, measures=["free_form"], base=False, ratios=[0.5])
+    run_mixture_study(sweep, out, config, progress=False)
+    run = out / "ratio-50pct" / "free_form"
+    before, answers = read_json(run / "cfg.json"), pd.read_parquet(run / "samples.parquet").response
+    said = []
+    run_mixture_study(sweep, out, config, progress=False, echo=said.append)
+    assert ran(said) == []
+    weights = judge / "model.safetensors"
+    save_file({name: t + 0.01 for name, t in load_file(weights).items()}, weights)
+    said = []
+    run_mixture_study(sweep, out, config, progress=False, echo=said.append)
+    assert ran(said) == ["eval:ratio-50pct"]
+    after = read_json(run / "cfg.json")
+    assert after[JUDGE_KEY] != before[JUDGE_KEY] and after["judge"] != before["judge"]
+    assert pd.read_parquet(run / "samples.parquet").response.tolist() == answers.tolist()  # not sampled again

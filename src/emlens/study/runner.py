@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from emlens.analysis import compare
-from emlens.base.io import atomic_write_json, content_hash, finished, read_json
+from emlens.base.io import CFG_FILE, atomic_write_json, content_hash, finished, read_json
 from emlens.base.version import __version__
 from emlens.directions import probe
 from emlens.evaluation import run as eval_run
 from emlens.evaluation.measures import MEASURES
 from emlens.evaluation.run import run_eval
 from emlens.judges import make_judge
+from emlens.judges.identity import judge_identity
 from emlens.model import Model, load_model
 from emlens.study.steer import RESULTS_VERSION as STEER_RESULTS_VERSION
 from emlens.training import trainer
@@ -30,6 +31,14 @@ TIMINGS_FILE = "timings.json"
 RESULTS_VERSIONS = {"train": trainer.RESULTS_VERSION, "eval": eval_run.RESULTS_VERSION,
                     "direction": probe.RESULTS_VERSION, "steer": STEER_RESULTS_VERSION,
                     "compare": compare.RESULTS_VERSION}  # and each registered measure's own
+
+
+JUDGE_KEY = "judged_by"  # an eval stage's cfg.json: the identity of the judge its labels came from
+
+
+def judged_by(config) -> dict:
+    """What an eval config's judge labels depend on, known before it is built (strings only: equal after JSON)."""
+    return judge_identity(config.judge, config.judge_model, config.judge_mode, config.judge_samples)
 
 
 def results_version(kind: str) -> int:
@@ -75,6 +84,10 @@ class Stage:
         folder = self.folder(root)
         if self.kind in MEASURES and self.config is not None:
             return MEASURES[self.kind].up_to_date(folder, self.config)
+        if self.kind == "eval" and self.at is not None and self.config is not None:
+            # a battery's fixed folder has no key to name the judge: its cfg.json does, and another judge's labels
+            # are not reused (the stage re-judges the same answers)
+            return finished(folder) and read_json(folder / CFG_FILE).get(JUDGE_KEY) == judged_by(self.config)
         return finished(folder)
 
 
@@ -120,6 +133,8 @@ def run_measure(stage: Stage, folder: Path, models: Models, judges: Judges, prog
     judge = judges.get(stage.kind, stage.config)
     if stage.kind == "eval":
         run_eval(models.get(stage), stage.config, folder, judge=judge, progress=progress)
+        cfg = read_json(folder / CFG_FILE)
+        atomic_write_json(folder / CFG_FILE, {**cfg, JUDGE_KEY: judged_by(stage.config)})
     else:
         MEASURES[stage.kind].run(models.get(stage), stage.config, folder, judge=judge, progress=progress)
 
