@@ -83,9 +83,11 @@ class Calibration:
     def correction_method(self) -> str:
         return self.score_correction.get("method", "score map")  # calibrations before the cut had only the map
 
-    def correction_blocks(self) -> dict:
+    def correction_blocks(self, method: str | None = None) -> dict:
+        """The blocks a correction reads the scores with: the chosen one's, or `method`'s."""
         correction = self.score_correction
-        return cut_blocks(correction["cut"]) if self.correction_method == "calibrated cut" else correction["blocks"]
+        method = method or self.correction_method
+        return cut_blocks(correction["cut"]) if method == "calibrated cut" else correction["blocks"]
 
     def row_scores(self, rows: pd.DataFrame) -> np.ndarray | None:
         """The judge's misaligned score of each eval-table row, as the score map reads it (None: not in the table)."""
@@ -404,8 +406,8 @@ def _each_correction(calibration: Calibration, scores) -> dict[str, float]:
     correction = calibration.score_correction
     if correction is None or "cut" not in correction:
         return {}
-    blocks = {"score map": correction["blocks"], "calibrated cut": cut_blocks(correction["cut"])}
-    return {method.replace(" ", "_"): mapped_rate(blocks[method], scores) for method in CORRECTIONS}
+    return {method.replace(" ", "_"): mapped_rate(calibration.correction_blocks(method), scores)
+            for method in CORRECTIONS}
 
 
 def validation_summary(table: pd.DataFrame, scored: pd.DataFrame) -> dict:

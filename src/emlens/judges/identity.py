@@ -7,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from emlens.base.io import CFG_FILE, content_hash, file_sha256, read_json
+from emlens.judges.calibration import SHIPPED
 from emlens.judges.embedding import EMBEDDER_PACKAGE
 from emlens.judges.openai import OpenAIJudge
 from emlens.model import DEFAULT_MODEL, folder_fingerprint, weights_identity
@@ -29,7 +30,7 @@ def judge_identity(kind: str, model: str | None = None, mode: str = "logprobs", 
 def calibration_identity(kind: str) -> str | None:
     """The calibration a judge's rates are corrected with where emlens ships one (the default judge's): work that
     stores corrected figures (a steering stage's tables) is redone when it changes."""
-    path = _default_judge_folder() / "calibration.json"
+    path = _default_judge_folder() / Path(SHIPPED).name
     return file_sha256(path) if kind == "default" and path.exists() else None
 
 
